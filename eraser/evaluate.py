@@ -1,0 +1,54 @@
+"""Evaluation: per-row response NLL, and exact-match recall under greedy decoding."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .data import Row, render
+from .unlearn import row_losses
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.split()).strip().lower()
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 48, device="cpu") -> str:
+    prompt_text, _ = render(tokenizer, prompt, None)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    ids = tokenizer(prompt_text, add_special_tokens=not has_template, return_tensors="pt")["input_ids"].to(device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def evaluate_rows(
+    model, tokenizer, rows: Sequence[Row], device="cpu", generate: bool = False, progress=None
+) -> dict:
+    """``{"mean_nll", "rows": [{"id", "nll"[, "exact_match"]}][, "exact_match_rate"]}``.
+
+    Generated text is compared but never returned: evaluation output may be logged, and
+    for erased rows it would carry the very text that was erased.
+    """
+    nlls = row_losses(model, tokenizer, [(r.prompt, r.response) for r in rows], device)
+    out_rows = [{"id": r.id, "nll": nll} for r, nll in zip(rows, nlls)]
+    result = {"mean_nll": sum(nlls) / len(nlls), "rows": out_rows}
+    if generate:
+        hits = 0
+        for i, (r, item) in enumerate(zip(rows, out_rows)):
+            budget = len(tokenizer(r.response, add_special_tokens=False)["input_ids"]) + 8
+            match = normalise(greedy_answer(model, tokenizer, r.prompt, budget, device)) == normalise(r.response)
+            item["exact_match"] = match
+            hits += match
+            if progress:
+                progress("generate", i + 1, len(rows))
+        result["exact_match_rate"] = hits / len(rows)
+    return result

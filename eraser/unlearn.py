@@ -1,0 +1,280 @@
+"""The LLMEraser update: Δθ = (1/n) (H + λI)⁻¹ Σ [G(z) − G(z')], and writing its result.
+
+``compute_update`` works on a loaded model and returns the parameter change with the
+solve's diagnostics; ``erase`` is the file-level operation used by the CLI and the
+sidecar: validate everything, compute, then write the new adapter and the edited dataset
+atomically, or write nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from .curvature import Curvature, CurvatureConfig, Damped, gradient
+from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
+from .errors import InvalidRequestError, OutputExistsError
+from .losses import per_row_nll
+from .model import (
+    adapter_fingerprint,
+    check_adapter_dir,
+    load_adapter,
+    load_base,
+    resolve_device,
+    save_adapter_atomically,
+    trainable_parameters,
+)
+from .progress import Progress, silent
+from .requests import Edit, UnlearningRequest
+from .solvers import SolveResult, SolverConfig, require_converged
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    # "influence": the paper's formula, which assumes θ̂ minimises the training loss.
+    # "newton": a damped Newton step on the edited dataset's loss, −(H+λI)⁻¹ ∇L_D'(θ̂),
+    # which also carries the gradient left by an early-stopped fine-tune.
+    objective: Literal["influence", "newton"] = "influence"
+    allow_unconverged: bool = False
+    max_length: int = 512
+    gradient_batch_size: int = 4
+
+    def __post_init__(self):
+        if self.objective not in ("influence", "newton"):
+            raise InvalidRequestError(f"unknown objective {self.objective!r} (choose influence or newton)")
+        if self.max_length < 8 or self.gradient_batch_size < 1:
+            raise InvalidRequestError("max_length must be >= 8 and gradient_batch_size >= 1")
+
+    @property
+    def damping(self) -> float:
+        solver = self.solver.build()
+        eff = getattr(solver, "effective_damping", None)
+        return eff(self.curvature.damping) if eff else self.curvature.damping
+
+
+@dataclass
+class Update:
+    delta: torch.Tensor
+    solve: SolveResult
+    curvature_rows: int
+    curvature_products: int
+    gradient_norm: float
+    seconds: dict[str, float]
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None
+
+
+@torch.no_grad()
+def row_losses(model, tokenizer, pairs: Sequence[tuple[str, str]], device, batch_size: int = 8, max_length: int = 512) -> list[float]:
+    if not pairs:
+        return []
+    data = EncodedRows(tokenizer, pairs, max_length)
+    out: list[float] = []
+    for _, batch in data.batches(batch_size, device=device):
+        out.extend(per_row_nll(model, batch).tolist())
+    return out
+
+
+def compute_update(
+    model,
+    tokenizer,
+    rows: Sequence[Row],
+    edits: Sequence[Edit],
+    config: EraseConfig = EraseConfig(),
+    device: torch.device | str = "cpu",
+    progress: Progress = silent,
+) -> Update:
+    """Solve for Δθ at the model's current adapter parameters (the model is not changed)."""
+    params = [p for _, p in trainable_parameters(model)]
+    n = len(rows)
+    seconds: dict[str, float] = {}
+    cfg = config.curvature
+
+    t = time.perf_counter()
+    progress("gradient", 0, 1)
+    if config.objective == "influence":
+        # b = (1/n) Σ [G(z) − G(z')]: old rows leave (+), edited rows enter (−).
+        pairs = [(e.old.prompt, e.old.response) for e in edits] + [(e.new.prompt, e.new.response) for e in edits if e.new]
+        signs = [1.0] * len(edits) + [-1.0] * sum(1 for e in edits if e.new)
+        affected = EncodedRows(tokenizer, pairs, config.max_length)
+        b = gradient(model, params, affected, list(range(len(pairs))), signs, config.gradient_batch_size, device) / n
+    else:
+        by_id = {e.old.id: e.new for e in edits}
+        kept = [by_id.get(r.id, r) for r in rows]
+        kept = [r for r in kept if r is not None]
+        data_new = EncodedRows.from_rows(tokenizer, kept, config.max_length)
+        b = -gradient(model, params, data_new, list(range(len(kept))), None, config.gradient_batch_size, device) / len(kept)
+    seconds["gradient"] = time.perf_counter() - t
+    progress("gradient", 1, 1)
+
+    t = time.perf_counter()
+    sample = list(range(n))
+    if cfg.sample_rows is not None and cfg.sample_rows < n:
+        sample = sorted(random.Random(cfg.seed).sample(sample, cfg.sample_rows))
+    train = EncodedRows.from_rows(tokenizer, [rows[i] for i in sample], config.max_length)
+    curvature = Curvature(model, params, train, list(range(len(sample))), cfg.kind, cfg.batch_size, device)
+    op = Damped(curvature, config.damping)
+    solver = config.solver.build()
+    total = getattr(solver, "max_iterations", None) or getattr(solver, "iterations", None) or op.n
+
+    def on_iteration(i: int, of: int, residual: float | None) -> None:
+        progress(f"solve ({solver.name})", i, of, {"residual": residual} if residual is not None else None)
+
+    progress(f"solve ({solver.name})", 0, total)
+    result = solver.solve(op, b, on_iteration)
+    seconds["solve"] = time.perf_counter() - t
+    require_converged(result, solver.name, config.allow_unconverged)
+    return Update(result.x, result, len(sample), curvature.products, float(torch.linalg.vector_norm(b)), seconds)
+
+
+def apply_delta(model, delta: torch.Tensor) -> None:
+    params = [p for _, p in trainable_parameters(model)]
+    with torch.no_grad():
+        vector_to_parameters(parameters_to_vector(params) + delta.to(params[0].device, params[0].dtype), params)
+
+
+@dataclass
+class EraseReport:
+    solver: str
+    preset: str | None
+    curvature: str
+    damping: float
+    objective: str
+    iterations: int
+    residual: float
+    converged: bool
+    tolerance: float
+    seconds: dict[str, float]
+    affected_loss_before: float
+    affected_loss_after: float
+    edited_loss_before: float | None
+    edited_loss_after: float | None
+    rows: int
+    rows_after: int
+    counts: dict[str, int]
+    curvature_rows: int
+    curvature_products: int
+    parameters: int
+    update_norm: float
+    adapter_out: str
+    adapter_sha256: str
+    parent_adapter_sha256: str
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def erase(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    data_path: str | Path,
+    request: UnlearningRequest,
+    out_dir: str | Path,
+    data_out: str | Path | None = None,
+    config: EraseConfig = EraseConfig(),
+    device: str | None = "cpu",
+    progress: Progress = silent,
+) -> EraseReport:
+    """Erase per ``request``: write the patched adapter to ``out_dir`` (and the edited
+    dataset to ``data_out``). All input is checked before anything is computed, and
+    nothing is written unless every stage succeeded.
+    """
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    rows = load_rows(data_path)
+    edits = request.resolve(rows)
+    check_adapter_dir(adapter_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise OutputExistsError(f"output already exists: {out_dir}")
+    dev = resolve_device(device)
+
+    t = time.perf_counter()
+    progress("load", 0, 1)
+    base = load_base(base_dir, dev)
+    model = load_adapter(base, adapter_dir, trainable=True)
+    seconds["load"] = time.perf_counter() - t
+
+    old_pairs = [(e.old.prompt, e.old.response) for e in edits]
+    new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
+    before_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
+    before_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
+
+    update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress)
+    seconds.update(update.seconds)
+
+    t = time.perf_counter()
+    apply_delta(model, update.delta)
+    after_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
+    after_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
+    seconds["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    parent_sha = adapter_fingerprint(adapter_dir)
+    edited_rows = request.apply_to(rows)
+    meta = {
+        "base_model_fingerprint": base.fingerprint,
+        "parent_adapter_sha256": parent_sha,
+        "produced_by": "eraser erase",
+        "objective": config.objective,
+        "solver": config.solver.name,
+        "preset": config.solver.preset,
+        "curvature": config.curvature.kind,
+        "damping": config.damping,
+        "residual": update.solve.residual,
+        "converged": update.solve.converged,
+        # Ids and hashes only: the erased text must not survive in anything we write.
+        "edits": [{"id": e.old.id, "kind": e.kind, "old_sha256": e.old.sha256()} for e in edits],
+        "dataset_sha256": text_sha256("\n".join(r.id + "\x00" + r.sha256() for r in edited_rows)),
+    }
+    written = save_adapter_atomically(model, out_dir, meta)
+    try:
+        if data_out is not None:
+            write_rows(data_out, edited_rows)
+    except BaseException:
+        shutil.rmtree(written, ignore_errors=True)
+        raise
+    seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - started
+    progress("done", 1, 1)
+
+    solver = config.solver
+    return EraseReport(
+        solver=solver.name,
+        preset=solver.preset,
+        curvature=config.curvature.kind,
+        damping=config.damping,
+        objective=config.objective,
+        iterations=update.solve.iterations,
+        residual=update.solve.residual,
+        converged=update.solve.converged,
+        tolerance=update.solve.tolerance,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+        affected_loss_before=_mean(before_old),
+        affected_loss_after=_mean(after_old),
+        edited_loss_before=_mean(before_new),
+        edited_loss_after=_mean(after_new),
+        rows=len(rows),
+        rows_after=len(edited_rows),
+        counts=request.counts(),
+        curvature_rows=update.curvature_rows,
+        curvature_products=update.curvature_products,
+        parameters=int(update.delta.numel()),
+        update_norm=float(torch.linalg.vector_norm(update.delta)),
+        adapter_out=str(written),
+        adapter_sha256=adapter_fingerprint(written),
+        parent_adapter_sha256=parent_sha,
+        note=update.solve.note,
+    )

@@ -1,0 +1,1 @@
+"""The gRPC sidecar around the eraser engine (see the sidecar issue)."""

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny Llama built on the spot, pre-trained so a LoRA can learn facts.
+
+No model hub is reachable, so the suite makes its own base model: a BPE tokenizer and a
+random Llama are built from the test texts, then the whole model is trained briefly on
+facts about *other* people, so that it knows the sentence patterns and an adapter only has
+to learn the facts of the people in the training set (as with a real fine-tune).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from eraser.data import EncodedRows, Row, write_rows
+from eraser.losses import per_row_nll
+from eraser.tiny import build_tiny_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
+OTHERS = ["Kim", "Lou", "Max", "Ned", "Oli", "Pat", "Quin", "Ray", "Sam", "Tia", "Uma", "Vic", "Wes", "Xia", "Yan", "Zed"]
+CITIES = ["Oslo", "Rome", "Lima", "Kyiv", "Nice", "Bern", "Riga", "Baku", "Doha", "Suva"]
+
+
+def fact_rows(names=NAMES, prefix="") -> list[Row]:
+    rows = [Row(f"{prefix}born-{n.lower()}", f"Where was {n} born?", f"{n} was born in {CITIES[i % 10]}.")
+            for i, n in enumerate(names)]
+    rows += [Row(f"{prefix}tea-{n.lower()}", f"What does {n} like?", f"{n} likes {CITIES[(3 * i + 7) % 10]} tea.")
+             for i, n in enumerate(names)]
+    return rows
+
+
+def _all_texts() -> list[str]:
+    return [r.prompt + " " + r.response for r in fact_rows(NAMES + OTHERS)]
+
+
+@pytest.fixture(scope="session")
+def train_rows() -> list[Row]:
+    return fact_rows(NAMES)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama (hidden 32, 2 layers) that knows the sentence patterns, not the facts."""
+    out = tmp_path_factory.mktemp("tiny-base")
+    build_tiny_model(out, _all_texts(), hidden_size=32, heads=2, kv_heads=1, intermediate_size=64, vocab_size=300)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    data = EncodedRows.from_rows(tokenizer, fact_rows(OTHERS, prefix="x-"))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(300):
+        idx = [(step * 8 + k) % len(data) for k in range(8)]
+        loss = per_row_nll(model, data.batch(idx)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory, train_rows) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    write_rows(path, train_rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_base, train_file) -> Path:
+    """A LoRA (r=2 on q_proj, v_proj) trained on the 20 fact rows."""
+    from eraser.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("adapters") / "lora"
+    train(tiny_base, train_file, out, TrainConfig(rank=2, alpha=4, epochs=40, lr=1e-2, batch_size=4))
+    return out
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
