@@ -493,6 +493,7 @@ def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dic
                      "curvature_sample_rows": len(sample_idx)},
         "stages": rec.stages,
         "total_seconds": round(total, 1),
+        "note": None,
         "caveats": caveats(machine),
         "reading": reading(rec.stages, machine),
     }
@@ -501,13 +502,15 @@ def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dic
 # --------------------------------------------------------------------------- report
 
 
-def caveats(machine: dict) -> list[str]:
-    out = []
-    load = machine.get("loadavg_start") or [0.0]
+def caveats(machine: dict, note: str | None = None) -> list[str]:
+    out = [note] if note else []
+    start = (machine.get("loadavg_start") or [0.0])[0]
+    end = (machine.get("loadavg_end") or [0.0])[0]
     cores = machine.get("cpu_affinity") or machine.get("cpu_count") or 1
-    if machine["device"] == "cpu" and load[0] > 0.5 * cores:
-        out.append(f"load average {load[0]:.2f} at start on {cores} cores: other processes competed for the CPU, "
-                   "so the seconds are inflated (compare ratios, not absolute numbers)")
+    if machine["device"] == "cpu" and max(start, end) > 0.5 * cores:
+        out.append(f"load average {start:.2f} at start and {end:.2f} at the end on {cores} cores: other processes "
+                   "competed for the CPU, so the seconds are inflated and stages met different "
+                   "loads (compare ratios with care, not absolute numbers)")
     if (machine.get("omp_wait_policy") or "").upper() == "PASSIVE":
         out.append("OMP_WAIT_POLICY=PASSIVE: with OpenMP's default busy-waiting, a competing CPU job made products "
                    "up to 15x slower here; on an idle machine passive waiting may cost a little")
@@ -655,7 +658,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for stages*.json/md")
     p.add_argument("--damping", type=float, help="absolute damping of the GGN for the cg solves (default 0.1)")
     p.add_argument("--workdir", type=Path, help="keep data and adapters here (default: a temporary directory)")
+    p.add_argument("--note", help="a caveat to record with the results (e.g. what else ran on the machine)")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="measure nothing: rewrite the reading, caveats and Markdown of an earlier result")
     args = p.parse_args(argv)
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        if args.note is not None:
+            result["note"] = args.note
+        result["caveats"] = caveats(result["machine"], result.get("note"))
+        result["reading"] = reading(result["stages"], result["machine"])
+        stem = output_stem(result["device"], result["mode"] == "quick")
+        write_outputs(result, args.out, stem)
+        return 0
 
     settings = Settings.quick() if args.quick else Settings()
     if args.damping is not None:
@@ -672,16 +687,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cleanup:
             shutil.rmtree(workdir, ignore_errors=True)
-
-    import torch
-
-    stem = output_stem(str(torch.device(args.device)) if args.device else "cpu", args.quick)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"[bench] wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}", flush=True)
+    result["note"] = args.note
+    result["caveats"] = caveats(result["machine"], args.note)
+    write_outputs(result, args.out, output_stem(result["device"], args.quick))
     return 0
+
+
+TOP_KEYS = ("schema_version", "benchmark", "mode", "device", "machine", "settings", "stages", "total_seconds",
+            "note", "caveats", "reading")
+
+
+def write_outputs(result: dict, out: Path, stem: str) -> None:
+    result = {k: result.get(k) for k in TOP_KEYS}  # the same keys, in the same order, every run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"[bench] wrote {out / (stem + '.json')} and {out / (stem + '.md')}", flush=True)
 
 
 if __name__ == "__main__":

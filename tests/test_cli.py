@@ -89,7 +89,9 @@ def test_cli_train_erase_eval_end_to_end(tmp_path, tiny_base, train_file, train_
     ev = json.loads(res.stdout.strip().splitlines()[-1])
     assert len(ev["rows"]) == len(train_rows) and 0.0 <= ev["exact_match_rate"] <= 1.0
     by_id = {r["id"]: r["nll"] for r in ev["rows"]}
-    assert abs(sum(by_id[i] for i in forget) / 2 - report["affected_loss_after"]) < 1e-3
+    # The affected rows are the removed ones and the corrected row's old text.
+    affected = forget + [train_rows[3].id]
+    assert abs(sum(by_id[i] for i in affected) / 3 - report["affected_loss_after"]) < 1e-3
 
 
 @pytest.fixture
