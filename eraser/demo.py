@@ -328,6 +328,10 @@ def print_comparison(before: Snapshot, after: Snapshot) -> None:
     line(f"retained: mean NLL ({nr} rows)", f"{before.retain['mean_nll']:.3f}", f"{after.retain['mean_nll']:.3f}")
     line("retained: greedy recall", f"{_hits(before.retain)}/{nr}", f"{_hits(after.retain)}/{nr}")
     line("never-seen people: mean NLL", f"{before.held_out_nll:.3f}", f"{after.held_out_nll:.3f}")
+    _say()
+    for b, a in zip(before.forget["rows"], after.forget["rows"]):
+        recalled = lambda x: "recalled" if x["exact_match"] else "not recalled"  # noqa: E731
+        line(f"  {b['id']}", f"NLL {b['nll']:.3f}", f"{a['nll']:.3f}   ({recalled(b)} -> {recalled(a)})")
 
 
 def reading(before: Snapshot, after: Snapshot, report) -> str:
@@ -341,8 +345,8 @@ def reading(before: Snapshot, after: Snapshot, report) -> str:
     parts = [f"The solve converged ({report.iterations} CG iterations, relative residual {report.residual:.1e})."]
     if unseen > fb:
         share = (fa - fb) / (unseen - fb)
-        parts.append(f"Person A's loss went from {fb:.2f} to {fa:.2f} nats, {share:.0%} of the way to the "
-                     f"{unseen:.2f} of people the model never saw.")
+        parts.append(f"Person A's loss went from {fb:.2f} to {fa:.2f} nats: {share:.0%} of the way to the "
+                     f"never-seen level ({unseen:.2f}, the loss on people it was never trained on).")
     else:
         parts.append(f"Person A's loss went from {fb:.2f} to {fa:.2f} nats.")
     if kept == 0:
@@ -449,7 +453,6 @@ def run(settings: Settings, workdir: Path, progress) -> None:
                                  f"({'converged' if report.converged else 'NOT converged'}, "
                                  f"tolerance {report.tolerance:g}); {report.curvature_products} curvature products")
     _kv("update norm", f"{report.update_norm:.4g}")
-    _kv("A's loss (erase report)", f"{report.affected_loss_before:.3f} -> {report.affected_loss_after:.3f}")
     _kv("seconds per stage", ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
 
     _rule("6. After erasure")
@@ -521,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         print("eraser demo: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not bad input: still one line, traceback on request
+        progress.close()
+        if os.environ.get("ERASER_DEBUG"):
+            raise
+        print(f"eraser demo: internal error: {type(e).__name__}: {e} (set ERASER_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 1
     progress.close()
     return 0
 
