@@ -39,3 +39,4 @@ class TqdmProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.stage = None  # a later call with the same stage name opens a new bar
