@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -81,11 +81,9 @@ class Settings:
 
 def _rss_bytes() -> int | None:
     """Current resident set size of this process."""
-    try:
+    with suppress(OSError, ValueError, IndexError, AttributeError):  # no /proc: try psutil
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass
     try:
         import psutil  # optional
 
@@ -242,7 +240,7 @@ def machine_info(device) -> dict:
         "rss_sampling": _rss_bytes() is not None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    try:
+    with suppress(OSError):  # machine facts are context, not results: record what can be read
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 info["cpu_model"] = line.split(":", 1)[1].strip()
@@ -251,12 +249,8 @@ def machine_info(device) -> dict:
             if line.startswith("MemTotal:"):
                 info["memory_total_mb"] = round(int(line.split()[1]) / 1024, 1)
                 break
-    except OSError:
-        pass
-    try:
+    with suppress(OSError):
         info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     return info
 
 
@@ -477,10 +471,8 @@ def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dic
             notes["cosine_erase_vs_solve_cg"] = _round(_cosine(vecs["erased"] - vecs["original"], x_cg_cpu), 6)
 
     rec.sampler.stop()
-    try:
+    with suppress(OSError):
         machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     total = time.perf_counter() - started
     return {
         "schema_version": SCHEMA_VERSION,

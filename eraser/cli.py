@@ -8,6 +8,7 @@ last line on stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -174,45 +175,69 @@ def _human(command: str, result: dict) -> str:
     return result.get("path", json.dumps(result))
 
 
-def _quiet_libraries() -> None:
-    # Library chatter would bury the one-line error and the JSON line.
+def quiet_libraries() -> None:
+    """Library chatter would bury the one-line error and the JSON line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
+    with contextlib.suppress(ImportError):  # transformers is a dependency; be lenient all the same
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except Exception:
-        pass
+
+
+def passive_openmp_waits() -> None:
+    """Let idle OpenMP threads sleep instead of spin; only effective before torch loads.
+
+    With OpenMP's default busy-waiting, a CPU shared with another busy process (vLLM, a
+    second job) made every gradient and curvature product 5-15x slower here (measured by
+    the demo and the stage benchmark); passive waits removed that. OMP_WAIT_POLICY set by
+    the user wins.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def run_guarded(prog: str, action, progress) -> tuple[int, object]:
+    """Run ``action()``; turn every failure into one line on stderr and an exit status.
+
+    Returns (status, result): 2 for bad input (an EraserError), 130 when interrupted, 1
+    for a bug (traceback with ERASER_DEBUG=1). Progress bars are closed in every case.
+    """
+    try:
+        return 0, action()
+    except EraserError as e:
+        progress.close()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130, None
+    except Exception as e:
+        progress.close()
+        if os.environ.get("ERASER_DEBUG"):
+            raise
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (set ERASER_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1, None
+    finally:
+        progress.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    passive_openmp_waits()
+    quiet_libraries()
     from .progress import TqdmProgress
 
     progress = TqdmProgress(enabled=not args.quiet and args.command != "prepare-model")
     handlers = {"train": cmd_train, "erase": cmd_erase, "eval": cmd_eval, "prepare-model": cmd_prepare_model}
-    try:
-        result = handlers[args.command](args, progress)
-    except EraserError as e:
-        progress.close()
-        print(f"eraser {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"eraser {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug, not bad input: still one line, traceback on request
-        progress.close()
-        if os.environ.get("ERASER_DEBUG"):
-            raise
-        print(f"eraser {args.command}: internal error: {type(e).__name__}: {e} (set ERASER_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 1
-    progress.close()
+    status, result = run_guarded(f"eraser {args.command}", lambda: handlers[args.command](args, progress), progress)
+    if status:
+        return status
     if getattr(args, "json", False):
         print(json.dumps(result))
     else:

@@ -33,7 +33,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EraserError, InvalidRequestError
+from .cli import passive_openmp_waits, quiet_libraries, run_guarded
+from .errors import InvalidRequestError
+from .progress import TqdmProgress
 
 # Bump when the demo's training procedure changes in a way the cache key cannot see.
 CACHE_VERSION = 1
@@ -66,29 +68,6 @@ class Settings:
 
 
 # --------------------------------------------------------------------------- output
-
-
-class StageBars:
-    """Progress bars on stderr, closed before any text is printed on stdout.
-
-    A closed ``TqdmProgress`` cannot reopen a stage of the same name, so every run of
-    bars gets a fresh one.
-    """
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self._bars = enabled, None
-
-    def __call__(self, stage: str, done: int, total: int, info: dict | None = None) -> None:
-        from .progress import TqdmProgress
-
-        if self._bars is None:
-            self._bars = TqdmProgress(self.enabled)
-        self._bars(stage, done, total, info)
-
-    def close(self) -> None:
-        if self._bars is not None:
-            self._bars.close()
-            self._bars = None
 
 
 @dataclass
@@ -137,25 +116,6 @@ def _wrap(text: str) -> str:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
-def _quiet_libraries() -> None:
-    from .cli import _quiet_libraries as quiet
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    quiet()
-
-
-def _passive_openmp_waits() -> None:
-    """Let idle OpenMP threads sleep instead of spinning; must run before torch loads.
-
-    With torch's default active waits, a CPU shared with another busy process made every
-    gradient, curvature product and generated answer 5-10x slower here (threads spin at
-    barriers while their partner is descheduled); passive waits removed that. Set
-    OMP_WAIT_POLICY yourself to override.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # --------------------------------------------------------------------------- stages
@@ -498,13 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _passive_openmp_waits()
-    _quiet_libraries()
+    passive_openmp_waits()
+    quiet_libraries()
     from .pretrained import default_cache_dir
 
-    progress = StageBars(enabled=not args.quiet)
+    progress = TqdmProgress(enabled=not args.quiet)
     workdir = (args.workdir if args.workdir is not None else default_cache_dir() / "demo").expanduser()
-    try:
+    def checked_run() -> None:
         if args.people < 2 or not 1 <= args.facts <= 8 or args.epochs < 1:
             raise InvalidRequestError("the demo needs --people >= 2, --facts between 1 and 8, --epochs >= 1")
         if args.relative_damping <= 0 or (args.damping is not None and args.damping <= 0):
@@ -516,23 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                             curvature_rows=args.curvature_rows, max_iterations=args.max_iterations,
                             device=args.device)
         run(settings, workdir, progress)
-    except EraserError as e:
-        progress.close()
-        print(f"eraser demo: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        progress.close()
-        print("eraser demo: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug, not bad input: still one line, traceback on request
-        progress.close()
-        if os.environ.get("ERASER_DEBUG"):
-            raise
-        print(f"eraser demo: internal error: {type(e).__name__}: {e} (set ERASER_DEBUG=1 for a traceback)",
-              file=sys.stderr)
-        return 1
-    progress.close()
-    return 0
+
+    status, _ = run_guarded("eraser demo", checked_run, progress)
+    return status
 
 
 if __name__ == "__main__":

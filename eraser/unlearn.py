@@ -127,6 +127,8 @@ def compute_update(
     op = Damped(curvature, config.damping)
     solver = config.solver.build()
     total = getattr(solver, "max_iterations", None) or getattr(solver, "iterations", None) or op.n
+    seconds["curvature_setup"] = time.perf_counter() - t  # encoding the curvature rows
+    t = time.perf_counter()
 
     def on_iteration(i: int, of: int, residual: float | None) -> None:
         progress(f"solve ({solver.name})", i, of, {"residual": residual} if residual is not None else None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eraser.data import load_rows, write_rows, Row
+from eraser.data import load_rows
 from eraser.errors import (
     AdapterError,
     BaseModelMismatchError,
@@ -24,7 +24,6 @@ from eraser.errors import (
 )
 from eraser.requests import UnlearningRequest
 from eraser.unlearn import EraseConfig, erase
-from eraser.solvers import SolverConfig
 from eraser.curvature import CurvatureConfig
 
 FAST = ["--damping", "0.1", "--max-iterations", "100", "--tolerance", "1e-3"]

@@ -15,12 +15,11 @@ import torch
 from torch.nn.utils import parameters_to_vector as to_vector
 from torch.nn.utils import vector_to_parameters as from_vector
 
-from eraser.curvature import Curvature, Damped, gradient
 from eraser.data import EncodedRows, Row
 from eraser.losses import per_row_nll
 from eraser.model import load_base, trainable_parameters
 from eraser.requests import UnlearningRequest
-from eraser.solvers import CGSolver, SolverConfig
+from eraser.solvers import SolverConfig
 from eraser.train import TrainConfig, new_adapter
 from eraser.unlearn import EraseConfig, compute_update
 from eraser.curvature import CurvatureConfig
