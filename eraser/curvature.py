@@ -106,12 +106,12 @@ class Curvature:
 
     def matvec_rows(self, v: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """Mean curvature of the given rows times v."""
-        vs = unflatten(v.to(self.params[0].dtype), self.params)
-        total = torch.zeros(self.n, dtype=torch.float64, device=v.device)
+        vs = unflatten(v.to(self.params[0].device, self.params[0].dtype), self.params)
+        total = torch.zeros(self.n, dtype=torch.float64, device=self.params[0].device)
         for chunk, batch in self.data.batches(self.batch_size, rows, self.device):
             product = self._hvp(batch, vs) if self.kind == "hessian" else self._ggnvp(batch, vs)
             total += flatten(product).to(torch.float64)
-        return (total / len(rows)).to(v.dtype)
+        return (total / len(rows)).to(v.device, v.dtype)
 
     def _hvp(self, batch, vs):
         loss = per_row_nll(self.model, batch).sum()

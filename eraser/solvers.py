@@ -74,16 +74,17 @@ class DirectSolver:
                 f"{self.max_params} parameters (use --solver cg)"
             )
         start = time.perf_counter()
-        matrix = dense_matrix(op, progress)
+        matrix = dense_matrix(op, progress, dtype=b.dtype, device=b.device)
         x = torch.linalg.solve(matrix, b.to(torch.float64)).to(b.dtype)
         res = relative_residual(op, x, b)
         return SolveResult(x, op.n, res, res <= self.tolerance, self.tolerance, time.perf_counter() - start)
 
 
-def dense_matrix(op: LinearOperator, progress: Progress | None = None) -> torch.Tensor:
+def dense_matrix(op: LinearOperator, progress: Progress | None = None, dtype=torch.float32,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """The operator as a symmetric float64 matrix (n products of unit vectors)."""
     cols = []
-    eye = torch.zeros(op.n)
+    eye = torch.zeros(op.n, dtype=dtype, device=device)
     for j in range(op.n):
         eye.zero_()
         eye[j] = 1.0
@@ -209,7 +210,7 @@ class SQMSolver:
         x = torch.full_like(b, self.x0)
         if self.optimizer == "heavyball":
             mu = getattr(op, "damping", 0.0)
-            big = 1.1 * _largest_eigenvalue(op, self.power_iterations, self.seed)
+            big = 1.1 * _largest_eigenvalue(op, b, self.power_iterations, self.seed)
             if self.lr is not None:
                 step, momentum = self.lr, 0.9
             elif mu > 0:
@@ -240,10 +241,10 @@ class SQMSolver:
                            "paper preset: unconverged by design" if self.preset == "paper" else "")
 
 
-def _largest_eigenvalue(op: LinearOperator, iterations: int, seed: int) -> float:
+def _largest_eigenvalue(op: LinearOperator, like: torch.Tensor, iterations: int, seed: int) -> float:
     """Power iteration: the step size of a first-order method must stay below 2/L."""
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(op.n, generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same start on any device
+    v = torch.randn(op.n, generator=gen, dtype=like.dtype).to(like.device)
     v /= torch.linalg.vector_norm(v)
     value = 0.0
     for _ in range(max(1, iterations)):
