@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench protos clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.stages
+
+protos: $(STAMP)
+	$(PY) protos/generate.py
 
 clean:
 	rm -rf .venv .pytest_cache

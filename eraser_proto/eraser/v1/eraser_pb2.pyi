@@ -1,0 +1,279 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+
+class RegisterAdapterRequest(_message.Message):
+    __slots__ = ("name", "base_model", "adapter_path", "dataset_path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    base_model: str
+    adapter_path: str
+    dataset_path: str
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., dataset_path: _Optional[str] = ...) -> None: ...
+
+class GetAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
+
+class Adapter(_message.Message):
+    __slots__ = ("name", "version", "base_model", "path", "rows", "dataset_path", "retained_versions", "adapter_sha256", "base_model_fingerprint", "updated_at")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_PATH_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    base_model: str
+    path: str
+    rows: int
+    dataset_path: str
+    retained_versions: _containers.RepeatedScalarFieldContainer[int]
+    adapter_sha256: str
+    base_model_fingerprint: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., path: _Optional[str] = ..., rows: _Optional[int] = ..., dataset_path: _Optional[str] = ..., retained_versions: _Optional[_Iterable[int]] = ..., adapter_sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ModifyQuery(_message.Message):
+    __slots__ = ("id", "prompt")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    prompt: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+
+class CorrectResponse(_message.Message):
+    __slots__ = ("id", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: str
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[str] = ...) -> None: ...
+
+class EraseOptions(_message.Message):
+    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations", "allow_unconverged", "curvature_rows", "deadline_seconds")
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    CURVATURE_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNCONVERGED_FIELD_NUMBER: _ClassVar[int]
+    CURVATURE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    solver: str
+    preset: str
+    curvature: str
+    damping: float
+    objective: str
+    tolerance: float
+    max_iterations: int
+    allow_unconverged: bool
+    curvature_rows: int
+    deadline_seconds: float
+    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ..., allow_unconverged: _Optional[bool] = ..., curvature_rows: _Optional[int] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+
+class EraseRequest(_message.Message):
+    __slots__ = ("adapter", "request_id", "remove_ids", "modify_queries", "correct_responses", "options")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODIFY_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    request_id: str
+    remove_ids: _containers.RepeatedScalarFieldContainer[str]
+    modify_queries: _containers.RepeatedCompositeFieldContainer[ModifyQuery]
+    correct_responses: _containers.RepeatedCompositeFieldContainer[CorrectResponse]
+    options: EraseOptions
+    def __init__(self, adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., remove_ids: _Optional[_Iterable[str]] = ..., modify_queries: _Optional[_Iterable[_Union[ModifyQuery, _Mapping]]] = ..., correct_responses: _Optional[_Iterable[_Union[CorrectResponse, _Mapping]]] = ..., options: _Optional[_Union[EraseOptions, _Mapping]] = ...) -> None: ...
+
+class EraseReport(_message.Message):
+    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note")
+    class SecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    CURVATURE_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AFFECTED_LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AFFECTED_LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    EDITED_LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    EDITED_LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ROWS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    solver: str
+    preset: str
+    curvature: str
+    damping: float
+    objective: str
+    iterations: int
+    residual: float
+    converged: bool
+    tolerance: float
+    seconds: _containers.ScalarMap[str, float]
+    affected_loss_before: float
+    affected_loss_after: float
+    edited_loss_before: float
+    edited_loss_after: float
+    rows_before: int
+    rows_after: int
+    counts: _containers.ScalarMap[str, int]
+    update_norm: float
+    adapter_sha256: str
+    note: str
+    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class JobError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "adapter", "state", "from_version", "to_version", "stage", "fraction", "request_ids", "report", "error", "created_at", "started_at", "finished_at", "counts", "attempts", "already_erased_ids")
+    class CountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_ERASED_IDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    adapter: str
+    state: JobState
+    from_version: int
+    to_version: int
+    stage: str
+    fraction: float
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    report: EraseReport
+    error: JobError
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    counts: _containers.ScalarMap[str, int]
+    attempts: int
+    already_erased_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("adapter", "state", "limit")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    state: JobState
+    limit: int
+    def __init__(self, adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("adapter", "version")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    version: int
+    def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

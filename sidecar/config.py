@@ -1,0 +1,195 @@
+"""The sidecar's configuration: one frozen dataclass, validated on creation.
+
+Every setting comes, in increasing precedence, from the defaults here, a YAML file
+(``--config``), an environment variable ``ERASER_<NAME>`` and a command-line flag.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from eraser.errors import InvalidRequestError
+
+ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+
+
+class ConfigError(InvalidRequestError):
+    """A setting is missing, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class EraseDefaults:
+    """Engine settings used where a request's options leave a field empty."""
+
+    solver: str = "cg"
+    preset: str = ""
+    curvature: str = "ggn"
+    damping: float = 0.01
+    objective: str = "influence"
+    tolerance: float | None = None
+    max_iterations: int | None = None
+    curvature_rows: int | None = None
+    curvature_batch_size: int = 4
+    max_length: int = 512
+
+    def __post_init__(self):
+        if self.solver not in ("direct", "cg", "sqm"):
+            raise ConfigError(f"erase.solver must be direct, cg or sqm, not {self.solver!r}")
+        if self.curvature not in ("ggn", "hessian"):
+            raise ConfigError(f"erase.curvature must be ggn or hessian, not {self.curvature!r}")
+        if self.objective not in ("influence", "newton"):
+            raise ConfigError(f"erase.objective must be influence or newton, not {self.objective!r}")
+        if not self.damping >= 0:
+            raise ConfigError("erase.damping must be >= 0")
+        if self.curvature_batch_size < 1 or self.max_length < 8:
+            raise ConfigError("erase.curvature_batch_size must be >= 1 and erase.max_length >= 8")
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    store: Path
+    grpc_port: int = 50051
+    metrics_port: int = 9464
+    device: str = "cpu"
+    # 127.0.0.1 keeps a laptop run private; a pod sets 0.0.0.0 (deploy/).
+    listen_host: str = "127.0.0.1"
+    metrics_host: str = "127.0.0.1"
+    # Versions kept per adapter, the current one included. Every older version still
+    # holds what later erases removed: this is a privacy setting, not only a disk one.
+    keep_versions: int = 2
+    # Requests waiting behind a running job for the same adapter join one solve.
+    merge_queued: bool = True
+    max_request_rows: int = 10_000
+    # Concurrent solves across adapters (one per adapter at most, always).
+    workers: int = 1
+    # Graceful shutdown: how long SIGTERM waits for a running job before leaving it to
+    # be resumed on the next start.
+    drain_seconds: float = 30.0
+    # A job interrupted this many times (crashes, restarts) fails instead of resuming.
+    max_attempts: int = 3
+    # Auth: a bearer token (from a file, or ERASER_TOKEN) and TLS / mutual TLS.
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Named base models: RegisterAdapter's base_model may be a key here or a directory.
+    base_models: Mapping[str, str] = field(default_factory=dict)
+    erase: EraseDefaults = field(default_factory=EraseDefaults)
+
+    def __post_init__(self):
+        object.__setattr__(self, "store", Path(self.store))
+        for name in ("grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be a port number (0-65535; 0 picks a free one), not {port!r}")
+        if self.keep_versions < 1:
+            raise ConfigError("keep_versions must be at least 1 (the current version)")
+        if self.workers < 1 or self.max_attempts < 1 or self.max_request_rows < 1:
+            raise ConfigError("workers, max_attempts and max_request_rows must be at least 1")
+        if self.drain_seconds < 0:
+            raise ConfigError("drain_seconds must be >= 0")
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+                if not Path(value).is_file():
+                    raise ConfigError(f"{name}: no such file: {value}")
+        if self.token_file is not None and self.token is None:
+            token = self.token_file.read_text().strip()
+            if not token:
+                raise ConfigError(f"token_file {self.token_file} is empty")
+            object.__setattr__(self, "token", token)
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the token is empty")
+        if not isinstance(self.base_models, Mapping):
+            raise ConfigError("base_models must map names to directories")
+        if isinstance(self.erase, Mapping):
+            object.__setattr__(self, "erase", _build(EraseDefaults, self.erase, "erase."))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def _coerce(value: Any, annotation: str, name: str) -> Any:
+    if value is None:
+        return None
+    try:
+        if annotation.startswith("int"):
+            return int(value)
+        if annotation.startswith("float"):
+            return float(value)
+        if annotation.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {annotation.split(' ')[0]}, got {value!r}") from None
+    return value
+
+
+def _build(cls, values: Mapping[str, Any], prefix: str = ""):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(prefix + u for u in unknown)}")
+    kwargs = {}
+    for key, value in values.items():
+        annotation = str(known[key].type)
+        if key in ("erase", "base_models"):
+            kwargs[key] = value
+        elif annotation.startswith(("int", "float", "bool")):
+            kwargs[key] = _coerce(value, annotation, prefix + key)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+ENV_PREFIX = "ERASER_"
+
+
+def load_config(overrides: Mapping[str, Any] | None = None, config_file: str | os.PathLike | None = None,
+                environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Defaults < YAML file < ERASER_* environment < ``overrides`` (command-line flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    for f in fields(SidecarConfig):
+        if f.name in ("erase", "base_models"):
+            continue
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if env is not None and env != "":
+            values[f.name] = env
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if "store" not in values:
+        raise ConfigError("no store directory: pass --store, set ERASER_STORE, or put store: in the config file")
+    return _build(SidecarConfig, values)
