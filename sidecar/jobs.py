@@ -1,0 +1,364 @@
+"""Durable jobs (embedded default: SQLite in the store).
+
+A job is one solve for one adapter. It serves one or more requests: a request that
+arrives while an earlier job for the same adapter is queued joins it when their options
+agree and their edits do not touch the same rows, so N queued requests cost one solve.
+
+What is stored: ids, counts, hashes and reports. The replacement text of query
+modifications and response corrections is needed until the job has run, so it sits in a
+separate table that is deleted when the job ends (with SQLite's secure_delete, so the
+freed pages are zeroed). Erased text is never stored at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Iterable
+
+from eraser.data import text_sha256
+
+
+class State(IntEnum):  # same numbers as eraser.v1.JobState
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+
+@dataclass(frozen=True)
+class RequestPayload:
+    """One Erase request as the job runner needs it (holds replacement text)."""
+
+    remove: tuple[str, ...] = ()
+    modify_query: tuple[tuple[str, str], ...] = ()
+    correct_response: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def edited_ids(self) -> set[str]:
+        return {i for i, _ in self.modify_query} | {i for i, _ in self.correct_response}
+
+    @property
+    def ids(self) -> set[str]:
+        return set(self.remove) | self.edited_ids
+
+    def to_json(self) -> dict:
+        return {"remove": list(self.remove), "modify_query": [list(p) for p in self.modify_query],
+                "correct_response": [list(p) for p in self.correct_response]}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "RequestPayload":
+        return cls(tuple(obj["remove"]), tuple(map(tuple, obj["modify_query"])), tuple(map(tuple, obj["correct_response"])))
+
+    def fingerprint(self, adapter: str, options: dict) -> str:
+        """Identity of a request for idempotency: ids and hashes of the new text, not the text."""
+        canonical = {
+            "adapter": adapter,
+            "remove": sorted(self.remove),
+            "modify_query": sorted((i, text_sha256(t)) for i, t in self.modify_query),
+            "correct_response": sorted((i, text_sha256(t)) for i, t in self.correct_response),
+            "options": options,
+        }
+        return text_sha256(json.dumps(canonical, sort_keys=True))
+
+    def public_edits(self) -> list[dict]:
+        """What a job record may keep: ids, kinds and hashes of the new text."""
+        out = [{"id": i, "kind": "remove"} for i in self.remove]
+        out += [{"id": i, "kind": "modify_query", "new_sha256": text_sha256(t)} for i, t in self.modify_query]
+        out += [{"id": i, "kind": "correct_response", "new_sha256": text_sha256(t)} for i, t in self.correct_response]
+        return out
+
+
+@dataclass
+class Job:
+    id: str
+    adapter: str
+    state: State
+    options: dict
+    created_at: float
+    request_ids: list[str] = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    edits: list[dict] = field(default_factory=list)
+    from_version: int = 0
+    to_version: int = 0
+    stage: str = ""
+    fraction: float = 0.0
+    report: dict | None = None
+    error_code: str = ""
+    error_message: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    attempts: int = 0
+    already_erased: list[str] = field(default_factory=list)
+    cancel_requested: bool = False
+
+    @property
+    def size(self) -> int:
+        return len({e["id"] for e in self.edits})
+
+    @property
+    def task(self) -> str:
+        kinds = {k for k, v in self.counts.items() if v}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    adapter TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    options TEXT NOT NULL,
+    options_key TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    edits TEXT NOT NULL,
+    from_version INTEGER NOT NULL DEFAULT 0,
+    to_version INTEGER NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    fraction REAL NOT NULL DEFAULT 0,
+    report TEXT,
+    error_code TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    deadline_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    already_erased TEXT NOT NULL DEFAULT '[]',
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
+CREATE TABLE IF NOT EXISTS requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT UNIQUE NOT NULL,
+    job_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id);
+CREATE TABLE IF NOT EXISTS payloads (
+    request_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
+"""
+
+_JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased")
+
+
+class JobDB:
+    """All access goes through one connection under one lock: simple, and SQLite
+    serialises writers anyway. Claims and merges run in ``BEGIN IMMEDIATE`` transactions
+    so they stay correct even if a second process opens the same file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA secure_delete=ON")
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ---- helpers -------------------------------------------------------------------
+    def _tx(self):
+        db = self
+
+        class _Tx:
+            def __enter__(self):
+                db._lock.acquire()
+                db._conn.execute("BEGIN IMMEDIATE")
+                return db._conn
+
+            def __exit__(self, exc_type, exc, tb):
+                try:
+                    db._conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                finally:
+                    db._lock.release()
+                return False
+
+        return _Tx()
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        d = dict(row)
+        d.pop("seq")
+        d.pop("options_key")
+        for k in _JSON_COLUMNS:
+            d[k] = json.loads(d[k]) if d[k] is not None else None
+        d["state"] = State(d["state"])
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        job = Job(**d)
+        job.request_ids = [r[0] for r in self._conn.execute(
+            "SELECT request_id FROM requests WHERE job_id = ? ORDER BY seq", (job.id,))]
+        return job
+
+    # ---- queries -------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._job(row) if row else None
+
+    def list(self, adapter: str | None = None, state: State | None = None, limit: int = 100) -> list[Job]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if adapter:
+            sql += " AND adapter = ?"
+            args.append(adapter)
+        if state:
+            sql += " AND state = ?"
+            args.append(int(state))
+        sql += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            return [self._job(r) for r in self._conn.execute(sql, args).fetchall()]
+
+    def by_request(self, request_id: str) -> tuple[Job, str] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+            return (self.get(row[0]), row[1]) if row else None
+
+    def active_count(self, adapter: str | None = None) -> dict[State, int]:
+        sql = "SELECT state, COUNT(*) FROM jobs WHERE state IN (1, 2)" + (" AND adapter = ?" if adapter else "") + " GROUP BY state"
+        with self._lock:
+            counts = dict(self._conn.execute(sql, (adapter,) if adapter else ()).fetchall())
+        return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
+
+    def payloads(self, job_id: str) -> list[RequestPayload]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id WHERE p.job_id = ? ORDER BY r.seq",
+                (job_id,)).fetchall()
+        return [RequestPayload.from_json(json.loads(r[0])) for r in rows]
+
+    # ---- transitions ---------------------------------------------------------------
+    def submit(self, adapter: str, request_id: str, payload: RequestPayload, options: dict, fingerprint: str,
+               merge: bool, max_rows: int, deadline_seconds: float = 0.0) -> tuple[Job, bool, bool]:
+        """Queue a request: join a compatible queued job or start a new one.
+
+        Returns (job, created, merged). A request id seen before returns its job unchanged
+        (created False); the caller checks the fingerprint first and re-checks it here.
+        """
+        options_key = json.dumps(options, sort_keys=True)
+        now = time.time()
+        with self._tx() as c:
+            seen = c.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+            if seen:
+                return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (seen[0],)).fetchone()), False, False
+            target = None
+            if merge:
+                for row in c.execute(
+                    "SELECT * FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? AND cancel_requested = 0 "
+                    "AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1",
+                    (adapter, options_key),
+                ).fetchall():
+                    job = self._job(row)
+                    ids = {e["id"] for e in job.edits}
+                    edited = {e["id"] for e in job.edits if e["kind"] != "remove"}
+                    # Two edits of one row cannot be summed into one solve; removals can.
+                    conflict = (payload.edited_ids & ids) or (payload.ids & edited)
+                    if not conflict and len(ids | payload.ids) <= max_rows and not deadline_seconds:
+                        target = job
+            edits = payload.public_edits()
+            if target is not None:
+                merged_edits = target.edits + [e for e in edits if not (e["kind"] == "remove" and e["id"] in {x["id"] for x in target.edits})]
+                counts = _counts(merged_edits)
+                c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(merged_edits), json.dumps(counts), target.id))
+                job_id = target.id
+            else:
+                job_id = uuid.uuid4().hex
+                c.execute(
+                    "INSERT INTO jobs (id, adapter, state, options, options_key, counts, edits, created_at, deadline_at) "
+                    "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
+                    (job_id, adapter, json.dumps(options), options_key, json.dumps(_counts(edits)), json.dumps(edits), now,
+                     now + deadline_seconds if deadline_seconds else None),
+                )
+            c.execute("INSERT INTO requests (request_id, job_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+                      (request_id, job_id, fingerprint, now))
+            c.execute("INSERT INTO payloads (request_id, job_id, body) VALUES (?, ?, ?)",
+                      (request_id, job_id, json.dumps(payload.to_json())))
+            job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return job, True, target is not None
+
+    def claim(self, busy_adapters: Iterable[str], current_version) -> Job | None:
+        """Take the oldest queued job whose adapter has no running job; mark it running."""
+        busy = set(busy_adapters)
+        with self._tx() as c:
+            running = {r[0] for r in c.execute("SELECT adapter FROM jobs WHERE state = 2")}
+            for row in c.execute("SELECT * FROM jobs WHERE state = 1 ORDER BY seq").fetchall():
+                if row["adapter"] in running or row["adapter"] in busy:
+                    continue
+                start = current_version(row["adapter"])
+                c.execute(
+                    "UPDATE jobs SET state = 2, started_at = ?, attempts = attempts + 1, from_version = ?, to_version = ?, "
+                    "stage = 'queued', fraction = 0 WHERE id = ?",
+                    (time.time(), start, start + 1, row["id"]),
+                )
+                return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+        return None
+
+    def progress(self, job_id: str, stage: str, fraction: float) -> None:
+        with self._lock:
+            self._conn.execute("UPDATE jobs SET stage = ?, fraction = ? WHERE id = ? AND state = 2", (stage, fraction, job_id))
+
+    def finish(self, job_id: str, state: State, *, report: dict | None = None, error_code: str = "",
+               error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None) -> Job:
+        with self._tx() as c:
+            sets = "state = ?, finished_at = ?, report = ?, error_code = ?, error_message = ?, stage = ?, fraction = ?"
+            args: list = [int(state), time.time(), json.dumps(report) if report is not None else None, error_code,
+                          error_message, "done" if state == State.SUCCEEDED else state.name.lower(),
+                          1.0 if state == State.SUCCEEDED else 0.0]
+            if to_version is not None:
+                sets += ", to_version = ?"
+                args.append(to_version)
+            if already_erased is not None:
+                sets += ", already_erased = ?"
+                args.append(json.dumps(already_erased))
+            c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
+            # The replacement text is not needed any more: drop it (zeroed: secure_delete).
+            c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
+            return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def requeue(self, job_id: str) -> None:
+        """Back to the queue (drain or crash): it starts again from its adapter's current version."""
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL WHERE id = ?", (job_id,))
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job now; flag a running one (its runner stops at the next step)."""
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row[0] == State.QUEUED:
+                c.execute("UPDATE jobs SET state = 5, finished_at = ?, stage = 'cancelled', cancel_requested = 1, "
+                          "error_code = 'CANCELLED', error_message = 'cancelled by a client before it started' WHERE id = ?",
+                          (time.time(), job_id))
+                c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
+            elif row[0] == State.RUNNING:
+                c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+
+def _counts(edits: list[dict]) -> dict[str, int]:
+    counts = {"remove": 0, "modify_query": 0, "correct_response": 0}
+    for e in edits:
+        counts[e["kind"]] += 1
+    return counts

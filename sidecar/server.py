@@ -1,0 +1,267 @@
+"""The gRPC face of the sidecar: eraser.v1.Eraser, grpc.health.v1 and reflection.
+
+Handlers translate protobuf to ``EraserService`` calls and back; every error goes
+through ``errors.status_of`` (the one mapping to status codes) in ``_guarded``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from eraser_proto.eraser.v1 import eraser_pb2 as pb
+from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+
+from .config import SidecarConfig
+from .errors import status_of
+from .jobs import Job, RequestPayload, State
+from .metrics import Metrics
+from .service import OPTION_FIELDS, EraserService, Hooks
+from .store import Version
+
+log = logging.getLogger("eraser.sidecar")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Eraser"].full_name
+WATCH_HEARTBEAT_SECONDS = 1.0
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def adapter_message(service: EraserService, version: Version) -> pb.Adapter:
+    record = service.store.record(version.adapter)
+    return pb.Adapter(
+        name=version.adapter, version=version.number, base_model=record.base_model, path=str(version.adapter_path),
+        rows=version.rows, dataset_path=str(version.dataset_path),
+        retained_versions=service.store.version_numbers(version.adapter),
+        adapter_sha256=version.manifest.get("adapter_sha256", ""), base_model_fingerprint=record.base_model_fingerprint,
+        updated_at=_timestamp(version.manifest.get("created_at")),
+    )
+
+
+def report_message(report: dict | None) -> pb.EraseReport | None:
+    if not report:
+        return None
+    msg = pb.EraseReport(
+        solver=report["solver"], preset=report.get("preset") or "", curvature=report["curvature"],
+        damping=report["damping"], objective=report["objective"], iterations=report["iterations"],
+        residual=report["residual"], converged=report["converged"], tolerance=report["tolerance"],
+        seconds=report["seconds"], affected_loss_before=report["affected_loss_before"] or 0.0,
+        affected_loss_after=report["affected_loss_after"] or 0.0, rows_before=report["rows"],
+        rows_after=report["rows_after"], counts=report["counts"], update_norm=report["update_norm"],
+        adapter_sha256=report["adapter_sha256"], note=report.get("note", ""),
+    )
+    if report.get("edited_loss_before") is not None:
+        msg.edited_loss_before = report["edited_loss_before"]
+        msg.edited_loss_after = report["edited_loss_after"]
+    return msg
+
+
+def job_message(job: Job) -> pb.Job:
+    return pb.Job(
+        id=job.id, adapter=job.adapter, state=int(job.state), from_version=job.from_version, to_version=job.to_version,
+        stage=job.stage, fraction=job.fraction, request_ids=job.request_ids, report=report_message(job.report),
+        error=pb.JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
+        created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
+        finished_at=_timestamp(job.finished_at), counts=job.counts, attempts=job.attempts,
+        already_erased_ids=job.already_erased,
+    )
+
+
+def options_dict(options: pb.EraseOptions) -> dict:
+    """The options a client set (proto3 optional fields: only those present)."""
+    out = {}
+    for name in OPTION_FIELDS:
+        if options.HasField(name) if name in ("damping", "tolerance", "max_iterations", "curvature_rows") else getattr(options, name):
+            out[name] = getattr(options, name)
+    return out
+
+
+def _guarded(handler):
+    """Run a handler; turn every exception into its status code and a one-line detail."""
+
+    @functools.wraps(handler)
+    def wrapper(self, request, context):
+        try:
+            return handler(self, request, context)
+        except Exception as e:
+            code, message = status_of(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", handler.__name__)
+            context.abort(code, message)
+
+    return wrapper
+
+
+class EraserServicer(pb_grpc.EraserServicer):
+    def __init__(self, service: EraserService):
+        self.service = service
+
+    @_guarded
+    def RegisterAdapter(self, request, context):
+        version = self.service.register(request.name, request.base_model, request.adapter_path, request.dataset_path)
+        return adapter_message(self.service, version)
+
+    @_guarded
+    def GetAdapter(self, request, context):
+        self.service.store.record(request.name)
+        return adapter_message(self.service, self.service.store.current(request.name))
+
+    @_guarded
+    def ListAdapters(self, request, context):
+        store = self.service.store
+        return pb.ListAdaptersResponse(adapters=[adapter_message(self.service, store.current(n)) for n in store.names()])
+
+    @_guarded
+    def Erase(self, request, context):
+        payload = RequestPayload(
+            tuple(request.remove_ids),
+            tuple((m.id, m.prompt) for m in request.modify_queries),
+            tuple((c.id, c.response) for c in request.correct_responses),
+        )
+        job = self.service.submit(request.adapter, request.request_id, payload, options_dict(request.options),
+                                  request.options.deadline_seconds, still_wanted=context.is_active)
+        return job_message(job)
+
+    @_guarded
+    def GetJob(self, request, context):
+        return job_message(self.service.job(request.id))
+
+    def WatchJob(self, request, context):
+        try:
+            job = self.service.job(request.id)
+        except Exception as e:
+            context.abort(*status_of(e))
+        last = None
+        while context.is_active():
+            job = self.service.job(request.id)
+            seen = (job.state, job.stage, round(job.fraction, 3), job.attempts)
+            if seen != last:
+                last = seen
+                yield job_message(job)
+            if job.state.terminal:
+                return
+            self.service.wait_for_change(WATCH_HEARTBEAT_SECONDS)
+
+    @_guarded
+    def ListJobs(self, request, context):
+        state = State(request.state) if request.state else None
+        jobs = self.service.jobs(request.adapter or None, state, request.limit or 100)
+        return pb.ListJobsResponse(jobs=[job_message(j) for j in jobs])
+
+    @_guarded
+    def CancelJob(self, request, context):
+        return job_message(self.service.cancel(request.id))
+
+    @_guarded
+    def Rollback(self, request, context):
+        return adapter_message(self.service, self.service.rollback(request.adapter, request.version))
+
+
+class MetricsHooks(Hooks):
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def job_accepted(self, job: Job, merged: bool) -> None:
+        self.metrics.job_accepted(job.task)
+        if merged:
+            self.metrics.requests_merged(1)
+
+    def job_finished(self, job: Job) -> None:
+        report = job.report or {}
+        total = (job.finished_at or time.time()) - job.created_at
+        self.metrics.job_finished(task=job.task, outcome=job.state.name.lower(),
+                                  stage_seconds={k: v for k, v in report.get("seconds", {}).items() if k != "total"},
+                                  total_seconds=total, residual=report.get("residual"), rows=job.counts)
+
+    def version_published(self, adapter: str, version: Version) -> None:
+        self.metrics.set_current_version(adapter, version.number)
+
+    def queue_changed(self, queued: int, running: int) -> None:
+        self.metrics.set_queue_depth(queued, running)
+
+
+@dataclass
+class RunningSidecar:
+    config: SidecarConfig
+    service: EraserService
+    server: grpc.Server
+    health: health.HealthServicer
+    metrics: Metrics
+    metrics_server: object
+    grpc_port: int
+    metrics_port: int
+    _stopped: threading.Event
+
+    @property
+    def target(self) -> str:
+        host = self.config.listen_host
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '[::]') else host}:{self.grpc_port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new RPCs, give the running job ``grace``
+        seconds (config.drain_seconds by default), then leave it to resume on restart."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.drain_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        stopped = self.server.stop(grace)
+        self.service.drain(grace)
+        stopped.wait(grace + 5)
+        self.metrics_server.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start(config: SidecarConfig, metrics: Metrics | None = None) -> RunningSidecar:
+    """Recover the store, then serve gRPC and metrics; returns once ready."""
+    from .auth import BearerTokenInterceptor, server_credentials
+
+    metrics = metrics or Metrics()
+    service = EraserService(config, MetricsHooks(metrics))
+    outcome = service.recover()
+    if any(outcome.values()):
+        log.info("recovery: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))
+    interceptors = [metrics.rpc_interceptor()]
+    if config.token:
+        interceptors.append(BearerTokenInterceptor(config.token))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="eraser-rpc"),
+                         interceptors=interceptors, maximum_concurrent_rpcs=1024)
+    pb_grpc.add_EraserServicer_to_server(EraserServicer(service), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.listen_host}:{config.grpc_port}"
+    if config.tls:
+        port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    metrics_server = metrics.serve(config.metrics_host, config.metrics_port)
+    server.start()
+    service.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving eraser.v1 on %s:%d (%s%s), metrics on %s:%d, store %s, device %s", config.listen_host, port,
+             "TLS" if config.tls else "plaintext", ", mutual TLS" if config.tls_client_ca else "",
+             config.metrics_host, metrics_server.port, config.store, config.device)
+    return RunningSidecar(config, service, server, health_servicer, metrics, metrics_server, port, metrics_server.port,
+                          threading.Event())

@@ -1,0 +1,489 @@
+"""The sidecar's domain: register adapters, accept erase requests, run jobs, roll back.
+
+No gRPC here: ``server.py`` translates between protobuf and these calls, and maps the
+typed errors raised here to status codes in one place (``errors.status_of``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from eraser.curvature import CurvatureConfig
+from eraser.data import load_rows
+from eraser.errors import EraserError, InvalidRequestError
+from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
+from eraser.requests import UnlearningRequest
+from eraser.solvers import SolverConfig
+from eraser.unlearn import EraseConfig, erase
+
+from .config import SidecarConfig
+from .errors import (
+    FailedPreconditionError,
+    JobCancelled,
+    JobDeadlineExceeded,
+    NotFoundError,
+    AlreadyExistsError,
+    ShuttingDown,
+    status_of,
+)
+from .jobs import Job, JobDB, RequestPayload, State
+from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name
+
+log = logging.getLogger("eraser.sidecar")
+
+OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
+                 "allow_unconverged", "curvature_rows")
+
+
+class Hooks:
+    """What the service tells the outside world (metrics; serving backends later)."""
+
+    def job_accepted(self, job: Job, merged: bool) -> None: ...
+    def job_finished(self, job: Job) -> None: ...
+    def version_published(self, adapter: str, version: Version) -> None: ...
+    def queue_changed(self, queued: int, running: int) -> None: ...
+
+
+def resolve_options(options: dict, config: SidecarConfig) -> dict:
+    """A request's options completed with the sidecar's defaults, validated, canonical.
+
+    The result is what the job stores and what decides whether two requests may share
+    one solve.
+    """
+    d = config.erase
+    unknown = set(options) - set(OPTION_FIELDS)
+    if unknown:
+        raise InvalidRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    out = {
+        "solver": options.get("solver") or d.solver,
+        "preset": options.get("preset") or d.preset or None,
+        "curvature": options.get("curvature") or d.curvature,
+        "damping": float(options["damping"]) if options.get("damping") is not None else d.damping,
+        "objective": options.get("objective") or d.objective,
+        "tolerance": options.get("tolerance") if options.get("tolerance") is not None else d.tolerance,
+        "max_iterations": options.get("max_iterations") if options.get("max_iterations") is not None else d.max_iterations,
+        "allow_unconverged": bool(options.get("allow_unconverged", False)),
+        "curvature_rows": options.get("curvature_rows") if options.get("curvature_rows") is not None else d.curvature_rows,
+        "curvature_batch_size": d.curvature_batch_size,
+        "max_length": d.max_length,
+    }
+    engine_config(out)  # raises InvalidRequestError on any bad value
+    return out
+
+
+def engine_config(options: dict) -> EraseConfig:
+    solver_options = {}
+    if options["tolerance"] is not None:
+        if not options["tolerance"] > 0:
+            raise InvalidRequestError("tolerance must be > 0")
+        solver_options["tolerance"] = float(options["tolerance"])
+    if options["max_iterations"] is not None:
+        if options["solver"] == "direct":
+            raise InvalidRequestError("max_iterations does not apply to the direct solver")
+        if int(options["max_iterations"]) < 1:
+            raise InvalidRequestError("max_iterations must be >= 1")
+        solver_options["max_iterations" if options["solver"] == "cg" else "iterations"] = int(options["max_iterations"])
+    curvature = CurvatureConfig(kind=options["curvature"], damping=options["damping"],
+                                sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"])
+    return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
+                       objective=options["objective"], allow_unconverged=options["allow_unconverged"],
+                       max_length=options["max_length"])
+
+
+@dataclass
+class _Running:
+    job: Job
+    cancel: threading.Event
+    last_write: float = 0.0
+
+
+class EraserService:
+    def __init__(self, config: SidecarConfig, hooks: Hooks | None = None):
+        self.config = config
+        self.hooks = hooks or Hooks()
+        self.store = AdapterStore(config.store)
+        self.db = JobDB(Path(config.store) / "jobs.sqlite3")
+        self.device = resolve_device(config.device)
+        self._changed = threading.Condition()
+        self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
+        self._running: dict[str, _Running] = {}
+        self._stop = threading.Event()
+        self._draining = threading.Event()
+        self._workers: list[threading.Thread] = []
+
+    # ---- lifecycle -----------------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """Bring the store and the job table to a consistent state after any stop.
+
+        A job left RUNNING by a crash either published its version (the rename happened:
+        finish it), or did not (requeue it, or fail it once it has been interrupted
+        ``max_attempts`` times). Half-assembled versions in staging/ are deleted.
+        """
+        outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self.store.clear_staging()}
+        for job in self.db.list(state=State.RUNNING, limit=1_000_000):
+            version = self._published_by(job)
+            if version is not None:
+                if self.store.current_number(job.adapter) < version.number:
+                    self.store.set_current(job.adapter, version.number)
+                self.db.finish(job.id, State.SUCCEEDED, report=version.manifest.get("report"), to_version=version.number,
+                               already_erased=version.manifest.get("already_erased", []))
+                outcome["finished"] += 1
+                log.info("recovered job %s: version %d of %s was published before the stop", job.id, version.number, job.adapter)
+            elif job.attempts >= self.config.max_attempts:
+                self.db.finish(job.id, State.FAILED, error_code="ABORTED",
+                               error_message=f"interrupted {job.attempts} times (crash or restart) before it could finish")
+                outcome["failed"] += 1
+                log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
+            else:
+                self.db.requeue(job.id)
+                outcome["resumed"] += 1
+                log.info("job %s was interrupted; queued again (attempt %d of %d next)", job.id, job.attempts + 1,
+                         self.config.max_attempts)
+        for name in self.store.names():  # a version renamed into place but never made current
+            numbers = self.store.version_numbers(name)
+            if numbers and numbers[-1] > self.store.current_number(name):
+                job = self.db.get(self.store.version(name, numbers[-1]).manifest.get("job_id", ""))
+                if job is not None and job.state == State.SUCCEEDED:
+                    self.store.set_current(name, numbers[-1])
+            self.hooks.version_published(name, self.store.current(name))
+        self._queue_changed()
+        return outcome
+
+    def _published_by(self, job: Job) -> Version | None:
+        try:
+            version = self.store.version(job.adapter, job.to_version)
+        except NotFoundError:
+            return None
+        return version if version.manifest.get("job_id") == job.id else None
+
+    def start(self) -> None:
+        for i in range(self.config.workers):
+            t = threading.Thread(target=self._work, name=f"eraser-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def drain(self, timeout: float) -> None:
+        """Stop taking jobs; give running ones ``timeout`` seconds, then interrupt them
+        (they go back to the queue and resume on the next start)."""
+        self._draining.set()
+        with self._changed:
+            self._changed.notify_all()
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        for r in list(self._running.values()):
+            r.cancel.set()
+        with self._changed:
+            self._changed.notify_all()
+        for t in self._workers:
+            t.join(timeout=60)
+        self.db.close()
+
+    # ---- adapters ------------------------------------------------------------------
+    def resolve_base(self, base_model: str) -> Path:
+        if not base_model:
+            raise InvalidRequestError("base_model is required")
+        path = Path(self.config.base_models.get(base_model, base_model))
+        if not (path / "config.json").is_file():
+            known = ", ".join(sorted(self.config.base_models)) or "none configured"
+            raise InvalidRequestError(f"base model {base_model!r} is neither a configured name ({known}) nor a model directory")
+        return path
+
+    def register(self, name: str, base_model: str, adapter_path: str, dataset_path: str) -> Version:
+        check_adapter_name(name)
+        if self.store.exists(name):
+            raise AlreadyExistsError(f"an adapter named {name!r} is already registered")
+        base_dir = self.resolve_base(base_model)
+        if not adapter_path or not dataset_path:
+            raise InvalidRequestError("adapter_path and dataset_path are required")
+        check_adapter_dir(adapter_path)
+        rows = load_rows(dataset_path)
+        if not rows:
+            raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
+        fingerprint = base_fingerprint(base_dir)
+        recorded = read_adapter_meta(adapter_path).get("base_model_fingerprint")
+        if recorded and recorded != fingerprint:
+            from eraser.errors import BaseModelMismatchError
+
+            raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on {base_model} ({fingerprint[:12]})")
+        # Loading the adapter onto the base is the only complete check that its tensors fit.
+        load_adapter(load_base(base_dir, "cpu"), adapter_path, trainable=False)
+        staged = self.store.new_staging(f"register-{name}-v1")
+        try:
+            shutil.copytree(adapter_path, staged / ADAPTER_DIR)
+            shutil.copyfile(dataset_path, staged / DATASET)
+            self.store.write_manifest(staged, {
+                "adapter": name, "version": 1, "parent_version": None, "job_id": None, "request_ids": [],
+                "base_model": base_model, "base_model_fingerprint": fingerprint, "created_at": time.time(),
+                "rows": len(rows), "source": "register",
+            })
+            record = AdapterRecord(name, base_model, str(base_dir.resolve()), fingerprint, time.time())
+            version = self.store.register(record, staged)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        log.info("registered adapter %s (%d rows) as version 1", name, len(rows))
+        self.hooks.version_published(name, version)
+        return version
+
+    def rollback(self, name: str, number: int) -> Version:
+        """Publish the content of retained version ``number`` as a new current version.
+
+        Versions stay strictly increasing and immutable (a serving engine never sees
+        changed weights under a path it has seen). Rolling back past an erase brings the
+        erased rows back, by the operator's explicit choice.
+        """
+        self.store.record(name)
+        with self._publish_lock:
+            current = self.store.current(name)
+            if number == current.number:
+                return current
+            if number < 1 or number > current.number:
+                raise NotFoundError(f"adapter {name!r} has no version {number} (current is {current.number})")
+            if number not in self.store.version_numbers(name):
+                raise FailedPreconditionError(
+                    f"version {number} of {name!r} was deleted by retention (keep_versions={self.config.keep_versions})")
+            active = self.db.active_count(name)
+            if active[State.QUEUED] or active[State.RUNNING]:
+                raise FailedPreconditionError(f"adapter {name!r} has queued or running jobs; wait for them or cancel them first")
+            source = self.store.version(name, number)
+            staged = self.store.new_staging(f"rollback-{name}-v{current.number + 1}")
+            try:
+                self.store.copy_version(source, staged)
+                self.store.write_manifest(staged, {
+                    **{k: source.manifest.get(k) for k in ("adapter", "base_model", "base_model_fingerprint", "rows")},
+                    "version": current.number + 1, "parent_version": current.number, "rollback_of": number,
+                    "job_id": None, "request_ids": [], "created_at": time.time(), "source": "rollback",
+                })
+                version = self.store.publish(name, current.number + 1, staged)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            self.store.prune(name, self.config.keep_versions)
+        log.info("adapter %s rolled back to the content of version %d as version %d", name, number, version.number)
+        self.hooks.version_published(name, version)
+        return version
+
+    # ---- jobs ----------------------------------------------------------------------
+    def submit(self, adapter: str, request_id: str, payload: RequestPayload, options: dict,
+               deadline_seconds: float = 0.0, still_wanted: Callable[[], bool] = lambda: True) -> Job:
+        """Validate a request against the adapter's current version and queue it.
+
+        Every check happens before anything is written; a request id seen before returns
+        its job (or ALREADY_EXISTS if it named a different request).
+        """
+        self.store.record(adapter)
+        if request_id and len(request_id) > 128:
+            raise InvalidRequestError("request_id is longer than 128 characters")
+        if deadline_seconds < 0:
+            raise InvalidRequestError("deadline_seconds must be >= 0")
+        request = UnlearningRequest(payload.remove, payload.modify_query, payload.correct_response)
+        if request.size > self.config.max_request_rows:
+            raise InvalidRequestError(f"request touches {request.size} rows; the limit is {self.config.max_request_rows}")
+        resolved = resolve_options(options, self.config)
+        fingerprint = payload.fingerprint(adapter, {**resolved, "deadline_seconds": deadline_seconds})
+        if request_id:
+            seen = self.db.by_request(request_id)
+            if seen is not None:
+                return self._same_request(seen, fingerprint, request_id)
+        else:
+            request_id = uuid.uuid4().hex
+        if self._draining.is_set():
+            raise ShuttingDown("the sidecar is shutting down; retry against the restarted instance")
+        current = self.store.current(adapter)
+        request.resolve(self.store.rows(current))  # unknown ids, edits that change nothing
+        if not still_wanted():  # the caller gave up (deadline or cancel): do not queue
+            raise JobCancelled("the call was cancelled before the request was queued")
+        job, created, merged = self.db.submit(adapter, request_id, payload, resolved, fingerprint,
+                                              self.config.merge_queued, self.config.max_request_rows, deadline_seconds)
+        if not created:  # a concurrent call with the same id won the race
+            return self._same_request(self.db.by_request(request_id), fingerprint, request_id)
+        log.info("request %s for %s queued in job %s (%s; %s)", request_id, adapter, job.id,
+                 ", ".join(f"{k} {v}" for k, v in request.counts().items() if v), "merged" if merged else "new job")
+        self.hooks.job_accepted(job, merged)
+        self._queue_changed()
+        with self._changed:
+            self._changed.notify_all()
+        return job
+
+    @staticmethod
+    def _same_request(seen: tuple[Job, str], fingerprint: str, request_id: str) -> Job:
+        job, recorded = seen
+        if recorded != fingerprint:
+            raise AlreadyExistsError(f"request_id {request_id!r} was already used for a different request")
+        return job
+
+    def job(self, job_id: str) -> Job:
+        job = self.db.get(job_id) if job_id else None
+        if job is None:
+            raise NotFoundError(f"no job with id {job_id!r}")
+        return job
+
+    def jobs(self, adapter: str | None, state: State | None, limit: int) -> list[Job]:
+        if adapter:
+            self.store.record(adapter)
+        return self.db.list(adapter, state, limit)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.job(job_id)
+        if job.state in (State.SUCCEEDED, State.FAILED):
+            raise FailedPreconditionError(f"job {job_id} has already ended ({job.state.name.lower()})")
+        job = self.db.request_cancel(job_id)
+        running = self._running.get(job_id)
+        if running is not None:
+            running.cancel.set()
+        if job.state == State.CANCELLED:
+            self.hooks.job_finished(job)
+        self._queue_changed()
+        self._notify()
+        return job
+
+    def wait_for_change(self, timeout: float) -> None:
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def _queue_changed(self) -> None:
+        counts = self.db.active_count()
+        self.hooks.queue_changed(counts[State.QUEUED], counts[State.RUNNING])
+
+    # ---- the worker ----------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            job = None
+            if not self._draining.is_set():
+                with self._publish_lock:
+                    job = self.db.claim(self._running.keys(), self.store.current_number)
+                    if job is not None:
+                        self._running[job.id] = _Running(job, threading.Event())
+            if job is None:
+                with self._changed:
+                    self._changed.wait(0.5)
+                continue
+            self._queue_changed()
+            self._notify()
+            try:
+                self._run(job)
+            except Exception:  # the runner records every failure; this is a last resort
+                log.exception("job %s: runner crashed", job.id)
+            finally:
+                self._running.pop(job.id, None)
+                self._queue_changed()
+                self._notify()
+
+    def _run(self, job: Job) -> None:
+        running = self._running[job.id]
+        staged: Path | None = None
+        log.info("job %s started on %s v%d (attempt %d)", job.id, job.adapter, job.from_version, job.attempts)
+        try:
+            if job.cancel_requested:
+                raise JobCancelled("cancelled by a client")
+            self._check_deadline(job)
+            current = self.store.current(job.adapter)
+            rows = self.store.rows(current)
+            request, already = self._merged_request(job, {r.id for r in rows})
+            if request is None:
+                finished = self.db.finish(job.id, State.SUCCEEDED, to_version=current.number, already_erased=already,
+                                          report=None)
+                log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
+                self.hooks.job_finished(finished)
+                return
+            config = engine_config(job.options)
+            staged = self.store.new_staging(f"job-{job.id}")
+            progress = self._progress_hook(running)
+            report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path, current.dataset_path,
+                           request, staged / ADAPTER_DIR, staged / DATASET, config, str(self.device), progress)
+            report_json = report.to_json()
+            report_json.pop("adapter_out", None)  # a staging path, meaningless once published
+            progress("publish", 0, 1)
+            with self._publish_lock:
+                if running.cancel.is_set():
+                    raise self._interruption(job)
+                self.store.write_manifest(staged, {
+                    "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
+                    "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
+                    "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
+                    "rows": report.rows_after, "source": "erase", "edits": job.edits, "already_erased": already,
+                    "report": report_json,
+                })
+                version = self.store.publish(job.adapter, current.number + 1, staged)
+                staged = None
+                finished = self.db.finish(job.id, State.SUCCEEDED, report=report_json, to_version=version.number,
+                                          already_erased=already)
+                pruned = self.store.prune(job.adapter, self.config.keep_versions)
+            log.info("job %s published %s v%d (%d rows; residual %.2e; %.1f s)%s", job.id, job.adapter, version.number,
+                     version.rows, report.residual, report.seconds.get("total", 0.0),
+                     f"; deleted versions {pruned} (retention)" if pruned else "")
+            self.hooks.version_published(job.adapter, version)
+            self.hooks.job_finished(finished)
+        except ShuttingDown:
+            self.db.requeue(job.id)
+            log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
+        except JobCancelled as e:
+            self.hooks.job_finished(self.db.finish(job.id, State.CANCELLED, error_code="CANCELLED", error_message=str(e)))
+            log.info("job %s cancelled", job.id)
+        except BaseException as e:
+            code, message = status_of(e)
+            if not isinstance(e, EraserError):
+                log.exception("job %s failed with an internal error", job.id)
+            else:
+                log.info("job %s failed: %s: %s", job.id, code.name, message)
+            self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message))
+        finally:
+            if staged is not None:
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def _merged_request(self, job: Job, present: set[str]) -> tuple[UnlearningRequest | None, list[str]]:
+        """One request from the job's requests. A removal of a row that an earlier job
+        already erased is done; an edit of such a row cannot be done."""
+        remove: dict[str, None] = {}
+        modify: dict[str, str] = {}
+        correct: dict[str, str] = {}
+        for p in self.db.payloads(job.id):
+            remove.update(dict.fromkeys(p.remove))
+            modify.update(dict(p.modify_query))
+            correct.update(dict(p.correct_response))
+        gone = sorted(i for i in list(modify) + list(correct) if i not in present)
+        if gone:
+            raise InvalidRequestError(f"row(s) {', '.join(map(repr, gone[:5]))} were removed by an earlier job and cannot be edited")
+        already = sorted(i for i in remove if i not in present)
+        remaining = tuple(i for i in remove if i in present)
+        if not (remaining or modify or correct):
+            return None, already
+        return UnlearningRequest(remaining, tuple(modify.items()), tuple(correct.items())), already
+
+    def _check_deadline(self, job: Job) -> None:
+        if job.deadline_at is not None and time.time() > job.deadline_at:
+            raise JobDeadlineExceeded("the request's deadline passed before the job finished")
+
+    def _interruption(self, job: Job) -> EraserError:
+        """Why the cancel flag is up: a client's CancelJob, or the sidecar draining."""
+        if self.db.get(job.id).cancel_requested:
+            return JobCancelled("cancelled by a client")
+        return ShuttingDown("the sidecar is shutting down")
+
+    def _progress_hook(self, running: _Running):
+        job = running.job
+
+        def progress(stage: str, done: int, total: int, info: dict | None = None) -> None:
+            if running.cancel.is_set():
+                raise self._interruption(job)
+            self._check_deadline(job)
+            fraction = min(1.0, done / total) if total else 0.0
+            now = time.monotonic()
+            # Throttled: a solve reports every iteration, the job table needs a few a second.
+            if stage != job.stage or now - running.last_write > 0.25 or fraction >= 1.0:
+                job.stage, job.fraction, running.last_write = stage, fraction, now
+                self.db.progress(job.id, stage, fraction)
+                self._notify()
+
+        return progress

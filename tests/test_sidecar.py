@@ -1,0 +1,370 @@
+"""The sidecar over real gRPC on loopback, with tiny models: every RPC, every bad input
+with its status code (and nothing changed), idempotency, merging, concurrency, cancel,
+deadlines, rollback and retention, crash recovery, auth, TLS and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from eraser.data import load_rows
+from eraser_proto.eraser.v1 import eraser_pb2 as pb
+from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+from sidecar.config import EraseDefaults, SidecarConfig
+from sidecar.server import start
+
+FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)
+# A solve that cannot converge and runs for minutes: something to cancel or kill.
+SLOW = pb.EraseOptions(solver="sqm", max_iterations=1_000_000, tolerance=1e-12, damping=0.1)
+ERASED_TEXT = "Ann was born in"
+
+
+def store_listing(store: Path) -> dict[str, int]:
+    return {str(p.relative_to(store)): p.stat().st_size for p in store.rglob("*")
+            if p.is_file() and "staging" not in p.parts and not p.name.startswith("jobs.sqlite3")}
+
+
+def config_for(store: Path, **overrides) -> SidecarConfig:
+    return SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0, **overrides)
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory):
+    running = start(config_for(tmp_path_factory.mktemp("store"), max_request_rows=12, keep_versions=2))
+    yield running
+    running.stop(2.0)
+
+
+@pytest.fixture(scope="module")
+def stub(sidecar):
+    channel = grpc.insecure_channel(sidecar.target)
+    yield pb_grpc.EraserStub(channel)
+    channel.close()
+
+
+def register(stub, name, tiny_base, tiny_adapter, train_file) -> pb.Adapter:
+    return stub.RegisterAdapter(pb.RegisterAdapterRequest(
+        name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter), dataset_path=str(train_file)))
+
+
+def wait_job(stub, job_id, timeout=120) -> pb.Job:
+    last = None
+    for job in stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=timeout):
+        last = job
+    return last
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+# ---- health, reflection, adapters ----------------------------------------------------
+
+def test_health_and_reflection(sidecar):
+    with grpc.insecure_channel(sidecar.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "eraser.v1.Eraser"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"eraser.v1.Eraser", "grpc.health.v1.Health"} <= names
+
+
+def test_register_get_list(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    adapter = register(stub, "reg-a", tiny_base, tiny_adapter, train_file)
+    assert (adapter.name, adapter.version, adapter.rows, list(adapter.retained_versions)) == ("reg-a", 1, 20, [1])
+    assert Path(adapter.path, "adapter_config.json").is_file()
+    assert load_rows(adapter.dataset_path) == load_rows(train_file)
+    manifest = json.loads((Path(adapter.path).parent / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["files"]["train.jsonl"] and manifest["base_model_fingerprint"]
+    assert not Path(adapter.path, "adapter_config.json").stat().st_mode & 0o222, "published files are read-only"
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="reg-a")) == adapter
+    assert "reg-a" in [a.name for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters]
+
+
+def test_register_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train_file, tmp_path):
+    from eraser.tiny import build_tiny_model
+
+    register(stub, "reg-dup", tiny_base, tiny_adapter, train_file)
+    before = store_listing(sidecar.config.store)
+    other_base = tmp_path / "other-base"
+    build_tiny_model(other_base, ["some other text entirely"], hidden_size=64, heads=2, kv_heads=1, intermediate_size=64,
+                     vocab_size=300)
+    cases = {
+        "Bad_Name": (str(tiny_base), str(tiny_adapter), str(train_file), grpc.StatusCode.INVALID_ARGUMENT),
+        "reg-dup": (str(tiny_base), str(tiny_adapter), str(train_file), grpc.StatusCode.ALREADY_EXISTS),
+        "no-adapter": (str(tiny_base), str(tmp_path / "missing"), str(train_file), grpc.StatusCode.INVALID_ARGUMENT),
+        "no-data": (str(tiny_base), str(tiny_adapter), str(tmp_path / "missing.jsonl"), grpc.StatusCode.INVALID_ARGUMENT),
+        "no-base": (str(tmp_path), str(tiny_adapter), str(train_file), grpc.StatusCode.INVALID_ARGUMENT),
+        "other-base": (str(other_base), str(tiny_adapter), str(train_file), grpc.StatusCode.FAILED_PRECONDITION),
+    }
+    for name, (base, adapter, data, expected) in cases.items():
+        request = pb.RegisterAdapterRequest(name=name, base_model=base, adapter_path=adapter, dataset_path=data)
+        assert code_of(lambda: stub.RegisterAdapter(request)) == expected, name
+    assert code_of(lambda: stub.GetAdapter(pb.GetAdapterRequest(name="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert store_listing(sidecar.config.store) == before
+
+
+# ---- erase ---------------------------------------------------------------------------
+
+def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_file, caplog):
+    caplog.set_level("DEBUG")
+    register(stub, "erase-a", tiny_base, tiny_adapter, train_file)
+    job = stub.Erase(pb.EraseRequest(adapter="erase-a", request_id="r-erase-1", remove_ids=["born-ann"],
+                                     correct_responses=[pb.CorrectResponse(id="tea-bob", response="Bob likes no tea.")],
+                                     options=FAST))
+    assert job.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and list(job.request_ids) == ["r-erase-1"]
+    updates = list(stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=120))
+    final = updates[-1]
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert len(updates) >= 3 and {u.stage for u in updates} & {"gradient", "solve (cg)"}
+    assert (final.from_version, final.to_version) == (1, 2)
+    assert final.report.solver == "cg" and final.report.converged and final.report.residual <= 1e-3
+    assert final.report.affected_loss_after > final.report.affected_loss_before
+    assert final.report.edited_loss_after < final.report.edited_loss_before
+    assert dict(final.counts) == {"remove": 1, "modify_query": 0, "correct_response": 1}
+    assert {"load", "gradient", "solve", "write"} <= set(final.report.seconds)
+    adapter = stub.GetAdapter(pb.GetAdapterRequest(name="erase-a"))
+    assert (adapter.version, adapter.rows, list(adapter.retained_versions)) == (2, 19, [1, 2])
+    rows = {r.id: r for r in load_rows(adapter.dataset_path)}
+    assert "born-ann" not in rows and rows["tea-bob"].response == "Bob likes no tea."
+    manifest = json.loads((Path(adapter.path).parent / "manifest.json").read_text())
+    assert (manifest["parent_version"], manifest["job_id"], manifest["request_ids"]) == (1, job.id, ["r-erase-1"])
+    assert stub.GetJob(pb.GetJobRequest(id=job.id)) == final
+    # The erased text is nowhere but in the retained pre-erasure version 1: not in the
+    # job database, the manifest, the new version or the log.
+    db = (sidecar.config.store / "jobs.sqlite3").read_bytes()
+    assert ERASED_TEXT.encode() not in db and b"Bob likes" not in db  # the payload was dropped too
+    for p in (Path(adapter.path).parent).rglob("*"):
+        assert not p.is_file() or ERASED_TEXT.encode() not in p.read_bytes()
+    assert ERASED_TEXT not in caplog.text and "Bob likes" not in caplog.text
+
+
+def test_erase_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "erase-bad", tiny_base, tiny_adapter, train_file)
+    before = (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs))
+    many = [f"id-{i}" for i in range(13)]  # max_request_rows is 12 here
+    cases = [
+        (pb.EraseRequest(adapter="missing", remove_ids=["born-ann"]), grpc.StatusCode.NOT_FOUND),
+        (pb.EraseRequest(adapter="Bad Name", remove_ids=["born-ann"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", remove_ids=["no-such-row"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", remove_ids=many), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", remove_ids=["born-ann", "born-ann"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", remove_ids=["born-ann"], options=pb.EraseOptions(solver="magic")),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", remove_ids=["born-ann"], options=pb.EraseOptions(preset="paper")),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", modify_queries=[pb.ModifyQuery(id="born-ann", prompt=" ")]),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.EraseRequest(adapter="erase-bad", correct_responses=[pb.CorrectResponse(id="born-ann", response="Ann was born in Oslo.")]),
+         grpc.StatusCode.INVALID_ARGUMENT),  # changes nothing
+    ]
+    for request, expected in cases:
+        assert code_of(lambda: stub.Erase(request)) == expected, request
+    assert code_of(lambda: stub.GetJob(pb.GetJobRequest(id="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: list(stub.WatchJob(pb.GetJobRequest(id="nope")))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.ListJobs(pb.ListJobsRequest(adapter="missing"))) == grpc.StatusCode.NOT_FOUND
+    after = (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs))
+    assert after == before
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="erase-bad")).version == 1
+
+
+def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "idem", tiny_base, tiny_adapter, train_file)
+    request = pb.EraseRequest(adapter="idem", request_id="idem-1", remove_ids=["born-cid"], options=FAST)
+    first = stub.Erase(request)
+    assert stub.Erase(request).id == first.id
+    final = wait_job(stub, first.id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED
+    again = stub.Erase(request)  # after the end, too: the same job, nothing new queued
+    assert again.id == first.id and again.state == pb.JOB_STATE_SUCCEEDED
+    other = pb.EraseRequest(adapter="idem", request_id="idem-1", remove_ids=["born-dee"], options=FAST)
+    assert code_of(lambda: stub.Erase(other)) == grpc.StatusCode.ALREADY_EXISTS
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="idem")).version == 2
+
+
+def test_concurrent_erases_merge_and_stay_sequential(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "busy", tiny_base, tiny_adapter, train_file)
+    ids = [r.id for r in load_rows(train_file)][:10]
+    requests = [pb.EraseRequest(adapter="busy", request_id=f"busy-{i}", remove_ids=[ids[i % 10]], options=FAST)
+                for i in range(20)]
+    with futures.ThreadPoolExecutor(20) as pool:
+        jobs = list(pool.map(stub.Erase, requests))
+    finals = {j.id: wait_job(stub, j.id) for j in jobs}
+    assert all(f.state == pb.JOB_STATE_SUCCEEDED for f in finals.values()), [f.error for f in finals.values()]
+    served = sorted(r for f in finals.values() for r in f.request_ids)
+    assert served == sorted(r.request_id for r in requests), "every request served exactly once"
+    assert len(finals) < 20, "queued requests were merged into fewer solves"
+    published = sorted(f.to_version for f in finals.values() if f.to_version != f.from_version)
+    adapter = stub.GetAdapter(pb.GetAdapterRequest(name="busy"))
+    assert published == list(range(2, adapter.version + 1)), "versions are strictly sequential"
+    assert adapter.rows == 10 and not set(ids) & {r.id for r in load_rows(adapter.dataset_path)}
+    listed = stub.ListJobs(pb.ListJobsRequest(adapter="busy")).jobs
+    assert {j.id for j in listed} == set(finals)
+
+
+def test_cancel_deadline_and_rollback(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "roll", tiny_base, tiny_adapter, train_file)
+    done = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="roll", remove_ids=["born-eve"], options=FAST)).id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and done.to_version == 2
+    slow = stub.Erase(pb.EraseRequest(adapter="roll", remove_ids=["born-fay"], options=SLOW))
+    queued = stub.Erase(pb.EraseRequest(adapter="roll", remove_ids=["born-gus"], options=FAST))
+    for job in stub.WatchJob(pb.GetJobRequest(id=slow.id), timeout=60):
+        if job.stage.startswith("solve"):
+            break
+    # Rollback refuses while jobs are active; a client deadline on a watch is honoured.
+    assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="roll", version=1))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: list(stub.WatchJob(pb.GetJobRequest(id=slow.id), timeout=0.5))) == grpc.StatusCode.DEADLINE_EXCEEDED
+    cancelled_queued = stub.CancelJob(pb.CancelJobRequest(id=queued.id))
+    assert cancelled_queued.state == pb.JOB_STATE_CANCELLED
+    stub.CancelJob(pb.CancelJobRequest(id=slow.id))
+    final = wait_job(stub, slow.id, timeout=60)
+    assert final.state == pb.JOB_STATE_CANCELLED and final.error.code == "CANCELLED"
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="roll")).version == 2
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=done.id))) == grpc.StatusCode.FAILED_PRECONDITION
+    late = wait_job(stub, stub.Erase(pb.EraseRequest(
+        adapter="roll", remove_ids=["born-hal"], options=pb.EraseOptions(damping=0.1, deadline_seconds=1e-3))).id)
+    assert late.state == pb.JOB_STATE_FAILED and late.error.code == "DEADLINE_EXCEEDED"
+
+    rolled = stub.Rollback(pb.RollbackRequest(adapter="roll", version=1))
+    assert (rolled.version, rolled.rows) == (3, 20)  # version 1's content, published as version 3
+    assert list(rolled.retained_versions) == [2, 3], "keep_versions=2 deleted version 1"
+    manifest = json.loads((Path(rolled.path).parent / "manifest.json").read_text())
+    assert manifest["rollback_of"] == 1 and manifest["parent_version"] == 2
+    assert stub.Rollback(pb.RollbackRequest(adapter="roll", version=3)).version == 3  # already there
+    assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="roll", version=1))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="roll", version=9))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="nope", version=1))) == grpc.StatusCode.NOT_FOUND
+
+
+def test_metrics_scraped_over_http(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "metered", tiny_base, tiny_adapter, train_file)
+    job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="metered", remove_ids=["born-ivy"], options=FAST)).id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED
+    code_of(lambda: stub.GetAdapter(pb.GetAdapterRequest(name="nope")))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=10).read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert all(s.name.startswith("eraser_") for s in samples if not s.name.startswith(("python_", "process_")))
+
+    def value(name, **labels):
+        return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    assert value("eraser_jobs_total", task="remove", outcome="succeeded") >= 1
+    assert value("eraser_adapter_version", adapter="metered") == 2
+    assert value("eraser_rows_erased_total", task="remove") >= 1
+    assert value("eraser_job_stage_duration_seconds_count", stage="solve") >= 1
+    assert value("eraser_rpc_duration_seconds_count", method="Erase", code="OK") >= 1
+    assert value("eraser_rpc_duration_seconds_count", method="GetAdapter", code="NOT_FOUND") >= 1
+    assert value("eraser_solver_residual_count") >= 1
+    for s in samples:  # no label value carries row text or ids
+        assert all("born" not in v and " " not in v for v in s.labels.values()), s
+
+
+# ---- recovery ------------------------------------------------------------------------
+
+def test_recovery_finishes_a_version_published_before_a_crash(tmp_path, tiny_base, tiny_adapter, train_file):
+    """Fault injection: the crash falls between the version's rename (the commit point)
+    and the job record's update, which a real kill -9 hits only by chance."""
+    running = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "crash", tiny_base, tiny_adapter, train_file)
+            job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="crash", remove_ids=["born-jon"], options=FAST)).id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED
+    finally:
+        running.stop(1.0)
+    db = sqlite3.connect(tmp_path / "store" / "jobs.sqlite3")
+    db.execute("UPDATE jobs SET state = 2, report = NULL WHERE id = ?", (job.id,))
+    db.commit()
+    db.close()
+    current = tmp_path / "store" / "adapters" / "crash" / "current"
+    current.write_text("1\n")
+    (tmp_path / "store" / "staging" / "job-half.1234").mkdir()  # a half-assembled version
+    running = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            recovered = stub.GetJob(pb.GetJobRequest(id=job.id))
+            assert recovered.state == pb.JOB_STATE_SUCCEEDED and recovered.to_version == 2
+            assert recovered.report.residual == job.report.residual
+            assert stub.GetAdapter(pb.GetAdapterRequest(name="crash")).version == 2
+        assert not list((tmp_path / "store" / "staging").iterdir())
+    finally:
+        running.stop(1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(store: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "ERASER_STORE": str(store), "ERASER_GRPC_PORT": str(port), "ERASER_METRICS_PORT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli"], env=env, stderr=log.open("ab"), stdout=subprocess.DEVNULL)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=120)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    return proc
+
+
+def test_kill_9_during_a_job_then_restart(tmp_path, tiny_base, tiny_adapter, train_file):
+    store, port, log = tmp_path / "store", _free_port(), tmp_path / "sidecar.log"
+    proc = _spawn(store, port, log)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "killed", tiny_base, tiny_adapter, train_file)
+            slow = stub.Erase(pb.EraseRequest(adapter="killed", request_id="k-slow", remove_ids=["born-ann"], options=SLOW))
+            behind = stub.Erase(pb.EraseRequest(adapter="killed", request_id="k-fast", remove_ids=["born-bob"], options=FAST))
+            for job in stub.WatchJob(pb.GetJobRequest(id=slow.id), timeout=120):
+                if job.stage.startswith("solve") and job.fraction > 0:
+                    break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc = _spawn(store, port, log)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EraserStub(channel)
+            resumed = stub.GetJob(pb.GetJobRequest(id=slow.id))
+            assert resumed.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING) and resumed.attempts >= 1
+            for job in stub.WatchJob(pb.GetJobRequest(id=slow.id), timeout=120):
+                if job.state == pb.JOB_STATE_RUNNING and job.attempts == 2:
+                    break
+            stub.CancelJob(pb.CancelJobRequest(id=slow.id))
+            assert wait_job(stub, slow.id).state == pb.JOB_STATE_CANCELLED
+            fast = wait_job(stub, behind.id)
+            assert fast.state == pb.JOB_STATE_SUCCEEDED and (fast.from_version, fast.to_version) == (1, 2)
+            assert stub.Erase(pb.EraseRequest(adapter="killed", request_id="k-fast", remove_ids=["born-bob"],
+                                              options=FAST)).id == behind.id, "no request was lost or duplicated"
+            adapter = stub.GetAdapter(pb.GetAdapterRequest(name="killed"))
+            assert (adapter.version, adapter.rows, list(adapter.retained_versions)) == (2, 19, [1, 2])
+        assert not list((store / "staging").iterdir())
+        proc.send_signal(signal.SIGTERM)  # drains and exits cleanly
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert b"Traceback" not in log.read_bytes()
