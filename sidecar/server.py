@@ -172,15 +172,30 @@ class EraserServicer(pb_grpc.EraserServicer):
         return adapter_message(self.service, self.service.rollback(request.adapter, request.version))
 
 
+def _never_raises(method):
+    """Metrics must never change a job's outcome: a recording error is logged, not raised."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            method(*args, **kwargs)
+        except Exception:
+            log.exception("recording metrics failed in %s", method.__name__)
+
+    return wrapper
+
+
 class MetricsHooks(Hooks):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
+    @_never_raises
     def job_accepted(self, job: Job, merged: bool) -> None:
         self.metrics.job_accepted(job.task)
         if merged:
             self.metrics.requests_merged(1)
 
+    @_never_raises
     def job_finished(self, job: Job) -> None:
         report = job.report or {}
         total = (job.finished_at or time.time()) - job.created_at
@@ -188,9 +203,11 @@ class MetricsHooks(Hooks):
                                   stage_seconds={k: v for k, v in report.get("seconds", {}).items() if k != "total"},
                                   total_seconds=total, residual=report.get("residual"), rows=job.counts)
 
+    @_never_raises
     def version_published(self, adapter: str, version: Version) -> None:
         self.metrics.set_current_version(adapter, version.number)
 
+    @_never_raises
     def queue_changed(self, queued: int, running: int) -> None:
         self.metrics.set_queue_depth(queued, running)
 

@@ -368,3 +368,35 @@ def test_kill_9_during_a_job_then_restart(tmp_path, tiny_base, tiny_adapter, tra
         if proc.poll() is None:
             proc.kill()
     assert b"Traceback" not in log.read_bytes()
+
+
+# ---- auth and TLS on the real sidecar ------------------------------------------------
+
+def test_token_and_mutual_tls(tmp_path, tiny_base, tiny_adapter, train_file):
+    from sidecar.auth import open_channel
+    from tlsutil import make_certs
+
+    certs = make_certs(tmp_path / "certs")
+    running = start(config_for(tmp_path / "store", token="t0ken-for-tests", tls_cert=certs.server_cert,
+                               tls_key=certs.server_key, tls_client_ca=certs.ca))
+    target = f"localhost:{running.grpc_port}"
+    mtls = {"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}
+    try:
+        with open_channel(target, token="t0ken-for-tests", **mtls) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            assert register(stub, "secure", tiny_base, tiny_adapter, train_file).version == 1
+            job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="secure", remove_ids=["born-ann"], options=FAST)).id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED
+        for token in (None, "wrong"):
+            with open_channel(target, token=token, **mtls) as channel:
+                stub = pb_grpc.EraserStub(channel)
+                assert code_of(lambda: stub.ListAdapters(pb.ListAdaptersRequest())) == grpc.StatusCode.UNAUTHENTICATED
+                assert code_of(lambda: list(stub.WatchJob(pb.GetJobRequest(id=job.id)))) == grpc.StatusCode.UNAUTHENTICATED
+                health = health_pb2_grpc.HealthStub(channel)  # probes need no token
+                assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        with open_channel(target, token="t0ken-for-tests", ca=certs.ca) as channel:  # no client certificate
+            assert code_of(lambda: pb_grpc.EraserStub(channel).ListAdapters(pb.ListAdaptersRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(target) as channel:  # plaintext to a TLS port
+            assert code_of(lambda: pb_grpc.EraserStub(channel).ListAdapters(pb.ListAdaptersRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop(1.0)

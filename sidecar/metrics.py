@@ -1,0 +1,404 @@
+"""Prometheus metrics of the sidecar, in a registry of their own.
+
+Every metric is named ``eraser_*`` and lives in the ``CollectorRegistry`` of its
+``Metrics`` object, not in prometheus_client's global one, so that several sidecars (and
+the tests) can run in one process without "Duplicated timeseries" errors.
+
+No label ever carries user text, because label values are series that live as long as
+the process: they come only from the fixed vocabularies below, from gRPC method names
+that have a registered handler, from status code names, or from adapter names (chosen by
+the operator and validated by ``sidecar.config.ADAPTER_NAME``). A value outside these
+raises ``ValueError``: that is a bug in the caller, and the tests should see it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import re
+import threading
+import time
+from typing import Callable, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from sidecar.config import ADAPTER_NAME
+
+TASKS = ("remove", "modify_query", "correct_response", "mixed")
+# The kinds of rows a request erases; a job mixing them is task "mixed".
+ROW_KINDS = ("remove", "modify_query", "correct_response")
+OUTCOMES = ("succeeded", "failed", "cancelled")
+# Stages pre-created at zero; the engine may report others named like these.
+STAGES = ("load", "gradient", "curvature_setup", "solve", "evaluate", "write")
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+# RPCs: most answer in milliseconds, but a Watch stream lasts as long as its job.
+RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+               300.0, 1800.0, 7200.0)
+# Jobs take from a tenth of a second (a tiny adapter) to hours (a direct solve).
+JOB_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0,
+               7200.0)
+# A stage can be much shorter than a job (writing a small adapter).
+STAGE_BUCKETS = (0.01, 0.025, 0.05) + JOB_BUCKETS
+# Relative residual ||Ax - b|| / ||b||, log-spaced from 1e-6 to 10. Written as text so
+# that the bounds are exact decimals ("3e-05", not 2.9999999999999997e-05).
+RESIDUAL_BUCKETS = tuple(float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 3)) + (10.0,)
+# A NaN or infinite residual would make eraser_solver_residual_sum NaN or +Inf for the
+# life of the process; it is recorded as this value instead, above the last bucket.
+_RESIDUAL_CEILING = 1e3
+
+
+class Metrics:
+    """The sidecar's metrics and the hooks that update them.
+
+    ``registry`` holds them all; ``serve`` exposes it over HTTP. Every method is
+    thread-safe (prometheus_client's metrics are).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = CollectorRegistry() if registry is None else registry
+        r = self.registry
+        self._rpc_duration = Histogram(
+            "eraser_rpc_duration_seconds", "gRPC calls handled, by method and status code, until the last response.",
+            ("method", "service", "code"), buckets=RPC_BUCKETS, registry=r)
+        self._jobs = Counter("eraser_jobs_total", "Erase jobs finished, by task and outcome.",
+                             ("task", "outcome"), registry=r)
+        self._jobs_accepted = Counter("eraser_jobs_accepted_total", "Erase jobs accepted into the queue, by task.",
+                                      ("task",), registry=r)
+        self._stage_duration = Histogram("eraser_job_stage_duration_seconds", "Time spent in each stage of an erase job.",
+                                         ("stage",), buckets=STAGE_BUCKETS, registry=r)
+        self._job_duration = Histogram("eraser_job_duration_seconds", "Wall time of erase jobs, by outcome.",
+                                       ("outcome",), buckets=JOB_BUCKETS, registry=r)
+        self._residual = Histogram("eraser_solver_residual", "Relative residual of the linear solve of each job.",
+                                   buckets=RESIDUAL_BUCKETS, registry=r)
+        self._rows_erased = Counter("eraser_rows_erased_total", "Training rows erased by succeeded jobs, by kind.",
+                                    ("task",), registry=r)
+        self._queue_depth = Gauge("eraser_queue_depth", "Erase jobs waiting in the queue.", registry=r)
+        self._jobs_running = Gauge("eraser_jobs_running", "Erase jobs running now.", registry=r)
+        self._adapter_version = Gauge("eraser_adapter_version", "Current version of each adapter.",
+                                      ("adapter",), registry=r)
+        self._requests_merged = Counter(
+            "eraser_requests_merged_total",
+            "Erase requests that joined an already queued job instead of starting a solve of their own.", registry=r)
+        # Series known in advance exist from the start at zero, so that rate() and
+        # alerts (e.g. on failed jobs) see them before the first job.
+        for task in TASKS:
+            self._jobs_accepted.labels(task)
+            for outcome in OUTCOMES:
+                self._jobs.labels(task, outcome)
+        for outcome in OUTCOMES:
+            self._job_duration.labels(outcome)
+        for stage in STAGES:
+            self._stage_duration.labels(stage)
+        for kind in ROW_KINDS:
+            self._rows_erased.labels(kind)
+
+    def rpc_interceptor(self) -> grpc.ServerInterceptor:
+        """A server interceptor timing every call into ``eraser_rpc_duration_seconds``.
+
+        Put it first (outermost) in the server's interceptors, so that calls refused by
+        the interceptors after it (authentication) are counted too. It handles all four
+        kinds of methods; a stream is timed until it ends, and counted with the status
+        the client receives: the code given to ``context.abort``/``set_code``, UNKNOWN for
+        an uncaught exception, CANCELLED or DEADLINE_EXCEEDED when the client went away.
+        Calls to methods without a handler are not counted: their names are client text.
+        """
+        return _RpcMetricsInterceptor(self._rpc_duration)
+
+    def job_finished(self, *, task: str, outcome: str, stage_seconds: Mapping[str, float], total_seconds: float,
+                     residual: float | None, rows: Mapping[str, int]) -> None:
+        """Record a finished job: its count, durations, residual and, on success, its rows.
+
+        ``task`` is one of ``TASKS``, ``outcome`` one of ``OUTCOMES``; ``rows`` maps row
+        kinds (``ROW_KINDS``) to counts, each added under its own ``task`` label.
+        """
+        _check(task in TASKS, f"task must be one of {', '.join(TASKS)}, not {task!r}")
+        _check(outcome in OUTCOMES, f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        for stage, seconds in stage_seconds.items():
+            _check(isinstance(stage, str) and _STAGE_NAME.fullmatch(stage) is not None,
+                   f"stage names are lowercase identifiers, not {stage!r}")
+            _check_seconds(seconds, f"stage {stage}")
+        _check_seconds(total_seconds, "total_seconds")
+        for kind, count in rows.items():
+            _check(kind in ROW_KINDS, f"row kinds are {', '.join(ROW_KINDS)}, not {kind!r}")
+            _check_count(count, f"rows[{kind!r}]")
+        if residual is not None:
+            _check(not residual < 0, "the residual is a norm ratio, it cannot be negative")
+        # Everything is checked before anything is recorded: no half-recorded job.
+        self._jobs.labels(task, outcome).inc()
+        self._job_duration.labels(outcome).observe(total_seconds)
+        for stage, seconds in stage_seconds.items():
+            self._stage_duration.labels(stage).observe(seconds)
+        if residual is not None:
+            self._residual.observe(residual if math.isfinite(residual) else _RESIDUAL_CEILING)
+        if outcome == "succeeded":
+            for kind, count in rows.items():
+                if count:
+                    self._rows_erased.labels(kind).inc(count)
+
+    def set_queue_depth(self, queued: int, running: int) -> None:
+        """Set ``eraser_queue_depth`` (jobs waiting) and ``eraser_jobs_running``."""
+        _check_count(queued, "queued")
+        _check_count(running, "running")
+        self._queue_depth.set(queued)
+        self._jobs_running.set(running)
+
+    def set_current_version(self, adapter: str, version: int) -> None:
+        """Set ``eraser_adapter_version{adapter}`` to the adapter's current version."""
+        _check_adapter(adapter)
+        _check_count(version, "version")
+        self._adapter_version.labels(adapter).set(version)
+
+    def forget_adapter(self, adapter: str) -> None:
+        """Drop the version series of an adapter that is no longer served (no-op if none)."""
+        _check_adapter(adapter)
+        try:
+            self._adapter_version.remove(adapter)
+        except KeyError:
+            pass
+
+    def requests_merged(self, n: int) -> None:
+        """Count ``n`` requests that joined an existing queued job instead of starting their own solve."""
+        _check_count(n, "n")
+        self._requests_merged.inc(n)
+
+    def job_accepted(self, task: str) -> None:
+        """Count a job accepted into the queue (``task`` is one of ``TASKS``)."""
+        _check(task in TASKS, f"task must be one of {', '.join(TASKS)}, not {task!r}")
+        self._jobs_accepted.labels(task).inc()
+
+    def serve(self, host: str, port: int) -> "MetricsServer":
+        """Serve the registry over HTTP (GET /metrics) on ``host:port``; port 0 picks a free one."""
+        return MetricsServer(*_start_http(host, port, self.registry))
+
+
+class MetricsServer:
+    """A running /metrics HTTP server: ``port`` is the bound port, ``close()`` stops it."""
+
+    def __init__(self, server, thread: threading.Thread):
+        self._server = server
+        self._thread = thread
+        self.port: int = server.server_port
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop serving and free the port; safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._server.shutdown()  # waits for serve_forever to return
+        self._server.server_close()  # closes the listening socket: the port is free again
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "MetricsServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _start_http(host: str, port: int, registry: CollectorRegistry):
+    # prometheus_client >= 0.20 returns (server, thread), which is what close() needs. An
+    # older one returns nothing, and its server could never be stopped: ask it only when
+    # its signature promises the pair, else run the same WSGI app in a server of our own.
+    if "Thread" in str(inspect.signature(start_http_server).return_annotation):
+        server, thread = start_http_server(port, addr=host, registry=registry)
+        return server, thread
+    server = make_server(host, port, make_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="eraser-metrics", daemon=True)
+    thread.start()
+    return server, thread
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # a scrape every few seconds is not news
+        pass
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_count(value, name: str) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+           f"{name} must be an integer >= 0, not {value!r}")
+
+
+def _check_seconds(value, name: str) -> None:
+    _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+           f"{name} must be a finite number of seconds >= 0, not {value!r}")
+
+
+def _check_adapter(adapter) -> None:
+    _check(isinstance(adapter, str) and ADAPTER_NAME.fullmatch(adapter) is not None,
+           f"adapter names match {ADAPTER_NAME.pattern}, not {adapter!r}")
+
+
+# --- the RPC interceptor -------------------------------------------------------------
+#
+# grpcio gives an interceptor only the method name and metadata; the status of a call
+# is known from inside the handler. So the interceptor wraps the handler's behavior and
+# reads ``context.code()`` (what abort() and set_code() store) when it returns, raises or
+# its response stream ends, and ``context.is_active()`` to tell a client that went away.
+
+
+def _code_name(context) -> str | None:
+    code = context.code()
+    return None if code is None else code.name
+
+
+def _gone(context) -> str:
+    # The client cancelled, or its deadline passed (which the server also sees as a
+    # cancellation; the client sees DEADLINE_EXCEEDED).
+    return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
+
+
+def _completed(context) -> str:
+    # A handler that returns after its client went away still reaches no client.
+    return _code_name(context) or ("OK" if context.is_active() else _gone(context))
+
+
+def _interrupted(context) -> str:
+    return _code_name(context) or _gone(context)
+
+
+def _failed(context) -> str:
+    # What grpcio sends after an uncaught exception: the code set before it, else UNKNOWN
+    # (abort() is an exception with the code set). If the client is gone nothing is sent.
+    return _code_name(context) or ("UNKNOWN" if context.is_active() else _gone(context))
+
+
+class _Once:
+    """Observes a call's duration once, whichever of its ends comes first."""
+
+    __slots__ = ("_histogram", "_method", "_service", "_start", "_lock", "_done")
+
+    def __init__(self, histogram: Histogram, method: str, service: str):
+        self._histogram, self._method, self._service = histogram, method, service
+        self._start = time.perf_counter()
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self, code: str) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+        self._histogram.labels(self._method, self._service, code).observe(time.perf_counter() - self._start)
+
+
+class _RpcMetricsInterceptor(grpc.ServerInterceptor):
+    def __init__(self, histogram: Histogram):
+        self._histogram = histogram
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            # grpcio answers UNIMPLEMENTED itself; the name is whatever the client sent,
+            # so it must not become a label.
+            return None
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        start = functools.partial(_Once, self._histogram, method, service)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _timed_unary(handler.unary_unary, start), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _timed_stream(handler.unary_stream, start), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _timed_unary(handler.stream_unary, start), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _timed_stream(handler.stream_stream, start), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def _timed_unary(behavior, start: Callable[[], _Once]):
+    # functools.wraps copies grpcio's experimental_thread_pool attribute, if any.
+    @functools.wraps(behavior)
+    def timed(request, context):
+        record = start()
+        try:
+            response = behavior(request, context)
+        except Exception:
+            record(_failed(context))
+            raise
+        # grpcio cannot serialize None and answers INTERNAL (unless a code was set).
+        record("INTERNAL" if response is None and context.code() is None and context.is_active()
+               else _completed(context))
+        return response
+
+    return timed
+
+
+def _timed_stream(behavior, start: Callable[[], _Once]):
+    if getattr(behavior, "experimental_non_blocking", False):
+        return _timed_callback_stream(behavior, start)
+
+    @functools.wraps(behavior)
+    def timed(request, context):
+        record = start()
+        # When the client goes away, grpcio drops the response iterator, possibly before
+        # it has started; the termination callback counts the call then.
+        context.add_callback(lambda: record(_interrupted(context)))
+        try:
+            responses = behavior(request, context)
+        except Exception:
+            record(_failed(context))
+            raise
+        return _timed_responses(responses, context, record)
+
+    return timed
+
+
+def _timed_responses(responses, context, record: _Once):
+    # Eager call above, lazy iteration here: the behavior runs exactly when grpcio
+    # expects it to, and the time covers the whole stream, sends included (each yield
+    # returns when grpcio has sent the message).
+    try:
+        iterator = iter(responses)  # a behavior returning None fails here, as in grpcio
+        for response in iterator:
+            if response is None:
+                # grpcio ends a stream with its status when it gets None.
+                record(_completed(context))
+            yield response
+    except GeneratorExit:
+        record(_interrupted(context))
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+        raise
+    except Exception:
+        record(_failed(context))
+        raise
+    record(_completed(context))
+
+
+def _timed_callback_stream(behavior, start: Callable[[], _Once]):
+    # grpcio's "experimental_non_blocking" streams (the standard health servicer's Watch)
+    # return at once and send through a callback; None ends the stream.
+    @functools.wraps(behavior)
+    def timed(request, context, send_response_callback):
+        record = start()
+        context.add_callback(lambda: record(_interrupted(context)))
+
+        def send(response):
+            if response is None:
+                record(_completed(context))
+            send_response_callback(response)
+
+        try:
+            return behavior(request, context, send)
+        except Exception:
+            record(_failed(context))
+            raise
+
+    return timed
