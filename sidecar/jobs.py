@@ -241,6 +241,18 @@ class JobDB:
             counts = dict(self._conn.execute(sql, (adapter,) if adapter else ()).fetchall())
         return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
 
+    def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
+        """Those of ``ids`` that a succeeded job of ``adapter`` removed."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? AND j.state = 3 "
+                f"AND e.value ->> '$.kind' = 'remove' AND e.value ->> '$.id' IN ({marks})", (adapter, *ids)).fetchall()
+        return {r[0] for r in rows}
+
     def payloads(self, job_id: str) -> list[RequestPayload]:
         with self._lock:
             rows = self._conn.execute(

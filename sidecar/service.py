@@ -297,7 +297,14 @@ class EraserService:
         if self._draining.is_set():
             raise ShuttingDown("the sidecar is shutting down; retry against the restarted instance")
         current = self.store.current(adapter)
-        request.resolve(self.store.rows(current))  # unknown ids, edits that change nothing
+        rows = self.store.rows(current)
+        present = {r.id for r in rows}
+        # Removing a row an earlier job already erased is a repeat of a right already
+        # granted: it is accepted, and its job records the id as already erased.
+        gone = self.db.removed_ids(adapter, [i for i in payload.remove if i not in present])
+        pending = tuple(i for i in payload.remove if i not in gone)
+        if pending or payload.modify_query or payload.correct_response:
+            UnlearningRequest(pending, payload.modify_query, payload.correct_response).resolve(rows)
         if not still_wanted():  # the caller gave up (deadline or cancel): do not queue
             raise JobCancelled("the call was cancelled before the request was queued")
         job, created, merged = self.db.submit(adapter, request_id, payload, resolved, fingerprint,
@@ -478,6 +485,8 @@ class EraserService:
             if running.cancel.is_set():
                 raise self._interruption(job)
             self._check_deadline(job)
+            if stage == "done":  # the engine is done; the job is not until it has published
+                return
             fraction = min(1.0, done / total) if total else 0.0
             now = time.monotonic()
             # Throttled: a solve reports every iteration, the job table needs a few a second.

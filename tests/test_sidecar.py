@@ -137,6 +137,7 @@ def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_f
     final = updates[-1]
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
     assert len(updates) >= 3 and {u.stage for u in updates} & {"gradient", "solve (cg)"}
+    assert [u.stage for u in updates].count("done") == 1 and updates[-1].stage == "done"
     assert (final.from_version, final.to_version) == (1, 2)
     assert final.report.solver == "cg" and final.report.converged and final.report.residual <= 1e-3
     assert final.report.affected_loss_after > final.report.affected_loss_before
@@ -201,6 +202,10 @@ def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_fil
     assert again.id == first.id and again.state == pb.JOB_STATE_SUCCEEDED
     other = pb.EraseRequest(adapter="idem", request_id="idem-1", remove_ids=["born-dee"], options=FAST)
     assert code_of(lambda: stub.Erase(other)) == grpc.StatusCode.ALREADY_EXISTS
+    # A new request to remove a row already erased is granted without another version.
+    repeat = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="idem", request_id="idem-2", remove_ids=["born-cid"])).id)
+    assert repeat.state == pb.JOB_STATE_SUCCEEDED and list(repeat.already_erased_ids) == ["born-cid"]
+    assert repeat.from_version == repeat.to_version == 2
     assert stub.GetAdapter(pb.GetAdapterRequest(name="idem")).version == 2
 
 
