@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m eraser.demo
+	$(PY) -m sidecar.demo
 
 bench: $(STAMP)
 	$(PY) -m bench.stages

