@@ -25,6 +25,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.stages
+	$(PY) -m bench.sidecar
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

@@ -260,9 +260,9 @@ def machine_info(device) -> dict:
 def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dict:
     import torch
 
-    from eraser.cli import _quiet_libraries
+    from eraser.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from eraser.curvature import Curvature, CurvatureConfig, Damped, gradient
     from eraser.data import EncodedRows, Row, load_rows, write_rows
     from eraser.evaluate import evaluate_rows

@@ -298,7 +298,7 @@ class EraserService:
             raise ShuttingDown("the sidecar is shutting down; retry against the restarted instance")
         current = self.store.current(adapter)
         rows = self.store.rows(current)
-        present = {r.id for r in rows}
+        present = self.store.row_ids(current)
         # Removing a row an earlier job already erased is a repeat of a right already
         # granted: it is accepted, and its job records the id as already erased.
         gone = self.db.removed_ids(adapter, [i for i in payload.remove if i not in present])

@@ -126,7 +126,8 @@ class AdapterStore:
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self._rows_cache: dict[tuple[str, int], list[Row]] = {}
-        self._lock = threading.Lock()
+        self._ids_cache: dict[tuple[str, int], frozenset[str]] = {}
+        self._lock = threading.RLock()
 
     # ---- reading -------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
@@ -161,6 +162,13 @@ class AdapterStore:
 
     def current(self, name: str) -> Version:
         return self.version(name, None)
+
+    def row_ids(self, version: Version) -> frozenset[str]:
+        key = (version.adapter, version.number)
+        with self._lock:
+            if key not in self._ids_cache:
+                self._ids_cache[key] = frozenset(r.id for r in self.rows(version))
+            return self._ids_cache[key]
 
     def rows(self, version: Version) -> list[Row]:
         """The version's training rows; cached, since a published version never changes."""
@@ -268,6 +276,7 @@ class AdapterStore:
             shutil.rmtree(trash, ignore_errors=True)
             with self._lock:
                 self._rows_cache.pop((name, n), None)
+                self._ids_cache.pop((name, n), None)
         return doomed
 
 
