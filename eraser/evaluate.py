@@ -52,3 +52,18 @@ def evaluate_rows(
                 progress("generate", i + 1, len(rows))
         result["exact_match_rate"] = hits / len(rows)
     return result
+
+
+@torch.no_grad()
+def token_logprobs(model, sequences: Sequence[Sequence[int]], device="cpu") -> list[list[float]]:
+    """Teacher-forced log p(token i | tokens < i) for i >= 1 of each sequence, in float64.
+
+    This is what a serving engine reports as prompt log-probs for the same token ids, so
+    comparing the two tells whether the engine serves these weights.
+    """
+    out = []
+    for ids in sequences:
+        x = torch.tensor([list(ids)], device=device)
+        logp = model(input_ids=x).logits[0].double().log_softmax(-1)
+        out.append(logp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist())
+    return out

@@ -79,6 +79,18 @@ class SidecarConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Serving replicas (vLLM base URLs) that get every adapter's current version.
+    vllm_urls: tuple[str, ...] = ()
+    vllm_api_key: str | None = field(default=None, repr=False)
+    # A job stays in its swap stage, retrying with backoff, until every replica serves the
+    # new version or this many seconds pass (then it fails; the version stays current and
+    # the reconcile loop keeps trying).
+    swap_timeout_seconds: float = 600.0
+    # How often every replica is checked and brought to each adapter's current version.
+    reconcile_seconds: float = 15.0
+    # Largest |log p| difference (nats) between a replica and the sidecar on the probe;
+    # float32 serving agrees to ~1e-6 here, bfloat16 needs about 0.1.
+    probe_tolerance: float = 0.02
     # Named base models: RegisterAdapter's base_model may be a key here or a directory.
     base_models: Mapping[str, str] = field(default_factory=dict)
     erase: EraseDefaults = field(default_factory=EraseDefaults)
@@ -114,6 +126,18 @@ class SidecarConfig:
             object.__setattr__(self, "token", token)
         if self.token is not None and not self.token.strip():
             raise ConfigError("the token is empty")
+        urls = self.vllm_urls
+        if isinstance(urls, str):
+            urls = [u for u in urls.replace(",", " ").split() if u]
+        urls = tuple(str(u).rstrip("/") for u in urls)
+        for u in urls:
+            if not re.fullmatch(r"https?://[^\s/]+(/[^\s]*)?", u):
+                raise ConfigError(f"vllm_urls: not an http(s) URL: {u!r}")
+        if len(set(urls)) != len(urls):
+            raise ConfigError("vllm_urls: the same replica is listed twice")
+        object.__setattr__(self, "vllm_urls", urls)
+        if self.swap_timeout_seconds <= 0 or self.reconcile_seconds <= 0 or not self.probe_tolerance > 0:
+            raise ConfigError("swap_timeout_seconds, reconcile_seconds and probe_tolerance must be > 0")
         if not isinstance(self.base_models, Mapping):
             raise ConfigError("base_models must map names to directories")
         if isinstance(self.erase, Mapping):
@@ -154,7 +178,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     kwargs = {}
     for key, value in values.items():
         annotation = str(known[key].type)
-        if key in ("erase", "base_models"):
+        if key in ("erase", "base_models", "vllm_urls"):
             kwargs[key] = value
         elif annotation.startswith(("int", "float", "bool")):
             kwargs[key] = _coerce(value, annotation, prefix + key)

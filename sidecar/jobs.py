@@ -103,6 +103,8 @@ class Job:
     attempts: int = 0
     already_erased: list[str] = field(default_factory=list)
     cancel_requested: bool = False
+    replicas_behind: list[str] = field(default_factory=list)
+    swap_checks: list[dict] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -137,7 +139,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     deadline_at REAL,
     attempts INTEGER NOT NULL DEFAULT 0,
     already_erased TEXT NOT NULL DEFAULT '[]',
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    replicas_behind TEXT NOT NULL DEFAULT '[]',
+    swap_checks TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
 CREATE TABLE IF NOT EXISTS requests (
@@ -156,7 +160,12 @@ CREATE TABLE IF NOT EXISTS payloads (
 CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
 """
 
-_JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased")
+_JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
+# Columns added after the first release, with their definitions: added to older files on open.
+_ADDED_COLUMNS = {
+    "replicas_behind": "TEXT NOT NULL DEFAULT '[]'",
+    "swap_checks": "TEXT NOT NULL DEFAULT '[]'",
+}
 
 
 class JobDB:
@@ -174,6 +183,10 @@ class JobDB:
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA secure_delete=ON")
             self._conn.executescript(_SCHEMA)
+            have = {r[1] for r in self._conn.execute("PRAGMA table_info(jobs)")}
+            for name, definition in _ADDED_COLUMNS.items():
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -329,6 +342,11 @@ class JobDB:
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
         with self._lock:
             self._conn.execute("UPDATE jobs SET stage = ?, fraction = ? WHERE id = ? AND state = 2", (stage, fraction, job_id))
+
+    def set_swap(self, job_id: str, checks: list[dict], behind: list[str]) -> None:
+        with self._lock:
+            self._conn.execute("UPDATE jobs SET swap_checks = ?, replicas_behind = ? WHERE id = ?",
+                               (json.dumps(checks), json.dumps(behind), job_id))
 
     def finish(self, job_id: str, state: State, *, report: dict | None = None, error_code: str = "",
                error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None) -> Job:

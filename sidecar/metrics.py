@@ -47,6 +47,11 @@ STAGE_BUCKETS = (0.01, 0.025, 0.05) + JOB_BUCKETS
 # Relative residual ||Ax - b|| / ||b||, log-spaced from 1e-6 to 10. Written as text so
 # that the bounds are exact decimals ("3e-05", not 2.9999999999999997e-05).
 RESIDUAL_BUCKETS = tuple(float(f"{m}e{e}") for e in range(-6, 1) for m in (1, 3)) + (10.0,)
+# Loading a small adapter takes milliseconds; confirming it runs one probe request.
+SWAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SWAP_OUTCOMES = ("succeeded", "failed")
+# Replica labels are the operator's configured vLLM URLs (sidecar.config validates them).
+_REPLICA = re.compile(r"https?://[^\s\"]{1,200}")
 # A NaN or infinite residual would make eraser_solver_residual_sum NaN or +Inf for the
 # life of the process; it is recorded as this value instead, above the last bucket.
 _RESIDUAL_CEILING = 1e3
@@ -84,6 +89,14 @@ class Metrics:
         self._requests_merged = Counter(
             "eraser_requests_merged_total",
             "Erase requests that joined an already queued job instead of starting a solve of their own.", registry=r)
+        self._swap_duration = Histogram(
+            "eraser_swap_duration_seconds", "Time to load a version on one replica and confirm it (path and probe).",
+            ("outcome",), buckets=SWAP_BUCKETS, registry=r)
+        self._swaps = Counter("eraser_swaps_total", "Adapter loads on serving replicas, by replica and outcome.",
+                              ("replica", "outcome"), registry=r)
+        self._replicas_behind = Gauge("eraser_replicas_behind",
+                                      "Serving replicas not (yet) serving the adapter's current version.",
+                                      ("adapter",), registry=r)
         # Series known in advance exist from the start at zero, so that rate() and
         # alerts (e.g. on failed jobs) see them before the first job.
         for task in TASKS:
@@ -96,6 +109,8 @@ class Metrics:
             self._stage_duration.labels(stage)
         for kind in ROW_KINDS:
             self._rows_erased.labels(kind)
+        for outcome in SWAP_OUTCOMES:
+            self._swap_duration.labels(outcome)
 
     def rpc_interceptor(self) -> grpc.ServerInterceptor:
         """A server interceptor timing every call into ``eraser_rpc_duration_seconds``.
@@ -170,6 +185,21 @@ class Metrics:
         """Count a job accepted into the queue (``task`` is one of ``TASKS``)."""
         _check(task in TASKS, f"task must be one of {', '.join(TASKS)}, not {task!r}")
         self._jobs_accepted.labels(task).inc()
+
+    def swap_finished(self, replica: str, outcome: str, seconds: float) -> None:
+        """Record one swap attempt on one replica (``outcome``: succeeded or failed)."""
+        _check(outcome in SWAP_OUTCOMES, f"swap outcome must be one of {', '.join(SWAP_OUTCOMES)}, not {outcome!r}")
+        _check(isinstance(replica, str) and _REPLICA.fullmatch(replica) is not None,
+               f"replicas are configured http(s) URLs, not {replica!r}")
+        _check_seconds(seconds, "seconds")
+        self._swaps.labels(replica, outcome).inc()
+        self._swap_duration.labels(outcome).observe(seconds)
+
+    def set_replicas_behind(self, adapter: str, n: int) -> None:
+        """Set ``eraser_replicas_behind{adapter}``: replicas not serving its current version."""
+        _check_adapter(adapter)
+        _check_count(n, "n")
+        self._replicas_behind.labels(adapter).set(n)
 
     def serve(self, host: str, port: int) -> "MetricsServer":
         """Serve the registry over HTTP (GET /metrics) on ``host:port``; port 0 picks a free one."""

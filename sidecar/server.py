@@ -50,6 +50,9 @@ def adapter_message(service: EraserService, version: Version) -> pb.Adapter:
         retained_versions=service.store.version_numbers(version.adapter),
         adapter_sha256=version.manifest.get("adapter_sha256", ""), base_model_fingerprint=record.base_model_fingerprint,
         updated_at=_timestamp(version.manifest.get("created_at")),
+        replicas=[pb.ReplicaStatus(replica=r.replica, served_path=r.served_path, served_version=r.served_version,
+                                   current=r.current and r.served_version == version.number, error=r.error)
+                  for r in service.swapper.states(version.adapter)],
     )
 
 
@@ -80,7 +83,8 @@ def job_message(job: Job) -> pb.Job:
         error=pb.JobError(code=job.error_code, message=job.error_message) if job.error_code else None,
         created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
         finished_at=_timestamp(job.finished_at), counts=job.counts, attempts=job.attempts,
-        already_erased_ids=job.already_erased,
+        already_erased_ids=job.already_erased, replicas_behind=job.replicas_behind,
+        swap_checks=[pb.SwapCheck(**c) for c in job.swap_checks],
     )
 
 
@@ -187,9 +191,26 @@ def _never_raises(method):
     return wrapper
 
 
+SERVING_HEALTH = "eraser.serving"  # SERVING while every replica serves every adapter's current version
+
+
 class MetricsHooks(Hooks):
-    def __init__(self, metrics: Metrics):
+    def __init__(self, metrics: Metrics, health_servicer: health.HealthServicer):
         self.metrics = metrics
+        self.health = health_servicer
+
+    @_never_raises
+    def swap_finished(self, replica: str, outcome: str, seconds: float) -> None:
+        self.metrics.swap_finished(replica, outcome, seconds)
+
+    @_never_raises
+    def replicas_behind(self, adapter: str, n: int) -> None:
+        self.metrics.set_replicas_behind(adapter, n)
+
+    @_never_raises
+    def serving_in_step(self, in_step: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if in_step else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set(SERVING_HEALTH, status)
 
     @_never_raises
     def job_accepted(self, job: Job, merged: bool) -> None:
@@ -254,7 +275,8 @@ def start(config: SidecarConfig, metrics: Metrics | None = None) -> RunningSidec
     from .auth import BearerTokenInterceptor, server_credentials
 
     metrics = metrics or Metrics()
-    service = EraserService(config, MetricsHooks(metrics))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    service = EraserService(config, MetricsHooks(metrics, health_servicer))
     outcome = service.recover()
     if any(outcome.values()):
         log.info("recovery: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))
@@ -264,7 +286,6 @@ def start(config: SidecarConfig, metrics: Metrics | None = None) -> RunningSidec
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="eraser-rpc"),
                          interceptors=interceptors, maximum_concurrent_rpcs=1024)
     pb_grpc.add_EraserServicer_to_server(EraserServicer(service), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{config.listen_host}:{config.grpc_port}"
@@ -279,8 +300,10 @@ def start(config: SidecarConfig, metrics: Metrics | None = None) -> RunningSidec
     service.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving eraser.v1 on %s:%d (%s%s), metrics on %s:%d, store %s, device %s", config.listen_host, port,
-             "TLS" if config.tls else "plaintext", ", mutual TLS" if config.tls_client_ca else "",
-             config.metrics_host, metrics_server.port, config.store, config.device)
+    if not config.vllm_urls:
+        health_servicer.set(SERVING_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving eraser.v1 on %s:%d (%s%s), metrics on %s:%d, store %s, device %s, %d vLLM replica(s)",
+             config.listen_host, port, "TLS" if config.tls else "plaintext", ", mutual TLS" if config.tls_client_ca else "",
+             config.metrics_host, metrics_server.port, config.store, config.device, len(config.vllm_urls))
     return RunningSidecar(config, service, server, health_servicer, metrics, metrics_server, port, metrics_server.port,
                           threading.Event())

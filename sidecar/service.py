@@ -34,7 +34,9 @@ from .errors import (
     status_of,
 )
 from .jobs import Job, JobDB, RequestPayload, State
+from .serving import VLLMBackend
 from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name
+from .swap import SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
 
@@ -42,8 +44,8 @@ OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "toler
                  "allow_unconverged", "curvature_rows")
 
 
-class Hooks:
-    """What the service tells the outside world (metrics; serving backends later)."""
+class Hooks(SwapHooks):
+    """What the service tells the outside world (metrics, health)."""
 
     def job_accepted(self, job: Job, merged: bool) -> None: ...
     def job_finished(self, job: Job) -> None: ...
@@ -117,6 +119,8 @@ class EraserService:
         self._stop = threading.Event()
         self._draining = threading.Event()
         self._workers: list[threading.Thread] = []
+        backends = [VLLMBackend(url, api_key=config.vllm_api_key) for url in config.vllm_urls]
+        self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks)
 
     # ---- lifecycle -----------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -163,7 +167,12 @@ class EraserService:
             return None
         return version if version.manifest.get("job_id") == job.id else None
 
+    def base_dir(self, adapter: str) -> str:
+        return self.store.record(adapter).base_model_dir
+
     def start(self) -> None:
+        if self.swapper.backends:
+            self.swapper.start(self.config.reconcile_seconds, self.base_dir)
         for i in range(self.config.workers):
             t = threading.Thread(target=self._work, name=f"eraser-worker-{i}", daemon=True)
             t.start()
@@ -179,6 +188,7 @@ class EraserService:
         while self._running and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stop.set()
+        self.swapper.stop()
         for r in list(self._running.values()):
             r.cancel.set()
         with self._changed:
@@ -231,7 +241,19 @@ class EraserService:
             shutil.rmtree(staged, ignore_errors=True)
         log.info("registered adapter %s (%d rows) as version 1", name, len(rows))
         self.hooks.version_published(name, version)
+        self._serve_now(version)
         return version
+
+    def _serve_now(self, version: Version) -> SwapResult:
+        """Swap a version in outside a job (register, rollback): a short bounded try; a
+        replica that is behind is left to the reconcile loop and shown in the adapter's
+        replica status."""
+        result = self.swapper.swap(version, self.base_dir(version.adapter), min(30.0, self.config.swap_timeout_seconds),
+                                   stop=self._draining)
+        for replica, why in result.behind.items():
+            log.warning("%s v%d is not served by %s yet (the reconcile loop retries): %s", version.adapter,
+                        version.number, replica, why)
+        return result
 
     def rollback(self, name: str, number: int) -> Version:
         """Publish the content of retained version ``number`` as a new current version.
@@ -268,6 +290,7 @@ class EraserService:
             self.store.prune(name, self.config.keep_versions)
         log.info("adapter %s rolled back to the content of version %d as version %d", name, number, version.number)
         self.hooks.version_published(name, version)
+        self._serve_now(version)
         return version
 
     # ---- jobs ----------------------------------------------------------------------
@@ -424,14 +447,15 @@ class EraserService:
                 })
                 version = self.store.publish(job.adapter, current.number + 1, staged)
                 staged = None
-                finished = self.db.finish(job.id, State.SUCCEEDED, report=report_json, to_version=version.number,
-                                          already_erased=already)
                 pruned = self.store.prune(job.adapter, self.config.keep_versions)
             log.info("job %s published %s v%d (%d rows; residual %.2e; %.1f s)%s", job.id, job.adapter, version.number,
                      version.rows, report.residual, report.seconds.get("total", 0.0),
                      f"; deleted versions {pruned} (retention)" if pruned else "")
             self.hooks.version_published(job.adapter, version)
-            self.hooks.job_finished(finished)
+            # The version is published: from here the job cannot be cancelled, only served.
+            finished = self._swap_in(job, version, report_json, already)
+            if finished is not None:
+                self.hooks.job_finished(finished)
         except ShuttingDown:
             self.db.requeue(job.id)
             log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
@@ -448,6 +472,42 @@ class EraserService:
         finally:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
+
+    def _swap_in(self, job: Job, version: Version, report: dict, already: list[str]) -> Job | None:
+        """Serve the published version on every replica, confirmed, then end the job.
+
+        Returns None when the sidecar is draining: the job stays RUNNING and the next
+        start finishes it (its version is published) and reconciles the replicas.
+        """
+        started = time.perf_counter()
+
+        def progress(done: int, total: int, behind: list[str]) -> None:
+            self.db.progress(job.id, "swap", done / total if total else 1.0)
+            self.db.set_swap(job.id, [], behind)
+            self._notify()
+
+        if self.swapper.backends:
+            progress(0, len(self.swapper.backends), [])
+        result = self.swapper.swap(version, self.base_dir(job.adapter), self.config.swap_timeout_seconds,
+                                   stop=self._draining, progress=progress)
+        report = {**report, "seconds": {**report["seconds"], "swap": round(time.perf_counter() - started, 4)}}
+        self.db.set_swap(job.id, [c.__dict__ for c in result.checks], sorted(result.behind))
+        if result.behind and self._draining.is_set():
+            log.info("job %s: draining during its swap; the next start finishes it", job.id)
+            return None
+        if result.behind:
+            why = "; ".join(f"{r}: {e}" for r, e in sorted(result.behind.items()))
+            log.warning("job %s: %s v%d published but not served everywhere: %s", job.id, job.adapter, version.number, why)
+            return self.db.finish(
+                job.id, State.FAILED, report=report, to_version=version.number, already_erased=already,
+                error_code="UNAVAILABLE",
+                error_message=f"version {version.number} is published and current, but {len(result.behind)} replica(s) "
+                              f"did not confirm it within {self.config.swap_timeout_seconds:g} s "
+                              f"({', '.join(sorted(result.behind))}); the reconcile loop keeps trying")
+        if result.checks:
+            log.info("job %s: v%d served by %d replica(s), probe error <= %.2e (margin %.2e)", job.id, version.number,
+                     len(result.checks), max(c.max_logprob_error for c in result.checks), result.checks[0].probe_margin)
+        return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already)
 
     def _merged_request(self, job: Job, present: set[str]) -> tuple[UnlearningRequest | None, list[str]]:
         """One request from the job's requests. A removal of a row that an earlier job

@@ -54,7 +54,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "version", "base_model", "path", "rows", "dataset_path", "retained_versions", "adapter_sha256", "base_model_fingerprint", "updated_at")
+    __slots__ = ("name", "version", "base_model", "path", "rows", "dataset_path", "retained_versions", "adapter_sha256", "base_model_fingerprint", "updated_at", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class Adapter(_message.Message):
     ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     base_model: str
@@ -75,7 +76,22 @@ class Adapter(_message.Message):
     adapter_sha256: str
     base_model_fingerprint: str
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., path: _Optional[str] = ..., rows: _Optional[int] = ..., dataset_path: _Optional[str] = ..., retained_versions: _Optional[_Iterable[int]] = ..., adapter_sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., path: _Optional[str] = ..., rows: _Optional[int] = ..., dataset_path: _Optional[str] = ..., retained_versions: _Optional[_Iterable[int]] = ..., adapter_sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("replica", "served_path", "served_version", "current", "error")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SERVED_PATH_FIELD_NUMBER: _ClassVar[int]
+    SERVED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    served_path: str
+    served_version: int
+    current: bool
+    error: str
+    def __init__(self, replica: _Optional[str] = ..., served_path: _Optional[str] = ..., served_version: _Optional[int] = ..., current: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ModifyQuery(_message.Message):
     __slots__ = ("id", "prompt")
@@ -206,7 +222,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter", "state", "from_version", "to_version", "stage", "fraction", "request_ids", "report", "error", "created_at", "started_at", "finished_at", "counts", "attempts", "already_erased_ids")
+    __slots__ = ("id", "adapter", "state", "from_version", "to_version", "stage", "fraction", "request_ids", "report", "error", "created_at", "started_at", "finished_at", "counts", "attempts", "already_erased_ids", "replicas_behind", "swap_checks")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +246,8 @@ class Job(_message.Message):
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     ALREADY_ERASED_IDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    SWAP_CHECKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter: str
     state: JobState
@@ -246,7 +264,23 @@ class Job(_message.Message):
     counts: _containers.ScalarMap[str, int]
     attempts: int
     already_erased_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas_behind: _containers.RepeatedScalarFieldContainer[str]
+    swap_checks: _containers.RepeatedCompositeFieldContainer[SwapCheck]
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ..., replicas_behind: _Optional[_Iterable[str]] = ..., swap_checks: _Optional[_Iterable[_Union[SwapCheck, _Mapping]]] = ...) -> None: ...
+
+class SwapCheck(_message.Message):
+    __slots__ = ("replica", "served_path", "max_logprob_error", "probe_margin", "seconds")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SERVED_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGPROB_ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROBE_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    served_path: str
+    max_logprob_error: float
+    probe_margin: float
+    seconds: float
+    def __init__(self, replica: _Optional[str] = ..., served_path: _Optional[str] = ..., max_logprob_error: _Optional[float] = ..., probe_margin: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -1,0 +1,257 @@
+"""Hot-swapping adapter versions into serving replicas, and keeping replicas in step.
+
+A swap loads a version's immutable path under the adapter's served name, then confirms
+it on the replica: the replica must report that path, and its log-probs on a probe must
+equal the ones the sidecar computes itself with the same version (teacher-forced, within
+``probe_tolerance``). The probe is a row of the version's own training set (never erased
+text), chosen where the new and the previous version differ most, so that serving the
+old weights could not pass the check unnoticed.
+
+The reconcile loop (at start and every ``reconcile_seconds``) brings every replica to
+every adapter's current version: a restarted vLLM gets its adapters back, a replica that
+was down during a job catches up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from eraser.data import encode
+from eraser.evaluate import token_logprobs
+from eraser.model import load_adapter, load_base
+
+from .serving import ReplicaError, ServingBackend
+from .store import AdapterStore, Version
+
+log = logging.getLogger("eraser.sidecar")
+
+PROBE_CANDIDATES = 8
+PROBE_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Probe:
+    token_ids: tuple[int, ...]
+    expected: tuple[float, ...]  # the version's own teacher-forced log-probs
+    margin: float  # max |new - previous| on these tokens (0 without a previous version)
+
+
+@dataclass
+class ReplicaState:
+    replica: str
+    served_path: str = ""
+    served_version: int = 0
+    current: bool = False
+    error: str = ""
+    checked_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class SwapCheck:
+    replica: str
+    served_path: str
+    max_logprob_error: float
+    probe_margin: float
+    seconds: float
+
+
+@dataclass
+class SwapResult:
+    checks: list[SwapCheck] = field(default_factory=list)
+    behind: dict[str, str] = field(default_factory=dict)  # replica -> why
+
+
+class SwapHooks:
+    def swap_finished(self, replica: str, outcome: str, seconds: float) -> None: ...
+    def replicas_behind(self, adapter: str, n: int) -> None: ...
+    def serving_in_step(self, in_step: bool) -> None: ...
+
+
+def _version_of(path: str) -> int:
+    m = re.search(r"/versions/(\d+)/adapter/?$", path or "")
+    return int(m.group(1)) if m else 0
+
+
+class Swapper:
+    def __init__(self, backends: Sequence[ServingBackend], store: AdapterStore, device: str = "cpu",
+                 tolerance: float = 0.02, hooks: SwapHooks | None = None):
+        self.backends = list(backends)
+        self.store = store
+        self.device = device
+        self.tolerance = tolerance
+        self.hooks = hooks or SwapHooks()
+        self._states: dict[tuple[str, str], ReplicaState] = {}
+        self._probes: dict[tuple[str, int], Probe] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- state ---------------------------------------------------------------------
+    def lock(self, adapter: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(adapter, threading.Lock())
+
+    def states(self, adapter: str) -> list[ReplicaState]:
+        with self._guard:
+            return [self._states.get((adapter, b.replica), ReplicaState(b.replica)) for b in self.backends]
+
+    def _set(self, adapter: str, state: ReplicaState) -> None:
+        with self._guard:
+            self._states[(adapter, state.replica)] = state
+            behind = sum(1 for (a, _), s in self._states.items() if a == adapter and not s.current)
+            in_step = all(s.current for s in self._states.values())
+        self.hooks.replicas_behind(adapter, behind)
+        self.hooks.serving_in_step(in_step)
+
+    # ---- the probe -----------------------------------------------------------------
+    def probe(self, version: Version, base_dir: str) -> Probe:
+        """The probe for ``version``: computed once (a version never changes), with the
+        previous version, where retained, to pick the row that tells them apart best."""
+        key = (version.adapter, version.number)
+        if key in self._probes:
+            return self._probes[key]
+        rows = self.store.rows(version)[:PROBE_CANDIDATES]
+        base = load_base(base_dir, self.device)
+        sequences = [encode(base.tokenizer, r.prompt, r.response, PROBE_MAX_TOKENS).input_ids for r in rows]
+        new = token_logprobs(load_adapter(base, version.adapter_path, trainable=False), sequences, self.device)
+        margins = [0.0] * len(rows)
+        parent = version.manifest.get("parent_version")
+        if parent and parent in self.store.version_numbers(version.adapter):
+            previous = self.store.version(version.adapter, parent)
+            old = token_logprobs(load_adapter(load_base(base_dir, self.device), previous.adapter_path, trainable=False),
+                                 sequences, self.device)
+            margins = [max(abs(a - b) for a, b in zip(n, o)) for n, o in zip(new, old)]
+        best = max(range(len(rows)), key=lambda i: margins[i])
+        probe = Probe(tuple(sequences[best]), tuple(new[best]), margins[best])
+        self._probes[key] = probe
+        for stale in [k for k in self._probes if k[0] == version.adapter and k[1] < version.number - 2]:
+            self._probes.pop(stale, None)
+        return probe
+
+    # ---- one replica ---------------------------------------------------------------
+    def _swap_one(self, backend: ServingBackend, version: Version, probe: Probe) -> SwapCheck:
+        started = time.perf_counter()
+        path = str(version.adapter_path)
+        try:
+            backend.load(version.adapter, path)
+            served = backend.adapters().get(version.adapter, "")
+            if served != path:
+                raise ReplicaError(f"{backend.replica} reports {served or 'nothing'} for {version.adapter}, not {path}")
+            got = backend.prompt_logprobs(version.adapter, probe.token_ids)
+            if len(got) != len(probe.expected):
+                raise ReplicaError(f"{backend.replica} returned {len(got)} probe log-probs, expected {len(probe.expected)}")
+            error = max(abs(a - b) for a, b in zip(got, probe.expected))
+            if error > self.tolerance:
+                raise ReplicaError(f"{backend.replica} serves other weights: probe log-probs differ by {error:.3g} "
+                                   f"(tolerance {self.tolerance:g})")
+        except ReplicaError as e:
+            seconds = time.perf_counter() - started
+            self.hooks.swap_finished(backend.replica, "failed", seconds)
+            served = self._served_path(backend, version.adapter)
+            self._set(version.adapter, ReplicaState(backend.replica, served, _version_of(served), False, str(e), time.time()))
+            raise
+        seconds = time.perf_counter() - started
+        self.hooks.swap_finished(backend.replica, "succeeded", seconds)
+        self._set(version.adapter, ReplicaState(backend.replica, path, version.number, True, "", time.time()))
+        return SwapCheck(backend.replica, path, error, probe.margin, seconds)
+
+    @staticmethod
+    def _served_path(backend: ServingBackend, adapter: str) -> str:
+        try:
+            return backend.adapters().get(adapter, "")
+        except ReplicaError:
+            return ""
+
+    # ---- a swap, with retries ------------------------------------------------------
+    def swap(self, version: Version, base_dir: str, timeout: float, stop: threading.Event | None = None,
+             progress: Callable[[int, int, list[str]], None] | None = None) -> SwapResult:
+        """Load ``version`` on every replica and confirm it; retry the ones that fail
+        with exponential backoff until ``timeout`` seconds have passed or ``stop`` is set."""
+        result = SwapResult()
+        if not self.backends:
+            return result
+        probe = self.probe(version, base_dir)
+        pending = list(self.backends)
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        with self.lock(version.adapter):
+            while pending:
+                for backend in list(pending):
+                    try:
+                        result.checks.append(self._swap_one(backend, version, probe))
+                        pending.remove(backend)
+                        result.behind.pop(backend.replica, None)
+                    except ReplicaError as e:
+                        result.behind[backend.replica] = str(e)
+                if progress:
+                    progress(len(self.backends) - len(pending), len(self.backends), sorted(result.behind))
+                if not pending or time.monotonic() + delay > deadline or (stop is not None and stop.is_set()):
+                    break
+                log.warning("swap of %s v%d: %d replica(s) behind, retrying in %.1f s: %s", version.adapter,
+                            version.number, len(pending), delay, "; ".join(result.behind.values()))
+                if stop is not None:
+                    if stop.wait(delay):
+                        break
+                else:
+                    time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        return result
+
+    # ---- reconcile -----------------------------------------------------------------
+    def reconcile_once(self, base_dir_of: Callable[[str], str]) -> dict[str, list[str]]:
+        """Make every replica serve every adapter's current version; return adapter ->
+        replicas still behind. Adapters being swapped by a job right now are skipped."""
+        behind: dict[str, list[str]] = {}
+        for name in self.store.names():
+            lock = self.lock(name)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                version = self.store.current(name)
+                probe = None
+                for backend in self.backends:
+                    state = next((s for s in self.states(name) if s.replica == backend.replica), None)
+                    try:
+                        served = backend.adapters().get(name, "")
+                    except ReplicaError as e:
+                        self._set(name, ReplicaState(backend.replica, "", 0, False, str(e), time.time()))
+                        behind.setdefault(name, []).append(backend.replica)
+                        continue
+                    if served == str(version.adapter_path) and state is not None and state.current:
+                        continue  # confirmed earlier, still the same path
+                    try:
+                        probe = probe or self.probe(version, base_dir_of(name))
+                        self._swap_one(backend, version, probe)
+                        if served != str(version.adapter_path):
+                            log.info("reconciled %s: %s now serves v%d (was %s)", backend.replica, name, version.number,
+                                     served or "not loaded")
+                    except ReplicaError as e:
+                        behind.setdefault(name, []).append(backend.replica)
+                        log.warning("reconcile: %s", e)
+            finally:
+                lock.release()
+        return behind
+
+    def start(self, every: float, base_dir_of: Callable[[str], str]) -> None:
+        def loop():
+            while not self._stop.is_set():
+                try:
+                    self.reconcile_once(base_dir_of)
+                except Exception:
+                    log.exception("reconcile failed")
+                self._stop.wait(every)
+
+        self._thread = threading.Thread(target=loop, name="eraser-reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
