@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", help="metrics address to bind (default 127.0.0.1)")
     p.add_argument("--keep-versions", type=int, help="versions kept per adapter for rollback (default 2); older ones "
                    "still hold erased data, so this is a privacy setting")
+    p.add_argument("--role", choices=["compute", "reconcile"],
+                   help="compute (default): run erase jobs; reconcile: only keep the replicas at the current versions")
     p.add_argument("--vllm-url", dest="vllm_urls", action="append", metavar="URL",
                    help="a vLLM replica's base URL, e.g. http://127.0.0.1:8000 (repeat for several; env ERASER_VLLM_URLS, "
                         "comma-separated)")

@@ -79,6 +79,10 @@ class SidecarConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # "compute": runs erase jobs, publishes versions, swaps every replica (exactly one per
+    # shared store). "reconcile": runs no jobs and only keeps its replicas (its own pod's
+    # vLLM) at each adapter's current version, read from the shared store (deploy/README.md).
+    role: str = "compute"
     # Serving replicas (vLLM base URLs) that get every adapter's current version.
     vllm_urls: tuple[str, ...] = ()
     vllm_api_key: str | None = field(default=None, repr=False)
@@ -126,6 +130,8 @@ class SidecarConfig:
             object.__setattr__(self, "token", token)
         if self.token is not None and not self.token.strip():
             raise ConfigError("the token is empty")
+        if self.role not in ("compute", "reconcile"):
+            raise ConfigError(f"role must be compute or reconcile, not {self.role!r}")
         urls = self.vllm_urls
         if isinstance(urls, str):
             urls = [u for u in urls.replace(",", " ").split() if u]

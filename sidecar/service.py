@@ -111,7 +111,9 @@ class EraserService:
         self.config = config
         self.hooks = hooks or Hooks()
         self.store = AdapterStore(config.store)
-        self.db = JobDB(Path(config.store) / "jobs.sqlite3")
+        self.computes = config.role == "compute"
+        # Only the computing sidecar owns the job database; reconcilers read the store.
+        self.db = JobDB(Path(config.store) / "jobs.sqlite3") if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
         self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
@@ -130,6 +132,10 @@ class EraserService:
         finish it), or did not (requeue it, or fail it once it has been interrupted
         ``max_attempts`` times). Half-assembled versions in staging/ are deleted.
         """
+        if not self.computes:
+            for name in self.store.names():
+                self.hooks.version_published(name, self.store.current(name))
+            return {}
         outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self.store.clear_staging()}
         for job in self.db.list(state=State.RUNNING, limit=1_000_000):
             version = self._published_by(job)
@@ -173,7 +179,7 @@ class EraserService:
     def start(self) -> None:
         if self.swapper.backends:
             self.swapper.start(self.config.reconcile_seconds, self.base_dir)
-        for i in range(self.config.workers):
+        for i in range(self.config.workers if self.computes else 0):
             t = threading.Thread(target=self._work, name=f"eraser-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
@@ -195,7 +201,8 @@ class EraserService:
             self._changed.notify_all()
         for t in self._workers:
             t.join(timeout=60)
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
 
     # ---- adapters ------------------------------------------------------------------
     def resolve_base(self, base_model: str) -> Path:
@@ -208,6 +215,7 @@ class EraserService:
         return path
 
     def register(self, name: str, base_model: str, adapter_path: str, dataset_path: str) -> Version:
+        self._require_compute()
         check_adapter_name(name)
         if self.store.exists(name):
             raise AlreadyExistsError(f"an adapter named {name!r} is already registered")
@@ -262,6 +270,7 @@ class EraserService:
         changed weights under a path it has seen). Rolling back past an erase brings the
         erased rows back, by the operator's explicit choice.
         """
+        self._require_compute()
         self.store.record(name)
         with self._publish_lock:
             current = self.store.current(name)
@@ -301,6 +310,7 @@ class EraserService:
         Every check happens before anything is written; a request id seen before returns
         its job (or ALREADY_EXISTS if it named a different request).
         """
+        self._require_compute()
         self.store.record(adapter)
         if request_id and len(request_id) > 128:
             raise InvalidRequestError("request_id is longer than 128 characters")
@@ -349,13 +359,20 @@ class EraserService:
             raise AlreadyExistsError(f"request_id {request_id!r} was already used for a different request")
         return job
 
+    def _require_compute(self) -> None:
+        if not self.computes:
+            raise FailedPreconditionError("this sidecar only reconciles its replicas (role reconcile); send writes and "
+                                          "job queries to the computing sidecar")
+
     def job(self, job_id: str) -> Job:
+        self._require_compute()
         job = self.db.get(job_id) if job_id else None
         if job is None:
             raise NotFoundError(f"no job with id {job_id!r}")
         return job
 
     def jobs(self, adapter: str | None, state: State | None, limit: int) -> list[Job]:
+        self._require_compute()
         if adapter:
             self.store.record(adapter)
         return self.db.list(adapter, state, limit)
@@ -383,6 +400,8 @@ class EraserService:
             self._changed.notify_all()
 
     def _queue_changed(self) -> None:
+        if self.db is None:
+            return
         counts = self.db.active_count()
         self.hooks.queue_changed(counts[State.QUEUED], counts[State.RUNNING])
 

@@ -405,3 +405,23 @@ def test_token_and_mutual_tls(tmp_path, tiny_base, tiny_adapter, train_file):
             assert code_of(lambda: pb_grpc.EraserStub(channel).ListAdapters(pb.ListAdaptersRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(1.0)
+
+
+def test_reconcile_role_reads_the_store_and_refuses_writes(tmp_path, tiny_base, tiny_adapter, train_file):
+    compute = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(compute.target) as channel:
+            register(pb_grpc.EraserStub(channel), "shared", tiny_base, tiny_adapter, train_file)
+        reconciler = start(config_for(tmp_path / "store", role="reconcile"))
+        try:
+            with grpc.insecure_channel(reconciler.target) as channel:
+                stub = pb_grpc.EraserStub(channel)
+                assert stub.GetAdapter(pb.GetAdapterRequest(name="shared")).version == 1
+                erase = pb.EraseRequest(adapter="shared", remove_ids=["born-ann"])
+                assert code_of(lambda: stub.Erase(erase)) == grpc.StatusCode.FAILED_PRECONDITION
+                assert code_of(lambda: stub.ListJobs(pb.ListJobsRequest())) == grpc.StatusCode.FAILED_PRECONDITION
+                assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="shared", version=1))) == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            reconciler.stop(1.0)
+    finally:
+        compute.stop(1.0)
