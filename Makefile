@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 
-.PHONY: install test demo bench protos clean
+.PHONY: install test demo serve bench protos clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv .venv
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sidecar.demo
+
+serve: $(STAMP)
+	$(PY) -m sidecar.serve
 
 bench: $(STAMP)
 	$(PY) -m bench.stages

