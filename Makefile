@@ -37,6 +37,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.stages
 	$(PY) -m bench.sidecar
+	$(PY) -m bench.serving
 
 protos: $(STAMP)
 	$(PY) protos/generate.py
