@@ -44,7 +44,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -55,6 +54,8 @@ import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from bench.common import cpu_and_memory, summary_ms
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "erase_to_served", "swap_latency",
@@ -91,25 +92,6 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _percentile(sorted_xs: list[float], p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return None
-    k = (len(sorted_xs) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
-
-
-def summary_ms(ms: list[float]) -> dict:
-    xs = sorted(ms)
-    out: dict = {"n": len(xs)}
-    for name, p in (("p50", 50), ("p90", 90), ("p99", 99)):
-        v = _percentile(xs, p)
-        out[f"{name}_ms"] = None if v is None else round(v, 2)
-    out["mean_ms"] = round(sum(xs) / len(xs), 2) if xs else None
-    out["min_ms"] = round(xs[0], 2) if xs else None
-    out["max_ms"] = round(xs[-1], 2) if xs else None
-    return out
 
 
 def _loadavg() -> list[float] | None:
@@ -142,15 +124,7 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": _loadavg(), "loadavg_end": None,
     }
-    with suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_total_mb"] = round(int(line.split()[1]) / 1024, 1)
-                break
+    cpu_and_memory(info)
     return info
 
 

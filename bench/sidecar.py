@@ -55,6 +55,8 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.common import cpu_and_memory, summary_ms
+
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "acceptance", "merging",
             "total_seconds", "note", "caveats", "reading")
@@ -116,25 +118,6 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- small helpers
 
 
-def _percentile(sorted_xs: list[float], p: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_xs:
-        return None
-    k = (len(sorted_xs) - 1) * p / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
-
-
-def _latency_summary(ms: list[float]) -> dict:
-    xs = sorted(ms)
-    out = {"n": len(xs)}
-    for name, p in (("p50", 50), ("p90", 90), ("p99", 99)):
-        v = _percentile(xs, p)
-        out[f"{name}_ms"] = None if v is None else round(v, 2)
-    out["mean_ms"] = round(sum(xs) / len(xs), 2) if xs else None
-    out["max_ms"] = round(xs[-1], 2) if xs else None
-    out["min_ms"] = round(xs[0], 2) if xs else None
-    return out
 
 
 def _round(x, digits: int = 4):
@@ -187,15 +170,7 @@ def machine_info() -> dict:
         "loadavg_start": _loadavg(),
         "loadavg_end": None,
     }
-    with suppress(OSError):  # context, not results: record what can be read
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_total_mb"] = round(int(line.split()[1]) / 1024, 1)
-                break
+    cpu_and_memory(info)
     return info
 
 
@@ -425,8 +400,8 @@ def measure_acceptance(s: Settings, model: dict, workdir: Path, variant: str, cl
         "worker_paused": paused,
         "requests": len(results),
         "codes": codes,
-        "latency": _latency_summary(latencies),
-        "p50_ms_by_quarter": [_latency_summary([(r[2] - r[1]) * 1000 for r in c])["p50_ms"] for c in quarters],
+        "latency": summary_ms(latencies),
+        "p50_ms_by_quarter": [summary_ms([(r[2] - r[1]) * 1000 for r in c])["p50_ms"] for c in quarters],
         "ms_per_request_by_quarter": per_request,
         "span_seconds": round(span, 3),
         "throughput_rps": round(len(ok) / span, 1) if span > 0 else None,
@@ -536,7 +511,7 @@ def serve_queue(s: Settings, model: dict, workdir: Path, merge: bool, remove: li
         "jobs": len(job_ids),
         "solves": len(solves),
         "seconds_to_accept_all": round(t_accepted, 3),
-        "accept_latency": _latency_summary(accept_ms),
+        "accept_latency": summary_ms(accept_ms),
         "seconds_to_all_succeeded": round(t_done, 3),
         "solve_seconds_total": _round(sum(p["engine_seconds"]["total"] for p in solves)),
         "solve_seconds_mean": _round(sum(p["engine_seconds"]["total"] for p in solves) / len(solves)) if solves else None,

@@ -43,6 +43,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench.common import cpu_and_memory
+
 SCHEMA_VERSION = 1
 
 
@@ -240,15 +242,7 @@ def machine_info(device) -> dict:
         "rss_sampling": _rss_bytes() is not None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    with suppress(OSError):  # machine facts are context, not results: record what can be read
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_total_mb"] = round(int(line.split()[1]) / 1024, 1)
-                break
+    cpu_and_memory(info)
     with suppress(OSError):
         info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     return info

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import signal

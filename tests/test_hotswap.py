@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from eraser.data import Row, encode, load_rows, write_rows
+from eraser.data import Row, load_rows, write_rows
 from eraser.evaluate import token_logprobs
 from eraser.model import load_adapter, load_base
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
@@ -27,7 +27,7 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
 from sidecar.serving import VLLMBackend
 from sidecar.server import start
-from vllm_util import TcpProxy, http_json
+from vllm_util import TcpProxy
 
 FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)
 TOLERANCE = 1e-3  # float32 on both sides agrees to ~1e-6 here

@@ -11,8 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from concurrent import futures
 from pathlib import Path
@@ -26,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from eraser.data import load_rows
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
-from sidecar.config import EraseDefaults, SidecarConfig
+from sidecar.config import SidecarConfig
 from sidecar.server import start
 
 FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)

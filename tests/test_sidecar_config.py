@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sidecar.config import ConfigError, SidecarConfig, load_config
+from sidecar.config import ConfigError, load_config
 
 
 def test_precedence(tmp_path):
