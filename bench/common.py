@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import suppress
 from pathlib import Path
@@ -42,3 +43,24 @@ def cpu_and_memory(info: dict) -> dict:
                 info["memory_total_mb"] = round(int(line.split()[1]) / 1024, 1)
                 break
     return info
+
+
+def md_row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def reading_and_caveats(result: dict) -> list[str]:
+    """The Markdown tail every benchmark shares: its reading and its caveats as bullets."""
+    lines = ["", "Reading:", ""] + [f"- {x}" for x in result["reading"]]
+    return lines + ["", "Caveats:", ""] + [f"- {x}" for x in result["caveats"]]
+
+
+def write_outputs(result: dict, out: Path, stem: str, keys, markdown, say) -> None:
+    """Write ``stem``.json (the ``keys`` of ``result``) and ``stem``.md, and print the table."""
+    result = {k: result.get(k) for k in keys}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    text = markdown(result)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    say(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")

@@ -55,7 +55,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import cpu_and_memory, summary_ms
+from bench.common import cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "erase_to_served", "swap_latency",
@@ -568,10 +568,6 @@ def reading(result: dict) -> list[str]:
     return out
 
 
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def markdown(result: dict) -> str:
     s, md, m = result["settings"], result["model"], result["machine"]
     e = result["erase_to_served"]
@@ -587,13 +583,13 @@ def markdown(result: dict) -> str:
         "",
         f"## Erase to served: {e['erase_to_served_seconds']:.1f} s",
         "",
-        _row(["stage", "seconds", "share", "what"]),
-        _row(["---", "---:", "---:", "---"]),
+        md_row(["stage", "seconds", "share", "what"]),
+        md_row(["---", "---:", "---:", "---"]),
     ]
     for name, v in e["stages"].items():
-        lines.append(_row([name, f"{v['ms'] / 1000:.3f}", f"{v['share']:.1%}", v["what"]]))
+        lines.append(md_row([name, f"{v['ms'] / 1000:.3f}", f"{v['share']:.1%}", v["what"]]))
     lines += [
-        _row(["**total**", f"**{e['erase_to_served_seconds']:.3f}**", "100%", "Erase call -> first served answer"]),
+        md_row(["**total**", f"**{e['erase_to_served_seconds']:.3f}**", "100%", "Erase call -> first served answer"]),
         "",
         f"The Erase call returned after {e['erase_rpc_return_ms']:.0f} ms (the job may start before it returns; the "
         f"stages above follow the job's own time stamps and add up to the total). "
@@ -605,8 +601,8 @@ def markdown(result: dict) -> str:
         "",
         f"## Swap latency ({result['swap_latency']['summary']['rollback_rpc_ms']['n']} swaps of fresh versions)",
         "",
-        _row(["measure", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms"]),
-        _row(["---", "---:", "---:", "---:", "---:", "---:", "---:"]),
+        md_row(["measure", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", "mean ms"]),
+        md_row(["---", "---:", "---:", "---:", "---:", "---:", "---:"]),
     ]
     labels = {
         "rollback_rpc_ms": "Rollback RPC (publish + probe + load+confirm)",
@@ -622,24 +618,12 @@ def markdown(result: dict) -> str:
         if key not in result["swap_latency"]["summary"]:
             continue
         v = result["swap_latency"]["summary"][key]
-        lines.append(_row([label, v["n"], v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"], v["mean_ms"]]))
+        lines.append(md_row([label, v["n"], v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"], v["mean_ms"]]))
     raw = result["raw_vllm_load"]["summary"]
-    lines.append(_row(["raw POST load_lora_adapter in place (fresh copy, other name)", raw["n"], raw["p50_ms"],
+    lines.append(md_row(["raw POST load_lora_adapter in place (fresh copy, other name)", raw["n"], raw["p50_ms"],
                        raw["p90_ms"], raw["p99_ms"], raw["max_ms"], raw["mean_ms"]]))
-    lines += ["", "Reading:", ""]
-    lines += [f"- {x}" for x in result["reading"]]
-    lines += ["", "Caveats:", ""]
-    lines += [f"- {x}" for x in result["caveats"]]
+    lines += reading_and_caveats(result)
     return "\n".join(lines) + "\n"
-
-
-def write_outputs(result: dict, out: Path, stem: str) -> None:
-    result = {k: result.get(k) for k in TOP_KEYS}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    _say(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -662,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
             result["note"] = args.note
         result["caveats"] = caveats(result)
         result["reading"] = reading(result)
-        write_outputs(result, args.out, "serving-quick" if result["mode"] == "quick" else "serving")
+        write_outputs(result, args.out, "serving-quick" if result["mode"] == "quick" else "serving", TOP_KEYS, markdown, _say)
         return 0
     settings = Settings.quick() if args.quick else Settings()
     workdir = Path(tempfile.mkdtemp(prefix="eraser-bench-serving-"))
@@ -673,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     result["note"] = args.note
     result["caveats"] = caveats(result)
     result["reading"] = reading(result)
-    write_outputs(result, args.out, "serving-quick" if args.quick else "serving")
+    write_outputs(result, args.out, "serving-quick" if args.quick else "serving", TOP_KEYS, markdown, _say)
     return 0
 
 

@@ -55,7 +55,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import cpu_and_memory, summary_ms
+from bench.common import cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "acceptance", "merging",
@@ -711,10 +711,6 @@ def reading(result: dict, smollm2_seconds: float | None) -> list[str]:
     return out
 
 
-def _row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
-
-
 def markdown(result: dict) -> str:
     s, md, m = result["settings"], result["model"], result["machine"]
     acc = result["acceptance"]
@@ -731,13 +727,13 @@ def markdown(result: dict) -> str:
         "",
         "## Erase acceptance (call to return: validation and durable queueing)",
         "",
-        _row(["variant", "worker", "clients x requests", "ok", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s",
+        md_row(["variant", "worker", "clients x requests", "ok", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s",
               "jobs created", "p50 ms by quarter", "server cores busy"]),
-        _row(["---"] * 3 + ["---:"] * 9),
+        md_row(["---"] * 3 + ["---:"] * 9),
     ]
     for name, v in acc["variants"].items():
         lat = v["latency"]
-        lines.append(_row([name.replace("_", " "), "held off" if v["worker_paused"] else "solving",
+        lines.append(md_row([name.replace("_", " "), "held off" if v["worker_paused"] else "solving",
                            f"{v['clients']} x {v['requests_per_client']}", v["codes"].get("OK", 0), lat["p50_ms"],
                            lat["p90_ms"], lat["p99_ms"], lat["max_ms"], v["throughput_rps"], v["jobs_created"],
                            " / ".join(map(str, v["p50_ms_by_quarter"])),
@@ -746,33 +742,21 @@ def markdown(result: dict) -> str:
         "",
         f"## {mg['requests']} queued requests (one row each): merged vs one by one",
         "",
-        _row(["mode", "solves", "s to accept all", "s until all succeeded", "mean s per solve", "cg iterations",
+        md_row(["mode", "solves", "s to accept all", "s until all succeeded", "mean s per solve", "cg iterations",
               "version", "rows", "forget NLL", "retain NLL"]),
-        _row(["---"] + ["---:"] * 9),
+        md_row(["---"] + ["---:"] * 9),
     ]
     ev = mg["evaluation"]["losses"]
     lo = ev["original"]
-    lines.append(_row(["(before)", "", "", "", "", "", mg["modes"]["merged"]["version_before"],
+    lines.append(md_row(["(before)", "", "", "", "", "", mg["modes"]["merged"]["version_before"],
                        mg["modes"]["merged"]["rows_before"], lo["forget_nll"], lo["retain_nll"]]))
     for name, v in mg["modes"].items():
-        lines.append(_row([name.replace("_", " "), v["solves"], v["seconds_to_accept_all"], v["seconds_to_all_succeeded"],
+        lines.append(md_row([name.replace("_", " "), v["solves"], v["seconds_to_accept_all"], v["seconds_to_all_succeeded"],
                            v["solve_seconds_mean"], v["iterations_total"], v["version_after"], v["rows_after"],
                            ev[name]["forget_nll"], ev[name]["retain_nll"]]))
-    lines += ["", f"Speedup {mg['speedup']}x; the same {mg['requests']} rows removed by both: {mg['same_rows_removed']}.",
-              "", "Reading:", ""]
-    lines += [f"- {x}" for x in result["reading"]]
-    lines += ["", "Caveats:", ""]
-    lines += [f"- {x}" for x in result["caveats"]]
+    lines += ["", f"Speedup {mg['speedup']}x; the same {mg['requests']} rows removed by both: {mg['same_rows_removed']}."]
+    lines += reading_and_caveats(result)
     return "\n".join(lines) + "\n"
-
-
-def write_outputs(result: dict, out: Path, stem: str) -> None:
-    result = {k: result.get(k) for k in TOP_KEYS}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    (out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    _say(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -792,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
             result["note"] = args.note
         result["caveats"] = caveats(result)
         result["reading"] = reading(result, _smollm2_erase_seconds(args.out))
-        write_outputs(result, args.out, "sidecar-quick" if result["mode"] == "quick" else "sidecar")
+        write_outputs(result, args.out, "sidecar-quick" if result["mode"] == "quick" else "sidecar", TOP_KEYS, markdown, _say)
         return 0
     settings = Settings.quick() if args.quick else Settings()
     workdir = Path(tempfile.mkdtemp(prefix="eraser-bench-sidecar-"))
@@ -803,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     result["note"] = args.note
     result["caveats"] = caveats(result)
     result["reading"] = reading(result, _smollm2_erase_seconds(args.out))
-    write_outputs(result, args.out, "sidecar-quick" if args.quick else "sidecar")
+    write_outputs(result, args.out, "sidecar-quick" if args.quick else "sidecar", TOP_KEYS, markdown, _say)
     return 0
 
 

@@ -23,7 +23,6 @@ SWAP_MEASURES = ("rollback_rpc_ms", "probe_build_ms", "load_confirm_ms", "post_l
 
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory) -> tuple[dict, str]:
-    pytest.importorskip("vllm")
     out = tmp_path_factory.mktemp("bench-serving")
     proc = subprocess.run([sys.executable, "-m", "bench.serving", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
