@@ -63,7 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--request", required=True, help='JSON: {"remove": [...], "modify_query": [...], "correct_response": [...]}')
     e.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     e.add_argument("--data-out", help="write the edited training set here")
-    e.add_argument("--solver", default="cg", choices=["direct", "cg", "sqm"])
+    e.add_argument("--solver", default="cg", choices=["direct", "cg", "sqm", "ekfac", "kfac", "datainf"],
+                   help="cg: converged iterative solve (default); ekfac/kfac: cached Kronecker factors; "
+                        "datainf: DataInf's closed form; sqm --preset paper: the paper's settings")
+    e.add_argument("--factors", help="ekfac/kfac: factor cache for the input adapter (fitted and written here if absent; "
+                                     "refused if fitted on another adapter, dataset or configuration)")
+    e.add_argument("--factors-out", help="ekfac/kfac: write the factors for the output adapter here "
+                                         "(downdated with the erased rows, refitted past --refit-fraction)")
+    e.add_argument("--refit-fraction", type=float, default=None,
+                   help="refit the factors once this share of rows changed since their last fit (default 0.1)")
+    e.add_argument("--samples", type=int, help="ekfac/kfac: sampled label sets per row when fitting factors (default 1)")
+    e.add_argument("--residual-rows", type=int,
+                   help="ekfac/kfac/datainf: measure the residual against the exact curvature on this many rows")
     e.add_argument("--preset", choices=["paper"], help="sqm only: the official LLMEraser settings")
     e.add_argument("--curvature", default="ggn", choices=["hessian", "ggn"])
     e.add_argument("--damping", type=_positive_float, default=None, help="λ added to the curvature (default 0.01)")
@@ -96,10 +107,20 @@ def _solver_config(args):
     options = {}
     if args.tolerance is not None:
         options["tolerance"] = args.tolerance
+    factored = args.solver in ("ekfac", "kfac", "datainf")
     if args.max_iterations is not None:
         options["max_iterations" if args.solver == "cg" else "iterations"] = args.max_iterations
-        if args.solver == "direct":
-            raise InvalidRequestError("--max-iterations does not apply to the direct solver")
+        if args.solver == "direct" or factored:
+            raise InvalidRequestError(f"--max-iterations does not apply to the {args.solver} solver")
+    if factored and args.tolerance is not None:
+        raise InvalidRequestError(f"--tolerance does not apply to the {args.solver} solver (a closed-form solve)")
+    for flag, name in (("samples", "samples"), ("residual_rows", "residual_rows")):
+        if getattr(args, flag) is not None:
+            if not factored:
+                raise InvalidRequestError(f"--{flag.replace('_', '-')} applies to ekfac, kfac and datainf only")
+            options[name] = getattr(args, flag)
+    if args.curvature_batch_size != 4 and factored:
+        options["batch_size"] = args.curvature_batch_size
     return SolverConfig(args.solver, args.preset, options)
 
 
@@ -128,7 +149,11 @@ def cmd_erase(args, progress) -> dict:
         solver=_solver_config(args), curvature=curvature, objective=args.objective,
         allow_unconverged=args.allow_unconverged, max_length=args.max_length,
     )
-    report = erase(args.base, args.adapter, args.data, request, args.out, args.data_out, config, args.device, progress)
+    factor_args = {"factors_dir": args.factors, "factors_out": args.factors_out}
+    if args.refit_fraction is not None:
+        factor_args["refit_fraction"] = args.refit_fraction
+    report = erase(args.base, args.adapter, args.data, request, args.out, args.data_out, config, args.device, progress,
+                   **factor_args)
     return report.to_json()
 
 
@@ -157,12 +182,19 @@ def _human(command: str, result: dict) -> str:
         lines = [
             f"wrote {r['adapter_out']}",
             f"solver {r['solver']}{' (' + r['preset'] + ')' if r['preset'] else ''}, curvature {r['curvature']}, "
-            f"damping {r['damping']:g}: {r['iterations']} iterations, relative residual {r['residual']:.3g}"
-            f"{'' if r['converged'] else ' (NOT converged)'}",
+            f"damping {r['damping']:g}: " + (
+                f"{r['iterations']} iterations, relative residual {r['residual']:.3g}"
+                f"{'' if r['converged'] else ' (NOT converged)'}" if r["residual"] is not None else r["note"]),
             f"affected rows' loss {r['affected_loss_before']:.4f} -> {r['affected_loss_after']:.4f}",
         ]
         if r["edited_loss_before"] is not None:
             lines.append(f"edited rows' new text loss {r['edited_loss_before']:.4f} -> {r['edited_loss_after']:.4f}")
+        if r.get("factors"):
+            f = r["factors"]
+            line = f"factors: {'loaded from cache' if f.get('source') == 'cache' else 'fitted'}"
+            if f.get("out"):
+                line += f"; {f['out_action']} into {f['out']} ({100 * f['changed_fraction']:.1f}% of rows changed since fit)"
+            lines.append(line)
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
         return "\n".join(lines)
     if command == "train":

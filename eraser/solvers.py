@@ -257,17 +257,52 @@ def _largest_eigenvalue(op: LinearOperator, like: torch.Tensor, iterations: int,
     return max(value, float(torch.linalg.vector_norm(op.matvec(v))), 1e-12)
 
 
+FACTORED = ("ekfac", "kfac", "datainf")
+SOLVERS = ("direct", "cg", "sqm") + FACTORED
+
+
+@dataclass(frozen=True)
+class FactoredSolver:
+    """A closed-form solve against an approximated curvature instead of iterating on H.
+
+    ``ekfac``/``kfac``: Kronecker factors over LoRA's linear maps (``eraser.kfac``), fitted
+    once per adapter version and cached (``eraser.factors``); ``datainf``: DataInf's
+    rank-one closed form per parameter block (``eraser.datainf``), one gradient pass over
+    the training rows per solve. ``residual_rows`` > 0 measures the relative residual
+    against the exact damped curvature on that many training rows (one product); 0 skips
+    it, since that product would cost more than the whole fast solve.
+    """
+
+    name: str = "ekfac"
+    samples: int = 1
+    batch_size: int = 4
+    seed: int = 0
+    residual_rows: int = 0
+
+    def __post_init__(self):
+        if self.name not in FACTORED:
+            raise InvalidRequestError(f"unknown factored solver {self.name!r}")
+        if self.samples < 1 or self.batch_size < 1 or self.residual_rows < 0:
+            raise InvalidRequestError("samples and batch_size must be >= 1, residual_rows >= 0")
+
+    def kfac_config(self):
+        from .kfac import KFACConfig
+
+        return KFACConfig(eigen_correction=self.name == "ekfac", samples=self.samples,
+                          batch_size=self.batch_size, seed=self.seed)
+
+
 @dataclass(frozen=True)
 class SolverConfig:
     """What the CLI and the sidecar pass in: a solver name, a preset, and overrides."""
 
-    name: Literal["direct", "cg", "sqm"] = "cg"
+    name: Literal["direct", "cg", "sqm", "ekfac", "kfac", "datainf"] = "cg"
     preset: str | None = None
     options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.name not in ("direct", "cg", "sqm"):
-            raise InvalidRequestError(f"unknown solver {self.name!r} (choose direct, cg or sqm)")
+        if self.name not in SOLVERS:
+            raise InvalidRequestError(f"unknown solver {self.name!r} (choose {', '.join(SOLVERS)})")
         if self.preset not in (None, "paper"):
             raise InvalidRequestError(f"unknown preset {self.preset!r} (the only preset is 'paper')")
         if self.preset == "paper" and self.name != "sqm":
@@ -280,6 +315,8 @@ class SolverConfig:
                 return DirectSolver(**self.options)
             if self.name == "cg":
                 return CGSolver(**self.options)
+            if self.name in FACTORED:
+                return FactoredSolver(self.name, **self.options)
             base = SQMSolver.paper() if self.preset == "paper" else SQMSolver()
             return replace(base, **self.options)
         except TypeError as e:

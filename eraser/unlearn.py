@@ -8,6 +8,7 @@ atomically, or write nothing.
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -33,7 +34,10 @@ from .model import (
 )
 from .progress import Progress, silent
 from .requests import Edit, UnlearningRequest
-from .solvers import SolveResult, SolverConfig, require_converged
+from .datainf import datainf_solve
+from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
+from .kfac import KFAC
+from .solvers import FactoredSolver, SolveResult, SolverConfig, require_converged
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class Update:
     curvature_products: int
     gradient_norm: float
     seconds: dict[str, float]
+    factors: KFAC | None = None  # the factors a K-FAC/EK-FAC solve used (to downdate and keep)
+    factor_source: str | None = None  # "given" (a cache) or "fitted" (in this call)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -94,8 +100,12 @@ def compute_update(
     config: EraseConfig = EraseConfig(),
     device: torch.device | str = "cpu",
     progress: Progress = silent,
+    factors: KFAC | None = None,
 ) -> Update:
-    """Solve for Δθ at the model's current adapter parameters (the model is not changed)."""
+    """Solve for Δθ at the model's current adapter parameters (the model is not changed).
+
+    ``factors``: fitted K-FAC/EK-FAC factors for this adapter (from the cache); without
+    them a ``kfac``/``ekfac`` solve fits them here, over the curvature rows."""
     params = [p for _, p in trainable_parameters(model)]
     n = len(rows)
     seconds: dict[str, float] = {}
@@ -126,6 +136,10 @@ def compute_update(
     curvature = Curvature(model, params, train, list(range(len(sample))), cfg.kind, cfg.batch_size, device)
     op = Damped(curvature, config.damping)
     solver = config.solver.build()
+    if isinstance(solver, FactoredSolver):
+        seconds["curvature_setup"] = time.perf_counter() - t
+        return _factored_update(model, params, [rows[i] for i in sample], train, op, b, solver, config,
+                                factors, device, progress, seconds)
     total = getattr(solver, "max_iterations", None) or getattr(solver, "iterations", None) or op.n
     seconds["curvature_setup"] = time.perf_counter() - t  # encoding the curvature rows
     t = time.perf_counter()
@@ -138,6 +152,41 @@ def compute_update(
     seconds["solve"] = time.perf_counter() - t
     require_converged(result, solver.name, config.allow_unconverged)
     return Update(result.x, result, len(sample), curvature.products, float(torch.linalg.vector_norm(b)), seconds)
+
+
+def _factored_update(model, params, curvature_rows, train, op, b, solver: FactoredSolver, config: EraseConfig,
+                     factors: KFAC | None, device, progress: Progress, seconds: dict) -> Update:
+    """EK-FAC/K-FAC (factors given or fitted now) or DataInf: a closed-form solve."""
+    source = None
+    t = time.perf_counter()
+    if solver.name == "datainf":
+        x = datainf_solve(model, params, train, list(range(len(train))), b, config.damping, device, progress)
+        seconds["solve"] = time.perf_counter() - t
+    else:
+        if factors is None:
+            factors = KFAC.fit(model, params, train, list(range(len(train))), solver.kfac_config(), device,
+                               row_keys(curvature_rows), progress)
+            seconds["factor_fit"] = time.perf_counter() - t
+            source = "fitted"
+        else:
+            if factors.config.method != solver.name:
+                raise InvalidRequestError(f"the given factors are {factors.config.method}, not {solver.name}")
+            source = "given"
+        t = time.perf_counter()
+        progress(f"solve ({solver.name})", 0, 1)
+        x = factors.solve(b, config.damping)
+        seconds["solve"] = time.perf_counter() - t
+    progress(f"solve ({solver.name})", 1, 1)
+    residual, products, note = float("nan"), 0, "closed form on the approximated curvature; residual not measured"
+    if solver.residual_rows:
+        # A stochastic check against the exact damped curvature on a sample of rows.
+        pick = sorted(random.Random(solver.seed).sample(range(len(train)), min(solver.residual_rows, len(train))))
+        t = time.perf_counter()
+        residual = float(torch.linalg.vector_norm(op.matvec_rows(x, pick) - b) / torch.linalg.vector_norm(b).clamp(min=1e-30))
+        products, note = 1, f"residual against the exact damped curvature on {len(pick)} rows"
+        seconds["residual_check"] = time.perf_counter() - t
+    result = SolveResult(x, 1, residual, True, float("nan"), seconds["solve"], note)
+    return Update(x, result, len(train), products, float(torch.linalg.vector_norm(b)), seconds, factors, source)
 
 
 def apply_delta(model, delta: torch.Tensor) -> None:
@@ -173,6 +222,14 @@ class EraseReport:
     adapter_sha256: str
     parent_adapter_sha256: str
     note: str = ""
+    factors: dict | None = None  # the factor cache: used or fitted, downdated or refitted
+
+    def __post_init__(self):
+        # JSON has no NaN: a closed-form solve's unmeasured residual reads as null.
+        for name in ("residual", "tolerance"):
+            value = getattr(self, name)
+            if isinstance(value, float) and math.isnan(value):
+                setattr(self, name, None)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -188,6 +245,9 @@ def erase(
     config: EraseConfig = EraseConfig(),
     device: str | None = "cpu",
     progress: Progress = silent,
+    factors_dir: str | Path | None = None,
+    factors_out: str | Path | None = None,
+    refit_fraction: float = DEFAULT_REFIT_FRACTION,
 ) -> EraseReport:
     """Erase per ``request``: write the patched adapter to ``out_dir`` (and the edited
     dataset to ``data_out``). All input is checked before anything is computed, and
@@ -201,6 +261,7 @@ def erase(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise OutputExistsError(f"output already exists: {out_dir}")
+    plan = FactorPlan.check(config.solver.build(), factors_dir, factors_out, refit_fraction, config.curvature.sample_rows)
     dev = resolve_device(device)
 
     t = time.perf_counter()
@@ -208,14 +269,27 @@ def erase(
     base = load_base(base_dir, dev)
     model = load_adapter(base, adapter_dir, trainable=True)
     seconds["load"] = time.perf_counter() - t
+    parent_sha = adapter_fingerprint(adapter_dir)
+    cached = None
+    if plan is not None:
+        params = [p for _, p in trainable_parameters(model)]
+        t = time.perf_counter()
+        cached = plan.prepare(model, params, base.tokenizer, rows, plan.key(base.fingerprint, parent_sha, rows, config.max_length),
+                              dev, progress)
+        seconds["factors"] = time.perf_counter() - t
 
     old_pairs = [(e.old.prompt, e.old.response) for e in edits]
     new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
     before_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
     before_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
 
-    update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress)
+    update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress,
+                            factors=cached.factors if cached else None)
     seconds.update(update.seconds)
+    moved = None
+    if plan is not None:  # downdate while the model still holds the parent's parameters
+        moved = plan.downdate(cached, model, params, base.tokenizer, [e.old for e in edits],
+                              [e.new for e in edits if e.new], dev)
 
     t = time.perf_counter()
     apply_delta(model, update.delta)
@@ -224,7 +298,6 @@ def erase(
     seconds["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    parent_sha = adapter_fingerprint(adapter_dir)
     edited_rows = request.apply_to(rows)
     meta = {
         "base_model_fingerprint": base.fingerprint,
@@ -242,13 +315,23 @@ def erase(
         "dataset_sha256": text_sha256("\n".join(r.id + "\x00" + r.sha256() for r in edited_rows)),
     }
     written = save_adapter_atomically(model, out_dir, meta)
+    adapter_sha = adapter_fingerprint(written)
+    data_written = False
     try:
         if data_out is not None:
             write_rows(data_out, edited_rows)
+            data_written = True
+        seconds["write"] = time.perf_counter() - t
+        if plan is not None:
+            t = time.perf_counter()
+            plan.write(moved, model, params, base.tokenizer, edited_rows,
+                       plan.key(base.fingerprint, adapter_sha, edited_rows, config.max_length), dev, progress)
+            seconds["factors_out"] = time.perf_counter() - t
     except BaseException:
         shutil.rmtree(written, ignore_errors=True)
+        if data_written:
+            Path(data_out).unlink(missing_ok=True)
         raise
-    seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     progress("done", 1, 1)
 
@@ -276,7 +359,8 @@ def erase(
         parameters=int(update.delta.numel()),
         update_norm=float(torch.linalg.vector_norm(update.delta)),
         adapter_out=str(written),
-        adapter_sha256=adapter_fingerprint(written),
+        adapter_sha256=adapter_sha,
         parent_adapter_sha256=parent_sha,
         note=update.solve.note,
+        factors=dict(plan.report) if plan is not None else None,
     )
