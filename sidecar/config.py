@@ -23,6 +23,9 @@ class ConfigError(InvalidRequestError):
     """A setting is missing, of the wrong type, or out of range."""
 
 
+FACTOR_POLICIES = ("wait", "fallback")
+
+
 @dataclass(frozen=True)
 class EraseDefaults:
     """Engine settings used where a request's options leave a field empty."""
@@ -37,10 +40,24 @@ class EraseDefaults:
     curvature_rows: int | None = None
     curvature_batch_size: int = 4
     max_length: int = 512
+    # ekfac/kfac need factors fitted for the adapter's current version. They are prepared
+    # in the background after each publish; a job that finds none either waits for them
+    # ("wait") or runs cg at once ("fallback") and leaves the fit for the next request.
+    factor_policy: str = "wait"
+    # Refit the factors in full once this share of the rows changed through downdates
+    # (eraser.factors.DEFAULT_REFIT_FRACTION; written out so that this module, which the
+    # client's auth imports, does not import torch).
+    refit_fraction: float = 0.10
 
     def __post_init__(self):
-        if self.solver not in ("direct", "cg", "sqm"):
-            raise ConfigError(f"erase.solver must be direct, cg or sqm, not {self.solver!r}")
+        from eraser.solvers import SOLVERS  # torch: only where a config is built
+
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"erase.solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
+        if self.factor_policy not in FACTOR_POLICIES:
+            raise ConfigError(f"erase.factor_policy must be wait or fallback, not {self.factor_policy!r}")
+        if not 0 < self.refit_fraction <= 1:
+            raise ConfigError(f"erase.refit_fraction must be in (0, 1], not {self.refit_fraction!r}")
         if self.curvature not in ("ggn", "hessian"):
             raise ConfigError(f"erase.curvature must be ggn or hessian, not {self.curvature!r}")
         if self.objective not in ("influence", "newton"):

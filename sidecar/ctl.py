@@ -25,6 +25,8 @@ USAGE_CODES = frozenset({
     grpc.StatusCode.OUT_OF_RANGE,
 })
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+# eraser.solvers.SOLVERS, written out: erasectl does not import the engine (or torch).
+SOLVERS = ("direct", "cg", "sqm", "ekfac", "kfac", "datainf")
 PROG = "erasectl"
 
 
@@ -85,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--request", metavar="FILE",
                    help='JSON {"remove": [...], "modify_query": [...], "correct_response": [...]}, added to the flags')
     e.add_argument("--request-id", help="idempotency key: the same id returns the same job")
-    e.add_argument("--solver", choices=["direct", "cg", "sqm"])
+    e.add_argument("--solver", choices=SOLVERS,
+                   help="ekfac/kfac read the adapter's factor cache (the sidecar's factor_policy decides what happens "
+                        "while it is not ready: wait, or cg)")
     e.add_argument("--preset", choices=["paper"], help="sqm only: the official LLMEraser settings")
     e.add_argument("--curvature", choices=["ggn", "hessian"])
     e.add_argument("--damping", type=_number(float, 0))
@@ -264,7 +268,12 @@ def format_job(job) -> str:
     if job.already_erased_ids:
         parts.append("already erased " + ",".join(job.already_erased_ids))
     if job.HasField("report") and state == "succeeded":
-        parts.append(f"residual {job.report.residual:.1e}" + ("" if job.report.converged else " (not converged)"))
+        if job.report.solver in ("ekfac", "kfac", "datainf") and not job.report.residual:
+            parts.append("residual not measured (closed form)")
+        else:
+            parts.append(f"residual {job.report.residual:.1e}" + ("" if job.report.converged else " (not converged)"))
+        if job.report.solver_reason:  # which solver ran and why (a fallback, the factors it used)
+            parts.append(f"solver {job.report.solver_reason}")
     if job.HasField("error") and (job.error.code or job.error.message):
         parts.append(f"error {job.error.code or 'UNKNOWN'}: {job.error.message}")
     if job.attempts > 1:

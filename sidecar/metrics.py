@@ -52,6 +52,10 @@ SWAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 SWAP_OUTCOMES = ("succeeded", "failed")
 # Replica labels are the operator's configured vLLM URLs (sidecar.config validates them).
 _REPLICA = re.compile(r"https?://[^\s\"]{1,200}")
+# Factor fits: a full fit of a small adapter takes a second, of a large one minutes; a
+# downdate (the affected rows only) a fraction of that.
+FACTOR_FIT_BUCKETS = (0.01, 0.025, 0.05) + JOB_BUCKETS
+FACTOR_FIT_KINDS = ("full", "downdate")
 # A NaN or infinite residual would make eraser_solver_residual_sum NaN or +Inf for the
 # life of the process; it is recorded as this value instead, above the last bucket.
 _RESIDUAL_CEILING = 1e3
@@ -97,6 +101,17 @@ class Metrics:
         self._replicas_behind = Gauge("eraser_replicas_behind",
                                       "Serving replicas not (yet) serving the adapter's current version.",
                                       ("adapter",), registry=r)
+        self._factor_age = Gauge(
+            "eraser_factor_age_seconds",
+            "Seconds since the last full fit of the EK-FAC/K-FAC factors of the adapter's current version (downdates "
+            "keep the age of the fit they started from). No series while the current version has no factors.",
+            ("adapter",), registry=r)
+        self._factor_fits = Counter("eraser_factor_fits_total",
+                                    "EK-FAC/K-FAC factor caches written, by adapter and kind (full fit or downdate).",
+                                    ("adapter", "kind"), registry=r)
+        self._factor_fit_seconds = Histogram("eraser_factor_fit_seconds",
+                                             "Time to fit (full) or downdate EK-FAC/K-FAC factors.",
+                                             ("kind",), buckets=FACTOR_FIT_BUCKETS, registry=r)
         # Series known in advance exist from the start at zero, so that rate() and
         # alerts (e.g. on failed jobs) see them before the first job.
         for task in TASKS:
@@ -111,6 +126,8 @@ class Metrics:
             self._rows_erased.labels(kind)
         for outcome in SWAP_OUTCOMES:
             self._swap_duration.labels(outcome)
+        for kind in FACTOR_FIT_KINDS:
+            self._factor_fit_seconds.labels(kind)
 
     def rpc_interceptor(self) -> grpc.ServerInterceptor:
         """A server interceptor timing every call into ``eraser_rpc_duration_seconds``.
@@ -171,10 +188,11 @@ class Metrics:
     def forget_adapter(self, adapter: str) -> None:
         """Drop the version series of an adapter that is no longer served (no-op if none)."""
         _check_adapter(adapter)
-        try:
-            self._adapter_version.remove(adapter)
-        except KeyError:
-            pass
+        for gauge in (self._adapter_version, self._factor_age):
+            try:
+                gauge.remove(adapter)
+            except KeyError:
+                pass
 
     def requests_merged(self, n: int) -> None:
         """Count ``n`` requests that joined an existing queued job instead of starting their own solve."""
@@ -200,6 +218,33 @@ class Metrics:
         _check_adapter(adapter)
         _check_count(n, "n")
         self._replicas_behind.labels(adapter).set(n)
+
+    def factor_fit(self, adapter: str, kind: str, seconds: float) -> None:
+        """Count one factor cache written for ``adapter`` (``kind``: full or downdate) and its time."""
+        _check_adapter(adapter)
+        _check(kind in FACTOR_FIT_KINDS, f"factor fit kinds are {', '.join(FACTOR_FIT_KINDS)}, not {kind!r}")
+        _check_seconds(seconds, "seconds")
+        self._factor_fits.labels(adapter, kind).inc()
+        self._factor_fit_seconds.labels(kind).observe(seconds)
+
+    def set_factors_fitted_at(self, adapter: str, fitted_at: float | None) -> None:
+        """``eraser_factor_age_seconds{adapter}`` counts from ``fitted_at`` (a Unix time,
+        the last full fit of the current version's factors), evaluated at each scrape;
+        None removes the series: the current version has no factors (yet).
+
+        Absent rather than NaN or 0: a comparison such as ``> 86400`` is then simply
+        false for that adapter, and ``eraser_adapter_version unless on (adapter)
+        eraser_factor_age_seconds`` lists the adapters without factors."""
+        _check_adapter(adapter)
+        if fitted_at is None:
+            try:
+                self._factor_age.remove(adapter)
+            except KeyError:
+                pass
+            return
+        _check(isinstance(fitted_at, (int, float)) and math.isfinite(fitted_at),
+               f"fitted_at must be a finite Unix time, not {fitted_at!r}")
+        self._factor_age.labels(adapter).set_function(lambda: max(0.0, time.time() - fitted_at))
 
     def serve(self, host: str, port: int) -> "MetricsServer":
         """Serve the registry over HTTP (GET /metrics) on ``host:port``; port 0 picks a free one."""

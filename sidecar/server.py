@@ -68,8 +68,18 @@ def report_message(report: dict | None) -> pb.EraseReport | None:
         rows_after=report["rows_after"], counts=report["counts"], update_norm=report["update_norm"],
         adapter_sha256=report["adapter_sha256"], note=report.get("note", ""),
         curvature_rows=report.get("curvature_rows", 0), curvature_products=report.get("curvature_products", 0),
-        parameters=report.get("parameters", 0),
+        parameters=report.get("parameters", 0), solver_reason=report.get("solver_reason", ""),
+        requested_solver=report.get("requested_solver", ""),
     )
+    factors = report.get("factors") or {}
+    if factors:
+        msg.factor_source = factors.get("source", "")
+        msg.factor_out_action = factors.get("out_action", "")
+        msg.factor_version = int(factors.get("version", 0))
+        if factors.get("age_seconds") is not None:
+            msg.factor_age_seconds = float(factors["age_seconds"])
+        if factors.get("changed_fraction") is not None:
+            msg.factor_changed_fraction = float(factors["changed_fraction"])
     if report.get("edited_loss_before") is not None:
         msg.edited_loss_before = report["edited_loss_before"]
         msg.edited_loss_after = report["edited_loss_after"]
@@ -233,6 +243,14 @@ class MetricsHooks(Hooks):
     @_never_raises
     def queue_changed(self, queued: int, running: int) -> None:
         self.metrics.set_queue_depth(queued, running)
+
+    @_never_raises
+    def factors_fitted(self, adapter: str, kind: str, seconds: float) -> None:
+        self.metrics.factor_fit(adapter, kind, seconds)
+
+    @_never_raises
+    def factors_age(self, adapter: str, fitted_at: float | None) -> None:
+        self.metrics.set_factors_fitted_at(adapter, fitted_at)
 
 
 @dataclass

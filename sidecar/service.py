@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from eraser import factors as engine_factors
 from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
 from eraser.errors import EraserError, InvalidRequestError
@@ -33,6 +34,7 @@ from .errors import (
     ShuttingDown,
     status_of,
 )
+from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
 from .jobs import Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
 from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name
@@ -51,6 +53,10 @@ class Hooks(SwapHooks):
     def job_finished(self, job: Job) -> None: ...
     def version_published(self, adapter: str, version: Version) -> None: ...
     def queue_changed(self, queued: int, running: int) -> None: ...
+    # A factor cache was written: a full fit (``kind`` "full") or a downdate.
+    def factors_fitted(self, adapter: str, kind: str, seconds: float) -> None: ...
+    # The last full fit of the current version's factors (None: it has none).
+    def factors_age(self, adapter: str, fitted_at: float | None) -> None: ...
 
 
 def resolve_options(options: dict, config: SidecarConfig) -> dict:
@@ -63,8 +69,11 @@ def resolve_options(options: dict, config: SidecarConfig) -> dict:
     unknown = set(options) - set(OPTION_FIELDS)
     if unknown:
         raise InvalidRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    solver = options.get("solver") or d.solver
+    if solver == "datainf" and (options.get("tolerance") is not None or options.get("max_iterations") is not None):
+        raise InvalidRequestError("tolerance and max_iterations do not apply to the datainf solver (a closed form)")
     out = {
-        "solver": options.get("solver") or d.solver,
+        "solver": solver,
         "preset": options.get("preset") or d.preset or None,
         "curvature": options.get("curvature") or d.curvature,
         "damping": float(options["damping"]) if options.get("damping") is not None else d.damping,
@@ -77,10 +86,25 @@ def resolve_options(options: dict, config: SidecarConfig) -> dict:
         "max_length": d.max_length,
     }
     engine_config(out)  # raises InvalidRequestError on any bad value
+    if solver in FACTOR_METHODS:
+        engine_config(fallback_options(out))  # what a fallback to cg would run must be valid too
     return out
 
 
+def fallback_options(options: dict) -> dict:
+    """The options of a job's ``cg`` fallback when its EK-FAC/K-FAC factors are missing
+    (``erase.factor_policy: fallback``): the job's own, tolerance, iteration limit and
+    curvature rows included (which ekfac and kfac do not use)."""
+    return {**options, "solver": "cg", "preset": None}
+
+
 def engine_config(options: dict) -> EraseConfig:
+    if options["solver"] in ("ekfac", "kfac", "datainf"):
+        # Closed-form solves: no tolerance or iteration limit; ekfac/kfac read a factor
+        # cache fitted on every row, so a curvature sample applies to a cg fallback only.
+        options = {**options, "tolerance": None, "max_iterations": None}
+        if options["solver"] != "datainf":
+            options["curvature_rows"] = None
     solver_options = {}
     if options["tolerance"] is not None:
         if not options["tolerance"] > 0:
@@ -97,6 +121,49 @@ def engine_config(options: dict) -> EraseConfig:
     return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
                        objective=options["objective"], allow_unconverged=options["allow_unconverged"],
                        max_length=options["max_length"])
+
+
+@dataclass
+class _SolverChoice:
+    """The solver a job runs and, for ekfac/kfac, its factor cache and how it was obtained."""
+
+    config: EraseConfig
+    requested: str
+    solver: str
+    method: str | None = None  # ekfac/kfac: a cache is read (source) and written for the next version
+    source: Path | None = None
+    # cache | waited (for the background fit) | inline (fitted by the engine) | fallback | plain
+    how: str = "plain"
+    wait_seconds: float = 0.0
+    discarded: str = ""  # why a cache found in the version's place was not used
+    reason: str = ""
+
+    def bad_cache(self, error: EraserError) -> bool:
+        """Whether the engine refused the cache it was given (mismatch, or damaged files)."""
+        if self.method is None or self.source is None:
+            return False
+        return isinstance(error, engine_factors.FactorMismatchError) or (
+            isinstance(error, InvalidRequestError) and str(self.source) in str(error))
+
+    def describe(self, number: int, factors: dict | None) -> str:
+        """One line for the job's report: the solver that ran and why."""
+        f = factors or {}
+        if self.how == "cache":
+            age = f.get("age_seconds")
+            why = f"{self.method}: factors of v{number} from cache" + (f" (age {age:.0f} s)" if age is not None else "")
+        elif self.how == "waited":
+            why = (f"{self.method}: factors of v{number} were missing; fitted in the background while the job waited "
+                   f"{self.wait_seconds:.1f} s (policy wait)")
+        elif self.how == "inline":
+            why = f"{self.method}: factors of v{number} were missing; fitted in the job (policy wait)"
+        else:
+            why = self.reason
+        if self.discarded:
+            why += f"; the cache found for v{number} was discarded ({self.discarded})"
+        if f.get("out_action") in ("downdated", "refitted"):
+            why += (f"; factors of v{number + 1} {f['out_action']} ({f.get('changed_fraction', 0.0):.0%} of rows "
+                    "changed since the last full fit)")
+        return why
 
 
 @dataclass
@@ -123,6 +190,10 @@ class EraserService:
         self._workers: list[threading.Thread] = []
         backends = [VLLMBackend(url, api_key=config.vllm_api_key) for url in config.vllm_urls]
         self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks)
+        # Factor caches for ekfac/kfac, fitted in the background (compute role only).
+        self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
+                                      on_ready=lambda target: self._report_factor_age(target.adapter))
+        self._age_lock = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -163,6 +234,10 @@ class EraserService:
                 if job is not None and job.state == State.SUCCEEDED:
                     self.store.set_current(name, numbers[-1])
             self.hooks.version_published(name, self.store.current(name))
+        outcome["factors_swept"] = self.store.sweep_factors()
+        for name in self.store.names():  # current versions whose factors were never written
+            outcome["factors_queued"] = outcome.get("factors_queued", 0) + self._prepare_factors(self.store.current(name))
+            self._report_factor_age(name)
         self._queue_changed()
         return outcome
 
@@ -179,6 +254,8 @@ class EraserService:
     def start(self) -> None:
         if self.swapper.backends:
             self.swapper.start(self.config.reconcile_seconds, self.base_dir)
+        if self.computes:
+            self.factors.start()
         for i in range(self.config.workers if self.computes else 0):
             t = threading.Thread(target=self._work, name=f"eraser-worker-{i}", daemon=True)
             t.start()
@@ -199,6 +276,9 @@ class EraserService:
             r.cancel.set()
         with self._changed:
             self._changed.notify_all()
+        # After the jobs' grace (a job may be waiting for a fit): the fit in progress is
+        # abandoned at its next step, and what is queued is queued again by recover().
+        self.factors.stop()
         for t in self._workers:
             t.join(timeout=60)
         if self.db is not None:
@@ -249,6 +329,8 @@ class EraserService:
             shutil.rmtree(staged, ignore_errors=True)
         log.info("registered adapter %s (%d rows) as version 1", name, len(rows))
         self.hooks.version_published(name, version)
+        self._prepare_factors(version)
+        self._report_factor_age(name)
         self._serve_now(version)
         return version
 
@@ -296,9 +378,17 @@ class EraserService:
                 version = self.store.publish(name, current.number + 1, staged)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+            for method in FACTOR_METHODS:  # the same adapter and rows: the same factors
+                try:
+                    self.store.copy_factors(name, number, version.number, method)
+                except OSError as e:
+                    log.warning("could not copy the %s factors of %s v%d to v%d (%s); they will be refitted", method,
+                                name, number, version.number, type(e).__name__)
             self.store.prune(name, self.config.keep_versions)
         log.info("adapter %s rolled back to the content of version %d as version %d", name, number, version.number)
         self.hooks.version_published(name, version)
+        self._prepare_factors(version)
+        self._report_factor_age(name)
         self._serve_now(version)
         return version
 
@@ -432,6 +522,7 @@ class EraserService:
     def _run(self, job: Job) -> None:
         running = self._running[job.id]
         staged: Path | None = None
+        staged_factors: Path | None = None
         log.info("job %s started on %s v%d (attempt %d)", job.id, job.adapter, job.from_version, job.attempts)
         try:
             if job.cancel_requested:
@@ -446,13 +537,32 @@ class EraserService:
                 log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
                 self.hooks.job_finished(finished)
                 return
-            config = engine_config(job.options)
             staged = self.store.new_staging(f"job-{job.id}")
             progress = self._progress_hook(running)
-            report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path, current.dataset_path,
-                           request, staged / ADAPTER_DIR, staged / DATASET, config, str(self.device), progress)
+            for attempt in (1, 2):
+                choice = self._choose_solver(job, current, progress)
+                if choice.method is not None and staged_factors is None:
+                    staged_factors = self.store.new_staging(f"job-{job.id}-factors")
+                factor_args = {} if choice.method is None else {
+                    "factors_dir": choice.source, "factors_out": staged_factors / choice.method,
+                    "refit_fraction": self.config.erase.refit_fraction}
+                try:
+                    report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
+                                   current.dataset_path, request, staged / ADAPTER_DIR, staged / DATASET, choice.config,
+                                   str(self.device), progress, **factor_args)
+                    break
+                except EraserError as e:
+                    if attempt == 2 or not choice.bad_cache(e):
+                        raise
+                    # The cache passed the manifest check but not the load (damaged files, or
+                    # another layout): discard it and decide again, as if it were missing.
+                    log.warning("job %s: the %s factors of %s v%d cannot be used (%s); discarded", job.id, choice.method,
+                                job.adapter, current.number, type(e).__name__)
+                    self.store.discard_factors(job.adapter, current.number, choice.method)
+                    self._report_factor_age(job.adapter)
             report_json = report.to_json()
             report_json.pop("adapter_out", None)  # a staging path, meaningless once published
+            self._note_factors(job, current, choice, report_json)
             progress("publish", 0, 1)
             with self._publish_lock:
                 if running.cancel.is_set():
@@ -466,11 +576,15 @@ class EraserService:
                 })
                 version = self.store.publish(job.adapter, current.number + 1, staged)
                 staged = None
+                self._install_job_factors(job, version, choice, staged_factors)
                 pruned = self.store.prune(job.adapter, self.config.keep_versions)
-            log.info("job %s published %s v%d (%d rows; residual %.2e; %.1f s)%s", job.id, job.adapter, version.number,
-                     version.rows, report.residual, report.seconds.get("total", 0.0),
+            residual = f"{report.residual:.2e}" if report.residual is not None else "not measured"
+            log.info("job %s published %s v%d (%d rows; %s; residual %s; %.1f s)%s", job.id, job.adapter, version.number,
+                     version.rows, report_json["solver_reason"], residual, report.seconds.get("total", 0.0),
                      f"; deleted versions {pruned} (retention)" if pruned else "")
             self.hooks.version_published(job.adapter, version)
+            self._prepare_factors(version, choice.requested)
+            self._report_factor_age(job.adapter)
             # The version is published: from here the job cannot be cancelled, only served.
             finished = self._swap_in(job, version, report_json, already)
             if finished is not None:
@@ -491,6 +605,111 @@ class EraserService:
         finally:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
+            if staged_factors is not None:
+                shutil.rmtree(staged_factors, ignore_errors=True)
+
+    # ---- factors -------------------------------------------------------------------
+    def _choose_solver(self, job: Job, current: Version, progress) -> "_SolverChoice":
+        """Which solver a job runs, and with which factor cache (module docstring of
+        ``sidecar.factors``): the cache of the current version if there is a valid one;
+        else, by ``erase.factor_policy``, wait for its fit (``wait``) or run cg (``fallback``)."""
+        requested = job.options["solver"]
+        if requested not in FACTOR_METHODS:
+            kind = "a closed form without a factor cache" if requested == "datainf" else "no factors needed"
+            return _SolverChoice(engine_config(job.options), requested, requested,
+                                 reason=f"{requested}: as requested (or the sidecar's default); {kind}")
+        method, n = requested, current.number
+        target = FactorTarget(job.adapter, n, method, job.options["max_length"])
+        source = self.store.factors_dir(job.adapter, n, method)
+        choice = _SolverChoice(engine_config(job.options), requested, method, method=method, source=source)
+        problem = cache_problem(source, wanted_key(self.store, current, method, job.options["max_length"]))
+        if problem is not None:
+            # Our own store holds a cache that is not this version's (copied in by hand, or
+            # restored from elsewhere). Using it would give a wrong update and failing would
+            # block the adapter until someone deleted it: discard it and fit anew (a fit in
+            # progress for this version replaces it whole when it saves).
+            log.warning("job %s: the %s factor cache of %s v%d does not belong to it (%s); discarded, refitting",
+                        job.id, method, job.adapter, n, problem)
+            if not self.factors.pending(target):
+                self.store.discard_factors(job.adapter, n, method)
+            self._report_factor_age(job.adapter)
+            choice.discarded = problem
+        if engine_factors.is_cache(source) and problem is None:
+            choice.how = "cache"
+            return choice
+        if self.config.erase.factor_policy == "fallback":
+            # This version's fit is of no use once the job publishes the next one; the next
+            # version's is asked for after the publish (_prepare_factors).
+            return _SolverChoice(engine_config(fallback_options(job.options)), requested, "cg", method=None,
+                                 how="fallback", discarded=choice.discarded,
+                                 reason=f"cg: {method} requested but factors of v{n} not ready; policy fallback")
+        if not self.factors.running:  # no background thread (not started): the engine fits them
+            choice.how = "inline"
+            return choice
+        stage = "waiting for factors"
+        progress(stage, 0, 1000)
+        log.info("job %s waits for the %s factors of %s v%d", job.id, method, job.adapter, n)
+        choice.wait_seconds = self.factors.wait(target, lambda fraction: progress(stage, int(fraction * 1000), 1000))
+        choice.how = "waited"
+        return choice
+
+    def _note_factors(self, job: Job, current: Version, choice: "_SolverChoice", report: dict) -> None:
+        """Complete a job's report with why its solver ran and what it did with factors;
+        count the fits in the metrics."""
+        factors = report.get("factors") or None
+        if factors is not None:
+            factors.pop("out", None)  # a staging path
+            factors.update(version=current.number, how=choice.how)
+            if choice.wait_seconds:
+                factors["wait_seconds"] = round(choice.wait_seconds, 3)
+                report["seconds"]["factor_wait"] = round(choice.wait_seconds, 4)
+            if factors.get("source") == "fitted":
+                self.hooks.factors_fitted(job.adapter, "full", float(factors.get("fit_seconds", 0.0)))
+            if factors.get("out_action") == "downdated":
+                self.hooks.factors_fitted(job.adapter, "downdate", float(factors.get("downdate_seconds", 0.0)))
+            elif factors.get("out_action") == "refitted":
+                self.hooks.factors_fitted(job.adapter, "full", float(factors.get("refit_seconds", 0.0)))
+        report["requested_solver"] = choice.requested
+        report["solver_reason"] = choice.describe(current.number, factors)
+
+    def _install_job_factors(self, job: Job, version: Version, choice: "_SolverChoice", staged: Path | None) -> None:
+        """Move the factors a job wrote for the version it just published into place.
+        Never fails the job (it is published): without them, a background fit follows."""
+        if choice.method is None or staged is None or not engine_factors.is_cache(staged / choice.method):
+            return
+        try:
+            self.store.install_factors(staged / choice.method, job.adapter, version.number, choice.method)
+        except OSError as e:
+            log.warning("job %s: could not install the %s factors of %s v%d (%s); they will be refitted", job.id,
+                        choice.method, job.adapter, version.number, type(e).__name__)
+
+    def _prepare_factors(self, version: Version, method: str | None = None) -> int:
+        """Queue background fits for a newly current version: for the configured solver if
+        it reads factors, and for ``method`` (a job's own request). Returns how many."""
+        if not self.computes:
+            return 0
+        methods = {m for m in (self.config.erase.solver, method) if m in FACTOR_METHODS}
+        queued = 0
+        for m in sorted(methods):
+            target = FactorTarget(version.adapter, version.number, m, self.config.erase.max_length)
+            queued += self.factors.request(target)
+        return queued
+
+    def _full_fit_done(self, adapter: str, seconds: float) -> None:
+        self.hooks.factors_fitted(adapter, "full", seconds)
+
+    def _report_factor_age(self, adapter: str) -> None:
+        """Tell the metrics when the current version's factors were last fitted in full
+        (the configured method's first), or that it has none."""
+        with self._age_lock:  # computed and set together: the last call reports the latest state
+            try:
+                number = self.store.current_number(adapter)
+            except (NotFoundError, OSError, ValueError):
+                return
+            order = sorted(FACTOR_METHODS, key=lambda m: m != self.config.erase.solver)
+            when = next((t for t in (fitted_at(self.store.factors_dir(adapter, number, m)) for m in order)
+                         if t is not None), None)
+            self.hooks.factors_age(adapter, when)
 
     def _swap_in(self, job: Job, version: Version, report: dict, already: list[str]) -> Job | None:
         """Serve the published version on every replica, confirmed, then end the job.

@@ -6,6 +6,7 @@
     STORE/adapters/NAME/versions/N/train.jsonl  its training set (erased rows gone)
     STORE/adapters/NAME/versions/N/manifest.json  base model, parent, job, content hashes
     STORE/staging/                            versions being assembled (cleared at start)
+    STORE/factors/NAME/N/METHOD/              EK-FAC/K-FAC factors of version N (eraser.factors)
 
 A version is assembled under staging/ and published by one ``rename`` into versions/, then
 ``current`` is replaced atomically: a reader, or a restart after kill -9, sees a version
@@ -14,6 +15,12 @@ engine that caches by path (vLLM's prefix cache) can never mix two versions' wei
 
 Only the newest ``keep_versions`` versions are kept. Every older version still holds what
 later erases removed, so retention is a privacy setting as much as a disk one.
+
+Factor caches live outside the sealed version directories, because they are written
+after a version is published (a background fit, or a job's downdated factors moved in
+place); each is written whole under a temporary name and renamed (``eraser.factors.save``),
+and it is deleted with its version. Factors are sums over the training rows: those of a
+version from before an erase hold the erased rows' contributions like its weights do.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from eraser.errors import InvalidRequestError
 ADAPTER_DIR = "adapter"
 DATASET = "train.jsonl"
 MANIFEST = "manifest.json"
+FACTOR_MANIFEST = "manifest.json"  # eraser.factors.MANIFEST (not imported: no torch here)
 
 
 def check_adapter_name(name: str) -> str:
@@ -89,6 +97,13 @@ def _seal(directory: Path) -> None:
             p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
 
 
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 @dataclass(frozen=True)
 class Version:
     adapter: str
@@ -123,6 +138,7 @@ class AdapterStore:
         self.root = Path(root)
         self.adapters_dir = self.root / "adapters"
         self.staging_dir = self.root / "staging"
+        self.factors_root = self.root / "factors"
         self.adapters_dir.mkdir(parents=True, exist_ok=True)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         self._rows_cache: dict[tuple[str, int], list[Row]] = {}
@@ -178,7 +194,72 @@ class AdapterStore:
                 self._rows_cache[key] = load_rows(version.dataset_path)
             return self._rows_cache[key]
 
+    def factors_dir(self, name: str, number: int, method: str) -> Path:
+        """Where the factor cache of version ``number`` for ``method`` (ekfac, kfac) lives;
+        it may not exist. Not inside the version: published versions are sealed."""
+        if method not in ("ekfac", "kfac"):
+            raise InvalidRequestError(f"no factor cache for solver {method!r}")
+        return self.factors_root / check_adapter_name(name) / str(int(number)) / method
+
     # ---- writing -------------------------------------------------------------------
+    def install_factors(self, staged: Path, name: str, number: int, method: str) -> Path:
+        """Move a complete factor cache (written under staging/) into place for a version."""
+        target = self.factors_dir(name, number, method)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # left by an earlier attempt: replace it whole
+            self.discard_factors(name, number, method)
+        os.rename(staged, target)
+        _fsync_dir(target.parent)
+        return target
+
+    def copy_factors(self, name: str, source: int, target: int, method: str) -> Path | None:
+        """Give version ``target`` the factor cache of version ``source`` (a rollback: the
+        same adapter and rows, so the same key); None when ``source`` has none. Hard
+        links: a cache's files are never rewritten, only replaced whole."""
+        src = self.factors_dir(name, source, method)
+        if not (src / FACTOR_MANIFEST).is_file():
+            return None
+        staged = self.new_staging(f"factors-{name}-v{target}")
+        try:
+            shutil.copytree(src, staged / method, copy_function=_link_or_copy)
+            return self.install_factors(staged / method, name, target, method)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def discard_factors(self, name: str, number: int, method: str | None = None) -> bool:
+        """Delete a version's factor cache (one method, or all); True if there was one."""
+        path = self.factors_dir(name, number, method) if method else self.factors_root / check_adapter_name(name) / str(number)
+        if not path.exists():
+            return False
+        # Renamed first, like a pruned version, so no reader sees a half-deleted cache.
+        trash = self.staging_dir / f"deleted-factors-{name}-{number}-{method or 'all'}.{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def sweep_factors(self) -> int:
+        """Delete factor caches of versions that no longer exist (a stop between a prune and
+        its factors' deletion) and temporaries of interrupted writes; returns how many."""
+        n = 0
+        if not self.factors_root.is_dir():
+            return 0
+        for adapter in self.factors_root.iterdir():
+            if not self.exists(adapter.name):
+                shutil.rmtree(adapter, ignore_errors=True)
+                n += 1
+                continue
+            kept = set(self.version_numbers(adapter.name))
+            for version in adapter.iterdir():
+                if not (version.name.isdigit() and int(version.name) in kept):
+                    shutil.rmtree(version, ignore_errors=True) if version.is_dir() else version.unlink(missing_ok=True)
+                    n += 1
+                    continue
+                for entry in version.iterdir():
+                    if entry.name.startswith("."):  # eraser.factors.save's temporary or old copy
+                        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                        n += 1
+        return n
+
     def new_staging(self, label: str) -> Path:
         path = self.staging_dir / f"{label}.{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
@@ -274,6 +355,7 @@ class AdapterStore:
             trash = self.staging_dir / f"deleted-{name}-{n}.{uuid.uuid4().hex[:8]}"
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
+            self.discard_factors(name, n)
             with self._lock:
                 self._rows_cache.pop((name, n), None)
                 self._ids_cache.pop((name, n), None)

@@ -117,6 +117,18 @@ def dashboard() -> str:
                description="Loading a version on one replica and confirming it with a probe."),
         _panel("Swaps by replica and outcome",
                [(f"sum by (replica, outcome) (increase(eraser_swaps_total{{{SEL}}}[{RATE}]))", "{{replica}} {{outcome}}")]),
+        _panel("Factor age", [(f'max by (adapter) (eraser_factor_age_seconds{{{SEL}, adapter=~"$adapter"}})',
+                               "{{adapter}}")], unit="s",
+               description="Seconds since the last full fit of the EK-FAC/K-FAC factors of each adapter's current "
+                           "version (downdates keep the age of the fit they started from; a refit follows once "
+                           "erase.refit_fraction of the rows changed). No line: the current version has no factors "
+                           "(a fit is pending, or the adapter's solver needs none)."),
+        _panel("Factor fits", [(f"sum by (kind) (increase(eraser_factor_fits_total{{{SEL}, adapter=~\"$adapter\"}}[{RATE}]))",
+                                "{{kind}}")],
+               description="Factor caches written per interval: full fits (background, in a job, or a refit) and "
+                           "downdates (a job's erased rows taken out of its version's factors).", stack=True),
+        _panel("Factor fit time (p95)", _quantiles("eraser_factor_fit_seconds", ["kind"], qs=(0.95,)), unit="s",
+               description="Time to fit factors in full, or to downdate them."),
         _row("gRPC API"),
         _panel("RPC latency (p95)", _quantiles("eraser_rpc_duration_seconds", ["method"],
                                                selector=f'{SEL}, service="eraser.v1.Eraser", method!="WatchJob"',

@@ -150,7 +150,7 @@ class EraseRequest(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., remove_ids: _Optional[_Iterable[str]] = ..., modify_queries: _Optional[_Iterable[_Union[ModifyQuery, _Mapping]]] = ..., correct_responses: _Optional[_Iterable[_Union[CorrectResponse, _Mapping]]] = ..., options: _Optional[_Union[EraseOptions, _Mapping]] = ...) -> None: ...
 
 class EraseReport(_message.Message):
-    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note", "curvature_rows", "curvature_products", "parameters")
+    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note", "curvature_rows", "curvature_products", "parameters", "solver_reason", "requested_solver", "factor_source", "factor_out_action", "factor_version", "factor_age_seconds", "factor_changed_fraction")
     class SecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,13 @@ class EraseReport(_message.Message):
     CURVATURE_ROWS_FIELD_NUMBER: _ClassVar[int]
     CURVATURE_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_SOLVER_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_OUT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_CHANGED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     solver: str
     preset: str
     curvature: str
@@ -211,7 +218,14 @@ class EraseReport(_message.Message):
     curvature_rows: int
     curvature_products: int
     parameters: int
-    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ..., curvature_rows: _Optional[int] = ..., curvature_products: _Optional[int] = ..., parameters: _Optional[int] = ...) -> None: ...
+    solver_reason: str
+    requested_solver: str
+    factor_source: str
+    factor_out_action: str
+    factor_version: int
+    factor_age_seconds: float
+    factor_changed_fraction: float
+    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ..., curvature_rows: _Optional[int] = ..., curvature_products: _Optional[int] = ..., parameters: _Optional[int] = ..., solver_reason: _Optional[str] = ..., requested_solver: _Optional[str] = ..., factor_source: _Optional[str] = ..., factor_out_action: _Optional[str] = ..., factor_version: _Optional[int] = ..., factor_age_seconds: _Optional[float] = ..., factor_changed_fraction: _Optional[float] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message")
