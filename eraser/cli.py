@@ -85,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-iterations", type=int, help="iteration limit (cg, sqm)")
     e.add_argument("--allow-unconverged", action="store_true", help="apply the update even if the solve did not converge")
     e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--holdout", help="rows of the same kind the adapter never saw (JSONL): the never-seen level "
+                                     "the erased rows are verified against")
+    e.add_argument("--verify", choices=["off", "report", "enforce"], default=None,
+                   help="enforce: refine until the erased rows look never-seen, else fail and write nothing; "
+                        "report: only score them (default: enforce with --holdout, else off)")
+    e.add_argument("--verify-method", choices=["npo", "ga"], default=None, help="refinement objective (default npo)")
+    e.add_argument("--verify-max-steps", type=int, default=None, help="refinement step budget (default 200)")
+    e.add_argument("--verify-max-seconds", type=float, default=None, help="refinement time budget (default 600)")
+    e.add_argument("--verify-max-auc", type=float, default=None,
+                   help="membership-inference AUC the erased rows must not exceed (default 0.75; 0.5 = never-seen)")
+    e.add_argument("--verify-max-retain-rise", type=float, default=None,
+                   help="largest allowed rise of the retained rows' mean NLL, nats (default 0.3)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     _add_device(e)
 
@@ -147,14 +159,25 @@ def cmd_erase(args, progress) -> dict:
     )
     config = EraseConfig(
         solver=_solver_config(args), curvature=curvature, objective=args.objective,
-        allow_unconverged=args.allow_unconverged, max_length=args.max_length,
+        allow_unconverged=args.allow_unconverged, max_length=args.max_length, verify=_verify_config(args),
     )
     factor_args = {"factors_dir": args.factors, "factors_out": args.factors_out}
     if args.refit_fraction is not None:
         factor_args["refit_fraction"] = args.refit_fraction
     report = erase(args.base, args.adapter, args.data, request, args.out, args.data_out, config, args.device, progress,
-                   **factor_args)
+                   **factor_args, holdout_path=args.holdout)
     return report.to_json()
+
+
+def _verify_config(args):
+    from .verify import VerifyConfig
+
+    policy = args.verify or ("enforce" if args.holdout else "off")
+    if policy != "off" and not args.holdout:
+        raise InvalidRequestError(f"--verify {policy} needs --holdout (rows of the same kind the adapter never saw)")
+    options = {"method": args.verify_method, "max_steps": args.verify_max_steps, "max_seconds": args.verify_max_seconds,
+               "max_auc": args.verify_max_auc, "max_retain_rise": args.verify_max_retain_rise}
+    return VerifyConfig(policy=policy, **{k: v for k, v in options.items() if v is not None})
 
 
 def cmd_eval(args, progress) -> dict:
@@ -195,6 +218,12 @@ def _human(command: str, result: dict) -> str:
             if f.get("out"):
                 line += f"; {f['out_action']} into {f['out']} ({100 * f['changed_fraction']:.1f}% of rows changed since fit)"
             lines.append(line)
+        if r.get("verification"):
+            from .verify import summarize
+
+            v = r["verification"]
+            verdict = "passed" if v["passed"] else f"FAILED ({v['reason']})"
+            lines.append(f"verification ({v['policy']}): {verdict}: {summarize(v)}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
         return "\n".join(lines)
     if command == "train":

@@ -69,3 +69,14 @@ class BaseModelError(EraserError):
     """The base model directory is missing or cannot be loaded."""
 
     code = "invalid_argument"
+
+
+class VerificationFailedError(EraserError):
+    """After the erase (and any refinement) the erased rows do not look never-seen, or
+    utility fell beyond its bound; nothing was written. ``report`` holds the numbers."""
+
+    code = "failed_precondition"
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report

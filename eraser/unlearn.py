@@ -38,6 +38,7 @@ from .datainf import datainf_solve
 from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
 from .kfac import KFAC
 from .solvers import FactoredSolver, SolveResult, SolverConfig, require_converged
+from .verify import VerifyConfig, erased_rows, load_holdout, retained_sample, verify_and_refine
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,13 @@ class EraseConfig:
     allow_unconverged: bool = False
     max_length: int = 512
     gradient_batch_size: int = 4
+    # Verified forgetting (eraser/verify.py): off by default, since it needs a held-out set
+    # of rows the adapter never saw; the CLI turns it on (enforce) when given one.
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def __post_init__(self):
+        if not isinstance(self.verify, VerifyConfig):
+            raise InvalidRequestError("verify must be a VerifyConfig")
         if self.objective not in ("influence", "newton"):
             raise InvalidRequestError(f"unknown objective {self.objective!r} (choose influence or newton)")
         if self.max_length < 8 or self.gradient_batch_size < 1:
@@ -223,6 +229,8 @@ class EraseReport:
     parent_adapter_sha256: str
     note: str = ""
     factors: dict | None = None  # the factor cache: used or fitted, downdated or refitted
+    # VerificationReport.to_json() (eraser/verify.py) when verification ran: numbers and ids only.
+    verification: dict | None = None
 
     def __post_init__(self):
         # JSON has no NaN: a closed-form solve's unmeasured residual reads as null.
@@ -248,10 +256,16 @@ def erase(
     factors_dir: str | Path | None = None,
     factors_out: str | Path | None = None,
     refit_fraction: float = DEFAULT_REFIT_FRACTION,
+    holdout_path: str | Path | None = None,
 ) -> EraseReport:
     """Erase per ``request``: write the patched adapter to ``out_dir`` (and the edited
     dataset to ``data_out``). All input is checked before anything is computed, and
     nothing is written unless every stage succeeded.
+
+    With ``config.verify.policy`` report or enforce, ``holdout_path`` (rows of the same
+    kind the adapter never saw) is required: after the update the erased rows are scored
+    against it (eraser/verify.py); enforce refines until they look never-seen, or raises
+    ``VerificationFailedError`` and writes nothing.
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -262,6 +276,8 @@ def erase(
     if out_dir.exists():
         raise OutputExistsError(f"output already exists: {out_dir}")
     plan = FactorPlan.check(config.solver.build(), factors_dir, factors_out, refit_fraction, config.curvature.sample_rows)
+    verifying = config.verify.policy != "off"
+    holdout = load_holdout(holdout_path, rows, config.verify) if verifying else []
     dev = resolve_device(device)
 
     t = time.perf_counter()
@@ -282,6 +298,10 @@ def erase(
     new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
     before_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
     before_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
+    if verifying:  # utility is judged against the parent adapter, on a sample of retained rows
+        erased = erased_rows(edits)
+        retain_pairs = [(r.prompt, r.response) for r in retained_sample(rows, edits, config.verify)]
+        retain_reference = _mean(row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length))
 
     update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress,
                             factors=cached.factors if cached else None)
@@ -293,6 +313,14 @@ def erase(
 
     t = time.perf_counter()
     apply_delta(model, update.delta)
+    verification = None
+    if verifying:  # raises VerificationFailedError (enforce) before anything is written
+        verification = verify_and_refine(
+            model, base.tokenizer, [(r.prompt, r.response) for r in erased], retain_pairs,
+            [(r.prompt, r.response) for r in holdout], config.verify, dev, progress, config.max_length,
+            retain_reference, [r.id for r in erased])
+        seconds["verify"] = time.perf_counter() - t
+        t = time.perf_counter()
     after_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
     after_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
     seconds["evaluate"] = time.perf_counter() - t
@@ -314,6 +342,8 @@ def erase(
         "edits": [{"id": e.old.id, "kind": e.kind, "old_sha256": e.old.sha256()} for e in edits],
         "dataset_sha256": text_sha256("\n".join(r.id + "\x00" + r.sha256() for r in edited_rows)),
     }
+    if verification is not None:  # numbers and ids only
+        meta["verification"] = verification.to_json()
     written = save_adapter_atomically(model, out_dir, meta)
     adapter_sha = adapter_fingerprint(written)
     data_written = False
@@ -363,4 +393,5 @@ def erase(
         parent_adapter_sha256=parent_sha,
         note=update.solve.note,
         factors=dict(plan.report) if plan is not None else None,
+        verification=verification.to_json() if verification else None,
     )

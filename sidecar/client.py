@@ -26,7 +26,7 @@ TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB
 # left unset when the value is None, so the sidecar's configured default applies.
 OPTION_FIELDS = (
     "solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
-    "allow_unconverged", "curvature_rows", "deadline_seconds",
+    "allow_unconverged", "curvature_rows", "deadline_seconds", "verify",
 )
 
 
@@ -121,9 +121,13 @@ class EraserClient:
 
     # -- adapters ------------------------------------------------------------------------
 
-    def register_adapter(self, name: str, base_model: str, adapter_path: str | Path, dataset_path: str | Path) -> pb.Adapter:
+    def register_adapter(self, name: str, base_model: str, adapter_path: str | Path, dataset_path: str | Path,
+                         holdout_path: str | Path | None = None, verify: str | None = None) -> pb.Adapter:
+        """``holdout_path``: rows of the same kind the adapter never saw, the reference its
+        erasures are verified against; ``verify``: its default policy (off, report, enforce)."""
         return self._call("RegisterAdapter", pb.RegisterAdapterRequest(
-            name=name, base_model=str(base_model), adapter_path=str(adapter_path), dataset_path=str(dataset_path)))
+            name=name, base_model=str(base_model), adapter_path=str(adapter_path), dataset_path=str(dataset_path),
+            holdout_path=str(holdout_path) if holdout_path else "", verify=verify or ""))
 
     def get_adapter(self, name: str) -> pb.Adapter:
         return self._call("GetAdapter", pb.GetAdapterRequest(name=name))

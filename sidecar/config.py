@@ -24,6 +24,7 @@ class ConfigError(InvalidRequestError):
 
 
 FACTOR_POLICIES = ("wait", "fallback")
+VERIFY_POLICIES = ("off", "report", "enforce")  # eraser.verify.POLICIES (no torch import here)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,16 @@ class EraseDefaults:
     # (eraser.factors.DEFAULT_REFIT_FRACTION; written out so that this module, which the
     # client's auth imports, does not import torch).
     refit_fraction: float = 0.10
+    # Verified forgetting (eraser/verify.py): the policy of an adapter registered with a
+    # held-out set when neither its registration nor a request names one (adapters without
+    # a held-out set are never verified). enforce: refine until the erased rows look
+    # never-seen or fail the job; report: score only.
+    verify: str = "enforce"
+    # The bound and the refinement budget of enforce; empty: the engine's defaults
+    # (eraser.verify.VerifyConfig: AUC <= 0.75, 100 steps, 600 s).
+    verify_max_auc: float | None = None
+    verify_max_steps: int | None = None
+    verify_max_seconds: float | None = None
 
     def __post_init__(self):
         from eraser.solvers import SOLVERS  # torch: only where a config is built
@@ -66,6 +77,22 @@ class EraseDefaults:
             raise ConfigError("erase.damping must be >= 0")
         if self.curvature_batch_size < 1 or self.max_length < 8:
             raise ConfigError("erase.curvature_batch_size must be >= 1 and erase.max_length >= 8")
+        if self.verify is False:  # YAML 1.1 reads a bare `off` as false
+            object.__setattr__(self, "verify", "off")
+        if self.verify not in VERIFY_POLICIES:
+            raise ConfigError(f"erase.verify must be one of {', '.join(VERIFY_POLICIES)}, not {self.verify!r}")
+        from eraser.verify import VerifyConfig
+
+        try:
+            VerifyConfig(**self.verify_limits())
+        except InvalidRequestError as e:
+            raise ConfigError(f"erase.verify_{e}") from None
+
+    def verify_limits(self) -> dict:
+        """The configured VerifyConfig fields (those left empty take the engine's defaults)."""
+        limits = {"max_auc": self.verify_max_auc, "max_steps": self.verify_max_steps,
+                  "max_seconds": self.verify_max_seconds}
+        return {k: v for k, v in limits.items() if v is not None}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ USAGE_CODES = frozenset({
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 # eraser.solvers.SOLVERS, written out: erasectl does not import the engine (or torch).
 SOLVERS = ("direct", "cg", "sqm", "ekfac", "kfac", "datainf")
+VERIFY_POLICIES = ("off", "report", "enforce")
 PROG = "erasectl"
 
 
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--base", required=True, help="base model directory, or a name from the sidecar's base_models")
     r.add_argument("--adapter", required=True, help="PEFT adapter directory (readable by the sidecar)")
     r.add_argument("--data", required=True, help="the adapter's training rows, JSONL (readable by the sidecar)")
+    r.add_argument("--holdout", metavar="FILE",
+                   help="rows of the same kind the adapter was never trained on, JSONL (readable by the sidecar): "
+                        "the reference its erasures are verified against")
+    r.add_argument("--verify", choices=VERIFY_POLICIES,
+                   help="the adapter's default verification policy (default: the sidecar's erase.verify with "
+                        "--holdout, else off)")
 
     a = sub.add_parser("adapters", help="list the adapters, or show one")
     a.add_argument("name", nargs="?")
@@ -98,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-iterations", type=_number(int, 1), help="iteration limit (cg, sqm)")
     e.add_argument("--allow-unconverged", action="store_true", help="publish the update even if the solve did not converge")
     e.add_argument("--curvature-rows", type=_number(int, 1), help="estimate the curvature on a sample of this many rows")
+    e.add_argument("--verify", choices=VERIFY_POLICIES,
+                   help="verified forgetting: enforce refines until the erased rows look never-seen against the "
+                        "adapter's held-out set, or fails and publishes nothing; report only scores them "
+                        "(default: the adapter's policy)")
     e.add_argument("--deadline", type=_number(float, 0), metavar="SECONDS",
                    help="fail the job if it has not finished this long after it was accepted")
     e.add_argument("--wait", action="store_true", help="follow the job (progress bar on stderr) and print the final job")
@@ -178,7 +189,7 @@ def build_request(args) -> dict[str, Any]:
         "solver": args.solver, "preset": args.preset, "curvature": args.curvature, "damping": args.damping,
         "objective": args.objective, "tolerance": args.tolerance, "max_iterations": args.max_iterations,
         "allow_unconverged": args.allow_unconverged or None, "curvature_rows": args.curvature_rows,
-        "deadline_seconds": args.deadline,
+        "deadline_seconds": args.deadline, "verify": args.verify,
     }
     return {
         "remove_ids": remove, "modify_queries": modify, "correct_responses": correct,
@@ -274,6 +285,8 @@ def format_job(job) -> str:
             parts.append(f"residual {job.report.residual:.1e}" + ("" if job.report.converged else " (not converged)"))
         if job.report.solver_reason:  # which solver ran and why (a fallback, the factors it used)
             parts.append(f"solver {job.report.solver_reason}")
+    if job.HasField("report") and job.report.HasField("verification"):
+        parts.append(format_verification(job.report.verification))
     if job.HasField("error") and (job.error.code or job.error.message):
         parts.append(f"error {job.error.code or 'UNKNOWN'}: {job.error.message}")
     if job.attempts > 1:
@@ -284,10 +297,32 @@ def format_job(job) -> str:
     return "  ".join(parts)
 
 
+def format_verification(v) -> str:
+    """One line of numbers: the policy, the verdict, the membership AUC before and after
+    refinement against its bound, the losses, and the refinement's cost."""
+    verdict = "passed" if v.passed else ("not passed" if v.policy == "report" else "FAILED")
+    text = f"verify {v.policy} {verdict}"
+    if v.HasField("auc_after"):
+        auc = f"{v.auc_before:.3f} -> {v.auc_after:.3f}" if v.refine_method else f"{v.auc_after:.3f}"
+        text += f": MIA AUC {auc} (max {v.max_auc:g})"
+        text += f", erased NLL {v.erased_nll_after:.2f} vs held-out {v.holdout_nll:.2f}"
+        if v.HasField("retain_nll_after"):
+            text += f", retained NLL {v.retain_nll_after:.2f}"
+            if v.HasField("retain_nll_parent"):
+                text += f" ({v.retain_nll_after - v.retain_nll_parent:+.2f})"
+    else:
+        text += f": {v.reason}"
+    if v.refine_method:
+        text += f"; refined {v.refine_steps} step(s) ({v.refine_method}, {v.refine_seconds:.1f} s: {v.refine_stopped})"
+    return text
+
+
 def format_adapter(adapter) -> str:
     line = f"adapter {adapter.name} v{adapter.version}  rows {adapter.rows}  base {adapter.base_model}  path {adapter.path}"
     if adapter.retained_versions:
         line += "  retained " + ",".join(f"v{v}" for v in adapter.retained_versions)
+    if adapter.holdout_rows:
+        line += f"  holdout {adapter.holdout_rows} rows  verify {adapter.verify}"
     return line
 
 
@@ -369,7 +404,8 @@ def run_command(args, state: dict) -> int:
         cmd = args.command
         if cmd == "register":
             adapter = client.register_adapter(args.name, _local_path(args.base, only_if_path_like=True),
-                                              _local_path(args.adapter), _local_path(args.data))
+                                              _local_path(args.adapter), _local_path(args.data),
+                                              _local_path(args.holdout) if args.holdout else None, args.verify)
             emit(args, adapter, format_adapter(adapter))
         elif cmd == "adapters":
             if args.name:

@@ -56,6 +56,17 @@ _REPLICA = re.compile(r"https?://[^\s\"]{1,200}")
 # downdate (the affected rows only) a fraction of that.
 FACTOR_FIT_BUCKETS = (0.01, 0.025, 0.05) + JOB_BUCKETS
 FACTOR_FIT_KINDS = ("full", "downdate")
+# Verified forgetting: the membership-inference AUC (erased vs held-out rows; 0.5 =
+# never-seen-like, 1 = memorised) after the influence update ("before" refinement) and of
+# the adapter as published or refused ("after"), in steps of 0.05.
+VERIFY_STAGES = ("before", "after")
+AUC_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+# passed: enforce, no refinement needed; refined: enforce, passed after refining; failed:
+# enforce, refused (nothing published); reported: policy report (scored, never refined).
+VERIFY_OUTCOMES = ("passed", "refined", "failed", "reported")
+# Refinement: a few Adam steps on a tiny adapter (a tenth of a second), up to the budget
+# (erase.verify_max_seconds, 600 s by default) on a real one.
+REFINE_BUCKETS = (0.01, 0.025, 0.05) + JOB_BUCKETS
 # A NaN or infinite residual would make eraser_solver_residual_sum NaN or +Inf for the
 # life of the process; it is recorded as this value instead, above the last bucket.
 _RESIDUAL_CEILING = 1e3
@@ -112,6 +123,18 @@ class Metrics:
         self._factor_fit_seconds = Histogram("eraser_factor_fit_seconds",
                                              "Time to fit (full) or downdate EK-FAC/K-FAC factors.",
                                              ("kind",), buckets=FACTOR_FIT_BUCKETS, registry=r)
+        self._verifications = Counter(
+            "eraser_verifications_total",
+            "Erase jobs whose erased rows were verified against the adapter's held-out rows, by adapter and outcome "
+            "(passed, refined, failed, reported).", ("adapter", "outcome"), registry=r)
+        self._verification_auc = Histogram(
+            "eraser_verification_auc",
+            "Membership-inference AUC of erased vs held-out rows (0.5: never-seen-like; 1: memorised), after the "
+            "influence update (stage before) and of the adapter as published or refused (stage after).",
+            ("stage",), buckets=AUC_BUCKETS, registry=r)
+        self._refine_seconds = Histogram("eraser_refine_seconds",
+                                         "Time spent refining an erase until its rows looked never-seen (enforce).",
+                                         buckets=REFINE_BUCKETS, registry=r)
         # Series known in advance exist from the start at zero, so that rate() and
         # alerts (e.g. on failed jobs) see them before the first job.
         for task in TASKS:
@@ -128,6 +151,8 @@ class Metrics:
             self._swap_duration.labels(outcome)
         for kind in FACTOR_FIT_KINDS:
             self._factor_fit_seconds.labels(kind)
+        for stage in VERIFY_STAGES:
+            self._verification_auc.labels(stage)
 
     def rpc_interceptor(self) -> grpc.ServerInterceptor:
         """A server interceptor timing every call into ``eraser_rpc_duration_seconds``.
@@ -245,6 +270,25 @@ class Metrics:
         _check(isinstance(fitted_at, (int, float)) and math.isfinite(fitted_at),
                f"fitted_at must be a finite Unix time, not {fitted_at!r}")
         self._factor_age.labels(adapter).set_function(lambda: max(0.0, time.time() - fitted_at))
+
+    def verification(self, adapter: str, outcome: str, *, auc_before: float | None, auc_after: float | None,
+                     refine_seconds: float | None) -> None:
+        """Record one verification: its outcome (``VERIFY_OUTCOMES``), the AUC before and
+        after refinement (None: not measured, e.g. no erased rows to score) and the time
+        refinement took (None: it did not run)."""
+        _check_adapter(adapter)
+        _check(outcome in VERIFY_OUTCOMES, f"verification outcomes are {', '.join(VERIFY_OUTCOMES)}, not {outcome!r}")
+        for name, auc in (("auc_before", auc_before), ("auc_after", auc_after)):
+            _check(auc is None or (isinstance(auc, (int, float)) and 0.0 <= auc <= 1.0),
+                   f"{name} must be in [0, 1], not {auc!r}")
+        if refine_seconds is not None:
+            _check_seconds(refine_seconds, "refine_seconds")
+        self._verifications.labels(adapter, outcome).inc()
+        for stage, auc in (("before", auc_before), ("after", auc_after)):
+            if auc is not None:
+                self._verification_auc.labels(stage).observe(auc)
+        if refine_seconds is not None:
+            self._refine_seconds.observe(refine_seconds)
 
     def serve(self, host: str, port: int) -> "MetricsServer":
         """Serve the registry over HTTP (GET /metrics) on ``host:port``; port 0 picks a free one."""

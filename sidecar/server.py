@@ -25,7 +25,7 @@ from .config import SidecarConfig
 from .errors import status_of
 from .jobs import Job, RequestPayload, State
 from .metrics import Metrics
-from .service import OPTION_FIELDS, EraserService, Hooks
+from .service import OPTION_FIELDS, EraserService, Hooks, verify_policy
 from .store import Version
 
 log = logging.getLogger("eraser.sidecar")
@@ -53,12 +53,40 @@ def adapter_message(service: EraserService, version: Version) -> pb.Adapter:
         replicas=[pb.ReplicaStatus(replica=r.replica, served_path=r.served_path, served_version=r.served_version,
                                    current=r.current and r.served_version == version.number, error=r.error)
                   for r in service.swapper.states(version.adapter)],
+        holdout_rows=record.holdout_rows, holdout_sha256=record.holdout_sha256 or "",
+        verify=verify_policy(None, record, service.config),
     )
+
+
+def verification_message(v: dict | None) -> pb.Verification | None:
+    """A ``VerificationReport.to_json()`` (eraser/verify.py) as the proto's numbers."""
+    if not v:
+        return None
+    before, after, refinement = v.get("before"), v.get("after"), v.get("refinement")
+    final = after or before
+    msg = pb.Verification(policy=v["policy"], passed=bool(v["passed"]), reason=v.get("reason", ""),
+                          max_auc=v["bounds"]["max_auc"], min_auc=v["bounds"]["min_auc"],
+                          seconds=float(v.get("seconds") or 0.0))
+    if before:
+        msg.auc_before, msg.erased_nll_before = before["auc"], before["erased_mean_nll"]
+        msg.erased_rows, msg.holdout_rows = before["erased_rows"], before["holdout_rows"]
+    if final:
+        msg.auc_after, msg.erased_nll_after, msg.holdout_nll = final["auc"], final["erased_mean_nll"], final["holdout_mean_nll"]
+        if final.get("retain_mean_nll") is not None:
+            msg.retain_nll_after = final["retain_mean_nll"]
+    if v.get("retain_reference") is not None:
+        msg.retain_nll_parent = v["retain_reference"]
+    if refinement:
+        msg.refine_method, msg.refine_steps = refinement["method"], int(refinement["steps"])
+        msg.refine_seconds, msg.refine_stopped = float(refinement["seconds"]), refinement.get("stopped", "")
+    return msg
 
 
 def report_message(report: dict | None) -> pb.EraseReport | None:
     if not report:
         return None
+    if "solver" not in report:  # a job refused by verification: no update was kept, only its numbers
+        return pb.EraseReport(verification=verification_message(report.get("verification")))
     msg = pb.EraseReport(
         solver=report["solver"], preset=report.get("preset") or "", curvature=report["curvature"],
         damping=report["damping"], objective=report["objective"], iterations=report["iterations"],
@@ -70,6 +98,7 @@ def report_message(report: dict | None) -> pb.EraseReport | None:
         curvature_rows=report.get("curvature_rows", 0), curvature_products=report.get("curvature_products", 0),
         parameters=report.get("parameters", 0), solver_reason=report.get("solver_reason", ""),
         requested_solver=report.get("requested_solver", ""),
+        verification=verification_message(report.get("verification")),
     )
     factors = report.get("factors") or {}
     if factors:
@@ -129,7 +158,8 @@ class EraserServicer(pb_grpc.EraserServicer):
 
     @_guarded
     def RegisterAdapter(self, request, context):
-        version = self.service.register(request.name, request.base_model, request.adapter_path, request.dataset_path)
+        version = self.service.register(request.name, request.base_model, request.adapter_path, request.dataset_path,
+                                        request.holdout_path, request.verify)
         return adapter_message(self.service, version)
 
     @_guarded
@@ -251,6 +281,20 @@ class MetricsHooks(Hooks):
     @_never_raises
     def factors_age(self, adapter: str, fitted_at: float | None) -> None:
         self.metrics.set_factors_fitted_at(adapter, fitted_at)
+
+    @_never_raises
+    def verification_finished(self, adapter: str, verification: dict) -> None:
+        before, after, refinement = verification.get("before"), verification.get("after"), verification.get("refinement")
+        if verification["policy"] == "report":
+            outcome = "reported"
+        elif not verification["passed"]:
+            outcome = "failed"
+        else:
+            outcome = "refined" if refinement and refinement.get("steps") else "passed"
+        final = after or before
+        self.metrics.verification(
+            adapter, outcome, auc_before=before["auc"] if before else None, auc_after=final["auc"] if final else None,
+            refine_seconds=float(refinement["seconds"]) if refinement else None)
 
 
 @dataclass

@@ -18,11 +18,13 @@ from typing import Callable
 from eraser import factors as engine_factors
 from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
-from eraser.errors import EraserError, InvalidRequestError
+from eraser.errors import DataError, EraserError, InvalidRequestError, VerificationFailedError
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
 from eraser.solvers import SolverConfig
 from eraser.unlearn import EraseConfig, erase
+from eraser.verify import POLICIES as VERIFY_POLICIES
+from eraser.verify import VerifyConfig, load_holdout
 
 from .config import SidecarConfig
 from .errors import (
@@ -37,13 +39,13 @@ from .errors import (
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
 from .jobs import Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
-from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name
+from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name, file_sha256
 from .swap import SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
 
 OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
-                 "allow_unconverged", "curvature_rows")
+                 "allow_unconverged", "curvature_rows", "verify")
 
 
 class Hooks(SwapHooks):
@@ -57,13 +59,34 @@ class Hooks(SwapHooks):
     def factors_fitted(self, adapter: str, kind: str, seconds: float) -> None: ...
     # The last full fit of the current version's factors (None: it has none).
     def factors_age(self, adapter: str, fitted_at: float | None) -> None: ...
+    # A job's erased rows were verified (eraser.verify.VerificationReport.to_json()),
+    # whether the job then published or failed.
+    def verification_finished(self, adapter: str, verification: dict) -> None: ...
 
 
-def resolve_options(options: dict, config: SidecarConfig) -> dict:
-    """A request's options completed with the sidecar's defaults, validated, canonical.
+def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
+    """The verification policy of a request: its own, else the adapter's (as registered,
+    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else off)."""
+    if requested and requested not in VERIFY_POLICIES:
+        raise InvalidRequestError(f"unknown verify policy {requested!r} (choose {', '.join(VERIFY_POLICIES)})")
+    has_holdout = record is not None and record.holdout_sha256 is not None
+    default = (record.verify if record is not None and record.verify else
+               config.erase.verify if has_holdout else "off")
+    policy = requested or default
+    if policy != "off" and not has_holdout:
+        name = repr(record.name) if record is not None else "the adapter"
+        raise InvalidRequestError(f"verify {policy} needs a held-out set, and adapter {name} was registered without "
+                                  "one (holdout_path)")
+    return policy
+
+
+def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord | None = None) -> dict:
+    """A request's options completed with the sidecar's (and the adapter's) defaults,
+    validated, canonical.
 
     The result is what the job stores and what decides whether two requests may share
-    one solve.
+    one solve. Verification settings appear only when the policy is not off (so the
+    options of unverified jobs are what they were before verification existed).
     """
     d = config.erase
     unknown = set(options) - set(OPTION_FIELDS)
@@ -85,6 +108,10 @@ def resolve_options(options: dict, config: SidecarConfig) -> dict:
         "curvature_batch_size": d.curvature_batch_size,
         "max_length": d.max_length,
     }
+    policy = verify_policy(options.get("verify"), record, config)
+    if policy != "off":
+        out["verify"] = policy
+        out.update({f"verify_{k}": v for k, v in d.verify_limits().items()})
     engine_config(out)  # raises InvalidRequestError on any bad value
     if solver in FACTOR_METHODS:
         engine_config(fallback_options(out))  # what a fallback to cg would run must be valid too
@@ -120,7 +147,14 @@ def engine_config(options: dict) -> EraseConfig:
                                 sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"])
     return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
                        objective=options["objective"], allow_unconverged=options["allow_unconverged"],
-                       max_length=options["max_length"])
+                       max_length=options["max_length"], verify=verify_config(options))
+
+
+def verify_config(options: dict) -> VerifyConfig:
+    """The engine's verification settings of a job's resolved options (off when absent)."""
+    prefix = "verify_"
+    limits = {k[len(prefix):]: v for k, v in options.items() if k.startswith(prefix)}
+    return VerifyConfig(policy=options.get("verify", "off"), **limits)
 
 
 @dataclass
@@ -294,7 +328,8 @@ class EraserService:
             raise InvalidRequestError(f"base model {base_model!r} is neither a configured name ({known}) nor a model directory")
         return path
 
-    def register(self, name: str, base_model: str, adapter_path: str, dataset_path: str) -> Version:
+    def register(self, name: str, base_model: str, adapter_path: str, dataset_path: str, holdout_path: str = "",
+                 verify: str = "") -> Version:
         self._require_compute()
         check_adapter_name(name)
         if self.store.exists(name):
@@ -306,6 +341,11 @@ class EraserService:
         rows = load_rows(dataset_path)
         if not rows:
             raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
+        holdout_rows = self._check_holdout(holdout_path, rows) if holdout_path else None
+        if verify and verify not in VERIFY_POLICIES:
+            raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(VERIFY_POLICIES)})")
+        if verify in ("report", "enforce") and holdout_rows is None:
+            raise InvalidRequestError(f"verify {verify} needs a held-out set (holdout_path)")
         fingerprint = base_fingerprint(base_dir)
         recorded = read_adapter_meta(adapter_path).get("base_model_fingerprint")
         if recorded and recorded != fingerprint:
@@ -315,6 +355,7 @@ class EraserService:
         # Loading the adapter onto the base is the only complete check that its tensors fit.
         load_adapter(load_base(base_dir, "cpu"), adapter_path, trainable=False)
         staged = self.store.new_staging(f"register-{name}-v1")
+        holdout = None
         try:
             shutil.copytree(adapter_path, staged / ADAPTER_DIR)
             shutil.copyfile(dataset_path, staged / DATASET)
@@ -323,16 +364,43 @@ class EraserService:
                 "base_model": base_model, "base_model_fingerprint": fingerprint, "created_at": time.time(),
                 "rows": len(rows), "source": "register",
             })
-            record = AdapterRecord(name, base_model, str(base_dir.resolve()), fingerprint, time.time())
-            version = self.store.register(record, staged)
+            holdout_sha = None
+            if holdout_rows is not None:  # beside the version, not in it: erases never change it
+                holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
+                shutil.copyfile(holdout_path, holdout)
+                holdout_sha = file_sha256(holdout)
+            record = AdapterRecord(name, base_model, str(base_dir.resolve()), fingerprint, time.time(),
+                                   holdout_sha256=holdout_sha, holdout_rows=len(holdout_rows or ()), verify=verify)
+            version = self.store.register(record, staged, holdout)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-        log.info("registered adapter %s (%d rows) as version 1", name, len(rows))
+            if holdout is not None:
+                shutil.rmtree(holdout.parent, ignore_errors=True)
+        log.info("registered adapter %s (%d rows%s) as version 1", name, len(rows),
+                 f", held-out set of {len(holdout_rows)} rows" if holdout_rows is not None else "")
         self.hooks.version_published(name, version)
         self._prepare_factors(version)
         self._report_factor_age(name)
         self._serve_now(version)
         return version
+
+    def _check_holdout(self, holdout_path: str, rows) -> list:
+        """The held-out rows, refused (INVALID_ARGUMENT) when unreadable, too few, or
+        sharing a row's content (``eraser.verify.load_holdout``) or id with the training set."""
+        path = Path(holdout_path)
+        if not path.is_file():
+            raise DataError(f"held-out set not found: {path}")
+        try:
+            holdout = load_holdout(path, rows, VerifyConfig(policy="enforce"))
+        except OSError as e:
+            raise DataError(f"cannot read held-out set {path}: {e.strerror or type(e).__name__}") from None
+        trained = {r.id for r in rows}
+        shared = sorted(r.id for r in holdout if r.id in trained)
+        if shared:
+            raise InvalidRequestError(
+                f"{len(shared)} held-out row id(s) are training row ids (e.g. {shared[0]!r}); held-out rows must be "
+                "rows the adapter never saw, under ids of their own")
+        return holdout
 
     def _serve_now(self, version: Version) -> SwapResult:
         """Swap a version in outside a job (register, rollback): a short bounded try; a
@@ -401,7 +469,7 @@ class EraserService:
         its job (or ALREADY_EXISTS if it named a different request).
         """
         self._require_compute()
-        self.store.record(adapter)
+        record = self.store.record(adapter)
         if request_id and len(request_id) > 128:
             raise InvalidRequestError("request_id is longer than 128 characters")
         if deadline_seconds < 0:
@@ -409,7 +477,7 @@ class EraserService:
         request = UnlearningRequest(payload.remove, payload.modify_query, payload.correct_response)
         if request.size > self.config.max_request_rows:
             raise InvalidRequestError(f"request touches {request.size} rows; the limit is {self.config.max_request_rows}")
-        resolved = resolve_options(options, self.config)
+        resolved = resolve_options(options, self.config, record)
         fingerprint = payload.fingerprint(adapter, {**resolved, "deadline_seconds": deadline_seconds})
         if request_id:
             seen = self.db.by_request(request_id)
@@ -546,6 +614,8 @@ class EraserService:
                 factor_args = {} if choice.method is None else {
                     "factors_dir": choice.source, "factors_out": staged_factors / choice.method,
                     "refit_fraction": self.config.erase.refit_fraction}
+                if choice.config.verify.policy != "off":
+                    factor_args["holdout_path"] = self._holdout_for(job.adapter)
                 try:
                     report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
                                    current.dataset_path, request, staged / ADAPTER_DIR, staged / DATASET, choice.config,
@@ -563,6 +633,8 @@ class EraserService:
             report_json = report.to_json()
             report_json.pop("adapter_out", None)  # a staging path, meaningless once published
             self._note_factors(job, current, choice, report_json)
+            if report_json.get("verification"):
+                self.hooks.verification_finished(job.adapter, report_json["verification"])
             progress("publish", 0, 1)
             with self._publish_lock:
                 if running.cancel.is_set():
@@ -601,12 +673,34 @@ class EraserService:
                 log.exception("job %s failed with an internal error", job.id)
             else:
                 log.info("job %s failed: %s: %s", job.id, code.name, message)
-            self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message))
+            report = None
+            if isinstance(e, VerificationFailedError) and e.report is not None:
+                # Nothing was written; the job keeps the numbers of the refused update.
+                report = {"verification": e.report.to_json()}
+                self.hooks.verification_finished(job.adapter, report["verification"])
+            self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
+                                                   report=report))
         finally:
             if staged is not None:
                 shutil.rmtree(staged, ignore_errors=True)
             if staged_factors is not None:
                 shutil.rmtree(staged_factors, ignore_errors=True)
+
+    def _holdout_for(self, adapter: str) -> Path:
+        """The adapter's stored held-out set, checked against its recorded hash: a job
+        verifies against exactly the rows that were registered."""
+        record = self.store.record(adapter)
+        path = self.store.holdout_path(adapter)
+        if path is None:
+            raise FailedPreconditionError(f"adapter {adapter!r} has no held-out set to verify against")
+        try:
+            intact = file_sha256(path) == record.holdout_sha256
+        except OSError:
+            intact = False
+        if not intact:
+            raise FailedPreconditionError(f"the stored held-out set of adapter {adapter!r} is missing or was changed "
+                                          "since registration")
+        return path
 
     # ---- factors -------------------------------------------------------------------
     def _choose_solver(self, job: Job, current: Version, progress) -> "_SolverChoice":

@@ -1,6 +1,7 @@
 """The versioned adapter store (embedded default: a directory).
 
-    STORE/adapters/NAME/adapter.json          registration: name, base model (immutable)
+    STORE/adapters/NAME/adapter.json          registration: name, base model, held-out set (immutable)
+    STORE/adapters/NAME/holdout.jsonl         its held-out set, if it has one (read-only)
     STORE/adapters/NAME/current               the current version number
     STORE/adapters/NAME/versions/N/adapter/   the PEFT adapter of version N
     STORE/adapters/NAME/versions/N/train.jsonl  its training set (erased rows gone)
@@ -47,6 +48,7 @@ from eraser.errors import InvalidRequestError
 ADAPTER_DIR = "adapter"
 DATASET = "train.jsonl"
 MANIFEST = "manifest.json"
+HOLDOUT = "holdout.jsonl"
 FACTOR_MANIFEST = "manifest.json"  # eraser.factors.MANIFEST (not imported: no torch here)
 
 
@@ -97,6 +99,12 @@ def _seal(directory: Path) -> None:
             p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
 
 
+def _seal_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+    path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)
@@ -131,6 +139,12 @@ class AdapterRecord:
     base_model_dir: str
     base_model_fingerprint: str
     created_at: float
+    # The held-out set (rows of the same kind never trained on) kept beside the versions:
+    # SHA-256 of the stored file and its row count; None / 0 when the adapter has none.
+    holdout_sha256: str | None = None
+    holdout_rows: int = 0
+    # The verification policy given at registration ("" : the sidecar's default).
+    verify: str = ""
 
 
 class AdapterStore:
@@ -157,6 +171,10 @@ class AdapterStore:
         if not path.is_file():
             raise NotFoundError(f"no adapter named {name!r}")
         return AdapterRecord(**json.loads(path.read_text()))
+
+    def holdout_path(self, name: str) -> Path | None:
+        """The stored held-out set of an adapter, or None when it was registered without one."""
+        return self._dir(name) / HOLDOUT if self.record(name).holdout_sha256 else None
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.adapters_dir.iterdir() if (p / "adapter.json").is_file())
@@ -285,9 +303,12 @@ class AdapterStore:
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return manifest
 
-    def register(self, record: AdapterRecord, staged_version: Path) -> Version:
-        """Publish a new adapter whose version 1 was assembled in ``staged_version``."""
+    def register(self, record: AdapterRecord, staged_version: Path, holdout: Path | None = None) -> Version:
+        """Publish a new adapter whose version 1 was assembled in ``staged_version``, with
+        its held-out set (a staged file, moved in) when it has one."""
         check_adapter_name(record.name)
+        if (holdout is None) != (record.holdout_sha256 is None):
+            raise ValueError("a held-out set and its record go together")
         target = self.adapters_dir / record.name
         if target.exists():
             raise AlreadyExistsError(f"an adapter named {record.name!r} is already registered")
@@ -296,6 +317,9 @@ class AdapterStore:
             (shell / "versions").mkdir()
             _seal(staged_version)
             os.rename(staged_version, shell / "versions" / "1")
+            if holdout is not None:
+                os.rename(holdout, shell / HOLDOUT)
+                _seal_file(shell / HOLDOUT)
             (shell / "adapter.json").write_text(json.dumps(record.__dict__, indent=2, sort_keys=True) + "\n")
             (shell / "current").write_text("1\n")
             _seal(shell / "adapter.json")

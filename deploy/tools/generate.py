@@ -105,6 +105,19 @@ def dashboard() -> str:
                unit="none"),
         _panel("Rows erased", [(f"sum by (task) (increase(eraser_rows_erased_total{{{SEL}}}[$__range]))", "{{task}}")],
                kind="stat", description="Training rows erased by succeeded jobs in the dashboard's time range."),
+        _row("Verified forgetting"),
+        _panel("Verifications by outcome",
+               [(f'sum by (outcome) (increase(eraser_verifications_total{{{SEL}, adapter=~"$adapter"}}[{RATE}]))',
+                 "{{outcome}}")],
+               description="Erase jobs whose erased rows were scored against the adapter's held-out rows: passed "
+                           "(enforce, as updated), refined (enforce, after refinement), failed (enforce, refused: "
+                           "nothing published), reported (report: scored only).", stack=True),
+        _panel("Membership AUC (erased vs held-out rows)",
+               _quantiles("eraser_verification_auc", ["stage"], qs=(0.5, 0.95)), unit="none",
+               description="Loss-based membership-inference AUC: 0.5 means the erased rows look never-seen, 1 "
+                           "memorised. Stage before: after the influence update; after: as published or refused."),
+        _panel("Refinement time", _quantiles("eraser_refine_seconds", []), unit="s",
+               description="Time enforce spent refining an erase until its rows looked never-seen."),
         _row("Versions and replicas"),
         _panel("Current adapter version", [(f'max by (adapter) (eraser_adapter_version{{{SEL}, adapter=~"$adapter"}})',
                                             "{{adapter}}")],

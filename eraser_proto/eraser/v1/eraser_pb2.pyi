@@ -26,16 +26,20 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("name", "base_model", "adapter_path", "dataset_path")
+    __slots__ = ("name", "base_model", "adapter_path", "dataset_path", "holdout_path", "verify")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     DATASET_PATH_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     name: str
     base_model: str
     adapter_path: str
     dataset_path: str
-    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., dataset_path: _Optional[str] = ...) -> None: ...
+    holdout_path: str
+    verify: str
+    def __init__(self, name: _Optional[str] = ..., base_model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., dataset_path: _Optional[str] = ..., holdout_path: _Optional[str] = ..., verify: _Optional[str] = ...) -> None: ...
 
 class GetAdapterRequest(_message.Message):
     __slots__ = ("name",)
@@ -54,7 +58,7 @@ class ListAdaptersResponse(_message.Message):
     def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("name", "version", "base_model", "path", "rows", "dataset_path", "retained_versions", "adapter_sha256", "base_model_fingerprint", "updated_at", "replicas")
+    __slots__ = ("name", "version", "base_model", "path", "rows", "dataset_path", "retained_versions", "adapter_sha256", "base_model_fingerprint", "updated_at", "replicas", "holdout_rows", "holdout_sha256", "verify")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +70,9 @@ class Adapter(_message.Message):
     BASE_MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     base_model: str
@@ -77,7 +84,10 @@ class Adapter(_message.Message):
     base_model_fingerprint: str
     updated_at: _timestamp_pb2.Timestamp
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., path: _Optional[str] = ..., rows: _Optional[int] = ..., dataset_path: _Optional[str] = ..., retained_versions: _Optional[_Iterable[int]] = ..., adapter_sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    holdout_rows: int
+    holdout_sha256: str
+    verify: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., base_model: _Optional[str] = ..., path: _Optional[str] = ..., rows: _Optional[int] = ..., dataset_path: _Optional[str] = ..., retained_versions: _Optional[_Iterable[int]] = ..., adapter_sha256: _Optional[str] = ..., base_model_fingerprint: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., holdout_rows: _Optional[int] = ..., holdout_sha256: _Optional[str] = ..., verify: _Optional[str] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("replica", "served_path", "served_version", "current", "error")
@@ -110,7 +120,7 @@ class CorrectResponse(_message.Message):
     def __init__(self, id: _Optional[str] = ..., response: _Optional[str] = ...) -> None: ...
 
 class EraseOptions(_message.Message):
-    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations", "allow_unconverged", "curvature_rows", "deadline_seconds")
+    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations", "allow_unconverged", "curvature_rows", "deadline_seconds", "verify")
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     PRESET_FIELD_NUMBER: _ClassVar[int]
     CURVATURE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +131,7 @@ class EraseOptions(_message.Message):
     ALLOW_UNCONVERGED_FIELD_NUMBER: _ClassVar[int]
     CURVATURE_ROWS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     solver: str
     preset: str
     curvature: str
@@ -131,7 +142,8 @@ class EraseOptions(_message.Message):
     allow_unconverged: bool
     curvature_rows: int
     deadline_seconds: float
-    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ..., allow_unconverged: _Optional[bool] = ..., curvature_rows: _Optional[int] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+    verify: str
+    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., tolerance: _Optional[float] = ..., max_iterations: _Optional[int] = ..., allow_unconverged: _Optional[bool] = ..., curvature_rows: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., verify: _Optional[str] = ...) -> None: ...
 
 class EraseRequest(_message.Message):
     __slots__ = ("adapter", "request_id", "remove_ids", "modify_queries", "correct_responses", "options")
@@ -150,7 +162,7 @@ class EraseRequest(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., remove_ids: _Optional[_Iterable[str]] = ..., modify_queries: _Optional[_Iterable[_Union[ModifyQuery, _Mapping]]] = ..., correct_responses: _Optional[_Iterable[_Union[CorrectResponse, _Mapping]]] = ..., options: _Optional[_Union[EraseOptions, _Mapping]] = ...) -> None: ...
 
 class EraseReport(_message.Message):
-    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note", "curvature_rows", "curvature_products", "parameters", "solver_reason", "requested_solver", "factor_source", "factor_out_action", "factor_version", "factor_age_seconds", "factor_changed_fraction")
+    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note", "curvature_rows", "curvature_products", "parameters", "solver_reason", "requested_solver", "factor_source", "factor_out_action", "factor_version", "factor_age_seconds", "factor_changed_fraction", "verification")
     class SecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +207,7 @@ class EraseReport(_message.Message):
     FACTOR_VERSION_FIELD_NUMBER: _ClassVar[int]
     FACTOR_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FACTOR_CHANGED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_FIELD_NUMBER: _ClassVar[int]
     solver: str
     preset: str
     curvature: str
@@ -225,7 +238,50 @@ class EraseReport(_message.Message):
     factor_version: int
     factor_age_seconds: float
     factor_changed_fraction: float
-    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ..., curvature_rows: _Optional[int] = ..., curvature_products: _Optional[int] = ..., parameters: _Optional[int] = ..., solver_reason: _Optional[str] = ..., requested_solver: _Optional[str] = ..., factor_source: _Optional[str] = ..., factor_out_action: _Optional[str] = ..., factor_version: _Optional[int] = ..., factor_age_seconds: _Optional[float] = ..., factor_changed_fraction: _Optional[float] = ...) -> None: ...
+    verification: Verification
+    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ..., curvature_rows: _Optional[int] = ..., curvature_products: _Optional[int] = ..., parameters: _Optional[int] = ..., solver_reason: _Optional[str] = ..., requested_solver: _Optional[str] = ..., factor_source: _Optional[str] = ..., factor_out_action: _Optional[str] = ..., factor_version: _Optional[int] = ..., factor_age_seconds: _Optional[float] = ..., factor_changed_fraction: _Optional[float] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ...) -> None: ...
+
+class Verification(_message.Message):
+    __slots__ = ("policy", "passed", "reason", "auc_before", "auc_after", "max_auc", "min_auc", "erased_nll_before", "erased_nll_after", "holdout_nll", "retain_nll_parent", "retain_nll_after", "refine_method", "refine_steps", "refine_seconds", "refine_stopped", "erased_rows", "holdout_rows", "seconds")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AUC_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AUC_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_AUC_FIELD_NUMBER: _ClassVar[int]
+    MIN_AUC_FIELD_NUMBER: _ClassVar[int]
+    ERASED_NLL_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ERASED_NLL_AFTER_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_NLL_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_NLL_PARENT_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_NLL_AFTER_FIELD_NUMBER: _ClassVar[int]
+    REFINE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    REFINE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    REFINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REFINE_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    ERASED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    passed: bool
+    reason: str
+    auc_before: float
+    auc_after: float
+    max_auc: float
+    min_auc: float
+    erased_nll_before: float
+    erased_nll_after: float
+    holdout_nll: float
+    retain_nll_parent: float
+    retain_nll_after: float
+    refine_method: str
+    refine_steps: int
+    refine_seconds: float
+    refine_stopped: str
+    erased_rows: int
+    holdout_rows: int
+    seconds: float
+    def __init__(self, policy: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., auc_before: _Optional[float] = ..., auc_after: _Optional[float] = ..., max_auc: _Optional[float] = ..., min_auc: _Optional[float] = ..., erased_nll_before: _Optional[float] = ..., erased_nll_after: _Optional[float] = ..., holdout_nll: _Optional[float] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., refine_method: _Optional[str] = ..., refine_steps: _Optional[int] = ..., refine_seconds: _Optional[float] = ..., refine_stopped: _Optional[str] = ..., erased_rows: _Optional[int] = ..., holdout_rows: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message")
