@@ -36,8 +36,10 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.stages
+	$(PY) -m bench.fastpath
 	$(PY) -m bench.sidecar
 	$(PY) -m bench.serving
+	$(PY) -m bench.unlearning
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

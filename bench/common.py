@@ -1,10 +1,18 @@
-"""Small helpers shared by the benchmarks: percentiles and the machine's facts."""
+"""Small helpers shared by the benchmarks: percentiles, the machine's facts, Markdown and output
+writing, and measuring (wall time and peak memory per stage)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
-from contextlib import suppress
+import os
+import platform
+import resource
+import sys
+import threading
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 
@@ -64,3 +72,173 @@ def write_outputs(result: dict, out: Path, stem: str, keys, markdown, say) -> No
     (out / f"{stem}.md").write_text(text)
     print(text)
     say(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def rss_bytes() -> int | None:
+    """Current resident set size of this process."""
+    with suppress(OSError, ValueError, IndexError, AttributeError):  # no /proc: try psutil
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import psutil  # optional
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:
+        return None
+
+
+def maxrss_bytes() -> int:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+
+
+def mb(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+class PeakSampler:
+    """A daemon thread that polls the RSS, so each stage can report its own peak."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._peak: int | None = None
+        self._stop = threading.Event()
+        self.available = rss_bytes() is not None
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        if self.available:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = rss_bytes()
+            if rss is None:
+                continue
+            with self._lock:
+                if self._peak is None or rss > self._peak:
+                    self._peak = rss
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peak = rss_bytes()
+
+    def peak(self) -> int | None:
+        rss = rss_bytes()
+        with self._lock:
+            if rss is not None and (self._peak is None or rss > self._peak):
+                self._peak = rss
+            return self._peak
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Recorder:
+    """Times stages and keeps their records in the order they ran."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.sampler = PeakSampler()
+        self.stages: dict[str, dict] = {}
+
+    def _sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def stage(self, name: str, notes: dict | None = None):
+        """Record ``name``; the body may fill ``notes`` (a dict with fixed keys)."""
+        notes = {} if notes is None else notes
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        print(f"[bench] {name} ...", flush=True)
+        rss_before = rss_bytes()
+        self.sampler.reset()
+        start = time.perf_counter()
+        try:
+            yield notes
+        finally:
+            self._sync()
+            seconds = time.perf_counter() - start
+            self.stages[name] = {
+                "seconds": round(seconds, 3),
+                "rss_before_mb": mb(rss_before),
+                "rss_after_mb": mb(rss_bytes()),
+                "rss_peak_mb": mb(self.sampler.peak()),
+                "maxrss_mb": mb(maxrss_bytes()),
+                "cuda_peak_mb": mb(self.torch.cuda.max_memory_allocated(self.device)) if self.cuda else None,
+                "notes": notes,
+            }
+            print(f"[bench] {name}: {seconds:.2f} s", flush=True)
+
+
+def norm(x) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(x.double()))
+
+
+def cosine(a, b) -> float | None:
+    na, nb = norm(a), norm(b)
+    if na == 0.0 or nb == 0.0:
+        return None
+    return float((a.double() @ b.double()) / (na * nb))
+
+
+def round_sig(x, digits: int = 4):
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return float(f"{x:.{digits}g}")
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def machine_info(device) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_model": None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "memory_total_mb": None,
+        "loadavg_start": None,
+        "loadavg_end": None,
+        "rss_sampling": rss_bytes() is not None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    cpu_and_memory(info)
+    with suppress(OSError):
+        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info

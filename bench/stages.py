@@ -31,19 +31,23 @@ import gc
 import json
 import math
 import os
-import platform
 import random
-import resource
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench.common import cpu_and_memory
+from bench.common import (
+    Recorder,
+    machine_info,
+    cosine as _cosine,
+    mean as _mean,
+    norm as _norm,
+    round_sig as _round,
+)
 
 SCHEMA_VERSION = 1
 
@@ -76,176 +80,6 @@ class Settings:
     @classmethod
     def quick(cls) -> "Settings":
         return cls(people=2, facts=2, epochs=1, gradient_rows=10, sample_rows=2, cg_max_iterations=2, recall=False)
-
-
-# --------------------------------------------------------------------------- measuring
-
-
-def _rss_bytes() -> int | None:
-    """Current resident set size of this process."""
-    with suppress(OSError, ValueError, IndexError, AttributeError):  # no /proc: try psutil
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    try:
-        import psutil  # optional
-
-        return int(psutil.Process().memory_info().rss)
-    except Exception:
-        return None
-
-
-def _maxrss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
-
-
-def _mb(n: int | None) -> float | None:
-    return None if n is None else round(n / 2**20, 1)
-
-
-class PeakSampler:
-    """A daemon thread that polls the RSS, so each stage can report its own peak."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._peak: int | None = None
-        self._stop = threading.Event()
-        self.available = _rss_bytes() is not None
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        if self.available:
-            self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = _rss_bytes()
-            if rss is None:
-                continue
-            with self._lock:
-                if self._peak is None or rss > self._peak:
-                    self._peak = rss
-
-    def reset(self) -> None:
-        with self._lock:
-            self._peak = _rss_bytes()
-
-    def peak(self) -> int | None:
-        rss = _rss_bytes()
-        with self._lock:
-            if rss is not None and (self._peak is None or rss > self._peak):
-                self._peak = rss
-            return self._peak
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-class Recorder:
-    """Times stages and keeps their records in the order they ran."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch = torch
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.sampler = PeakSampler()
-        self.stages: dict[str, dict] = {}
-
-    def _sync(self) -> None:
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def stage(self, name: str, notes: dict | None = None):
-        """Record ``name``; the body may fill ``notes`` (a dict with fixed keys)."""
-        notes = {} if notes is None else notes
-        gc.collect()
-        if self.cuda:
-            self.torch.cuda.empty_cache()
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        self._sync()
-        print(f"[bench] {name} ...", flush=True)
-        rss_before = _rss_bytes()
-        self.sampler.reset()
-        start = time.perf_counter()
-        try:
-            yield notes
-        finally:
-            self._sync()
-            seconds = time.perf_counter() - start
-            self.stages[name] = {
-                "seconds": round(seconds, 3),
-                "rss_before_mb": _mb(rss_before),
-                "rss_after_mb": _mb(_rss_bytes()),
-                "rss_peak_mb": _mb(self.sampler.peak()),
-                "maxrss_mb": _mb(_maxrss_bytes()),
-                "cuda_peak_mb": _mb(self.torch.cuda.max_memory_allocated(self.device)) if self.cuda else None,
-                "notes": notes,
-            }
-            print(f"[bench] {name}: {seconds:.2f} s", flush=True)
-
-
-def _norm(x) -> float:
-    import torch
-
-    return float(torch.linalg.vector_norm(x.double()))
-
-
-def _cosine(a, b) -> float | None:
-    na, nb = _norm(a), _norm(b)
-    if na == 0.0 or nb == 0.0:
-        return None
-    return float((a.double() @ b.double()) / (na * nb))
-
-
-def _round(x, digits: int = 4):
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return float(f"{x:.{digits}g}")
-
-
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def machine_info(device) -> dict:
-    import peft
-    import torch
-    import transformers
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "cpu_model": None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "memory_total_mb": None,
-        "loadavg_start": None,
-        "loadavg_end": None,
-        "rss_sampling": _rss_bytes() is not None,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
-    cpu_and_memory(info)
-    with suppress(OSError):
-        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
 
 
 # --------------------------------------------------------------------------- the benchmark

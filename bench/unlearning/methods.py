@@ -1,0 +1,282 @@
+"""The methods compared, as a registry: each is a small function ``(ctx) -> Outcome``.
+
+A method starts from the task's original adapter (the runner loads it into the model
+before every call) and returns the adapter parameters it ends with. Methods run in
+registry order on each task, so a method may build on an earlier one's result
+(``ctx.outcomes``): the ``+refine`` variants do. A method marked ``optional`` depends on
+code that may not exist yet (a solver name ``SolverConfig`` rejects, a missing module):
+it raises ``Unavailable`` and is recorded as unavailable instead of failing the run.
+
+Adding a method is a decorated function::
+
+    @method("my-method", "what it does, with its settings")
+    def _(ctx):
+        ...  # change ctx.model's adapter parameters, or compute a delta
+        return ctx.outcome(info={...})
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from eraser.curvature import CurvatureConfig
+from eraser.data import EncodedRows
+from eraser.errors import InvalidRequestError
+from eraser.losses import per_row_nll
+from eraser.model import trainable_parameters
+from eraser.solvers import SolverConfig
+from eraser.train import fit
+from eraser.unlearn import EraseConfig, apply_delta, compute_update
+
+
+class Unavailable(Exception):
+    """The method's dependency is missing or rejected (recorded, not raised)."""
+
+
+@dataclass
+class Outcome:
+    theta: torch.Tensor  # the adapter's trainable parameters after the method, flat
+    info: dict = field(default_factory=dict)
+    # Seconds spent before this method's own call in results it builds on (refine: the
+    # influence step's time), added to its reported time.
+    carried_seconds: float = 0.0
+    seconds: float | None = None  # this method's own wall time, filled in by the runner
+
+    @property
+    def total_seconds(self) -> float | None:
+        return None if self.seconds is None else self.seconds + self.carried_seconds
+
+
+@dataclass
+class Context:
+    model: object
+    tokenizer: object
+    device: object
+    settings: object
+    task: object
+    train_config: object  # eraser.train.TrainConfig of the original training
+    theta_init: torch.Tensor  # the adapter's initialisation (same seed as every training)
+    theta_original: torch.Tensor
+    outcomes: dict[str, Outcome]  # earlier methods on this task
+    shared: dict  # caches shared by the tasks of one original adapter (e.g. EK-FAC factors)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in trainable_parameters(self.model)]
+
+    def theta(self) -> torch.Tensor:
+        return parameters_to_vector(self.params).detach().clone()
+
+    def set_theta(self, theta: torch.Tensor) -> None:
+        # Copied in, never aliased: torch's vector_to_parameters makes the parameters views
+        # of the vector, and the next training step would then overwrite the saved adapter.
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(theta[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        if offset != theta.numel():
+            raise ValueError(f"adapter vector has {theta.numel()} values, the model {offset}")
+
+    def outcome(self, info: dict | None = None, carried_seconds: float = 0.0) -> Outcome:
+        return Outcome(self.theta(), info or {}, carried_seconds)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    fn: Callable[[Context], Outcome]
+    optional: bool = False
+    family: str = ""  # "reference", "retrain", "baseline", "influence", "refined"
+
+
+METHODS: list[Method] = []
+
+
+def method(name: str, description: str, optional: bool = False, family: str = ""):
+    def register(fn: Callable[[Context], Outcome]) -> Callable[[Context], Outcome]:
+        if any(m.name == name for m in METHODS):
+            raise ValueError(f"method {name!r} registered twice")
+        METHODS.append(Method(name, description, fn, optional, family))
+        return fn
+
+    return register
+
+
+def method_names() -> list[str]:
+    return [m.name for m in METHODS]
+
+
+# --------------------------------------------------------------------------- reference and retraining
+
+
+@method("original", "the adapter before any erasure (the starting point)", family="reference")
+def _original(ctx: Context) -> Outcome:
+    return ctx.outcome()
+
+
+@method("retrain-scratch", "gold standard: train again from the same initialisation without the rows "
+        "(same seed, hyper-parameters and epochs as the original)", family="retrain")
+def _retrain_scratch(ctx: Context) -> Outcome:
+    ctx.set_theta(ctx.theta_init)
+    history = fit(ctx.model, ctx.tokenizer, list(ctx.task.kept), ctx.train_config, ctx.device)
+    return ctx.outcome({"epochs": ctx.train_config.epochs, "rows": len(ctx.task.kept), "final_loss": history[-1]})
+
+
+@method("retrain-warm", "continue training the original adapter on the edited set (fewer epochs, see settings)",
+        family="retrain")
+def _retrain_warm(ctx: Context) -> Outcome:
+    cfg = replace(ctx.train_config, epochs=ctx.settings.warm_epochs)
+    history = fit(ctx.model, ctx.tokenizer, list(ctx.task.kept), cfg, ctx.device)
+    return ctx.outcome({"epochs": cfg.epochs, "rows": len(ctx.task.kept), "final_loss": history[-1]})
+
+
+@method("gradient-ascent", "AdamW steps on the affected rows: ascent on the old rows (and descent on the "
+        "edited rows for RC/QM), full batch, fixed step count and lr (see settings)", family="baseline")
+def _gradient_ascent(ctx: Context) -> Outcome:
+    s = ctx.settings
+    pairs = [(e.old.prompt, e.old.response) for e in ctx.task.edits]
+    signs = [-1.0] * len(pairs)
+    new = [(e.new.prompt, e.new.response) for e in ctx.task.edits if e.new is not None]
+    pairs += new
+    signs += [1.0] * len(new)
+    data = EncodedRows(ctx.tokenizer, pairs, s.max_length)
+    params = ctx.params
+    opt = torch.optim.AdamW(params, lr=s.ga_lr, weight_decay=0.0)
+    losses = []
+    for _ in range(s.ga_steps):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk, batch in data.batches(s.batch_size, device=ctx.device):
+            sign = torch.tensor([signs[i] for i in chunk], device=ctx.device)
+            # The mean over old rows, ascended, plus the mean over new rows, descended.
+            loss = (per_row_nll(ctx.model, batch) * sign).sum() / len(ctx.task.edits)
+            loss.backward()
+            total += float(loss)
+        opt.step()
+        losses.append(total)
+    return ctx.outcome({"steps": s.ga_steps, "lr": s.ga_lr, "objective_per_step": losses})
+
+
+# --------------------------------------------------------------------------- LLMEraser (influence)
+
+
+def _solver(name: str, preset: str | None = None, options: dict | None = None) -> SolverConfig:
+    try:
+        return SolverConfig(name, preset, options or {})
+    except InvalidRequestError as e:
+        raise Unavailable(f"SolverConfig rejects {name!r}: {e}") from None
+
+
+def _influence(ctx: Context, solver: SolverConfig, curvature: CurvatureConfig, factors_key: str | None = None) -> Outcome:
+    config = EraseConfig(solver=solver, curvature=curvature, allow_unconverged=True,
+                         max_length=ctx.settings.max_length, gradient_batch_size=ctx.settings.batch_size)
+    kwargs = {}
+    accepts_factors = "factors" in inspect.signature(compute_update).parameters
+    if factors_key and accepts_factors and factors_key in ctx.shared:
+        kwargs["factors"] = ctx.shared[factors_key]
+    update = compute_update(ctx.model, ctx.tokenizer, list(ctx.task.train), list(ctx.task.edits), config,
+                            ctx.device, **kwargs)
+    factors = getattr(update, "factors", None)
+    if factors_key and factors is not None:
+        ctx.shared[factors_key] = factors  # the next task on this adapter uses the cached factors
+    apply_delta(ctx.model, update.delta)
+    res = update.solve
+    return ctx.outcome({
+        "solver": solver.name, "preset": solver.preset, "options": solver.options,
+        "curvature": curvature.kind, "curvature_rows": update.curvature_rows, "damping": config.damping,
+        "iterations": res.iterations, "residual": res.residual, "converged": res.converged,
+        "tolerance": res.tolerance, "note": res.note, "curvature_products": update.curvature_products,
+        "gradient_norm": update.gradient_norm, "update_norm": float(torch.linalg.vector_norm(update.delta)),
+        "stage_seconds": {k: round(v, 3) for k, v in update.seconds.items()},
+        "factor_source": getattr(update, "factor_source", None),
+    })
+
+
+@method("llmeraser-paper", "LLMEraser with the paper's solver settings (sqm preset 'paper': Adam lr 1e-5, "
+        "20 steps of batch 1, damping = Adam's weight decay 1e-5) on the GGN", family="influence")
+def _llmeraser_paper(ctx: Context) -> Outcome:
+    s = ctx.settings
+    return _influence(ctx, _solver("sqm", "paper"),
+                      CurvatureConfig("ggn", s.damping, s.curvature_rows, s.batch_size, s.seed))
+
+
+@method("llmeraser-cg", "LLMEraser solved to convergence: conjugate gradient on the GGN + 0.1·I "
+        "(tolerance and iteration cap in settings; the residual is reported)", family="influence")
+def _llmeraser_cg(ctx: Context) -> Outcome:
+    s = ctx.settings
+    solver = _solver("cg", None, {"tolerance": s.cg_tolerance, "max_iterations": s.cg_max_iterations})
+    return _influence(ctx, solver, CurvatureConfig("ggn", s.damping, s.curvature_rows, s.batch_size, s.seed))
+
+
+@method("llmeraser-ekfac", "the fast path: EK-FAC factors over LoRA's linear maps (fitted once per adapter, "
+        "over every training row, then reused by the next task on that adapter), damping 0.1",
+        optional=True, family="influence")
+def _llmeraser_ekfac(ctx: Context) -> Outcome:
+    s = ctx.settings
+    return _influence(ctx, _solver("ekfac"), CurvatureConfig("ggn", s.damping, None, s.batch_size, s.seed),
+                      factors_key="ekfac")
+
+
+# --------------------------------------------------------------------------- + refine (eraser.verify)
+
+
+def _refine_api():
+    try:
+        verify = importlib.import_module("eraser.verify")
+    except ImportError as e:
+        raise Unavailable(f"eraser.verify is not importable: {e}") from None
+    if not hasattr(verify, "refine") or not hasattr(verify, "VerifyConfig"):
+        raise Unavailable("eraser.verify has no refine/VerifyConfig")
+    return verify
+
+
+def refined(base: str) -> Callable[[Context], Outcome]:
+    """``base`` followed by ``eraser.verify.refine``: NPO on the erased rows, anchored by KL to
+    the pre-refinement model on retained rows, stopped when the erased rows' loss reaches the
+    level of a calibration set of held-out people (not the evaluation's never-trained set)."""
+
+    def run(ctx: Context) -> Outcome:
+        verify = _refine_api()
+        before = ctx.outcomes.get(base)
+        if before is None or before.theta is None:
+            raise Unavailable(f"{base} produced no adapter on this task")
+        ctx.set_theta(before.theta)
+        task, s = ctx.task, ctx.settings
+        erased = [(e.old.prompt, e.old.response) for e in task.edits]
+        # Anchor rows: kept rows outside the evaluation's retain probe (a seeded sample), so
+        # that refinement is not scored on the very rows it was anchored to.
+        probe = {r.id for r in task.probes["retain"]}
+        pool = [r for r in task.kept if r.id not in probe]
+        pool = random.Random(f"refine:{s.seed}").sample(pool, min(s.refine_retain_rows, len(pool)))
+        retain = [(r.prompt, r.response) for r in pool]
+        holdout = [(r.prompt, r.response) for r in task.calibration]
+        config = verify.VerifyConfig(policy="enforce", max_steps=s.refine_max_steps, max_seconds=s.refine_max_seconds,
+                                     batch_size=s.batch_size, seed=s.seed)
+        started = time.perf_counter()
+        result = verify.refine(ctx.model, ctx.tokenizer, erased, retain, holdout, config, ctx.device,
+                               max_length=s.max_length)
+        seconds = time.perf_counter() - started
+        carried = before.total_seconds or 0.0
+        return ctx.outcome({
+            "base": base, "steps": result.steps, "stopped": result.reason, "passed": result.passed,
+            "auc_calibration_before": result.before.auc, "auc_calibration_after": result.after.auc,
+            "refine_seconds": round(seconds, 3), "method": result.method, "lr": config.lr,
+            "max_steps": config.max_steps,
+        }, carried_seconds=carried)
+
+    return run
+
+
+for _base in ("llmeraser-paper", "llmeraser-cg", "llmeraser-ekfac"):
+    method(f"{_base}+refine", f"{_base}, then eraser.verify.refine (NPO + KL anchor on retained rows) until the "
+           "erased rows reach a held-out calibration set's loss level", optional=True, family="refined")(refined(_base))

@@ -1,0 +1,364 @@
+"""The report: Markdown tables, a reading computed from the numbers, caveats, and plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from bench.common import md_row, reading_and_caveats
+
+IR = "instance_removal"
+# A rise of the retained rows' NLL beyond this (nats per token, over the original's) is
+# called broken utility in the reading: the trained rows sit near 0.01-0.1 nats and the
+# never-seen level of this data is ~1-2, so such a model has lost what it should keep.
+UTILITY_BROKEN_NATS = 1.0
+
+
+def _f(x, fmt: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _ok(rec: dict | None) -> bool:
+    return bool(rec) and rec.get("status") == "ok"
+
+
+def _solve_note(rec: dict) -> str:
+    info = rec.get("info") or {}
+    if "residual" in info or "iterations" in info:
+        parts = [f"{info.get('solver')}{'/' + info['preset'] if info.get('preset') else ''}"]
+        if info.get("iterations") is not None:
+            parts.append(f"{info['iterations']} it")
+        if info.get("residual") is not None:
+            parts.append(f"res {info['residual']:.1e}" + ("" if info.get("converged") else " (unconverged)"))
+        if info.get("factor_source"):
+            parts.append(f"factors {info['factor_source']}")
+        return ", ".join(parts)
+    if "steps" in info and "stopped" in info:
+        return f"{info['steps']} refine steps: {info['stopped']}"
+    if "epochs" in info:
+        return f"{info['epochs']} epochs on {info['rows']} rows"
+    if "steps" in info:
+        return f"{info['steps']} steps, lr {info['lr']:g}"
+    return ""
+
+
+def _columns(kind: str) -> list[tuple[str, callable]]:
+    def probe(name, key, fmt=".2f"):
+        return lambda r: _f(r["probes"][name][key], fmt) if name in r["probes"] else "n/a"
+
+    cols = [("method", None)]
+    if kind == IR:
+        cols += [("forget NLL", probe("forget", "nll")), ("forget EM", probe("forget", "exact_match")),
+                 ("paraphrase EM", probe("forget_para", "exact_match"))]
+    else:
+        cols += [("old NLL", probe("old", "nll")), ("old EM", probe("old", "exact_match")),
+                 ("new NLL", probe("new", "nll")), ("new EM", probe("new", "exact_match")),
+                 ("new para. EM", probe("new_para", "exact_match"))]
+    cols += [("retain NLL", probe("retain", "nll")), ("retain EM", probe("retain", "exact_match")),
+             ("retain para. EM", probe("retain_para", "exact_match")), ("never NLL", probe("never", "nll")),
+             ("MIA AUC", lambda r: _f(r.get("mia_auc"))),
+             ("recovery", lambda r: _f(r.get("recovery_target"))),
+             ("cos scratch", lambda r: _f(r.get("cosine_scratch"))),
+             ("cos warm", lambda r: _f(r.get("cosine_warm"))),
+             ("seconds", lambda r: _f(r.get("seconds"), ".1f")),
+             ("CPU s", lambda r: _f(r.get("cpu_seconds"), ".0f")),
+             ("peak RSS MB (rise)", lambda r: f"{_f(r.get('rss_peak_mb'), '.0f')} ({_f(r.get('rss_increase_mb'), '+.0f')})"),
+             ("notes", _solve_note)]
+    return cols
+
+
+def task_table(task: dict) -> list[str]:
+    cols = _columns(task["kind"])
+    lines = [md_row(c for c, _ in cols), md_row("---" if i == 0 or c == "notes" else "---:"
+                                              for i, (c, _) in enumerate(cols))]
+    for name, rec in task["methods"].items():
+        if _ok(rec):
+            lines.append(md_row([name] + [fn(rec) for _, fn in cols[1:]]))
+        else:
+            lines.append(md_row([name] + ["—"] * (len(cols) - 2) + [f"{rec['status']}: {rec.get('reason', '')}"]))
+    return lines
+
+
+def markdown(result: dict) -> str:
+    m, s, d = result["machine"], result["settings"], result["data"]
+    dev = m["device"] if m.get("gpu") is None else f"{m['device']} ({m['gpu']})"
+    lines = [
+        f"# Unlearning benchmark ({result['mode']}, {dev})",
+        "",
+        f"{s['model']}, LoRA r={s['rank']} on {', '.join(s['targets'])} ({s['parameters']:,} parameters), fine-tuned "
+        f"{s['epochs']} epochs at lr {s['lr']:g} (batch {s['batch_size']}) on synthetic facts (eraser.synthetic, "
+        f"{d['facts_per_person']} facts per person, each with a training question and a never-trained paraphrase). "
+        f"Clean set: {d['clean_people']} people ({d['clean_rows']} rows); corrupted set: {d['corrupted_people']} people "
+        f"({d['corrupted_rows']} rows, {d['corrupted_answers']} wrong answers, {d['corrupted_questions']} wrong "
+        f"questions); {d['held_out_people']} never-trained people ({d['held_out_rows']} rows) for the never-seen "
+        f"reference and utility; {d['calibration_people']} more never-trained people for +refine's calibration only. "
+        f"torch {m['torch']}, {m['torch_threads']} threads, {m['cpu_count']} CPUs "
+        f"({m.get('cpu_model') or m['processor']}). Total run {result['total_seconds']:.0f} s "
+        f"({_f(result.get('total_cpu_seconds'), '.0f')} CPU seconds).",
+        "",
+        "## Original adapters",
+        "",
+        md_row(["training set", "rows", "epochs", "seconds", "train NLL", "greedy recall (trained questions)",
+                "teacher-forced EM agrees with greedy"]),
+        md_row(["---", "---:", "---:", "---:", "---:", "---:", "---:"]),
+    ]
+    for name, q in result["originals"].items():
+        agree = (f"{q['greedy_agrees_with_teacher_forced']}/{q['greedy_checked_rows']}"
+                 if q.get("greedy_checked_rows") else "not checked")
+        lines.append(md_row([name, q["rows"], q["epochs"], _f(q["seconds"], ".0f"), _f(q["train_nll"], ".3f"),
+                             _f(q.get("greedy_recall")), agree]))
+    lines += ["", "## Methods", ""]
+    for name, meta in result["methods"].items():
+        lines.append(f"- `{name}`: {meta['description']}" + (" (optional)" if meta["optional"] else ""))
+    lines += [
+        "",
+        "Columns: NLL is the mean response NLL (nats/token); EM is greedy exact match (teacher-forced, see the "
+        "caveats); *forget*/*old* are the affected rows as trained (RC: the wrong answer; QM: the answer under the "
+        "wrong question), *new* the corrected rows, *para.* their never-trained paraphrases; *retain* are trained "
+        "rows no request touches, *never* the never-trained people. MIA AUC: loss attack between the forget/old rows "
+        "and the never-trained rows (0.5 = indistinguishable, 1 = all remembered). recovery: the method's change of "
+        "the forget/old NLL as a share of retraining from scratch's (1 = as far as retraining). cos: cosine of the "
+        "parameter change with retraining's (from scratch / warm). seconds: the method's wall time (for +refine "
+        "including the influence step before it); CPU s: the process's CPU time during the method's own call "
+        "(all threads; less inflated than wall time when other processes share the CPU).",
+    ]
+    for tname, task in result["tasks"].items():
+        lines += ["", f"## {tname}", "", task["title"] + ".", ""] + task_table(task)
+    if result.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
+    return "\n".join(lines + reading_and_caveats(result)) + "\n"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _median(xs: list[float]) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
+
+
+def broken(rec: dict) -> bool:
+    """Whether a method's result lost the retained rows (see UTILITY_BROKEN_NATS)."""
+    change = rec.get("retain_nll_change")
+    return _ok(rec) and (change is None or not change <= UTILITY_BROKEN_NATS)
+
+
+def _task_reading(tname: str, task: dict) -> list[str]:
+    methods = task["methods"]
+    target = task["target_probe"]
+    orig, scratch = methods.get("original"), methods.get("retrain-scratch")
+    if not (_ok(orig) and _ok(scratch)):
+        return [f"{tname}: no original or scratch retraining to compare with"]
+    o, r = orig["probes"], scratch["probes"]
+    what = "forget" if target == "forget" else "old-row"
+    head = (f"{tname}: retraining from scratch moved the {what} NLL {o[target]['nll']:.2f} → {r[target]['nll']:.2f} "
+            f"(never-trained people: {r['never']['nll']:.2f}), exact match {o[target]['exact_match']:.2f} → "
+            f"{r[target]['exact_match']:.2f}, MIA AUC {_f(orig['mia_auc'])} → {_f(scratch['mia_auc'])}")
+    if "new" in o:
+        head += f"; corrected rows' NLL {o['new']['nll']:.2f} → {r['new']['nll']:.2f} (EM {r['new']['exact_match']:.2f})"
+    head += f"; it took {scratch['seconds']:.0f} s."
+    subs = []
+    for name, rec in methods.items():
+        if name in ("original", "retrain-scratch"):
+            continue
+        if not _ok(rec):
+            subs.append(f"{name}: {rec['status']} ({rec.get('reason', '')})")
+            continue
+        p = rec["probes"]
+        gap = p[target]["nll"] - r[target]["nll"]
+        rcv = rec.get("recovery_target")
+        side = "short of" if gap < 0 else "beyond"
+        text = (f"{name}: {what} NLL {p[target]['nll']:.2f}, {abs(gap):.2f} nats {side} retraining "
+                f"({_f(rcv * 100 if rcv is not None else None, '.0f')}% of its rise); EM {p[target]['exact_match']:.2f} "
+                f"vs {r[target]['exact_match']:.2f}; AUC {_f(rec['mia_auc'])} vs {_f(scratch['mia_auc'])}")
+        if "new" in p:
+            text += f"; corrected NLL {p['new']['nll']:.2f} vs {r['new']['nll']:.2f}"
+        if broken(rec):
+            text = "UTILITY BROKEN: " + text
+        text += (f"; retained NLL {rec['retain_nll_change']:+.2f} and never-trained NLL "
+                 f"{rec['never_nll_change']:+.2f} vs the original; cosine with scratch/warm "
+                 f"{_f(rec.get('cosine_scratch'))}/{_f(rec.get('cosine_warm'))}")
+        if rec.get("seconds") and scratch.get("seconds"):
+            text += f"; {rec['seconds']:.1f} s ({rec['seconds'] / scratch['seconds']:.2g}× retraining's time)"
+        subs.append(text + ".")
+    return [head + "".join(f"\n  - {x}" for x in subs)]
+
+
+def reading(result: dict) -> list[str]:
+    out = []
+    for q_name, q in result["originals"].items():
+        if q.get("greedy_recall") is not None:
+            out.append(f"The {q_name} original reached train NLL {q['train_nll']:.3f} and greedy recall "
+                       f"{q['greedy_recall']:.2f} on its {q['rows']} training questions.")
+    for tname, task in result["tasks"].items():
+        out += _task_reading(tname, task)
+    # Across tasks: how close each method gets to retraining, on average.
+    names = list(result["methods"])
+    summary = []
+    for name in names:
+        if name in ("original", "retrain-scratch"):
+            continue
+        recs = [t["methods"].get(name) for t in result["tasks"].values()]
+        recs = [x for x in recs if _ok(x)]
+        if not recs:
+            continue
+        rcv = [x["recovery_target"] for x in recs if x.get("recovery_target") is not None]
+        gaps = []
+        for t in result["tasks"].values():
+            x, sc = t["methods"].get(name), t["methods"].get("retrain-scratch")
+            if _ok(x) and _ok(sc) and x.get("mia_auc") is not None and sc.get("mia_auc") is not None:
+                gaps.append(abs(x["mia_auc"] - sc["mia_auc"]))
+        worst_retain = max(x["retain_nll_change"] for x in recs)
+        summary.append(f"{name}: median recovery {_f(_median(rcv))} (range {_f(min(rcv) if rcv else None)} to "
+                       f"{_f(max(rcv) if rcv else None)}) of retraining's forget/old-NLL change over {len(recs)} "
+                       f"task(s); mean |AUC − retraining's| {_f(sum(gaps) / len(gaps) if gaps else None)}; worst "
+                       f"retained-NLL change {worst_retain:+.2f}")
+    if summary:
+        out.append("Across tasks:" + "".join(f"\n  - {x}." for x in summary))
+    bad = [f"{name} on {tname} ({rec['retain_nll_change']:+.2f})" for tname, task in result["tasks"].items()
+           for name, rec in task["methods"].items() if broken(rec)]
+    out.append(f"Broken utility (retained NLL up by more than {UTILITY_BROKEN_NATS:g} nat over the original): "
+               + (", ".join(bad) if bad else "none") + ".")
+    return out
+
+
+def caveats(result: dict) -> list[str]:
+    m, s = result["machine"], result["settings"]
+    out = [result["note"]] if result.get("note") else []
+    if result["mode"] == "quick":
+        out.append("quick mode: tiny sets and capped solves, a smoke test; the numbers mean little")
+    start = (m.get("loadavg_start") or [0.0])[0]
+    end = (m.get("loadavg_end") or [0.0])[0]
+    cores = m.get("cpu_affinity") or m.get("cpu_count") or 1
+    if m["device"] == "cpu" and max(start, end) > 0.5 * cores:
+        out.append(f"load average {start:.2f} at the start and {end:.2f} at the end on {cores} cores: other processes "
+                   "competed for the CPU, so seconds are inflated unevenly; compare times as rough ratios")
+    checked = [q for q in result["originals"].values() if q.get("greedy_checked_rows")]
+    if checked:
+        agree = sum(q["greedy_agrees_with_teacher_forced"] for q in checked)
+        total = sum(q["greedy_checked_rows"] for q in checked)
+        out.append(f"exact match is computed teacher-forced (every response token up to the end-of-turn token is the "
+                   f"argmax), which is what greedy decoding reproduces; checked against real greedy generation on the "
+                   f"originals' training questions: {agree}/{total} rows agree")
+    aucs = []
+    for task in result["tasks"].values():
+        k, n = task["probe_rows"][task["target_probe"]], task["probe_rows"]["never"]
+        aucs.append((k, n, math.sqrt((k + n + 1) / (12 * k * n))))
+    if aucs:
+        worst = max(aucs, key=lambda x: x[2])
+        out.append(f"the MIA AUC compares few rows (as few as {worst[0]} affected vs {worst[1]} never-trained rows: "
+                   f"standard error about {worst[2]:.2f} for exchangeable sets), one seed; read differences below "
+                   "about 0.2 as noise")
+    for tname, task in result["tasks"].items():
+        scratch = task["methods"].get("retrain-scratch")
+        if task["kind"] != IR and _ok(scratch) and scratch.get("mia_auc") is not None and scratch["mia_auc"] > 0.75:
+            out.append(f"{tname}: even retraining from scratch leaves the old rows' AUC at {scratch['mia_auc']:.2f}: "
+                       "the old and corrected rows share their sentence frame and differ in a few tokens, so the old "
+                       "row's NLL stays below never-trained rows' after the correction; the AUC says little here")
+    cg = [t["methods"].get("llmeraser-cg") for t in result["tasks"].values()]
+    cg = [x["info"] for x in cg if _ok(x)]
+    if cg:
+        unconv = [x for x in cg if not x.get("converged")]
+        rows = cg[0].get("curvature_rows")
+        text = (f"llmeraser-cg: GGN over {rows} training row(s) ({'every row' if s['curvature_rows'] is None else 'a seeded sample'}),"
+                f" damping {s['damping']:g}, tolerance {s['cg_tolerance']:g}, at most {s['cg_max_iterations']} "
+                f"iterations; residuals {', '.join(_f(x.get('residual'), '.1e') for x in cg)}")
+        if unconv:
+            text += f"; {len(unconv)} of {len(cg)} solves did NOT converge (applied anyway, as stated)"
+        out.append(text)
+    out.append("llmeraser-paper is unconverged by design (the paper's 20 Adam steps at lr 1e-5 move each coordinate "
+               "by at most about 2e-4); its residual is reported, not hidden")
+    out.append(f"retrain-warm runs {s['warm_epochs']} epoch(s) from the original adapter, fewer than the original's "
+               f"{s['epochs']}; gradient-ascent runs {s['ga_steps']} AdamW steps at lr {s['ga_lr']:g}")
+    ek = [t["methods"].get("llmeraser-ekfac") for t in result["tasks"].values()]
+    if any(_ok(x) for x in ek):
+        out.append("llmeraser-ekfac's time includes fitting the factors on the first task of each original adapter; "
+                   "later tasks on the same adapter reuse them (info.factor_source says which)")
+    out.append("peak RSS is the whole process's (base model, tokenizer and all held adapters included), sampled "
+               "every 20 ms; the JSON also has the rise over the level before each method")
+    return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(result: dict, out: Path, stem: str) -> list[str]:
+    """Forgetting vs utility per task, and time per method (log scale); returns file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(result["methods"])
+    cmap = plt.get_cmap("tab10")
+    bases = [n for n in names if "+" not in n]
+    # A "+refine" variant takes its base method's colour and a triangle marker.
+    colour = {n: cmap(bases.index(n.split("+")[0]) % 10) if n.split("+")[0] in bases else "grey" for n in names}
+    colour["retrain-scratch"] = "black"
+    marker = {n: "*" if n == "retrain-scratch" else "^" if "+" in n else "o" for n in names}
+    tasks = result["tasks"]
+    files = []
+
+    cols = min(3, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax, (tname, task) in zip(axes.flat, tasks.items()):
+        target = task["target_probe"]
+        never = None
+        for name, rec in task["methods"].items():
+            if not _ok(rec):
+                continue
+            x, y = rec["probes"][target]["nll"], rec["probes"]["retain"]["nll"]
+            ax.scatter([x], [y], color=colour[name], s=90 if name == "retrain-scratch" else 40, label=name,
+                       zorder=3, marker=marker[name], alpha=0.85)
+            if name == "original":
+                never = rec["probes"]["never"]["nll"]
+        if never is not None:
+            ax.axvline(never, color="grey", ls="--", lw=1, label="never-trained NLL (original)")
+        ax.set_title(tname)
+        ax.set_xlabel(f"{'forget' if target == 'forget' else 'old (wrong) row'} NLL  (forgetting →)")
+        ax.set_ylabel("retained rows' NLL  (↑ utility lost)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=8)
+    fig.suptitle(f"Forgetting vs utility ({result['mode']})")
+    fig.tight_layout(rect=(0, 0.1, 1, 0.96))
+    name = f"{stem}-tradeoff.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+
+    timed = [n for n in names if n != "original"]
+    fig, ax = plt.subplots(figsize=(9, min(10.0, 1.5 + 0.16 * len(timed) * max(1, len(tasks)))))
+    height = 0.8 / max(1, len(tasks))
+    tcmap = plt.get_cmap("tab10")
+    for j, (tname, task) in enumerate(tasks.items()):
+        ys, xs = [], []
+        for i, n in enumerate(timed):
+            rec = task["methods"].get(n)
+            if _ok(rec) and rec.get("seconds"):
+                ys.append(i + j * height)
+                xs.append(rec["seconds"])
+        ax.barh(ys, xs, height=height, color=tcmap(j % 10), label=tname)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(timed))])
+    ax.set_yticklabels(timed)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time (s, log scale)")
+    ax.set_title(f"Time per method ({result['mode']}, {result['machine']['device']})")
+    ax.grid(axis="x", alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = f"{stem}-time.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    files.append(name)
+    return files
