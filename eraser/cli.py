@@ -23,6 +23,11 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
 
 
+def _rise(text: str) -> float | None:
+    """A utility bound in nats, or ``off``."""
+    return None if text.strip().lower() in ("off", "none") else _positive_float(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -97,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="membership-inference AUC the erased rows must not exceed (default 0.75; 0.5 = never-seen)")
     e.add_argument("--verify-max-retain-rise", type=float, default=None,
                    help="largest allowed rise of the retained rows' mean NLL, nats (default 0.3)")
+    e.add_argument("--max-retain-rise", type=_rise, default=0.3, metavar="NATS|off",
+                   help="utility check: fail, writing nothing, if the mean NLL of a sample of retained rows rises by "
+                        "more than this (default 0.3; off: no check)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     _add_device(e)
 
@@ -160,6 +168,7 @@ def cmd_erase(args, progress) -> dict:
     config = EraseConfig(
         solver=_solver_config(args), curvature=curvature, objective=args.objective,
         allow_unconverged=args.allow_unconverged, max_length=args.max_length, verify=_verify_config(args),
+        max_retain_rise=args.max_retain_rise,
     )
     factor_args = {"factors_dir": args.factors, "factors_out": args.factors_out}
     if args.refit_fraction is not None:

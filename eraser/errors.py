@@ -80,3 +80,14 @@ class VerificationFailedError(EraserError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+class UtilityCheckFailedError(EraserError):
+    """The update raised the retained rows' loss beyond the configured bound (the adapter
+    would forget what it should keep); nothing was written. ``check`` holds the numbers."""
+
+    code = "failed_precondition"
+
+    def __init__(self, message: str, check=None):
+        super().__init__(message)
+        self.check = check

@@ -12,7 +12,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -21,7 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .curvature import Curvature, CurvatureConfig, Damped, gradient
 from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
-from .errors import InvalidRequestError, OutputExistsError
+from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
 from .losses import per_row_nll
 from .model import (
     adapter_fingerprint,
@@ -55,10 +55,27 @@ class EraseConfig:
     # Verified forgetting (eraser/verify.py): off by default, since it needs a held-out set
     # of rows the adapter never saw; the CLI turns it on (enforce) when given one.
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # The utility check every erase passes before anything is written: the mean NLL of a
+    # seeded sample of retained rows may rise by at most this much (nats; None: no check).
+    # Measured in bench/results/unlearning.md on SmolLM2: sound updates moved it by -0.01
+    # to +0.15 (gradient ascent's +0.15 the worst, EK-FAC +0.10 on 10 % removed), while
+    # a converged influence step on a 44 % response correction raised it by +10 nats
+    # (every answer lost) and on a query modification by +0.4 (retained recall 1.0 ->
+    # 0.2). The same bound as verification's max_retain_rise, for the same reason.
+    max_retain_rise: float | None = 0.3
+    # Retained rows in that sample (with verification on, its own sample is used). The
+    # rise is a paired difference on the same rows, so a few rows see a broken update;
+    # each costs one forward pass before and one after the update.
+    utility_rows: int = 8
 
     def __post_init__(self):
         if not isinstance(self.verify, VerifyConfig):
             raise InvalidRequestError("verify must be a VerifyConfig")
+        if self.max_retain_rise is not None and not (isinstance(self.max_retain_rise, (int, float))
+                                                     and math.isfinite(self.max_retain_rise) and self.max_retain_rise >= 0):
+            raise InvalidRequestError(f"max_retain_rise must be a finite number >= 0 or None, got {self.max_retain_rise!r}")
+        if self.utility_rows < 1:
+            raise InvalidRequestError(f"utility_rows must be >= 1, got {self.utility_rows}")
         if self.objective not in ("influence", "newton"):
             raise InvalidRequestError(f"unknown objective {self.objective!r} (choose influence or newton)")
         if self.max_length < 8 or self.gradient_batch_size < 1:
@@ -85,6 +102,35 @@ class Update:
 
 def _mean(xs: Sequence[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
+
+
+@dataclass(frozen=True)
+class UtilityCheck:
+    """The retained rows' mean NLL before and after an update, against the allowed rise."""
+
+    rows: int
+    before: float
+    after: float
+    max_rise: float
+
+    @property
+    def rise(self) -> float:
+        return self.after - self.before
+
+    @property
+    def passed(self) -> bool:
+        return self.rise <= self.max_rise  # NaN fails
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "before": self.before, "after": self.after, "rise": self.rise,
+                "max_rise": self.max_rise, "passed": self.passed}
+
+    def require(self) -> None:
+        if not self.passed:
+            raise UtilityCheckFailedError(
+                f"the update raised the retained rows' NLL by {self.rise:+.3f} nats on {self.rows} rows "
+                f"({self.before:.3f} -> {self.after:.3f}; max +{self.max_rise:g}), so nothing was written; "
+                "a larger damping takes a smaller step", self)
 
 
 @torch.no_grad()
@@ -231,6 +277,7 @@ class EraseReport:
     factors: dict | None = None  # the factor cache: used or fitted, downdated or refitted
     # VerificationReport.to_json() (eraser/verify.py) when verification ran: numbers and ids only.
     verification: dict | None = None
+    utility: dict | None = None  # UtilityCheck.to_json() when the check ran
 
     def __post_init__(self):
         # JSON has no NaN: a closed-form solve's unmeasured residual reads as null.
@@ -298,10 +345,17 @@ def erase(
     new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
     before_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
     before_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
-    if verifying:  # utility is judged against the parent adapter, on a sample of retained rows
+    # Utility is judged against the parent adapter, on a seeded sample of retained rows
+    # (verification's own sample when it runs, so that both judge the same rows).
+    checking = config.max_retain_rise is not None or verifying
+    if checking:
+        sample_size = config.verify.retain_sample if verifying else config.utility_rows
+        retain_pairs = [(r.prompt, r.response)
+                        for r in retained_sample(rows, edits, replace(config.verify, retain_sample=sample_size))]
+        retain_losses = row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length)
+        retain_reference = _mean(retain_losses)
+    if verifying:
         erased = erased_rows(edits)
-        retain_pairs = [(r.prompt, r.response) for r in retained_sample(rows, edits, config.verify)]
-        retain_reference = _mean(row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length))
 
     update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress,
                             factors=cached.factors if cached else None)
@@ -321,6 +375,11 @@ def erase(
             retain_reference, [r.id for r in erased])
         seconds["verify"] = time.perf_counter() - t
         t = time.perf_counter()
+    utility = None
+    if config.max_retain_rise is not None and retain_pairs:
+        after = row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length)
+        utility = UtilityCheck(len(retain_pairs), retain_reference, _mean(after), config.max_retain_rise)
+        utility.require()  # raises before anything is written
     after_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
     after_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
     seconds["evaluate"] = time.perf_counter() - t
@@ -394,4 +453,5 @@ def erase(
         note=update.solve.note,
         factors=dict(plan.report) if plan is not None else None,
         verification=verification.to_json() if verification else None,
+        utility=utility.to_json() if utility else None,
     )

@@ -59,6 +59,10 @@ class EraseDefaults:
     verify_max_auc: float | None = None
     verify_max_steps: int | None = None
     verify_max_seconds: float | None = None
+    # The utility check of every erase (eraser.unlearn.EraseConfig.max_retain_rise): the
+    # retained rows' mean NLL may rise by at most this many nats, else the job fails and
+    # nothing is published; null turns the check off.
+    max_retain_rise: float | None = 0.3
 
     def __post_init__(self):
         from eraser.solvers import SOLVERS  # torch: only where a config is built
@@ -75,6 +79,9 @@ class EraseDefaults:
             raise ConfigError(f"erase.objective must be influence or newton, not {self.objective!r}")
         if not self.damping >= 0:
             raise ConfigError("erase.damping must be >= 0")
+        if self.max_retain_rise is not None and not (isinstance(self.max_retain_rise, (int, float))
+                                                     and 0 <= self.max_retain_rise < float("inf")):
+            raise ConfigError(f"erase.max_retain_rise must be a number >= 0 or null, not {self.max_retain_rise!r}")
         if self.curvature_batch_size < 1 or self.max_length < 8:
             raise ConfigError("erase.curvature_batch_size must be >= 1 and erase.max_length >= 8")
         if self.verify is False:  # YAML 1.1 reads a bare `off` as false

@@ -287,6 +287,11 @@ def format_job(job) -> str:
             parts.append(f"solver {job.report.solver_reason}")
     if job.HasField("report") and job.report.HasField("verification"):
         parts.append(format_verification(job.report.verification))
+    if job.HasField("report") and job.report.HasField("utility"):
+        u = job.report.utility
+        parts.append(f"utility {'ok' if u.passed else 'FAILED'}: retained NLL {u.retain_nll_parent:.2f} -> "
+                     f"{u.retain_nll_after:.2f} ({u.retain_nll_after - u.retain_nll_parent:+.2f}, max +{u.max_rise:g}, "
+                     f"{u.rows} rows)")
     if job.HasField("error") and (job.error.code or job.error.message):
         parts.append(f"error {job.error.code or 'UNKNOWN'}: {job.error.message}")
     if job.attempts > 1:

@@ -82,11 +82,20 @@ def verification_message(v: dict | None) -> pb.Verification | None:
     return msg
 
 
+def utility_message(u: dict | None) -> pb.UtilityCheck | None:
+    """A ``UtilityCheck.to_json()`` (eraser/unlearn.py) as the proto's numbers."""
+    if not u:
+        return None
+    return pb.UtilityCheck(rows=u["rows"], retain_nll_parent=u["before"], retain_nll_after=u["after"],
+                           max_rise=u["max_rise"], passed=bool(u["passed"]))
+
+
 def report_message(report: dict | None) -> pb.EraseReport | None:
     if not report:
         return None
-    if "solver" not in report:  # a job refused by verification: no update was kept, only its numbers
-        return pb.EraseReport(verification=verification_message(report.get("verification")))
+    if "solver" not in report:  # a job refused by verification or the utility check: only its numbers
+        return pb.EraseReport(verification=verification_message(report.get("verification")),
+                              utility=utility_message(report.get("utility")))
     msg = pb.EraseReport(
         solver=report["solver"], preset=report.get("preset") or "", curvature=report["curvature"],
         damping=report["damping"], objective=report["objective"], iterations=report["iterations"],
@@ -99,6 +108,7 @@ def report_message(report: dict | None) -> pb.EraseReport | None:
         parameters=report.get("parameters", 0), solver_reason=report.get("solver_reason", ""),
         requested_solver=report.get("requested_solver", ""),
         verification=verification_message(report.get("verification")),
+        utility=utility_message(report.get("utility")),
     )
     factors = report.get("factors") or {}
     if factors:

@@ -18,7 +18,7 @@ from typing import Callable
 from eraser import factors as engine_factors
 from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
-from eraser.errors import DataError, EraserError, InvalidRequestError, VerificationFailedError
+from eraser.errors import DataError, EraserError, InvalidRequestError, UtilityCheckFailedError, VerificationFailedError
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
 from eraser.solvers import SolverConfig
@@ -107,6 +107,7 @@ def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord 
         "curvature_rows": options.get("curvature_rows") if options.get("curvature_rows") is not None else d.curvature_rows,
         "curvature_batch_size": d.curvature_batch_size,
         "max_length": d.max_length,
+        "max_retain_rise": d.max_retain_rise,
     }
     policy = verify_policy(options.get("verify"), record, config)
     if policy != "off":
@@ -147,7 +148,9 @@ def engine_config(options: dict) -> EraseConfig:
                                 sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"])
     return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
                        objective=options["objective"], allow_unconverged=options["allow_unconverged"],
-                       max_length=options["max_length"], verify=verify_config(options))
+                       max_length=options["max_length"], verify=verify_config(options),
+                       # Jobs stored before the utility check existed get the engine's default.
+                       **({"max_retain_rise": options["max_retain_rise"]} if "max_retain_rise" in options else {}))
 
 
 def verify_config(options: dict) -> VerifyConfig:
@@ -678,6 +681,8 @@ class EraserService:
                 # Nothing was written; the job keeps the numbers of the refused update.
                 report = {"verification": e.report.to_json()}
                 self.hooks.verification_finished(job.adapter, report["verification"])
+            elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
+                report = {"utility": e.check.to_json()}
             self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
                                                    report=report))
         finally:
