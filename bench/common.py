@@ -3,6 +3,7 @@ writing, and measuring (wall time and peak memory per stage)."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import math
@@ -208,15 +209,49 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def bench_parser(name: str, description: str, outputs: str = "json/md", device: bool = True,
+                 quick_help: str = "tiny sizes, for a smoke test (numbers mean nothing)") -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --quick, --device, --out, --note, --render."""
+    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if device:
+        p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--out", type=Path, default=Path("bench/results"), help=f"directory for {name}*.{outputs}")
+    p.add_argument("--note", help="a caveat to record with the results (e.g. what else ran on the machine)")
+    what = "Markdown and plots" if "png" in outputs else "Markdown"
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help=f"measure nothing: rewrite the reading, caveats and {what} of an earlier result (with --note)")
+    return p
+
+
+def rendered(args) -> dict:
+    """The earlier result named by --render, with --note's caveat when given."""
+    result = json.loads(args.render.read_text())
+    if args.note is not None:
+        result["note"] = args.note
+    return result
+
+
+def cpu_affinity() -> int | None:
+    """CPUs this process may run on (cpu_count where the platform cannot say)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
+def output_stem(name: str, device: str, quick: bool) -> str:
+    """File stem of a benchmark's results: NAME[-DEVICE][-quick]."""
+    stem = name if device == "cpu" else f"{name}-{device.replace(':', '')}"
+    return stem + ("-quick" if quick else "")
+
+
 def machine_info(device) -> dict:
     import peft
     import torch
     import transformers
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    affinity = cpu_affinity()
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -20,8 +20,6 @@ Every stage records wall time and peak memory (``bench.stages.Recorder``). Resul
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import shutil
@@ -31,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import md_row, reading_and_caveats, write_outputs
+from bench.common import bench_parser, md_row, rendered, reading_and_caveats, write_outputs
 from bench.stages import Recorder, machine_info
 
 SCHEMA_VERSION = 1
@@ -75,7 +73,7 @@ def run(settings: Settings, device_name: str, workdir: Path) -> dict:
     from eraser.requests import UnlearningRequest
     from eraser.solvers import SolverConfig
     from eraser.synthetic import facts_to_rows, generate_people
-    from eraser.train import TrainConfig, fit, new_adapter, train
+    from eraser.train import TrainConfig, fit, train
     from eraser.unlearn import EraseConfig, apply_delta, compute_update
 
     started = time.perf_counter()
@@ -262,17 +260,10 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench.stages
-    p = argparse.ArgumentParser(prog="python -m bench.fastpath", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (numbers mean nothing)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--note", help="a caveat to record with the results")
-    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the reading, caveats "
-                   "and Markdown of an earlier result (with --note)")
+    p = bench_parser("fastpath", __doc__.splitlines()[0])
     args = p.parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        result["note"] = args.note if args.note is not None else result.get("note")
+        result = rendered(args)
         result["caveats"], result["reading"] = caveats(result), reading(result)
         stem = args.render.stem
         write_outputs(result, args.out, stem, TOP_KEYS, markdown, lambda m: print(f"[bench] {m}", flush=True))

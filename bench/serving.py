@@ -40,9 +40,7 @@ built on the spot (hidden 64, 2 heads: head_dim 32, which vLLM's CPU attention n
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import logging
 import os
 import platform
@@ -55,7 +53,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
+from bench.common import bench_parser, cpu_affinity, rendered, cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "erase_to_served", "swap_latency",
@@ -105,10 +103,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    affinity = cpu_affinity()
     vllm_version = None
     with suppress(Exception):
         from importlib.metadata import version
@@ -631,19 +626,13 @@ def main(argv: list[str] | None = None) -> int:
 
     passive_openmp_waits()  # before torch is imported
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a tiny model and 5 swaps, for a smoke test (numbers mean nothing)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for serving*.json/md")
-    p.add_argument("--note", help="a caveat to record with the results (e.g. what else ran on the machine)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="measure nothing: rewrite the reading, caveats and Markdown of an earlier result")
+    p = bench_parser("serving", __doc__.splitlines()[0], device=False,
+                     quick_help="a tiny model and 5 swaps, for a smoke test (numbers mean nothing)")
     args = p.parse_args(argv)
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        if args.note is not None:
-            result["note"] = args.note
+        result = rendered(args)
         result["caveats"] = caveats(result)
         result["reading"] = reading(result)
         write_outputs(result, args.out, "serving-quick" if result["mode"] == "quick" else "serving", TOP_KEYS, markdown, _say)

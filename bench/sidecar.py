@@ -39,7 +39,6 @@ under a minute; its numbers mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -55,7 +54,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
+from bench.common import bench_parser, cpu_affinity, rendered, cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "acceptance", "merging",
@@ -149,10 +148,7 @@ def machine_info() -> dict:
     import torch
     import transformers
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    affinity = cpu_affinity()
     info = {
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -763,17 +759,10 @@ def main(argv: list[str] | None = None) -> int:
     from eraser.cli import passive_openmp_waits
 
     passive_openmp_waits()  # before torch is imported: a shared CPU makes busy-waiting threads very slow
-    p = argparse.ArgumentParser(prog="python -m bench.sidecar", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (numbers mean nothing)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for sidecar*.json/md")
-    p.add_argument("--note", help="a caveat to record with the results (e.g. what else ran on the machine)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="measure nothing: rewrite the reading, caveats and Markdown of an earlier result")
+    p = bench_parser("sidecar", __doc__.splitlines()[0], device=False)
     args = p.parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        if args.note is not None:
-            result["note"] = args.note
+        result = rendered(args)
         result["caveats"] = caveats(result)
         result["reading"] = reading(result, _smollm2_erase_seconds(args.out))
         write_outputs(result, args.out, "sidecar-quick" if result["mode"] == "quick" else "sidecar", TOP_KEYS, markdown, _say)

@@ -26,7 +26,6 @@ about a minute; its numbers mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
@@ -40,9 +39,13 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from eraser.cli import passive_openmp_waits
 from bench.common import (
     Recorder,
+    bench_parser,
     machine_info,
+    rendered,
+    output_stem as common_output_stem,
     cosine as _cosine,
     mean as _mean,
     norm as _norm,
@@ -462,30 +465,20 @@ def markdown(result: dict) -> str:
 
 
 def output_stem(device: str, quick: bool) -> str:
-    stem = "stages" if device == "cpu" else f"stages-{device.replace(':', '')}"
-    return stem + ("-quick" if quick else "")
+    return common_output_stem("stages", device, quick)
 
 
 def main(argv: list[str] | None = None) -> int:
     # Measured here: with a second CPU-heavy process on the machine, OpenMP's default
     # busy-waiting made one GGN product 15x slower (64 s against 4 s on 2 cores); passive
     # waiting avoids that. It only takes effect before torch is first imported.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    p = argparse.ArgumentParser(prog="python -m bench.stages", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test (numbers mean nothing)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for stages*.json/md")
+    passive_openmp_waits()
+    p = bench_parser("stages", __doc__.splitlines()[0])
     p.add_argument("--damping", type=float, help="absolute damping of the GGN for the cg solves (default 0.1)")
     p.add_argument("--workdir", type=Path, help="keep data and adapters here (default: a temporary directory)")
-    p.add_argument("--note", help="a caveat to record with the results (e.g. what else ran on the machine)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="measure nothing: rewrite the reading, caveats and Markdown of an earlier result")
     args = p.parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        if args.note is not None:
-            result["note"] = args.note
+        result = rendered(args)
         result["caveats"] = caveats(result["machine"], result.get("note"))
         result["reading"] = reading(result["stages"], result["machine"])
         stem = output_stem(result["device"], result["mode"] == "quick")

@@ -12,7 +12,6 @@ roughly the right way. Thresholds leave room for other torch builds.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from conftest import write_json
 from eraser import factors as fx
 from eraser.cli import main
 from eraser.curvature import Curvature, CurvatureConfig, gradient
-from eraser.data import EncodedRows, load_rows
+from eraser.data import EncodedRows
 from eraser.datainf import datainf_solve
 from eraser.kfac import KFAC, KFACConfig
 from eraser.model import load_adapter, load_base, trainable_parameters

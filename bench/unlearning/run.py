@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from bench.common import Recorder, cosine, machine_info, norm, write_outputs
+from bench.common import bench_parser, rendered
+from bench.common import output_stem as common_output_stem
+from eraser.cli import passive_openmp_waits
 
 SCHEMA_VERSION = 1
 
@@ -283,30 +284,20 @@ TOP_KEYS = ("schema_version", "benchmark", "mode", "device", "machine", "setting
 
 
 def output_stem(device: str, quick: bool) -> str:
-    stem = "unlearning" if device == "cpu" else f"unlearning-{device.replace(':', '')}"
-    return stem + ("-quick" if quick else "")
+    return common_output_stem("unlearning", device, quick)
 
 
 def main(argv: list[str] | None = None) -> int:
     # OpenMP's busy-waiting made products up to 15x slower beside another CPU-heavy
     # process here (bench.stages); passive waits only take effect before torch loads.
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    passive_openmp_waits()
     from bench.unlearning.report import caveats, markdown, plots, reading
 
-    p = argparse.ArgumentParser(prog="python -m bench.unlearning",
-                                description="Unlearning benchmark (TOFU/MUSE style) on SmolLM2-135M-Instruct")
-    p.add_argument("--quick", action="store_true", help="the smallest size that still learns: a smoke test")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for unlearning*.json/md/png")
-    p.add_argument("--note", help="a caveat to record with the results (e.g. what else ran on the machine)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="measure nothing: rewrite the reading, caveats, Markdown and plots of an earlier result")
+    p = bench_parser("unlearning", "Unlearning benchmark (TOFU/MUSE style) on SmolLM2-135M-Instruct", "json/md/png",
+                     quick_help="the smallest size that still learns: a smoke test")
     args = p.parse_args(argv)
     if args.render is not None:
-        result = json.loads(args.render.read_text())
-        if args.note is not None:
-            result["note"] = args.note
+        result = rendered(args)
     else:
         settings = Settings.quick() if args.quick else Settings()
         result = run(settings, args.device, args.quick)
