@@ -1,12 +1,16 @@
 """CUDA smoke run of the eraser and a timing, for a lent GPU machine.
 
 1. Smoke: a tiny Llama trained with a LoRA on the GPU, then ``erase()`` on CUDA with each
-   solver (direct, cg, default sqm, sqm --preset paper); each must write an adapter whose
-   erased rows' loss rose (the paper preset only has to run and report its residual).
+   solver (direct, cg, default sqm, sqm --preset paper, and the fast path's ekfac, kfac and
+   datainf, fitting their factors on the GPU); each must write an adapter whose erased
+   rows' loss rose (the paper preset only has to run and report its residual).
 2. Timing: a randomly initialised Llama with SmolLM2-135M's shape (no weights can reach
    that machine), LoRA r=8 on q_proj, v_proj (460,800 parameters), 48 synthetic fact
    rows: the affected rows' gradient, one GGN and one Hessian product over the 48 rows, a
-   CG solve, and the whole update. Random weights change the spectrum, not the cost.
+   CG solve, and the whole update; then the fast path: EK-FAC factors fitted over the 48
+   rows with the first erase, a second erase with those factors cached against its floor
+   (the gradient of the same 4 rows), and the EK-FAC update's cosine with cg's. Random
+   weights change the spectrum, not the cost.
 
     python -m bench.gpu_smoke [--out DIR] [--small]
 """
@@ -19,6 +23,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,7 +64,8 @@ def smoke(device: torch.device, workdir: Path) -> dict:
     train(base, data, adapter, TrainConfig(rank=1, alpha=2, epochs=30, lr=1e-2), device=str(device))
     request = UnlearningRequest(remove=(rows[0].id, rows[1].id))
     results = {}
-    for name, preset in (("direct", None), ("cg", None), ("sqm", None), ("sqm", "paper")):
+    for name, preset in (("direct", None), ("cg", None), ("sqm", None), ("sqm", "paper"), ("ekfac", None),
+                         ("kfac", None), ("datainf", None)):
         label = name + ("-paper" if preset else "")
         cfg = EraseConfig(solver=SolverConfig(name, preset), curvature=CurvatureConfig(damping=0.05),
                           allow_unconverged=preset == "paper")
@@ -121,6 +127,14 @@ def timing(device: torch.device, small: bool) -> dict:
                       solver=SolverConfig("cg", options={"max_iterations": 100}))
     upd, out["compute_update_s"] = timed(device, lambda: compute_update(peft_model, tokenizer, rows, edits, cfg, device))
     out.update(update_iterations=upd.solve.iterations, update_residual=upd.solve.residual)
+    # The fast path: the first erase fits the EK-FAC factors, later ones reuse them.
+    ek_cfg = replace(cfg, solver=SolverConfig("ekfac"))
+    fitted, out["ekfac_fit_and_erase_s"] = timed(device, lambda: compute_update(peft_model, tokenizer, rows, edits,
+                                                                                  ek_cfg, device))
+    cached, out["ekfac_cached_erase_s"] = timed(device, lambda: compute_update(
+        peft_model, tokenizer, rows, edits, ek_cfg, device, factors=fitted.factors), 3)
+    out["ekfac_cached_over_floor"] = round(out["ekfac_cached_erase_s"] / out["gradient_4_rows_s"], 3)
+    out["ekfac_cosine_with_cg"] = round(float(torch.nn.functional.cosine_similarity(cached.delta, upd.delta, dim=0)), 4)
     if device.type == "cuda":
         out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return out
@@ -146,7 +160,8 @@ def main() -> int:
              "| smoke solver | ok | converged | residual | iterations | loss before → after | seconds |",
              "| --- | --- | --- | ---: | ---: | --- | ---: |"]
     for k, v in result["smoke"].items():
-        lines.append(f"| {k} | {v['ok']} | {v['converged']} | {v['residual']:.2e} | {v['iterations']} | "
+        residual = "n/a (closed form)" if v["residual"] is None else f"{v['residual']:.2e}"
+        lines.append(f"| {k} | {v['ok']} | {v['converged']} | {residual} | {v['iterations']} | "
                      f"{v['loss_before']:.3f} → {v['loss_after']:.3f} | {v['seconds']:.2f} |")
     lines += ["", "| timing (SmolLM2-135M shape, random weights, 48 rows) | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["timing"].items()]
