@@ -97,7 +97,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             progress("train", step, total, {"loss": losses[-1]})
         history.append(sum(losses) / len(losses))

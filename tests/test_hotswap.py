@@ -305,12 +305,19 @@ def test_vllm_restart_is_reconciled(stub, sidecar, vllm_server, serving_adapter)
     vllm_server.start(warm_adapter=serving_adapter)
     deadline = time.monotonic() + 120
     want = {a.name: a.path for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+
+    def replicas():
+        return {name: list(stub.GetAdapter(pb.GetAdapterRequest(name=name)).replicas) for name in want}
+
+    # vLLM serves the paths as soon as the reconcile pass has loaded them through the first
+    # replica; the sidecar's replica status turns current once each replica (here also the
+    # proxy in front of the same vLLM) has been probed, up to one pass later. Wait for both.
     while time.monotonic() < deadline:
-        served = served_paths(vllm_server.url)
-        if all(served.get(name) == path for name, path in want.items()):
+        served, status = served_paths(vllm_server.url), replicas()
+        if (all(served.get(name) == path for name, path in want.items())
+                and all(r.current for rs in status.values() for r in rs)):
             break
         time.sleep(1)
     assert all(served.get(name) == path for name, path in want.items()), served
-    for name in want:
-        adapter = stub.GetAdapter(pb.GetAdapterRequest(name=name))
-        assert all(r.current for r in adapter.replicas), adapter.replicas
+    for name, rs in status.items():
+        assert len(rs) == 2 and all(r.current and r.served_path == want[name] for r in rs), (name, rs)
