@@ -124,3 +124,33 @@ def test_metrics_are_sane_and_utility_holds(quick):
                 # test does not forbid it; it demands that the report says so.
                 assert f"{name} on {tname} (" in markdown, (tname, name, rise)
                 assert f"UTILITY BROKEN: {name}:" in markdown, (tname, name)
+
+
+def test_product_verdicts_follow_the_products_own_checks(quick):
+    """Each influence step carries the product's utility check (eraser.unlearn.UtilityCheck),
+    each +refine row verification's verdict under enforce; the table's "product" column and
+    the reading say what the sidecar would have refused."""
+    from bench.unlearning.report import verdict
+    from eraser.unlearn import EraseConfig
+
+    result, markdown, _ = quick
+    bound = EraseConfig().max_retain_rise
+    for tname, task in result["tasks"].items():
+        for name, rec in task["methods"].items():
+            if rec["status"] != "ok":
+                continue
+            family, info = result["methods"][name]["family"], rec["info"]
+            if family == "influence":
+                check = info["utility_check"]
+                assert check["max_rise"] == bound and check["rows"] >= 1
+                assert check["passed"] == (check["after"] - check["before"] <= bound), (tname, name, check)
+                assert verdict(rec) == ("published" if check["passed"] else f"refused: utility {check['rise']:+.2f}")
+            elif family == "refined":
+                assert isinstance(info["passed"], bool) and info["verdict"]
+                assert info["retain_reference"] is not None
+                assert (verdict(rec) == "verified") if info["passed"] else verdict(rec).startswith("refused: ")
+            else:
+                assert verdict(rec) == "", (tname, name)
+            if verdict(rec).startswith("refused"):
+                assert f"{name} on {tname} (" in markdown.split("Refused by the product's checks")[1]
+    assert "| product |" in markdown

@@ -42,6 +42,23 @@ def _solve_note(rec: dict) -> str:
     return ""
 
 
+def verdict(rec: dict) -> str:
+    """What the product would do with this result: the influence step's utility check
+    (eraser.unlearn.UtilityCheck), or verification under enforce for the +refine rows."""
+    info = rec.get("info") or {}
+    if "passed" in info and "verdict" in info:
+        if info["passed"]:
+            return "verified"
+        failed = info["verdict"]
+        why = [w for k, w in (("still look trained", "still trained"), ("over-forgotten", "over-forgotten"),
+                              ("retained rows", "utility")) if k in failed]
+        return "refused: " + ", ".join(why or [failed])
+    check = info.get("utility_check")
+    if check:
+        return "published" if check["passed"] else f"refused: utility {check['rise']:+.2f}"
+    return ""
+
+
 def _columns(kind: str) -> list[tuple[str, callable]]:
     def probe(name, key, fmt=".2f"):
         return lambda r: _f(r["probes"][name][key], fmt) if name in r["probes"] else "n/a"
@@ -63,6 +80,7 @@ def _columns(kind: str) -> list[tuple[str, callable]]:
              ("seconds", lambda r: _f(r.get("seconds"), ".1f")),
              ("CPU s", lambda r: _f(r.get("cpu_seconds"), ".0f")),
              ("peak RSS MB (rise)", lambda r: f"{_f(r.get('rss_peak_mb'), '.0f')} ({_f(r.get('rss_increase_mb'), '+.0f')})"),
+             ("product", verdict),
              ("notes", _solve_note)]
     return cols
 
@@ -120,7 +138,10 @@ def markdown(result: dict) -> str:
         "the forget/old NLL as a share of retraining from scratch's (1 = as far as retraining). cos: cosine of the "
         "parameter change with retraining's (from scratch / warm). seconds: the method's wall time (for +refine "
         "including the influence step before it); CPU s: the process's CPU time during the method's own call "
-        "(all threads; less inflated than wall time when other processes share the CPU).",
+        "(all threads; less inflated than wall time when other processes share the CPU). product: what the "
+        "sidecar would do with the result: for an influence step its utility check (the mean NLL of a seeded "
+        "sample of retained training rows may rise by at most 0.3 nats, else the job fails and nothing is "
+        "published), for +refine verification under enforce (verified, or refused and why).",
     ]
     for tname, task in result["tasks"].items():
         lines += ["", f"## {tname}", "", task["title"] + ".", ""] + task_table(task)
@@ -221,6 +242,10 @@ def reading(result: dict) -> list[str]:
            for name, rec in task["methods"].items() if broken(rec)]
     out.append(f"Broken utility (retained NLL up by more than {UTILITY_BROKEN_NATS:g} nat over the original): "
                + (", ".join(bad) if bad else "none") + ".")
+    refused = [f"{name} on {tname} ({verdict(rec)[len('refused: '):]})" for tname, task in result["tasks"].items()
+               for name, rec in task["methods"].items() if _ok(rec) and verdict(rec).startswith("refused")]
+    out.append("Refused by the product's checks (nothing would be published): "
+               + (", ".join(refused) if refused else "none") + ".")
     return out
 
 
@@ -272,6 +297,11 @@ def caveats(result: dict) -> list[str]:
                "by at most about 2e-4); its residual is reported, not hidden")
     out.append(f"retrain-warm runs {s['warm_epochs']} epoch(s) from the original adapter, fewer than the original's "
                f"{s['epochs']}; gradient-ascent runs {s['ga_steps']} AdamW steps at lr {s['ga_lr']:g}")
+    out.append(f"+refine is capped at {s['refine_max_steps']} refinement steps here to bound the run (the product's "
+               "budget is 200 steps or 600 s, eraser.verify.VerifyConfig): a 'still trained' refusal at that cap is "
+               "this benchmark's budget, where the sidecar would go on refining. Its verdict is judged on the "
+               f"{result['data'].get('calibration_rows', '?')} calibration rows, while the table's MIA AUC uses the "
+               "evaluation's never-trained people, so the two can disagree by the AUC's sampling noise")
     ek = [t["methods"].get("llmeraser-ekfac") for t in result["tasks"].values()]
     if any(_ok(x) for x in ek):
         out.append("llmeraser-ekfac's time includes fitting the factors on the first task of each original adapter; "
