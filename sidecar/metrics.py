@@ -67,6 +67,11 @@ VERIFY_OUTCOMES = ("passed", "refined", "failed", "reported")
 # Refinement: a few Adam steps on a tiny adapter (a tenth of a second), up to the budget
 # (erase.verify_max_seconds, 600 s by default) on a real one.
 REFINE_BUCKETS = (0.01, 0.025, 0.05) + JOB_BUCKETS
+# Utility check (eraser.unlearn.UtilityCheck): the rise of the retained rows' mean NLL
+# (nats) under an update, against erase.max_retain_rise (0.3 by default). A sound erase
+# moves it by hundredths, either way; a broken step by nats (10 measured on SmolLM2).
+UTILITY_OUTCOMES = ("passed", "failed")
+RISE_BUCKETS = (-0.5, -0.1, -0.01, 0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0)
 # A NaN or infinite residual would make eraser_solver_residual_sum NaN or +Inf for the
 # life of the process; it is recorded as this value instead, above the last bucket.
 _RESIDUAL_CEILING = 1e3
@@ -135,6 +140,14 @@ class Metrics:
         self._refine_seconds = Histogram("eraser_refine_seconds",
                                          "Time spent refining an erase until its rows looked never-seen (enforce).",
                                          buckets=REFINE_BUCKETS, registry=r)
+        self._utility_checks = Counter(
+            "eraser_utility_checks_total",
+            "Erase updates whose retained rows' NLL was checked against erase.max_retain_rise, by adapter and "
+            "outcome (passed; failed: refused, nothing published).", ("adapter", "outcome"), registry=r)
+        self._utility_rise = Histogram(
+            "eraser_utility_retain_nll_rise",
+            "Rise of the retained rows' mean NLL (nats/token) under each checked update (negative: it fell).",
+            buckets=RISE_BUCKETS, registry=r)
         # Series known in advance exist from the start at zero, so that rate() and
         # alerts (e.g. on failed jobs) see them before the first job.
         for task in TASKS:
@@ -289,6 +302,15 @@ class Metrics:
                 self._verification_auc.labels(stage).observe(auc)
         if refine_seconds is not None:
             self._refine_seconds.observe(refine_seconds)
+
+    def utility_checked(self, adapter: str, rise: float, passed: bool) -> None:
+        """Record one utility check: the retained rows' NLL ``rise`` and whether it passed."""
+        _check_adapter(adapter)
+        _check(isinstance(rise, (int, float)), f"rise must be a number, not {rise!r}")
+        _check(isinstance(passed, bool), f"passed must be a bool, not {passed!r}")
+        self._utility_checks.labels(adapter, "passed" if passed else "failed").inc()
+        if math.isfinite(rise):  # a NaN check fails, but has no place among the buckets
+            self._utility_rise.observe(rise)
 
     def serve(self, host: str, port: int) -> "MetricsServer":
         """Serve the registry over HTTP (GET /metrics) on ``host:port``; port 0 picks a free one."""

@@ -306,6 +306,10 @@ class MetricsHooks(Hooks):
             adapter, outcome, auc_before=before["auc"] if before else None, auc_after=final["auc"] if final else None,
             refine_seconds=float(refinement["seconds"]) if refinement else None)
 
+    @_never_raises
+    def utility_checked(self, adapter: str, utility: dict) -> None:
+        self.metrics.utility_checked(adapter, float(utility["rise"]), bool(utility["passed"]))
+
 
 @dataclass
 class RunningSidecar:

@@ -62,6 +62,8 @@ class Hooks(SwapHooks):
     # A job's erased rows were verified (eraser.verify.VerificationReport.to_json()),
     # whether the job then published or failed.
     def verification_finished(self, adapter: str, verification: dict) -> None: ...
+    # An update's utility check ran (eraser.unlearn.UtilityCheck.to_json()), passed or not.
+    def utility_checked(self, adapter: str, utility: dict) -> None: ...
 
 
 def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
@@ -638,6 +640,8 @@ class EraserService:
             self._note_factors(job, current, choice, report_json)
             if report_json.get("verification"):
                 self.hooks.verification_finished(job.adapter, report_json["verification"])
+            if report_json.get("utility"):
+                self.hooks.utility_checked(job.adapter, report_json["utility"])
             progress("publish", 0, 1)
             with self._publish_lock:
                 if running.cancel.is_set():
@@ -683,6 +687,7 @@ class EraserService:
                 self.hooks.verification_finished(job.adapter, report["verification"])
             elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
                 report = {"utility": e.check.to_json()}
+                self.hooks.utility_checked(job.adapter, report["utility"])
             self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
                                                    report=report))
         finally:

@@ -108,7 +108,7 @@ def test_renders_and_validates_against_kubernetes_schemas(target, tmp_path):
 def test_promtool_check_and_test_rules():
     promtool = tool("promtool")
     out = run(promtool, "check", "rules", "deploy/prometheus/rules.yaml")
-    assert "SUCCESS: 5 rules found" in out
+    assert "SUCCESS: 7 rules found" in out
     out = run(promtool, "test", "rules", "deploy/prometheus/tests.yaml")
     assert "SUCCESS" in out
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yaml").read_text())
@@ -116,7 +116,8 @@ def test_promtool_check_and_test_rules():
     tests = yaml.safe_load((DEPLOY / "prometheus" / "tests.yaml").read_text())
     tested = {t["alertname"] for case in tests["tests"] for t in case["alert_rule_test"] if t.get("exp_alerts")}
     assert alerts == tested == {"EraserJobsFailing", "EraserSwapsFailing", "EraserReplicasBehind",
-                                "EraserJobLatencyHigh", "EraserQueueGrowing"}, "every alert has a firing test"
+                                "EraserJobLatencyHigh", "EraserQueueGrowing", "EraserVerificationRefusing",
+                                "EraserUtilityCheckRefusing"}, "every alert has a firing test"
 
 
 def test_dockerfiles_lint_clean():

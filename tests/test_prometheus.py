@@ -187,7 +187,8 @@ def test_dashboard_and_alerts_query_real_series(tmp_path, prometheus_bin, tiny_b
             for name in ("eraser_jobs_total", "eraser_job_duration_seconds_bucket", "eraser_job_stage_duration_seconds_bucket",
                          "eraser_queue_depth", "eraser_jobs_running", "eraser_adapter_version",
                          "eraser_swap_duration_seconds_bucket", "eraser_solver_residual_bucket",
-                         "eraser_rows_erased_total", "eraser_jobs_accepted_total", "eraser_rpc_duration_seconds_bucket"):
+                         "eraser_rows_erased_total", "eraser_jobs_accepted_total", "eraser_rpc_duration_seconds_bucket",
+                         "eraser_utility_checks_total", "eraser_utility_retain_nll_rise_bucket"):
                 assert name in scraped, f"no series {name} after an erase"
             # The panels the issue asks for.
             for name in ("eraser_jobs_total", "eraser_job_stage_duration_seconds_bucket", "eraser_queue_depth",

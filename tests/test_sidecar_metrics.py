@@ -190,8 +190,25 @@ def test_job_metrics(metrics):
     assert all(name.startswith("eraser_") for name in families), sorted(families)
 
 
+def test_utility_check_metrics(metrics):
+    metrics.utility_checked("support-bot", 0.02, True)
+    metrics.utility_checked("support-bot", -0.04, True)
+    metrics.utility_checked("support-bot", 10.1, False)
+    metrics.utility_checked("support-bot", float("nan"), False)  # a NaN NLL fails the check
+    families = scrape(metrics)
+    assert value(families, "eraser_utility_checks_total", adapter="support-bot", outcome="passed") == 2
+    assert value(families, "eraser_utility_checks_total", adapter="support-bot", outcome="failed") == 2
+    # The NaN is counted as a failure but not observed. (A histogram with negative buckets
+    # exports no _sum, as OpenMetrics asks.)
+    assert value(families, "eraser_utility_retain_nll_rise_count") == 3
+    assert value(families, "eraser_utility_retain_nll_rise_bucket", le="0.0") == 1
+    assert value(families, "eraser_utility_retain_nll_rise_bucket", le="0.3") == 2
+    assert value(families, "eraser_utility_retain_nll_rise_bucket", le="10.0") == 2
+
+
 def test_labels_take_no_free_text(metrics):
     bad_calls = [
+        lambda: metrics.utility_checked("Alice Smith's rows", 0.0, True),
         lambda: metrics.job_accepted("Forget Alice Smith"),
         lambda: metrics.job_finished(task="remove", outcome="exploded", stage_seconds={}, total_seconds=1,
                                      residual=None, rows={}),

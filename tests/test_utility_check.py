@@ -146,5 +146,11 @@ def test_sidecar_job_failing_the_check_publishes_nothing(tmp_path, tiny_base, ti
             assert ok.state == pb.JOB_STATE_SUCCEEDED and ok.to_version == 2, ok
             assert ok.report.utility.passed and abs(ok.report.utility.retain_nll_after - ok.report.utility.retain_nll_parent) <= 0.3
             assert "utility ok: retained NLL" in ctl.format_job(ok)
+            samples = scrape(running)
+            assert metric(samples, "eraser_utility_checks_total", adapter="u", outcome="failed") == 1
+            assert metric(samples, "eraser_utility_checks_total", adapter="u", outcome="passed") == 1
+            assert metric(samples, "eraser_utility_retain_nll_rise_count") == 2
+            # One rise above the 0.3 bound (the refused update), one within it.
+            assert metric(samples, "eraser_utility_retain_nll_rise_bucket", le="0.3") == 1
     finally:
         running.stop(1.0)

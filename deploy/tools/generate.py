@@ -118,6 +118,14 @@ def dashboard() -> str:
                            "memorised. Stage before: after the influence update; after: as published or refused."),
         _panel("Refinement time", _quantiles("eraser_refine_seconds", []), unit="s",
                description="Time enforce spent refining an erase until its rows looked never-seen."),
+        _panel("Utility checks by outcome",
+               [(f'sum by (outcome) (increase(eraser_utility_checks_total{{{SEL}, adapter=~"$adapter"}}[{RATE}]))',
+                 "{{outcome}}")],
+               description="Erase updates whose retained rows' mean NLL was checked: passed, or failed (it rose by "
+                           "more than erase.max_retain_rise; refused, nothing published).", stack=True),
+        _panel("Retained NLL rise per update", _quantiles("eraser_utility_retain_nll_rise", []), unit="none",
+               description="How much each checked update raised the retained rows' mean NLL (nats/token; "
+                           "negative: it fell). The bound is erase.max_retain_rise (0.3 by default)."),
         _row("Versions and replicas"),
         _panel("Current adapter version", [(f'max by (adapter) (eraser_adapter_version{{{SEL}, adapter=~"$adapter"}})',
                                             "{{adapter}}")],
