@@ -103,3 +103,31 @@ def test_dense_matrix_is_symmetric(problem):
     small = DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
     m = dense_matrix(small)
     assert torch.equal(m, m.T)
+
+
+class _DriftingOperator:
+    """A dense SPD matrix whose first products are off by a relative 1e-3: the fault that
+    float32 products inject into CG's float64 recurrence, made large enough to see."""
+
+    def __init__(self, matrix: torch.Tensor, drifting: int):
+        self.matrix, self.n, self.left = matrix, matrix.shape[0], drifting
+
+    def matvec(self, v):
+        out = self.matrix @ v
+        if self.left > 0:
+            self.left -= 1
+            out = out * (1 + 1e-3)
+        return out
+
+
+def test_cg_checks_the_true_residual_before_it_stops():
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
+    matrix = q @ torch.diag(torch.linspace(1.0, 50.0, 20, dtype=torch.float64)) @ q.T
+    b = torch.randn(20, generator=gen, dtype=torch.float64)
+    op = _DriftingOperator(matrix, drifting=10)
+    result = CGSolver(tolerance=1e-8, max_iterations=200).solve(op, b)
+    true = float(torch.linalg.vector_norm(matrix @ result.x - b) / torch.linalg.vector_norm(b))
+    assert result.converged and true <= 1e-8, (result.summary(), true)
+    assert abs(result.residual - true) <= 1e-10
+    assert "restarted" in result.note
