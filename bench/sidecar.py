@@ -534,7 +534,7 @@ def evaluate_adapters(model: dict, adapters: dict[str, str], removed: list[str])
 
     from eraser.data import load_rows
     from eraser.model import load_adapter, load_base
-    from eraser.unlearn import row_losses
+    from eraser.losses import row_losses
 
     rows = load_rows(model["train_path"])
     gone = set(removed)

@@ -103,7 +103,8 @@ def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dic
     from eraser.solvers import CGSolver, SolverConfig, SQMSolver
     from eraser.synthetic import facts_to_rows, generate_people
     from eraser.train import TrainConfig, train
-    from eraser.unlearn import EraseConfig, erase, row_losses
+    from eraser.losses import row_losses
+    from eraser.unlearn import EraseConfig, erase
 
     started = time.perf_counter()
     device = resolve_device(device_name)

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-retain-rise", type=_rise, default=0.3, metavar="NATS|off",
                    help="utility check: fail, writing nothing, if the mean NLL of a sample of retained rows rises by "
                         "more than this (default 0.3; off: no check)")
+    e.add_argument("--step-control", choices=("on", "off"), default="on",
+                   help="scale every step by a line search that keeps the utility bound (default on; off: apply "
+                        "the influence update as computed, as the paper does)")
+    e.add_argument("--damping-scale", choices=("absolute", "relative"), default="absolute",
+                   help="relative: --damping times the curvature's Rayleigh quotient along the request's gradient, "
+                        "so one value means the same on any model (default absolute)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     _add_device(e)
 
@@ -158,14 +164,16 @@ def cmd_train(args, progress) -> dict:
 def cmd_erase(args, progress) -> dict:
     from .curvature import CurvatureConfig
     from .requests import UnlearningRequest
+    from .secondorder import StepConfig
     from .unlearn import EraseConfig, erase
 
     request = UnlearningRequest.load(args.request)
     curvature = CurvatureConfig(
         kind=args.curvature, damping=0.01 if args.damping is None else args.damping,
-        sample_rows=args.curvature_rows, batch_size=args.curvature_batch_size,
+        sample_rows=args.curvature_rows, batch_size=args.curvature_batch_size, relative=args.damping_scale == "relative",
     )
     config = EraseConfig(
+        step=StepConfig(enabled=args.step_control == "on"),
         solver=_solver_config(args), curvature=curvature, objective=args.objective,
         allow_unconverged=args.allow_unconverged, max_length=args.max_length, verify=_verify_config(args),
         max_retain_rise=args.max_retain_rise,

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .data import Row, render
-from .unlearn import row_losses
+from .losses import row_losses
 
 
 def normalise(text: str) -> str:

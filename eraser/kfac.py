@@ -238,6 +238,20 @@ class KFAC:
             out.append(blk.QG @ (rotated / (blk.eigen + damping)) @ blk.QA.T)
         return flatten(out).to(b.device, b.dtype)
 
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """The factored curvature times a flat vector (no damping)."""
+        parts = unflatten(v.to(torch.float64), [torch.empty(s, device="meta") for s in self.shapes])
+        out = []
+        for blk, x in zip(self.blocks, parts):
+            rotated = blk.QG.T @ x.to(blk.QG.device) @ blk.QA
+            out.append(blk.QG @ (rotated * blk.eigen) @ blk.QA.T)
+        return flatten(out).to(v.device, v.dtype)
+
+    def scale_along(self, v: torch.Tensor) -> float:
+        """The curvature's Rayleigh quotient along v: what a relative damping is relative to."""
+        norm2 = float(v.double() @ v.double())
+        return float(v.double() @ self.matvec(v).double()) / norm2 if norm2 > 0 else 0.0
+
     # ------------------------------------------------------------------ storage
 
     _TENSORS = ("A", "G", "QA", "QG", "eigen_sum", "eigen")

@@ -34,3 +34,51 @@ def per_row_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean response NLL of each row in the batch, shape [B]."""
     logits, targets, weights = response_logits(model, batch)
     return (token_nll(logits, targets) * weights).sum(dim=1)
+
+
+def _mean_lowest(values: torch.Tensor, mask: torch.Tensor, share: float) -> torch.Tensor:
+    """Per row, the mean of the lowest ``share`` of the masked values (at least one)."""
+    big = torch.finfo(values.dtype).max
+    filled = torch.where(mask, values, torch.full_like(values, big))
+    ordered, _ = filled.sort(dim=1)
+    counts = mask.sum(dim=1)
+    take = torch.clamp(torch.ceil(counts * share), min=1).to(torch.long)
+    keep = torch.arange(values.shape[1], device=values.device)[None, :] < take[:, None]
+    return torch.where(keep, ordered, torch.zeros_like(ordered)).sum(dim=1) / take
+
+
+def row_features(model, batch: dict[str, torch.Tensor], mink_share: float = 0.2) -> dict[str, torch.Tensor]:
+    """Per row: mean response NLL (with grad when the model has it), Min-K%++ and whether
+    teacher-forced argmax reproduces the response exactly (= greedy decoding does).
+
+    Min-K%++ (Zhang et al. 2024): each response token's log-probability standardised by
+    the mean and spread of log p under the model's own next-token distribution; a row's
+    score is the mean of its lowest ``mink_share`` tokens (higher: more member-like).
+    """
+    logits, targets, weights = response_logits(model, batch)
+    nll = (token_nll(logits, targets) * weights).sum(dim=1)
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.detach().double(), dim=-1)
+        mask = weights > 0
+        token_lp = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        p = logp.exp()
+        mu = (p * logp).sum(-1)
+        sigma = ((p * logp.square()).sum(-1) - mu.square()).clamp(min=1e-12).sqrt()
+        mink = _mean_lowest((token_lp - mu) / sigma, mask, mink_share)
+        hits = (logp.argmax(-1) == targets) | ~mask
+        exact = hits.all(dim=1)
+    return {"nll": nll, "mink": mink.to(nll.dtype), "exact": exact}
+
+
+@torch.no_grad()
+def row_losses(model, tokenizer, pairs, device, batch_size: int = 8, max_length: int = 512) -> list[float]:
+    """Mean response NLL of each (prompt, response) pair, no gradients."""
+    from .data import EncodedRows
+
+    if not pairs:
+        return []
+    data = EncodedRows(tokenizer, pairs, max_length)
+    out: list[float] = []
+    for _, batch in data.batches(batch_size, device=device):
+        out.extend(per_row_nll(model, batch).tolist())
+    return out

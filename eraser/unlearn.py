@@ -22,7 +22,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from .curvature import Curvature, CurvatureConfig, Damped, gradient
 from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
 from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
-from .losses import per_row_nll
+from .losses import row_losses
 from .model import (
     adapter_fingerprint,
     check_adapter_dir,
@@ -38,7 +38,9 @@ from .datainf import datainf_solve
 from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
 from .kfac import KFAC
 from .solvers import FactoredSolver, SolveResult, SolverConfig, require_converged
-from .verify import VerifyConfig, erased_rows, load_holdout, retained_sample, verify_and_refine
+from .forget import forget
+from .secondorder import StepConfig
+from .verify import VerifyConfig, load_holdout, retained_sample
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class EraseConfig:
     # Verified forgetting (eraser/verify.py): off by default, since it needs a held-out set
     # of rows the adapter never saw; the CLI turns it on (enforce) when given one.
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    # Step control (eraser/secondorder.py): every step scaled by a line search that keeps
+    # the utility bound; and how the second-order refinement steps are built.
+    step: StepConfig = field(default_factory=StepConfig)
     # The utility check every erase passes before anything is written: the mean NLL of a
     # seeded sample of retained rows may rise by at most this much (nats; None: no check).
     # Measured in bench/results/unlearning.md on SmolLM2: sound updates moved it by -0.01
@@ -69,8 +74,8 @@ class EraseConfig:
     utility_rows: int = 8
 
     def __post_init__(self):
-        if not isinstance(self.verify, VerifyConfig):
-            raise InvalidRequestError("verify must be a VerifyConfig")
+        if not isinstance(self.verify, VerifyConfig) or not isinstance(self.step, StepConfig):
+            raise InvalidRequestError("verify must be a VerifyConfig and step a StepConfig")
         if self.max_retain_rise is not None and not (isinstance(self.max_retain_rise, (int, float))
                                                      and math.isfinite(self.max_retain_rise) and self.max_retain_rise >= 0):
             raise InvalidRequestError(f"max_retain_rise must be a finite number >= 0 or None, got {self.max_retain_rise!r}")
@@ -98,6 +103,7 @@ class Update:
     seconds: dict[str, float]
     factors: KFAC | None = None  # the factors a K-FAC/EK-FAC solve used (to downdate and keep)
     factor_source: str | None = None  # "given" (a cache) or "fitted" (in this call)
+    damping: float | None = None  # the λ the solve used (relative damping resolved)
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -131,17 +137,6 @@ class UtilityCheck:
                 f"the update raised the retained rows' NLL by {self.rise:+.3f} nats on {self.rows} rows "
                 f"({self.before:.3f} -> {self.after:.3f}; max +{self.max_rise:g}), so nothing was written; "
                 "a larger damping takes a smaller step", self)
-
-
-@torch.no_grad()
-def row_losses(model, tokenizer, pairs: Sequence[tuple[str, str]], device, batch_size: int = 8, max_length: int = 512) -> list[float]:
-    if not pairs:
-        return []
-    data = EncodedRows(tokenizer, pairs, max_length)
-    out: list[float] = []
-    for _, batch in data.batches(batch_size, device=device):
-        out.extend(per_row_nll(model, batch).tolist())
-    return out
 
 
 def compute_update(
@@ -188,6 +183,8 @@ def compute_update(
     curvature = Curvature(model, params, train, list(range(len(sample))), cfg.kind, cfg.batch_size, device)
     op = Damped(curvature, config.damping)
     solver = config.solver.build()
+    if cfg.relative and config.solver.preset != "paper" and not (isinstance(solver, FactoredSolver) and solver.name != "datainf"):
+        op.damping = cfg.damping * max(_rayleigh(curvature, b), 1e-12)  # one product
     if isinstance(solver, FactoredSolver):
         seconds["curvature_setup"] = time.perf_counter() - t
         return _factored_update(model, params, [rows[i] for i in sample], train, op, b, solver, config,
@@ -203,7 +200,8 @@ def compute_update(
     result = solver.solve(op, b, on_iteration)
     seconds["solve"] = time.perf_counter() - t
     require_converged(result, solver.name, config.allow_unconverged)
-    return Update(result.x, result, len(sample), curvature.products, float(torch.linalg.vector_norm(b)), seconds)
+    return Update(result.x, result, len(sample), curvature.products, float(torch.linalg.vector_norm(b)), seconds,
+                  damping=op.damping)
 
 
 def _factored_update(model, params, curvature_rows, train, op, b, solver: FactoredSolver, config: EraseConfig,
@@ -212,7 +210,7 @@ def _factored_update(model, params, curvature_rows, train, op, b, solver: Factor
     source = None
     t = time.perf_counter()
     if solver.name == "datainf":
-        x = datainf_solve(model, params, train, list(range(len(train))), b, config.damping, device, progress)
+        x = datainf_solve(model, params, train, list(range(len(train))), b, op.damping, device, progress)
         seconds["solve"] = time.perf_counter() - t
     else:
         if factors is None:
@@ -226,7 +224,9 @@ def _factored_update(model, params, curvature_rows, train, op, b, solver: Factor
             source = "given"
         t = time.perf_counter()
         progress(f"solve ({solver.name})", 0, 1)
-        x = factors.solve(b, config.damping)
+        if config.curvature.relative:
+            op.damping = config.curvature.damping * max(factors.scale_along(b), 1e-12)
+        x = factors.solve(b, op.damping)
         seconds["solve"] = time.perf_counter() - t
     progress(f"solve ({solver.name})", 1, 1)
     residual, products, note = float("nan"), 0, "closed form on the approximated curvature; residual not measured"
@@ -238,7 +238,25 @@ def _factored_update(model, params, curvature_rows, train, op, b, solver: Factor
         products, note = 1, f"residual against the exact damped curvature on {len(pick)} rows"
         seconds["residual_check"] = time.perf_counter() - t
     result = SolveResult(x, 1, residual, True, float("nan"), seconds["solve"], note)
-    return Update(x, result, len(train), products, float(torch.linalg.vector_norm(b)), seconds, factors, source)
+    return Update(x, result, len(train), products, float(torch.linalg.vector_norm(b)), seconds, factors, source,
+                  op.damping)
+
+
+def retained_factors(factors: KFAC, model, params, tokenizer, edits, max_length: int, device) -> KFAC:
+    """A copy of ``factors`` with the edited rows' contributions moved (old out, new in);
+    call at the parameters the factors were fitted at."""
+    import copy
+
+    kept = copy.deepcopy(factors)
+    enc = lambda rows: EncodedRows.from_rows(tokenizer, rows, max_length) if rows else None  # noqa: E731
+    old, new = [e.old for e in edits], [e.new for e in edits if e.new is not None]
+    kept.downdate(model, params, enc(old), row_keys(old), enc(new), row_keys(new), device)
+    return kept
+
+
+def _rayleigh(op, v: torch.Tensor) -> float:
+    norm2 = float(v.double() @ v.double())
+    return float(v.double() @ op.matvec(v).double()) / norm2 if norm2 > 0 else 0.0
 
 
 def apply_delta(model, delta: torch.Tensor) -> None:
@@ -278,6 +296,9 @@ class EraseReport:
     # VerificationReport.to_json() (eraser/verify.py) when verification ran: numbers and ids only.
     verification: dict | None = None
     utility: dict | None = None  # UtilityCheck.to_json() when the check ran
+    # Each step applied (eraser/secondorder.py): the influence step first, its line-search
+    # scale, trials, objective and retained-NLL rise; then any second-order refinement steps.
+    steps: list | None = None
 
     def __post_init__(self):
         # JSON has no NaN: a closed-form solve's unmeasured residual reads as null.
@@ -354,27 +375,30 @@ def erase(
                         for r in retained_sample(rows, edits, replace(config.verify, retain_sample=sample_size))]
         retain_losses = row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length)
         retain_reference = _mean(retain_losses)
-    if verifying:
-        erased = erased_rows(edits)
 
     update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress,
                             factors=cached.factors if cached else None)
     seconds.update(update.seconds)
+    params = [p for _, p in trainable_parameters(model)]
     moved = None
     if plan is not None:  # downdate while the model still holds the parent's parameters
         moved = plan.downdate(cached, model, params, base.tokenizer, [e.old for e in edits],
                               [e.new for e in edits if e.new], dev)
 
     t = time.perf_counter()
-    apply_delta(model, update.delta)
-    verification = None
-    if verifying:  # raises VerificationFailedError (enforce) before anything is written
-        verification = verify_and_refine(
-            model, base.tokenizer, [(r.prompt, r.response) for r in erased], retain_pairs,
-            [(r.prompt, r.response) for r in holdout], config.verify, dev, progress, config.max_length,
-            retain_reference, [r.id for r in erased])
-        seconds["verify"] = time.perf_counter() - t
-        t = time.perf_counter()
+    # Refinement steps are preconditioned by the curvature of the rows that stay: the
+    # downdated factors (the same object as the cache's, once downdated).
+    kept_curvature = moved.factors if moved is not None else (
+        retained_factors(update.factors, model, params, base.tokenizer, edits, config.max_length, dev)
+        if update.factors is not None and config.verify.policy == "enforce" else None)
+    # Raises VerificationFailedError (enforce) before anything is written.
+    forgot = forget(model, params, base.tokenizer, update.delta, kept_curvature, edits,
+                    [(r.prompt, r.response) for r in holdout], retain_pairs if checking else [],
+                    retain_losses if checking else [], config.verify, config.step, config.max_retain_rise, dev,
+                    config.max_length, progress)
+    verification = forgot.verification
+    seconds["verify" if verifying else "step_control"] = time.perf_counter() - t
+    t = time.perf_counter()
     utility = None
     if config.max_retain_rise is not None and retain_pairs:
         after = row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length)
@@ -394,7 +418,8 @@ def erase(
         "solver": config.solver.name,
         "preset": config.solver.preset,
         "curvature": config.curvature.kind,
-        "damping": config.damping,
+        "damping": update.damping if update.damping is not None else config.damping,
+        "steps": [st.to_json() for st in forgot.steps],
         "residual": update.solve.residual,
         "converged": update.solve.converged,
         # Ids and hashes only: the erased text must not survive in anything we write.
@@ -429,7 +454,7 @@ def erase(
         solver=solver.name,
         preset=solver.preset,
         curvature=config.curvature.kind,
-        damping=config.damping,
+        damping=update.damping if update.damping is not None else config.damping,
         objective=config.objective,
         iterations=update.solve.iterations,
         residual=update.solve.residual,
@@ -454,4 +479,5 @@ def erase(
         factors=dict(plan.report) if plan is not None else None,
         verification=verification.to_json() if verification else None,
         utility=utility.to_json() if utility else None,
+        steps=[st.to_json() for st in forgot.steps],
     )

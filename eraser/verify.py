@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .data import EncodedRows, Row, load_rows
 from .errors import InvalidRequestError, VerificationFailedError
-from .losses import per_row_nll, response_logits
+from .losses import per_row_nll, response_logits, row_losses
 from .model import trainable_parameters
 from .progress import Progress, silent
 
@@ -210,8 +210,6 @@ def score(
 
 def _measure(model, tokenizer, erased_pairs, holdout_pairs, retain_pairs, device, max_length, batch_size):
     """``score`` and the held-out losses it was computed from."""
-    from .unlearn import row_losses  # unlearn imports this module for EraseConfig
-
     if not erased_pairs or not holdout_pairs:
         raise InvalidRequestError("verification needs at least one erased row and one held-out row")
     losses = lambda pairs: row_losses(model, tokenizer, pairs, device, batch_size, max_length)  # noqa: E731
@@ -325,8 +323,6 @@ def refine(
     if before is None:
         scores, holdout = measure()
     else:
-        from .unlearn import row_losses
-
         scores, holdout = before, row_losses(model, tokenizer, holdout_pairs, device, config.batch_size, max_length)
     first = scores
     reference = first.retain_mean_nll if retain_reference is None else retain_reference
@@ -432,6 +428,10 @@ class VerificationReport:
     refinement: dict | None  # {"method", "steps", "seconds", "stopped"} when refinement ran
     erased_ids: list[str] | None = None
     seconds: float = 0.0
+    # eraser.membership verdicts ({"before", "after"}) and the corrected rows' check, where
+    # the second-order path ran.
+    membership: dict | None = None
+    learned: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

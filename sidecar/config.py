@@ -63,6 +63,11 @@ class EraseDefaults:
     # retained rows' mean NLL may rise by at most this many nats, else the job fails and
     # nothing is published; null turns the check off.
     max_retain_rise: float | None = 0.3
+    # Step control (eraser.secondorder.StepConfig): every step of an erase scaled by a line
+    # search that keeps the utility bound; off applies the influence update as computed.
+    step_control: bool = True
+    # absolute: damping is λ; relative: λ = damping × the curvature's scale along the request.
+    damping_scale: str = "absolute"
 
     def __post_init__(self):
         from eraser.solvers import SOLVERS  # torch: only where a config is built
@@ -79,6 +84,10 @@ class EraseDefaults:
             raise ConfigError(f"erase.objective must be influence or newton, not {self.objective!r}")
         if not self.damping >= 0:
             raise ConfigError("erase.damping must be >= 0")
+        if self.damping_scale not in ("absolute", "relative"):
+            raise ConfigError(f"erase.damping_scale must be absolute or relative, not {self.damping_scale!r}")
+        if not isinstance(self.step_control, bool):
+            raise ConfigError(f"erase.step_control must be true or false, not {self.step_control!r}")
         if self.max_retain_rise is not None and not (isinstance(self.max_retain_rise, (int, float))
                                                      and 0 <= self.max_retain_rise < float("inf")):
             raise ConfigError(f"erase.max_retain_rise must be a number >= 0 or null, not {self.max_retain_rise!r}")

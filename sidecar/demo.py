@@ -235,7 +235,7 @@ def inspect(base_dir: Path, adapter: Path, rows, forget, retain, held_out, quest
     rows; NLL of never-seen rows; optionally the curvature scale for the damping."""
     from eraser.evaluate import evaluate_rows, greedy_answer
     from eraser.model import load_adapter, load_base, resolve_device
-    from eraser.unlearn import row_losses
+    from eraser.losses import row_losses
 
     dev = resolve_device(settings.device)
     with _Stage(timer, stage):

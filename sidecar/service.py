@@ -21,6 +21,7 @@ from eraser.data import load_rows
 from eraser.errors import DataError, EraserError, InvalidRequestError, UtilityCheckFailedError, VerificationFailedError
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
+from eraser.secondorder import StepConfig
 from eraser.solvers import SolverConfig
 from eraser.unlearn import EraseConfig, erase
 from eraser.verify import POLICIES as VERIFY_POLICIES
@@ -111,6 +112,12 @@ def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord 
         "max_length": d.max_length,
         "max_retain_rise": d.max_retain_rise,
     }
+    # Written only where they differ from the engine's defaults, so that the options of
+    # jobs stored before these settings existed read the same.
+    if not d.step_control:
+        out["step_control"] = False
+    if d.damping_scale != "absolute":
+        out["damping_scale"] = d.damping_scale
     policy = verify_policy(options.get("verify"), record, config)
     if policy != "off":
         out["verify"] = policy
@@ -147,8 +154,10 @@ def engine_config(options: dict) -> EraseConfig:
             raise InvalidRequestError("max_iterations must be >= 1")
         solver_options["max_iterations" if options["solver"] == "cg" else "iterations"] = int(options["max_iterations"])
     curvature = CurvatureConfig(kind=options["curvature"], damping=options["damping"],
-                                sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"])
+                                sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"],
+                                relative=options.get("damping_scale") == "relative")
     return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
+                       step=StepConfig(enabled=options.get("step_control", True)),
                        objective=options["objective"], allow_unconverged=options["allow_unconverged"],
                        max_length=options["max_length"], verify=verify_config(options),
                        # Jobs stored before the utility check existed get the engine's default.

@@ -18,7 +18,9 @@ from eraser.errors import InvalidRequestError, UtilityCheckFailedError
 from eraser.model import load_adapter, load_base
 from eraser.requests import UnlearningRequest
 from eraser.solvers import SolverConfig
-from eraser.unlearn import EraseConfig, erase, row_losses
+from eraser.losses import row_losses
+from eraser.secondorder import StepConfig
+from eraser.unlearn import EraseConfig, erase
 from eraser.verify import VerifyConfig, retained_sample
 from test_cli import listing, run_cli
 
@@ -26,9 +28,11 @@ SOUND = EraseConfig(solver=SolverConfig("cg", None, {"max_iterations": 100, "tol
                     curvature=CurvatureConfig(damping=0.1))
 # Six answers replaced by a sentence frame the adapter never saw: their gradient is large,
 # and 20 cg iterations at damping 0.01 raise the retained rows' NLL by about 4.8 nats.
+# Step control (eraser/secondorder.py) would scale such an update down to within the bound:
+# these tests switch it off to exercise the check that stands behind it.
 BROKEN = EraseConfig(solver=SolverConfig("cg", None, {"max_iterations": 20}), curvature=CurvatureConfig(damping=0.01),
-                     allow_unconverged=True)
-BROKEN_CLI = ["--damping", "0.01", "--max-iterations", "20", "--allow-unconverged"]
+                     allow_unconverged=True, step=StepConfig(enabled=False))
+BROKEN_CLI = ["--damping", "0.01", "--max-iterations", "20", "--allow-unconverged", "--step-control", "off"]
 
 
 def broken_request(rows) -> UnlearningRequest:
@@ -111,7 +115,8 @@ def test_sidecar_job_failing_the_check_publishes_nothing(tmp_path, tiny_base, ti
     from sidecar.server import start
     from test_sidecar_verify import metric, no_row_text, scrape, store_listing
 
-    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, drain_seconds=2.0))
+    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, drain_seconds=2.0,
+                                  erase={"step_control": False}))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.EraserStub(channel)

@@ -33,7 +33,8 @@ from eraser.losses import per_row_nll
 from eraser.model import trainable_parameters
 from eraser.solvers import SolverConfig
 from eraser.train import fit
-from eraser.unlearn import EraseConfig, UtilityCheck, apply_delta, compute_update, row_losses
+from eraser.losses import row_losses
+from eraser.unlearn import EraseConfig, UtilityCheck, apply_delta, compute_update
 from eraser.verify import VerifyConfig, retained_sample, verify_and_refine
 
 

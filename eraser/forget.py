@@ -1,0 +1,148 @@
+"""The erase's step-control and verification stage: from the influence update to a model
+whose erased rows look never-seen (``eraser.secondorder`` for the steps,
+``eraser.membership`` for the verdict, ``eraser.verify`` for the first-order fallback).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import VerificationFailedError
+from .membership import RowScores
+from .progress import Progress, silent
+from .secondorder import (Judge, SampledObjective, StepConfig, StepRecord, controlled_influence_step, learned,
+                          reference_only_failures, refine_natural)
+from .verify import VerificationReport, VerifyConfig, VerifyScores, _scores, verify_and_refine
+
+Pair = tuple[str, str]
+# Refinement goes on past the bounds until every attack's AUC is within this of the target
+# (the held-out median), while the budget lasts: a row just inside a bound is still likely
+# more member-like than a retrained model's.
+SETTLED_SLACK = 0.1
+
+
+@dataclass
+class ForgetResult:
+    steps: list[StepRecord] = field(default_factory=list)
+    verification: VerificationReport | None = None
+
+    @property
+    def influence_scale(self) -> float | None:
+        return self.steps[0].scale if self.steps else None
+
+
+def _loss_scores(erased: RowScores, holdout: RowScores | None, retain_mean: float | None) -> VerifyScores | None:
+    if holdout is None or not erased.nll:
+        return None
+    s = _scores(erased.nll, holdout.nll, [])
+    s.retain_mean_nll, s.retain_rows = retain_mean, 0
+    return s
+
+
+def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdout: Sequence[Pair],
+           retain_pairs: Sequence[Pair], retain_losses: Sequence[float], verify: VerifyConfig, step: StepConfig,
+           max_retain_rise: float | None, device, max_length: int, progress: Progress = silent) -> ForgetResult:
+    """Apply ``delta`` at a controlled scale, then verify (and under enforce refine) per
+    ``verify.policy``. Raises VerificationFailedError (enforce) with the model discarded."""
+    # A corrected response's old text is judged by what learning the new one leaves (it
+    # must not be reproduced), as for retraining, which keeps the shared prefix likely.
+    forget_pairs = [(e.old.prompt, e.old.response) for e in edits if e.new is None or e.new.response == e.old.response]
+    replaced = [(e.old.prompt, e.old.response) for e in edits if e.new is not None and e.new.response != e.old.response]
+    learn_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new is not None]
+    bounds = [b for b in (max_retain_rise, verify.max_retain_rise if verify.policy != "off" else None) if b is not None]
+    budget = step.max_rise_share * min(bounds) if bounds else math.inf
+    judge = Judge(model, tokenizer, forget_pairs, holdout if verify.policy != "off" else [], learn_pairs, device,
+                  max_length, step.batch_size, verify.max_auc, verify.min_auc)
+    objective = SampledObjective(model, tokenizer, params, forget_pairs, learn_pairs, retain_pairs, device,
+                                 max_length, step)
+    objective.retain_reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
+    objective.retain_parent = list(retain_losses)
+    # New rows are pulled all the way down (their term never fades) and count as learned
+    # at the retained rows' level.
+    objective.learn_target = 0.0
+    learn_level = statistics.median(retain_losses) if retain_losses else 0.0
+    _, erased0, holdout0, _ = judge.judge() if verify.policy != "off" else (None, None, None, None)
+    objective.forget_targets = judge.targets(holdout0) if erased0 is not None else (
+        judge.base_erased or [math.inf] * len(forget_pairs))
+    retain_exact = (sum(judge.scores(retain_pairs, None).exact) / len(retain_pairs)) if retain_pairs and learn_pairs else 1.0
+    out = ForgetResult([controlled_influence_step(params, delta, objective, budget, step)])
+    if verify.policy == "off":
+        return out
+    if factors is None:  # no cached curvature: today's first-order refinement, judged by its loss AUC
+        out.verification = _first_order(model, tokenizer, edits, holdout, retain_pairs, retain_losses, verify,
+                                        device, progress, max_length)
+        return out
+    started = time.perf_counter()
+    state: dict = {}
+
+    def done() -> tuple[bool, str, bool]:
+        """Whether the verdict passes, why not, and whether the rows are settled at the
+        never-seen level (every attack's AUC near ``target_auc``, not only inside the bounds)."""
+        v, erased, held, new = judge.judge()
+        failures = (v.failures() if v is not None else reference_only_failures(erased)) if forget_pairs else []
+        if not learned(new, learn_level, step.learn_margin, retain_exact):
+            failures.append(f"corrected rows not learned yet (mean NLL {sum(new.nll) / len(new.nll):.3f}, "
+                            f"target {learn_level:.3f}, {sum(new.exact)}/{len(new.exact)} reproduced)")
+        still = sum(judge.scores(replaced, None).exact) if replaced else 0
+        if still:
+            failures.append(f"{still} corrected row(s) still give their old answer")
+        point = objective.evaluate()
+        if point.rise > (min(bounds) if bounds else math.inf):
+            failures.append(f"retained rows' NLL rose by {point.rise:.3f} nats")
+        state.setdefault("before", (v, erased, held, new, point))
+        state["after"] = (v, erased, held, new, point)
+        settled = v is None or not forget_pairs or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK
+        return not failures, "; ".join(failures) or "erased rows look never-seen", settled
+
+    refinement = None
+    if verify.policy == "enforce":
+        refinement = refine_natural(model, params, factors, objective, judge, retain_pairs, tokenizer, budget, step,
+                                    verify.max_steps, verify.max_seconds, device, max_length, progress, done)
+        out.steps.extend(refinement.steps)
+        passed, reason = refinement.passed, refinement.reason
+    else:
+        passed, reason, _ = done()
+    out.verification = _report(verify, state, passed, reason, refinement, objective.retain_reference,
+                               [e.old.id for e in edits], time.perf_counter() - started)
+    if verify.policy == "enforce" and not passed:
+        raise VerificationFailedError(f"verification failed: {reason}; {out.verification.summary()}", out.verification)
+    return out
+
+
+def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refinement, retain_reference,
+            ids: list[str], seconds: float) -> VerificationReport:
+    def scores(key):
+        v, erased, held, new, point = state[key]
+        return _loss_scores(erased, held, point.retain_mean), v, new
+
+    before, v_before, _ = scores("before")
+    after, v_after, new = scores("after")
+    refined = refinement is not None and refinement.steps
+    report = VerificationReport(
+        policy=verify.policy, passed=passed, reason=reason if not passed else "erased rows look never-seen",
+        bounds=verify.bounds(), retain_reference=retain_reference,
+        before=before.to_json() if before else None,
+        after=after.to_json() if after and refined else None,
+        refinement=refinement.to_json() if refinement is not None else None,
+        erased_ids=ids, seconds=round(seconds, 3))
+    report.membership = {"before": v_before.to_json() if v_before else None,
+                         "after": v_after.to_json() if v_after else None}
+    report.learned = ({"rows": len(new.nll), "mean_nll": sum(new.nll) / len(new.nll), "reproduced": sum(new.exact)}
+                      if new.nll else None)
+    return report
+
+
+def _first_order(model, tokenizer, edits, holdout, retain_pairs, retain_losses, verify: VerifyConfig, device,
+                 progress, max_length) -> VerificationReport | None:
+    from .verify import erased_rows
+
+    erased = erased_rows(edits)
+    reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
+    return verify_and_refine(model, tokenizer, [(r.prompt, r.response) for r in erased], retain_pairs, list(holdout),
+                             verify, device, progress, max_length, reference, [r.id for r in erased])

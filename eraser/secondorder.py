@@ -1,0 +1,342 @@
+"""Step control and second-order refinement: an erase that forgets, safe by construction.
+
+The influence formula assumes the adapter sits at a minimum of its training loss; a real
+fine-tune stops early, so the formula's step length is controlled by nothing. Here every
+step, the influence step first, is scaled by a backtracking (and expanding) line search on
+a *sampled objective*:
+
+- each erased row i has a never-seen target NLL τᵢ: its base-model NLL (adapter disabled)
+  plus the median advantage the adapter gives held-out rows it never saw (without a
+  held-out set: the base NLL itself, "no advantage at all");
+- each new row of a correction (RC/QM) has the retained rows' median NLL as its target;
+- Φ(θ) = mean ½·relu(τᵢ − NLLᵢ)² over erased rows + mean relu(NLLⱼ − τ_new) over new rows,
+  zero once every row is at its target;
+- a scale is admissible when the retained sample's mean NLL rose by at most a share of the
+  utility bound and the erased rows did not overshoot their targets.
+
+Where the erased rows are not yet at the never-seen level, further steps follow the
+natural gradient of Φ plus a KL anchor to the parent on retained rows, preconditioned by
+the same cached EK-FAC/K-FAC factors ((F + λI)⁻¹ g, λ relative to F's scale along g: in the
+spirit of SOUL, Jia et al. 2024), each again line-searched, until the membership verdict
+(``eraser.membership``) passes and the new rows are learned, or the budget is spent.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from .curvature import flatten
+from .data import EncodedRows
+from .errors import InvalidRequestError
+from .losses import per_row_nll
+from .membership import MembershipVerdict, RowScores, base_model_nll, measure, verdict
+from .progress import Progress, silent
+
+Pair = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """How far one step may go, and how the second-order steps are built."""
+
+    enabled: bool = True
+    # A step may spend this share of the utility bound (the retained sample's NLL rise);
+    # the rest is margin for the final check on the same rows.
+    max_rise_share: float = 0.8
+    # Mean nats the erased rows may end above their never-seen targets (over-forgetting
+    # also reveals a row).
+    overshoot: float = 0.5
+    backtracks: int = 12
+    expansions: int = 4
+    # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
+    damping_ratio: float = 0.1
+    anchor_weight: float = 10.0
+    # New rows (RC/QM) count as learned when greedy decoding gives them and their mean NLL
+    # is within this of the retained rows' median.
+    learn_margin: float = 0.3
+    batch_size: int = 8
+
+    def __post_init__(self):
+        numbers = (self.max_rise_share, self.overshoot, self.damping_ratio, self.anchor_weight, self.learn_margin)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
+            raise InvalidRequestError("step settings must be finite numbers >= 0")
+        if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
+            raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
+        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
+            raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
+
+
+@dataclass
+class Point:
+    """The sampled objective at one parameter vector."""
+
+    forget: list[float]
+    learn: list[float]
+    retain_mean: float | None
+    phi: float
+    rise: float
+    overshoot: float
+
+    def merit(self, weight: float) -> float:
+        return self.phi + weight * max(0.0, self.rise)
+
+    def admissible(self, budget: float, overshoot: float) -> bool:
+        return self.rise <= budget and self.overshoot <= overshoot and math.isfinite(self.phi)
+
+
+class SampledObjective:
+    """Φ and the utility constraint on the erased, new and retained rows (module docstring)."""
+
+    def __init__(self, model, tokenizer, params, forget: Sequence[Pair], learn: Sequence[Pair], retain: Sequence[Pair],
+                 device, max_length: int, config: StepConfig):
+        self.model, self.params, self.device, self.config = model, list(params), device, config
+        enc = lambda pairs: EncodedRows(tokenizer, pairs, max_length) if pairs else None  # noqa: E731
+        self.forget, self.learn, self.retain = enc(forget), enc(learn), enc(retain)
+        self.forget_targets: list[float] = [0.0] * len(forget)
+        self.learn_target = 0.0
+        self.retain_reference: float | None = None
+        self.retain_parent: list[float] = []  # each retained row's NLL on the parent
+
+    def _nll(self, data: EncodedRows | None) -> list[float]:
+        if data is None:
+            return []
+        with torch.no_grad():
+            return [x for _, b in data.batches(self.config.batch_size, device=self.device)
+                    for x in per_row_nll(self.model, b).tolist()]
+
+    def evaluate(self) -> Point:
+        forget, learn, retain = self._nll(self.forget), self._nll(self.learn), self._nll(self.retain)
+        retain_mean = sum(retain) / len(retain) if retain else None
+        if self.retain_reference is None:
+            self.retain_reference = retain_mean
+        rise = retain_mean - self.retain_reference if retain_mean is not None else 0.0
+        gaps = [max(0.0, t - x) for x, t in zip(forget, self.forget_targets)]
+        over = [max(0.0, x - t) for x, t in zip(forget, self.forget_targets)]
+        new_gaps = [max(0.0, x - self.learn_target) for x in learn]
+        phi = _half_mean_square(gaps) + (sum(new_gaps) / len(new_gaps) if new_gaps else 0.0)
+        return Point(forget, learn, retain_mean, phi, rise, sum(over) / len(over) if over else 0.0)
+
+    def gradient(self, anchor_rows: Sequence[int] = ()) -> torch.Tensor:
+        """∇Φ plus ``anchor_weight`` × the gradient of the retained rows' NLL rise over their
+        parent values on a batch of them (zero where they did not rise: the merit's term)."""
+        self.model.zero_grad(set_to_none=True)
+        for data, sign, targets in ((self.forget, 1.0, self.forget_targets), (self.learn, -1.0, None)):
+            if data is None:
+                continue
+            for idx, batch in data.batches(self.config.batch_size, device=self.device):
+                nll = per_row_nll(self.model, batch)
+                target = (torch.tensor([targets[i] for i in idx], dtype=nll.dtype, device=nll.device)
+                          if targets is not None else torch.full_like(nll, self.learn_target))
+                gap = torch.relu(sign * (target - nll))
+                # Erased rows: a squared gap, which slows down near the target; new rows: the
+                # gap itself, whose pull does not fade before they are learned.
+                (0.5 * gap.square() if targets is not None else gap).sum().div(len(data)).backward()
+        if anchor_rows and self.retain is not None and self.config.anchor_weight > 0:
+            nll = per_row_nll(self.model, self.retain.batch(list(anchor_rows), self.device))
+            ref = sum(self.retain_parent[i] for i in anchor_rows) / len(anchor_rows)
+            (self.config.anchor_weight * torch.relu(nll.mean() - ref)).backward()
+        g = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).detach().clone()
+        self.model.zero_grad(set_to_none=True)
+        return g
+
+
+def _half_mean_square(xs: Sequence[float]) -> float:
+    return 0.5 * sum(x * x for x in xs) / len(xs) if xs else 0.0
+
+
+@dataclass
+class LineSearch:
+    scale: float
+    trials: int
+    point: Point
+
+
+def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective: SampledObjective, current: Point,
+                start: float, budget: float, config: StepConfig, expand: bool = True) -> LineSearch:
+    """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
+    that does not raise Φ; the parameters are left at it (s = 0: unchanged)."""
+
+    def at(s: float) -> Point:
+        with torch.no_grad():
+            vector_to_parameters(theta + s * direction.to(theta.dtype), params)
+        return objective.evaluate()
+
+    w = config.anchor_weight
+
+    def ok(p: Point) -> bool:
+        return p.admissible(budget, config.overshoot) and p.merit(w) <= current.merit(w) - 1e-4 * abs(current.merit(w))
+
+    s, trials = start, 1
+    point = at(s)
+    if ok(point):
+        best = (s, point)
+        for _ in range(config.expansions if expand else 0):
+            trial = at(2 * best[0])
+            trials += 1
+            if not (ok(trial) and trial.merit(w) < best[1].merit(w)):
+                break
+            best = (2 * best[0], trial)
+    else:
+        best = (0.0, current)
+        for _ in range(config.backtracks):
+            s /= 2
+            point = at(s)
+            trials += 1
+            if ok(point):
+                best = (s, point)
+                break
+    with torch.no_grad():
+        vector_to_parameters(theta + best[0] * direction.to(theta.dtype), params)
+    return LineSearch(best[0], trials, best[1])
+
+
+class Judge:
+    """The membership verdict and the learned check at the current parameters."""
+
+    def __init__(self, model, tokenizer, erased: Sequence[Pair], holdout: Sequence[Pair], learn: Sequence[Pair], device,
+                 max_length: int, batch_size: int, max_auc: float, min_auc: float):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.erased, self.holdout, self.learn = list(erased), list(holdout), list(learn)
+        self.max_length, self.batch_size, self.max_auc, self.min_auc = max_length, batch_size, max_auc, min_auc
+        base = lambda pairs: base_model_nll(model, tokenizer, pairs, device, batch_size, max_length) if pairs else []  # noqa: E731
+        self.base_erased, self.base_holdout = base(self.erased), base(self.holdout)
+
+    def scores(self, pairs, base) -> RowScores:
+        return measure(self.model, self.tokenizer, pairs, self.device, self.batch_size, self.max_length, base)
+
+    def judge(self) -> tuple[MembershipVerdict | None, RowScores, RowScores | None, RowScores]:
+        erased = self.scores(self.erased, self.base_erased)
+        holdout = self.scores(self.holdout, self.base_holdout) if self.holdout else None
+        learn = self.scores(self.learn, None)
+        v = verdict(erased, holdout, self.max_auc, self.min_auc) if holdout is not None and self.erased else None
+        return v, erased, holdout, learn
+
+    def targets(self, holdout: RowScores | None) -> list[float]:
+        """Each erased row's never-seen NLL: its base NLL plus held-out rows' median advantage."""
+        if self.base_erased is None:  # no base model to calibrate by: the held-out median
+            return [statistics.median(holdout.nll)] * len(self.erased) if holdout else [math.inf] * len(self.erased)
+        if holdout is None or holdout.base_nll is None:
+            return list(self.base_erased)
+        advantage = statistics.median(x - b for x, b in zip(holdout.nll, holdout.base_nll))
+        return [b + advantage for b in self.base_erased]
+
+
+def learned(scores: RowScores, target: float, margin: float, retain_exact: float = 1.0) -> bool:
+    """New rows at the retained rows' level: mean NLL within ``margin`` of their median, and
+    reproduced by greedy decoding at least as often as retained rows are, less 0.1."""
+    if not scores.nll:
+        return True
+    share = sum(scores.exact) / len(scores.exact)
+    return share >= retain_exact - 0.1 and sum(scores.nll) / len(scores.nll) <= target + margin
+
+
+def reference_only_failures(erased: RowScores, margin: float = 0.0) -> list[str]:
+    """Without held-out rows: no erased row may be more likely under the adapter than under
+    the base model (by more than ``margin`` nats), and none may be reproduced."""
+    out = []
+    ahead = sum(1 for x, b in zip(erased.nll, erased.base_nll or []) if x < b - margin)
+    if erased.base_nll is None:
+        out.append("no base model to compare with")
+    elif ahead:
+        out.append(f"{ahead} erased row(s) still more likely under the adapter than under the base model")
+    if any(erased.exact):
+        out.append(f"{sum(erased.exact)} erased answer(s) still reproduced by greedy decoding")
+    return out
+
+
+@dataclass
+class StepRecord:
+    kind: str  # "influence" or "natural"
+    scale: float
+    trials: int
+    phi: float
+    rise: float
+    damping: float | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Refinement:
+    steps: list[StepRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    passed: bool = False
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"method": "natural", "steps": sum(1 for s in self.steps if s.kind == "natural"),
+                "seconds": round(self.seconds, 3), "stopped": self.reason, "passed": self.passed,
+                "trace": [s.to_json() for s in self.steps]}
+
+
+def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObjective, budget: float,
+                              config: StepConfig) -> StepRecord:
+    """Apply the influence update at the largest admissible scale (0: not at all)."""
+    theta = parameters_to_vector(params).detach().clone()
+    current = objective.evaluate()
+    if not config.enabled:
+        with torch.no_grad():
+            vector_to_parameters(theta + delta.to(theta.dtype), params)
+        p = objective.evaluate()
+        return StepRecord("influence", 1.0, 1, p.phi, p.rise)
+    if current.phi == 0.0:
+        return StepRecord("influence", 0.0, 0, 0.0, current.rise)
+    ls = line_search(params, theta, delta, objective, current, 1.0, budget, config)
+    return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
+
+
+def refine_natural(model, params, factors, objective: SampledObjective, judge: Judge, retain_pairs: Sequence[Pair],
+                   tokenizer, budget: float, config: StepConfig, max_steps: int, max_seconds: float, device,
+                   max_length: int, progress: Progress = silent, done=None) -> Refinement:
+    """Natural-gradient steps on Φ + anchor, each line-searched, until ``done()`` says the
+    verdict passes (module docstring). The model is left at the last accepted step."""
+    started = time.perf_counter()
+    result = Refinement()
+    order = list(range(len(retain_pairs)))
+    random.Random(0).shuffle(order)
+    scale, stalled = 1.0, 0
+    progress("refine", 0, max_steps)
+    for step in range(max_steps + 1):
+        passed, why, settled = done()
+        result.passed, result.reason = passed, why
+        if passed and settled:
+            break
+        if step == max_steps or time.perf_counter() - started >= max_seconds:
+            if not passed:
+                result.reason = f"{'step' if step == max_steps else 'time'} budget exhausted: {why}"
+            break
+        chunk = [order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
+        g = objective.gradient(chunk)
+        if not float(g.norm()) > 0:
+            if not passed:
+                result.reason = f"no gradient left: {why}"
+            break
+        damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
+        direction = -factors.solve(g, damping)
+        theta = parameters_to_vector(params).detach().clone()
+        current = objective.evaluate()
+        ls = line_search(params, theta, direction, objective, current, scale, budget, config)
+        result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
+        progress("refine", step + 1, max_steps, {"phi": ls.point.phi, "scale": ls.scale})
+        if ls.scale == 0.0:
+            stalled += 1
+            if stalled >= 2:
+                if not passed:
+                    result.reason = f"no admissible step within the utility bound: {why}"
+                break
+            scale = 1.0  # nothing admissible below the last scale: search again from the top
+        else:
+            stalled, scale = 0, ls.scale
+    result.seconds = time.perf_counter() - started
+    for p in params:
+        p.grad = None
+    return result

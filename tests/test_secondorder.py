@@ -1,0 +1,80 @@
+"""The default erase path (eraser/forget.py, eraser/secondorder.py): the influence step
+under a line search, then natural-gradient steps preconditioned by EK-FAC factors, until
+the membership verdict (eraser/membership.py) passes, on all three tasks."""
+
+from __future__ import annotations
+
+import pytest
+
+from eraser.curvature import CurvatureConfig
+from eraser.errors import UtilityCheckFailedError, VerificationFailedError
+from eraser.losses import row_losses
+from eraser.membership import base_model_nll, judge_attack, measure
+from eraser.requests import UnlearningRequest
+from eraser.secondorder import StepConfig
+from eraser.solvers import SolverConfig
+from eraser.unlearn import EraseConfig, erase
+from eraser.verify import VerifyConfig, pairs
+from test_cli import listing
+from test_verify import load, tree_digest, world  # noqa: F401  (world: the module-scoped fixture)
+
+DEFAULT = dict(solver=SolverConfig("ekfac"), curvature=CurvatureConfig(damping=0.1, relative=True))
+ENFORCE = VerifyConfig(policy="enforce")
+
+
+def _erase(world, tmp_path, request, **kwargs):
+    return erase(world["base"], world["adapter"], world["data"], request, tmp_path / "v2", tmp_path / "edited.jsonl",
+                 EraseConfig(**{**DEFAULT, "verify": ENFORCE, **kwargs}), holdout_path=world["holdout"])
+
+
+def _judged_independently(world, adapter, erased_rows):
+    """Scores of the written adapter on the erased rows against the *second* held-out set,
+    never used by the erase."""
+    model, tok = load(world, adapter)
+    e = measure(model, tok, pairs(erased_rows), "cpu", base_nll=base_model_nll(model, tok, pairs(erased_rows), "cpu"))
+    h = measure(model, tok, pairs(world["holdout2"]), "cpu",
+                base_nll=base_model_nll(model, tok, pairs(world["holdout2"]), "cpu"))
+    retained = sum(row_losses(model, tok, pairs(world["retained"]), "cpu")) / len(world["retained"])
+    return e, h, retained
+
+
+def test_removal_reaches_the_never_seen_level_and_keeps_utility(world, tmp_path):
+    request = UnlearningRequest(remove=tuple(r.id for r in world["erased"]))
+    report = _erase(world, tmp_path, request)
+    v = report.verification
+    assert v["passed"], v["reason"]
+    assert report.steps[0]["kind"] == "influence" and v["refinement"]["method"] == "natural"
+    assert v["membership"]["before"]["attacks"][0]["auc"] > 0.9  # the influence step alone left them memorised
+    after = v["membership"]["after"]
+    assert {a["name"] for a in after["attacks"]} == {"loss", "reference", "mink"} and after["passed"]
+    parent, tok = load(world)
+    parent_retained = sum(row_losses(parent, tok, pairs(world["retained"]), "cpu")) / len(world["retained"])
+    e, h, retained = _judged_independently(world, tmp_path / "v2", world["erased"])
+    for attack in ("loss", "reference", "mink"):
+        a = judge_attack(attack, e.member_scores(attack), h.member_scores(attack), 0.75, 0.1)
+        assert 0.1 <= a.auc <= 0.8, (attack, a)
+    assert not any(e.exact)  # no erased answer is reproduced by greedy decoding
+    assert retained - parent_retained <= 0.05, (retained, parent_retained)
+
+
+def test_line_search_keeps_the_utility_bound_on_a_step_that_breaks_it_unscaled(world, tmp_path):
+    """A nearly undamped influence step (absolute damping 1e-6) wrecks the adapter: refused
+    without step control, scaled down to within the bound with it."""
+    request = UnlearningRequest(remove=tuple(r.id for r in world["erased"]))
+    wild = dict(solver=SolverConfig("ekfac"), curvature=CurvatureConfig(damping=1e-6), verify=VerifyConfig())
+    with pytest.raises(UtilityCheckFailedError):
+        _erase(world, tmp_path, request, **wild, step=StepConfig(enabled=False))
+    report = _erase(world, tmp_path, request, **wild)
+    assert 0 <= report.steps[0]["scale"] < 1 and report.utility["passed"]
+    assert report.utility["rise"] <= 0.8 * report.utility["max_rise"] + 1e-9
+
+
+def test_a_budget_too_small_fails_cleanly_and_writes_nothing(world, tmp_path):
+    inputs = {p: tree_digest(p) for p in (world["adapter"], world["data"], world["holdout"])}
+    request = UnlearningRequest(remove=tuple(r.id for r in world["erased"]))
+    with pytest.raises(VerificationFailedError) as info:
+        _erase(world, tmp_path, request, verify=VerifyConfig(policy="enforce", max_steps=0))
+    assert "step budget exhausted" in str(info.value) and "\n" not in str(info.value)
+    assert not any(r.response in str(info.value) for r in world["erased"])
+    assert listing(tmp_path) == set()
+    assert {p: tree_digest(p) for p in inputs} == inputs
