@@ -146,6 +146,10 @@ class SidecarConfig:
     # Largest |log p| difference (nats) between a replica and the sidecar on the probe;
     # float32 serving agrees to ~1e-6 here, bfloat16 needs about 0.1.
     probe_tolerance: float = 0.02
+    # Directories RegisterAdapter may copy adapters, training and held-out sets from
+    # (sidecar/imports.py). Empty: any server path outside the store (the store is never
+    # an import source: its retained versions hold erased rows).
+    import_roots: tuple[Path, ...] = ()
     # Named base models: RegisterAdapter's base_model may be a key here or a directory.
     base_models: Mapping[str, str] = field(default_factory=dict)
     erase: EraseDefaults = field(default_factory=EraseDefaults)
@@ -195,6 +199,7 @@ class SidecarConfig:
         object.__setattr__(self, "vllm_urls", urls)
         if self.swap_timeout_seconds <= 0 or self.reconcile_seconds <= 0 or not self.probe_tolerance > 0:
             raise ConfigError("swap_timeout_seconds, reconcile_seconds and probe_tolerance must be > 0")
+        object.__setattr__(self, "import_roots", _import_roots(self.import_roots, self.store))
         if not isinstance(self.base_models, Mapping):
             raise ConfigError("base_models must map names to directories")
         if isinstance(self.erase, Mapping):
@@ -203,6 +208,22 @@ class SidecarConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+def _import_roots(value: Any, store: Path) -> tuple[Path, ...]:
+    """Import roots as real, existing directories, none overlapping the store."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [v for v in str(value).split(os.pathsep) if v]
+    roots = []
+    real_store = Path(os.path.realpath(store))
+    for v in value or ():
+        root = Path(os.path.realpath(Path(v).expanduser()))
+        if not root.is_dir():
+            raise ConfigError(f"import_roots: not a directory: {v}")
+        if root == real_store or root in real_store.parents or real_store in root.parents:
+            raise ConfigError(f"import_roots: {v} overlaps the store {store}; the store must never be an import source")
+        roots.append(root)
+    return tuple(dict.fromkeys(roots))
 
 
 def _coerce(value: Any, annotation: str, name: str) -> Any:
@@ -235,7 +256,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     kwargs = {}
     for key, value in values.items():
         annotation = str(known[key].type)
-        if key in ("erase", "base_models", "vllm_urls"):
+        if key in ("erase", "base_models", "vllm_urls", "import_roots"):
             kwargs[key] = value
         elif annotation.startswith(("int", "float", "bool")):
             kwargs[key] = _coerce(value, annotation, prefix + key)

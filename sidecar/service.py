@@ -6,6 +6,7 @@ typed errors raised here to status codes in one place (``errors.status_of``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -37,6 +38,7 @@ from .errors import (
     status_of,
 )
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
+from .imports import ImportRoots
 from .jobs import Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
 from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name, file_sha256
@@ -162,6 +164,20 @@ def verify_config(options: dict) -> VerifyConfig:
     return VerifyConfig(policy=options.get("verify", "off"), **limits)
 
 
+@contextlib.contextmanager
+def _client_paths(paths: dict[Path, str]):
+    """Errors about staged copies name the paths the client gave, not the store's."""
+    try:
+        yield
+    except EraserError as e:
+        message = str(e)
+        for staged, given in paths.items():
+            message = message.replace(str(staged), given)
+        if message == str(e):
+            raise
+        raise type(e)(message) from None
+
+
 @dataclass
 class _SolverChoice:
     """The solver a job runs and, for ekfac/kfac, its factor cache and how it was obtained."""
@@ -217,6 +233,7 @@ class EraserService:
         self.config = config
         self.hooks = hooks or Hooks()
         self.store = AdapterStore(config.store)
+        self.imports = ImportRoots(config.import_roots, config.store)
         self.computes = config.role == "compute"
         # Only the computing sidecar owns the job database; reconcilers read the store.
         self.db = JobDB(Path(config.store) / "jobs.sqlite3") if self.computes else None
@@ -342,38 +359,46 @@ class EraserService:
         base_dir = self.resolve_base(base_model)
         if not adapter_path or not dataset_path:
             raise InvalidRequestError("adapter_path and dataset_path are required")
-        check_adapter_dir(adapter_path)
-        rows = load_rows(dataset_path)
-        if not rows:
-            raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
-        holdout_rows = self._check_holdout(holdout_path, rows) if holdout_path else None
         if verify and verify not in VERIFY_POLICIES:
             raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(VERIFY_POLICIES)})")
-        if verify in ("report", "enforce") and holdout_rows is None:
+        if verify in ("report", "enforce") and not holdout_path:
             raise InvalidRequestError(f"verify {verify} needs a held-out set (holdout_path)")
-        fingerprint = base_fingerprint(base_dir)
-        recorded = read_adapter_meta(adapter_path).get("base_model_fingerprint")
-        if recorded and recorded != fingerprint:
-            from eraser.errors import BaseModelMismatchError
-
-            raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on {base_model} ({fingerprint[:12]})")
-        # Loading the adapter onto the base is the only complete check that its tensors fit.
-        load_adapter(load_base(base_dir, "cpu"), adapter_path, trainable=False)
+        # Confined before anything is read; what is checked below is the staged copy, so
+        # the store holds exactly what passed.
+        sources = [(self.imports.confine(adapter_path, "adapter_path", "dir"), "adapter_path", adapter_path),
+                   (self.imports.confine(dataset_path, "dataset_path", "file"), "dataset_path", dataset_path)]
+        if holdout_path:
+            sources.append((self.imports.confine(holdout_path, "holdout_path", "file"), "holdout_path", holdout_path))
         staged = self.store.new_staging(f"register-{name}-v1")
         holdout = None
         try:
-            shutil.copytree(adapter_path, staged / ADAPTER_DIR)
-            shutil.copyfile(dataset_path, staged / DATASET)
+            self.imports.copy_tree(sources[0][0], staged / ADAPTER_DIR, "adapter_path")
+            self.imports.copy_file(sources[1][0], staged / DATASET, "dataset_path")
+            if holdout_path:  # beside the version, not in it: erases never change it
+                holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
+                self.imports.copy_file(sources[2][0], holdout, "holdout_path")
+            with _client_paths({staged / ADAPTER_DIR: adapter_path, staged / DATASET: dataset_path,
+                                **({holdout: holdout_path} if holdout is not None else {})}):
+                check_adapter_dir(staged / ADAPTER_DIR)
+                rows = load_rows(staged / DATASET)
+                if not rows:
+                    raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
+                holdout_rows = self._check_holdout(holdout, rows) if holdout is not None else None
+                fingerprint = base_fingerprint(base_dir)
+                recorded = read_adapter_meta(staged / ADAPTER_DIR).get("base_model_fingerprint")
+                if recorded and recorded != fingerprint:
+                    from eraser.errors import BaseModelMismatchError
+
+                    raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on "
+                                                 f"{base_model} ({fingerprint[:12]})")
+                # Loading the adapter onto the base is the only complete check that its tensors fit.
+                load_adapter(load_base(base_dir, "cpu"), staged / ADAPTER_DIR, trainable=False)
             self.store.write_manifest(staged, {
                 "adapter": name, "version": 1, "parent_version": None, "job_id": None, "request_ids": [],
                 "base_model": base_model, "base_model_fingerprint": fingerprint, "created_at": time.time(),
                 "rows": len(rows), "source": "register",
             })
-            holdout_sha = None
-            if holdout_rows is not None:  # beside the version, not in it: erases never change it
-                holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
-                shutil.copyfile(holdout_path, holdout)
-                holdout_sha = file_sha256(holdout)
+            holdout_sha = file_sha256(holdout) if holdout is not None else None
             record = AdapterRecord(name, base_model, str(base_dir.resolve()), fingerprint, time.time(),
                                    holdout_sha256=holdout_sha, holdout_rows=len(holdout_rows or ()), verify=verify)
             version = self.store.register(record, staged, holdout)
@@ -389,12 +414,9 @@ class EraserService:
         self._serve_now(version)
         return version
 
-    def _check_holdout(self, holdout_path: str, rows) -> list:
+    def _check_holdout(self, path: Path, rows) -> list:
         """The held-out rows, refused (INVALID_ARGUMENT) when unreadable, too few, or
         sharing a row's content (``eraser.verify.load_holdout``) or id with the training set."""
-        path = Path(holdout_path)
-        if not path.is_file():
-            raise DataError(f"held-out set not found: {path}")
         try:
             holdout = load_holdout(path, rows, VerifyConfig(policy="enforce"))
         except OSError as e:

@@ -122,6 +122,60 @@ def test_register_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapt
     assert store_listing(sidecar.config.store) == before
 
 
+def test_register_never_imports_from_the_store(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    """Without import roots any path outside the store is accepted, never the store: a
+    retained pre-erasure version registered under a new name would bring erased rows back."""
+    v1 = Path(register(stub, "reg-src", tiny_base, tiny_adapter, train_file).path).parent
+    assert v1 == sidecar.config.store / "adapters" / "reg-src" / "versions" / "1"
+    before = store_listing(sidecar.config.store)
+    request = pb.RegisterAdapterRequest(name="reg-copy", base_model=str(tiny_base), adapter_path=str(v1 / "adapter"),
+                                        dataset_path=str(v1 / "train.jsonl"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RegisterAdapter(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_path is not allowed" in info.value.details()
+    assert store_listing(sidecar.config.store) == before
+
+
+def test_register_confined_to_import_roots(tmp_path, tiny_base, tiny_adapter, train_file):
+    import shutil
+
+    imports, outside = tmp_path / "imports", tmp_path / "outside"
+    imports.mkdir()
+    shutil.copytree(tiny_adapter, outside / "lora")
+    shutil.copytree(tiny_adapter, imports / "lora")
+    shutil.copyfile(train_file, imports / "train.jsonl")
+    (imports / "escape").symlink_to(outside / "lora")  # a link in a root that leads out of it
+    inner = imports / "inner-link"  # a file inside the adapter that leads out
+    shutil.copytree(tiny_adapter, inner)
+    weights = next(p for p in inner.iterdir() if p.suffix in (".safetensors", ".bin"))
+    weights.unlink()
+    weights.symlink_to(outside / "lora" / weights.name)
+    (imports / "fine-link").symlink_to(imports / "lora")  # a link that stays inside is followed
+    store = tmp_path / "store"
+    running = start(config_for(store, import_roots=(imports,)))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            ok = register(stub, "inside", tiny_base, imports / "fine-link", imports / "train.jsonl")
+            assert ok.version == 1 and not any(p.is_symlink() for p in Path(ok.path).parent.rglob("*"))
+            before = store_listing(store)
+            details = {}
+            for case, adapter in {"missing": imports / "nope", "outside": outside / "lora", "escape": imports / "escape",
+                                  "inner-link": inner, "store": Path(ok.path)}.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    register(stub, f"bad-{case}", tiny_base, adapter, imports / "train.jsonl")
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+                details[case] = info.value.details()
+            assert len(set(details.values())) == 1, "missing and forbidden paths are told apart: " + repr(details)
+            assert str(outside) not in details["missing"]
+            with pytest.raises(grpc.RpcError) as info:  # the dataset and the held-out set too
+                register(stub, "bad-data", tiny_base, imports / "lora", train_file)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dataset_path is not allowed" in info.value.details()
+            assert store_listing(store) == before and not list((store / "staging").iterdir())
+    finally:
+        running.stop(1.0)
+
+
 # ---- erase ---------------------------------------------------------------------------
 
 def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_file, caplog):

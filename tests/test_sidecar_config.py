@@ -68,3 +68,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["eraser-sidecar: error: device must be cpu, cuda or cuda:N, not 'tpu'"]
     assert not any(tmp_path.iterdir()), "nothing was created"
+
+
+def test_import_roots(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    env = {"ERASER_IMPORT_ROOTS": f"{a}:{b}"}
+    assert load_config({"store": tmp_path / "store"}, environ=env).import_roots == (a.resolve(), b.resolve())
+    assert load_config({"store": tmp_path / "store", "import_roots": [str(b)]}, environ=env).import_roots == (b.resolve(),)
+    assert load_config({"store": tmp_path / "store"}, environ={}).import_roots == ()
+    (tmp_path / "store" / "x").mkdir(parents=True)
+    for roots, message in [([tmp_path], "overlaps the store"), ([tmp_path / "store"], "overlaps the store"),
+                           ([tmp_path / "store" / "x"], "overlaps the store"), ([tmp_path / "nope"], "not a directory")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config({"store": tmp_path / "store", "import_roots": roots}, environ={})
