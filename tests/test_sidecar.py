@@ -212,6 +212,20 @@ def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_f
     assert ERASED_TEXT not in caplog.text and "Bob likes" not in caplog.text
 
 
+def test_replacement_text_leaves_no_trace_in_the_database_files(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    """The payload is deleted when its job ends; with WAL the deleted text would live on in
+    the -wal file until a checkpoint, so the deletion checkpoints (TRUNCATE)."""
+    register(stub, "wal", tiny_base, tiny_adapter, train_file)
+    marker = "Zanzibar-marker-7f3c likes no tea at all."
+    job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="wal", correct_responses=[
+        pb.CorrectResponse(id="tea-cid", response=marker)], options=FAST)).id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    files = sorted(sidecar.config.store.glob("jobs.sqlite3*"))
+    assert {p.name for p in files} >= {"jobs.sqlite3"}
+    found = [p.name for p in files if marker.encode() in p.read_bytes()]
+    assert not found, found
+
+
 def test_erase_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train_file):
     register(stub, "erase-bad", tiny_base, tiny_adapter, train_file)
     before = (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs))
