@@ -25,6 +25,8 @@ class ConfigError(InvalidRequestError):
 
 FACTOR_POLICIES = ("wait", "fallback")
 VERIFY_POLICIES = ("off", "report", "enforce")  # eraser.verify.POLICIES (no torch import here)
+VERIFY_MAX_STEPS = 100_000
+VERIFY_MAX_SECONDS = 86_400.0  # a day
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,10 @@ class EraseDefaults:
     # retained rows' mean NLL may rise by at most this many nats, else the job fails and
     # nothing is published; null turns the check off.
     max_retain_rise: float | None = 0.3
+    # Ceilings on what a request may ask of a solver: an iteration limit and a tolerance
+    # it could never reach would hold the adapter's only worker for hours.
+    max_iterations_limit: int = 100_000
+    min_tolerance: float = 1e-12
 
     def __post_init__(self):
         from eraser.solvers import SOLVERS  # torch: only where a config is built
@@ -84,6 +90,17 @@ class EraseDefaults:
             raise ConfigError(f"erase.max_retain_rise must be a number >= 0 or null, not {self.max_retain_rise!r}")
         if self.curvature_batch_size < 1 or self.max_length < 8:
             raise ConfigError("erase.curvature_batch_size must be >= 1 and erase.max_length >= 8")
+        if self.max_iterations_limit < 1 or not 0 < self.min_tolerance < 1:
+            raise ConfigError("erase.max_iterations_limit must be >= 1 and erase.min_tolerance in (0, 1)")
+        if self.max_iterations is not None and not 1 <= self.max_iterations <= self.max_iterations_limit:
+            raise ConfigError(f"erase.max_iterations must be in [1, erase.max_iterations_limit={self.max_iterations_limit}]")
+        if self.tolerance is not None and not self.min_tolerance <= self.tolerance < float("inf"):
+            raise ConfigError(f"erase.tolerance must be >= erase.min_tolerance={self.min_tolerance:g}")
+        # The refinement budget of enforce, per job: bounded like the solver's.
+        if self.verify_max_steps is not None and not 0 <= self.verify_max_steps <= VERIFY_MAX_STEPS:
+            raise ConfigError(f"erase.verify_max_steps must be in [0, {VERIFY_MAX_STEPS}]")
+        if self.verify_max_seconds is not None and not 0 < self.verify_max_seconds <= VERIFY_MAX_SECONDS:
+            raise ConfigError(f"erase.verify_max_seconds must be in (0, {VERIFY_MAX_SECONDS}]")
         if self.verify is False:  # YAML 1.1 reads a bare `off` as false
             object.__setattr__(self, "verify", "off")
         if self.verify not in VERIFY_POLICIES:

@@ -215,8 +215,7 @@ class EraserServicer(pb_grpc.EraserServicer):
 
     @_guarded
     def ListJobs(self, request, context):
-        state = State(request.state) if request.state else None
-        jobs = self.service.jobs(request.adapter or None, state, request.limit or 100)
+        jobs = self.service.jobs(request.adapter or None, request.state, request.limit)
         return pb.ListJobsResponse(jobs=[job_message(j) for j in jobs])
 
     @_guarded

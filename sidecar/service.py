@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shutil
+import unicodedata
 import threading
 import time
 import uuid
@@ -19,7 +21,7 @@ from typing import Callable
 from eraser import factors as engine_factors
 from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
-from eraser.errors import DataError, EraserError, InvalidRequestError, UtilityCheckFailedError, VerificationFailedError
+from eraser.errors import DataError, EraserError, InvalidRequestError, quote_ids, UtilityCheckFailedError, VerificationFailedError
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
 from eraser.solvers import SolverConfig
@@ -46,6 +48,8 @@ from .swap import SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
 
+MAX_LIST_JOBS = 1000  # a longer list could outgrow gRPC's 4 MiB message limit
+
 OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
                  "allow_unconverged", "curvature_rows", "verify")
 
@@ -66,6 +70,18 @@ class Hooks(SwapHooks):
     def verification_finished(self, adapter: str, verification: dict) -> None: ...
     # An update's utility check ran (eraser.unlearn.UtilityCheck.to_json()), passed or not.
     def utility_checked(self, adapter: str, utility: dict) -> None: ...
+
+
+# Control characters, line and paragraph separators, bidirectional and other format marks.
+_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def check_printable(what: str, ids) -> None:
+    """Refuse ids with control characters: ids go into logs, job records and terminal
+    output, where a newline or a bidi mark would forge or hide lines."""
+    bad = sum(1 for i in ids if any(unicodedata.category(c) in _UNPRINTABLE for c in i))
+    if bad:
+        raise InvalidRequestError(f"{what}: {bad} id(s) contain control or format characters (newlines, tabs, ...)")
 
 
 def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
@@ -113,6 +129,15 @@ def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord 
         "max_length": d.max_length,
         "max_retain_rise": d.max_retain_rise,
     }
+    for name in ("damping", "tolerance"):  # NaN and infinity pass every comparison below
+        if out[name] is not None and not math.isfinite(out[name]):
+            raise InvalidRequestError(f"{name} must be a finite number")
+    if out["max_iterations"] is not None and out["max_iterations"] > d.max_iterations_limit:
+        raise InvalidRequestError(f"max_iterations {out['max_iterations']} is above this sidecar's limit "
+                                  f"(erase.max_iterations_limit={d.max_iterations_limit})")
+    if out["tolerance"] is not None and 0 < out["tolerance"] < d.min_tolerance:
+        raise InvalidRequestError(f"tolerance {out['tolerance']:g} is below this sidecar's limit "
+                                  f"(erase.min_tolerance={d.min_tolerance:g})")
     policy = verify_policy(options.get("verify"), record, config)
     if policy != "off":
         out["verify"] = policy
@@ -499,8 +524,10 @@ class EraserService:
         record = self.store.record(adapter)
         if request_id and len(request_id) > 128:
             raise InvalidRequestError("request_id is longer than 128 characters")
-        if deadline_seconds < 0:
-            raise InvalidRequestError("deadline_seconds must be >= 0")
+        check_printable("request_id", [request_id])
+        check_printable("row ids", payload.ids)
+        if not (math.isfinite(deadline_seconds) and deadline_seconds >= 0):
+            raise InvalidRequestError("deadline_seconds must be a finite number >= 0")
         request = UnlearningRequest(payload.remove, payload.modify_query, payload.correct_response)
         if request.size > self.config.max_request_rows:
             raise InvalidRequestError(f"request touches {request.size} rows; the limit is {self.config.max_request_rows}")
@@ -556,8 +583,14 @@ class EraserService:
             raise NotFoundError(f"no job with id {job_id!r}")
         return job
 
-    def jobs(self, adapter: str | None, state: State | None, limit: int) -> list[Job]:
+    def jobs(self, adapter: str | None, state: int, limit: int) -> list[Job]:
+        """Jobs, newest first; ``state`` 0 for any, ``limit`` 0 for the default (100)."""
         self._require_compute()
+        if state and state not in State.__members__.values():
+            raise InvalidRequestError(f"unknown job state {state} (choose {', '.join(f'{s.value} {s.name}' for s in State)})")
+        if not 0 <= limit <= MAX_LIST_JOBS:
+            raise InvalidRequestError(f"limit must be between 0 (the default, 100) and {MAX_LIST_JOBS}")
+        state, limit = (State(state) if state else None), (limit or 100)
         if adapter:
             self.store.record(adapter)
         return self.db.list(adapter, state, limit)
@@ -885,7 +918,7 @@ class EraserService:
             correct.update(dict(p.correct_response))
         gone = sorted(i for i in list(modify) + list(correct) if i not in present)
         if gone:
-            raise InvalidRequestError(f"row(s) {', '.join(map(repr, gone[:5]))} were removed by an earlier job and cannot be edited")
+            raise InvalidRequestError(f"row(s) {quote_ids(gone)} were removed by an earlier job and cannot be edited")
         already = sorted(i for i in remove if i not in present)
         remaining = tuple(i for i in remove if i in present)
         if not (remaining or modify or correct):

@@ -29,7 +29,7 @@ from sidecar.server import start
 
 FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)
 # A solve that cannot converge and runs for minutes: something to cancel or kill.
-SLOW = pb.EraseOptions(solver="sqm", max_iterations=1_000_000, tolerance=1e-12, damping=0.1)
+SLOW = pb.EraseOptions(solver="sqm", max_iterations=100_000, tolerance=1e-12, damping=0.1)
 ERASED_TEXT = "Ann was born in"
 
 
@@ -255,6 +255,53 @@ def test_erase_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter,
     after = (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs))
     assert after == before
     assert stub.GetAdapter(pb.GetAdapterRequest(name="erase-bad")).version == 1
+
+
+def test_abusive_input_is_bounded(tmp_path, tiny_base, tiny_adapter, train_file):
+    """Solver limits, messages that echo ids, enum values and control characters: each gets
+    INVALID_ARGUMENT and a short message, and nothing is queued."""
+    running = start(config_for(tmp_path / "store"))  # the default max_request_rows (10,000)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "abuse", tiny_base, tiny_adapter, train_file)
+            unknown = [f"no-such-row-{i}-" + "x" * 200 for i in range(10_000)]
+            cases = {
+                "unknown ids": pb.EraseRequest(adapter="abuse", remove_ids=unknown),
+                "duplicates": pb.EraseRequest(adapter="abuse", remove_ids=unknown[:5000] * 2),
+                "iterations": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                              options=pb.EraseOptions(max_iterations=1_000_000)),
+                "tolerance": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                             options=pb.EraseOptions(tolerance=1e-30)),
+                "nan damping": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                               options=pb.EraseOptions(damping=float("nan"))),
+                "inf deadline": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                                options=pb.EraseOptions(deadline_seconds=float("inf"))),
+                "newline in request id": pb.EraseRequest(adapter="abuse", request_id="r-1\nINFO forged line",
+                                                         remove_ids=["born-ann"]),
+                "newline in row id": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann\nINFO forged"]),
+                "bidi mark in row id": pb.EraseRequest(adapter="abuse", remove_ids=["born-\u202eann"]),
+            }
+            for case, request in cases.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Erase(request, timeout=60)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, info.value.code())
+                assert len(info.value.details()) < 1024 and "\n" not in info.value.details(), case
+            assert "and 9995 more" in _details(lambda: stub.Erase(cases["unknown ids"]))
+            assert "max_iterations_limit=100000" in _details(lambda: stub.Erase(cases["iterations"]))
+            for state in (99, 6):
+                assert code_of(lambda: stub.ListJobs(pb.ListJobsRequest(state=state))) == grpc.StatusCode.INVALID_ARGUMENT
+            assert code_of(lambda: stub.ListJobs(pb.ListJobsRequest(limit=1_000_000))) == grpc.StatusCode.INVALID_ARGUMENT
+            assert not stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs, "nothing was queued"
+            assert stub.GetAdapter(pb.GetAdapterRequest(name="abuse")).version == 1
+    finally:
+        running.stop(1.0)
+
+
+def _details(call) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.details()
 
 
 def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_file):

@@ -46,6 +46,11 @@ def test_token_from_file_never_printed(tmp_path):
     ({"store": "/s", "erase": {"solver": "magic"}}, "erase.solver"),
     ({"store": "/s", "erase": {"speed": 1}}, "unknown setting(s): erase.speed"),
     ({"store": "/s", "colour": "blue"}, "unknown setting(s): colour"),
+    ({"store": "/s", "erase": {"max_iterations": 200_000}}, "erase.max_iterations must be in"),
+    ({"store": "/s", "erase": {"tolerance": 1e-20}}, "erase.tolerance must be >= erase.min_tolerance"),
+    ({"store": "/s", "erase": {"min_tolerance": 0}}, "erase.min_tolerance in"),
+    ({"store": "/s", "erase": {"verify_max_steps": 10**9}}, "erase.verify_max_steps must be in"),
+    ({"store": "/s", "erase": {"verify_max_seconds": 1e9}}, "erase.verify_max_seconds must be in"),
 ])
 def test_bad_settings(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
