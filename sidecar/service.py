@@ -43,7 +43,7 @@ from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem
 from .imports import ImportRoots
 from .jobs import Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
-from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name, file_sha256
+from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, StoreLock, Version, check_adapter_name, file_sha256
 from .swap import SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
@@ -261,6 +261,7 @@ class EraserService:
         self.imports = ImportRoots(config.import_roots, config.store)
         self.computes = config.role == "compute"
         # Only the computing sidecar owns the job database; reconcilers read the store.
+        self._lock_file = StoreLock(self.store.root) if self.computes else None
         self.db = JobDB(Path(config.store) / "jobs.sqlite3") if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
@@ -364,6 +365,12 @@ class EraserService:
             t.join(timeout=60)
         if self.db is not None:
             self.db.close()
+        self.release_store()
+
+    def release_store(self) -> None:
+        """Let another computing sidecar open this store (after a drain, or a failed start)."""
+        if self._lock_file is not None:
+            self._lock_file.release()
 
     # ---- adapters ------------------------------------------------------------------
     def resolve_base(self, base_model: str) -> Path:

@@ -488,6 +488,29 @@ def test_kill_9_during_a_job_then_restart(tmp_path, tiny_base, tiny_adapter, tra
     assert b"Traceback" not in log.read_bytes()
 
 
+def test_one_compute_sidecar_per_store(tmp_path):
+    from sidecar.errors import FailedPreconditionError
+
+    store, port, log = tmp_path / "store", _free_port(), tmp_path / "sidecar.log"
+    proc = _spawn(store, port, log)
+    try:
+        env = {**os.environ, "ERASER_STORE": str(store), "ERASER_GRPC_PORT": "0", "ERASER_METRICS_PORT": "0"}
+        second = subprocess.run([sys.executable, "-m", "sidecar.cli"], env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another compute sidecar is running on the store" in lines[0], second.stderr
+        with pytest.raises(FailedPreconditionError):  # in this process too
+            start(config_for(store))
+        reconciler = start(config_for(store, role="reconcile"))  # reconcilers take no lock
+        reconciler.stop(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    running = start(config_for(store))  # the kernel dropped the dead process's lock
+    running.stop(1.0)
+    start(config_for(store)).stop(1.0)  # and a stop releases it
+
+
 # ---- auth and TLS on the real sidecar ------------------------------------------------
 
 def test_token_and_mutual_tls(tmp_path, tiny_base, tiny_adapter, train_file):
