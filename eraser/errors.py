@@ -9,6 +9,15 @@ written before validation has passed, so raising one of these leaves no partial 
 from __future__ import annotations
 
 
+def quote_ids(ids, most: int = 5, width: int = 64) -> str:
+    """Ids for an error message: at most ``most``, each cut to ``width`` characters, then
+    "and N more". A message quoting every id of a large request would outgrow gRPC's
+    metadata limit and reach the client as RESOURCE_EXHAUSTED instead of its own status."""
+    ids = list(ids)
+    shown = ", ".join(repr(i if len(i) <= width else i[:width] + "...") for i in ids[:most])
+    return shown + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
 class EraserError(Exception):
     """Base class: a request the engine refuses, with a one-line explanation."""
 

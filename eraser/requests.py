@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data import Row
-from .errors import DataError, InvalidRequestError
+from .errors import DataError, InvalidRequestError, quote_ids
 
 MAX_REQUEST_ROWS = 10_000
 
@@ -54,15 +54,15 @@ class UnlearningRequest:
                     raise InvalidRequestError(f"{name}: row ids must be non-empty strings")
             dups = sorted(k for k, c in Counter(ids).items() if c > 1)
             if dups:
-                raise InvalidRequestError(f"{name}: duplicate row id(s) {', '.join(map(repr, dups))}")
+                raise InvalidRequestError(f"{name}: duplicate row id(s) {quote_ids(dups)}")
         edited = {i for i, _ in self.modify_query} | {i for i, _ in self.correct_response}
         both = sorted(set(self.remove) & edited)
         if both:
-            raise InvalidRequestError(f"row id(s) both removed and edited: {', '.join(map(repr, both))}")
+            raise InvalidRequestError(f"row id(s) both removed and edited: {quote_ids(both)}")
         for name, pairs in (("modify_query", self.modify_query), ("correct_response", self.correct_response)):
             for rid, text in pairs:
                 if not isinstance(text, str) or not text.strip():
-                    raise InvalidRequestError(f"{name}: row {rid!r} needs a non-empty replacement text")
+                    raise InvalidRequestError(f"{name}: row {quote_ids([rid])} needs a non-empty replacement text")
         if self.size > MAX_REQUEST_ROWS:
             raise InvalidRequestError(f"request touches {self.size} rows; the limit is {MAX_REQUEST_ROWS}")
 
@@ -124,8 +124,7 @@ class UnlearningRequest:
         by_id = {r.id: r for r in rows}
         unknown = [i for i in self.affected_ids if i not in by_id]
         if unknown:
-            shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
-            raise InvalidRequestError(f"unknown row id(s): {shown}")
+            raise InvalidRequestError(f"unknown row id(s): {quote_ids(unknown)}")
         new_prompt = dict(self.modify_query)
         new_response = dict(self.correct_response)
         edits = []
@@ -136,7 +135,7 @@ class UnlearningRequest:
                 continue
             new = Row(rid, new_prompt.get(rid, old.prompt), new_response.get(rid, old.response))
             if new == old:
-                raise InvalidRequestError(f"edit of row {rid!r} changes nothing")
+                raise InvalidRequestError(f"edit of row {quote_ids([rid])} changes nothing")
             edits.append(Edit(old, new))
         return edits
 

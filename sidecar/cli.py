@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm-url", dest="vllm_urls", action="append", metavar="URL",
                    help="a vLLM replica's base URL, e.g. http://127.0.0.1:8000 (repeat for several; env ERASER_VLLM_URLS, "
                         "comma-separated)")
+    p.add_argument("--import-root", dest="import_roots", action="append", metavar="DIR",
+                   help="RegisterAdapter reads adapters and datasets only under this directory (repeat for several; env "
+                        "ERASER_IMPORT_ROOTS, ':'-separated); none: any path outside the store")
     p.add_argument("--token-file", help="require this bearer token (env ERASER_TOKEN holds the token itself)")
     p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="... and this private key (PEM)")

@@ -25,6 +25,8 @@ class ConfigError(InvalidRequestError):
 
 FACTOR_POLICIES = ("wait", "fallback")
 VERIFY_POLICIES = ("off", "report", "enforce")  # eraser.verify.POLICIES (no torch import here)
+VERIFY_MAX_STEPS = 100_000
+VERIFY_MAX_SECONDS = 86_400.0  # a day
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class EraseDefaults:
     step_control: bool = True
     # absolute: damping is λ; relative: λ = damping × the curvature's scale along the request.
     damping_scale: str = "absolute"
+    # Ceilings on what a request may ask of a solver: an iteration limit and a tolerance
+    # it could never reach would hold the adapter's only worker for hours.
+    max_iterations_limit: int = 100_000
+    min_tolerance: float = 1e-12
 
     def __post_init__(self):
         from eraser.solvers import SOLVERS  # torch: only where a config is built
@@ -93,6 +99,17 @@ class EraseDefaults:
             raise ConfigError(f"erase.max_retain_rise must be a number >= 0 or null, not {self.max_retain_rise!r}")
         if self.curvature_batch_size < 1 or self.max_length < 8:
             raise ConfigError("erase.curvature_batch_size must be >= 1 and erase.max_length >= 8")
+        if self.max_iterations_limit < 1 or not 0 < self.min_tolerance < 1:
+            raise ConfigError("erase.max_iterations_limit must be >= 1 and erase.min_tolerance in (0, 1)")
+        if self.max_iterations is not None and not 1 <= self.max_iterations <= self.max_iterations_limit:
+            raise ConfigError(f"erase.max_iterations must be in [1, erase.max_iterations_limit={self.max_iterations_limit}]")
+        if self.tolerance is not None and not self.min_tolerance <= self.tolerance < float("inf"):
+            raise ConfigError(f"erase.tolerance must be >= erase.min_tolerance={self.min_tolerance:g}")
+        # The refinement budget of enforce, per job: bounded like the solver's.
+        if self.verify_max_steps is not None and not 0 <= self.verify_max_steps <= VERIFY_MAX_STEPS:
+            raise ConfigError(f"erase.verify_max_steps must be in [0, {VERIFY_MAX_STEPS}]")
+        if self.verify_max_seconds is not None and not 0 < self.verify_max_seconds <= VERIFY_MAX_SECONDS:
+            raise ConfigError(f"erase.verify_max_seconds must be in (0, {VERIFY_MAX_SECONDS}]")
         if self.verify is False:  # YAML 1.1 reads a bare `off` as false
             object.__setattr__(self, "verify", "off")
         if self.verify not in VERIFY_POLICIES:
@@ -155,6 +172,10 @@ class SidecarConfig:
     # Largest |log p| difference (nats) between a replica and the sidecar on the probe;
     # float32 serving agrees to ~1e-6 here, bfloat16 needs about 0.1.
     probe_tolerance: float = 0.02
+    # Directories RegisterAdapter may copy adapters, training and held-out sets from
+    # (sidecar/imports.py). Empty: any server path outside the store (the store is never
+    # an import source: its retained versions hold erased rows).
+    import_roots: tuple[Path, ...] = ()
     # Named base models: RegisterAdapter's base_model may be a key here or a directory.
     base_models: Mapping[str, str] = field(default_factory=dict)
     erase: EraseDefaults = field(default_factory=EraseDefaults)
@@ -204,6 +225,7 @@ class SidecarConfig:
         object.__setattr__(self, "vllm_urls", urls)
         if self.swap_timeout_seconds <= 0 or self.reconcile_seconds <= 0 or not self.probe_tolerance > 0:
             raise ConfigError("swap_timeout_seconds, reconcile_seconds and probe_tolerance must be > 0")
+        object.__setattr__(self, "import_roots", _import_roots(self.import_roots, self.store))
         if not isinstance(self.base_models, Mapping):
             raise ConfigError("base_models must map names to directories")
         if isinstance(self.erase, Mapping):
@@ -212,6 +234,22 @@ class SidecarConfig:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+
+def _import_roots(value: Any, store: Path) -> tuple[Path, ...]:
+    """Import roots as real, existing directories, none overlapping the store."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [v for v in str(value).split(os.pathsep) if v]
+    roots = []
+    real_store = Path(os.path.realpath(store))
+    for v in value or ():
+        root = Path(os.path.realpath(Path(v).expanduser()))
+        if not root.is_dir():
+            raise ConfigError(f"import_roots: not a directory: {v}")
+        if root == real_store or root in real_store.parents or real_store in root.parents:
+            raise ConfigError(f"import_roots: {v} overlaps the store {store}; the store must never be an import source")
+        roots.append(root)
+    return tuple(dict.fromkeys(roots))
 
 
 def _coerce(value: Any, annotation: str, name: str) -> Any:
@@ -244,7 +282,7 @@ def _build(cls, values: Mapping[str, Any], prefix: str = ""):
     kwargs = {}
     for key, value in values.items():
         annotation = str(known[key].type)
-        if key in ("erase", "base_models", "vllm_urls"):
+        if key in ("erase", "base_models", "vllm_urls", "import_roots"):
             kwargs[key] = value
         elif annotation.startswith(("int", "float", "bool")):
             kwargs[key] = _coerce(value, annotation, prefix + key)

@@ -13,6 +13,7 @@ freed pages are zeroed). Erased text is never stored at all.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Iterable
 
 from eraser.data import text_sha256
+
+log = logging.getLogger("eraser.sidecar")
 
 
 class State(IntEnum):  # same numbers as eraser.v1.JobState
@@ -187,6 +190,7 @@ class JobDB:
             for name, definition in _ADDED_COLUMNS.items():
                 if name not in have:
                     self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        self._checkpoint()  # a stop between a deletion and its checkpoint left the text in the WAL
 
     def close(self) -> None:
         with self._lock:
@@ -223,6 +227,14 @@ class JobDB:
         job.request_ids = [r[0] for r in self._conn.execute(
             "SELECT request_id FROM requests WHERE job_id = ? ORDER BY seq", (job.id,))]
         return job
+
+    def _checkpoint(self) -> None:
+        """After a payload is deleted: secure_delete zeroes the database's pages, but the
+        -wal file keeps the frames that held the text until a TRUNCATE checkpoint."""
+        with self._lock:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:  # another connection reads: the next deletion's checkpoint catches up
+            log.warning("the job database's WAL checkpoint was blocked by a reader; it is retried on the next one")
 
     # ---- queries -------------------------------------------------------------------
     def get(self, job_id: str) -> Job | None:
@@ -364,7 +376,9 @@ class JobDB:
             c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
             # The replacement text is not needed any more: drop it (zeroed: secure_delete).
             c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
-            return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        self._checkpoint()
+        return job
 
     def requeue(self, job_id: str) -> None:
         """Back to the queue (drain or crash): it starts again from its adapter's current version."""
@@ -384,7 +398,10 @@ class JobDB:
                 c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
             elif row[0] == State.RUNNING:
                 c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-            return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        if job.state == State.CANCELLED:
+            self._checkpoint()
+        return job
 
 
 def _counts(edits: list[dict]) -> dict[str, int]:

@@ -215,8 +215,7 @@ class EraserServicer(pb_grpc.EraserServicer):
 
     @_guarded
     def ListJobs(self, request, context):
-        state = State(request.state) if request.state else None
-        jobs = self.service.jobs(request.adapter or None, state, request.limit or 100)
+        jobs = self.service.jobs(request.adapter or None, request.state, request.limit)
         return pb.ListJobsResponse(jobs=[job_message(j) for j in jobs])
 
     @_guarded
@@ -348,11 +347,20 @@ class RunningSidecar:
 
 def start(config: SidecarConfig, metrics: Metrics | None = None) -> RunningSidecar:
     """Recover the store, then serve gRPC and metrics; returns once ready."""
-    from .auth import BearerTokenInterceptor, server_credentials
-
     metrics = metrics or Metrics()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     service = EraserService(config, MetricsHooks(metrics, health_servicer))
+    try:
+        return _serve(config, metrics, health_servicer, service)
+    except BaseException:
+        service.release_store()
+        raise
+
+
+def _serve(config: SidecarConfig, metrics: Metrics, health_servicer: health.HealthServicer,
+           service: EraserService) -> RunningSidecar:
+    from .auth import BearerTokenInterceptor, server_credentials
+
     outcome = service.recover()
     if any(outcome.values()):
         log.info("recovery: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))

@@ -6,8 +6,11 @@ typed errors raised here to status codes in one place (``errors.status_of``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import shutil
+import unicodedata
 import threading
 import time
 import uuid
@@ -18,7 +21,7 @@ from typing import Callable
 from eraser import factors as engine_factors
 from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
-from eraser.errors import DataError, EraserError, InvalidRequestError, UtilityCheckFailedError, VerificationFailedError
+from eraser.errors import DataError, EraserError, InvalidRequestError, quote_ids, UtilityCheckFailedError, VerificationFailedError
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
 from eraser.secondorder import StepConfig
@@ -38,12 +41,15 @@ from .errors import (
     status_of,
 )
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
+from .imports import ImportRoots
 from .jobs import Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
-from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Version, check_adapter_name, file_sha256
+from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, StoreLock, Version, check_adapter_name, file_sha256
 from .swap import SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
+
+MAX_LIST_JOBS = 1000  # a longer list could outgrow gRPC's 4 MiB message limit
 
 OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
                  "allow_unconverged", "curvature_rows", "verify")
@@ -65,6 +71,18 @@ class Hooks(SwapHooks):
     def verification_finished(self, adapter: str, verification: dict) -> None: ...
     # An update's utility check ran (eraser.unlearn.UtilityCheck.to_json()), passed or not.
     def utility_checked(self, adapter: str, utility: dict) -> None: ...
+
+
+# Control characters, line and paragraph separators, bidirectional and other format marks.
+_UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def check_printable(what: str, ids) -> None:
+    """Refuse ids with control characters: ids go into logs, job records and terminal
+    output, where a newline or a bidi mark would forge or hide lines."""
+    bad = sum(1 for i in ids if any(unicodedata.category(c) in _UNPRINTABLE for c in i))
+    if bad:
+        raise InvalidRequestError(f"{what}: {bad} id(s) contain control or format characters (newlines, tabs, ...)")
 
 
 def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
@@ -118,6 +136,15 @@ def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord 
         out["step_control"] = False
     if d.damping_scale != "absolute":
         out["damping_scale"] = d.damping_scale
+    for name in ("damping", "tolerance"):  # NaN and infinity pass every comparison below
+        if out[name] is not None and not math.isfinite(out[name]):
+            raise InvalidRequestError(f"{name} must be a finite number")
+    if out["max_iterations"] is not None and out["max_iterations"] > d.max_iterations_limit:
+        raise InvalidRequestError(f"max_iterations {out['max_iterations']} is above this sidecar's limit "
+                                  f"(erase.max_iterations_limit={d.max_iterations_limit})")
+    if out["tolerance"] is not None and 0 < out["tolerance"] < d.min_tolerance:
+        raise InvalidRequestError(f"tolerance {out['tolerance']:g} is below this sidecar's limit "
+                                  f"(erase.min_tolerance={d.min_tolerance:g})")
     policy = verify_policy(options.get("verify"), record, config)
     if policy != "off":
         out["verify"] = policy
@@ -169,6 +196,20 @@ def verify_config(options: dict) -> VerifyConfig:
     prefix = "verify_"
     limits = {k[len(prefix):]: v for k, v in options.items() if k.startswith(prefix)}
     return VerifyConfig(policy=options.get("verify", "off"), **limits)
+
+
+@contextlib.contextmanager
+def _client_paths(paths: dict[Path, str]):
+    """Errors about staged copies name the paths the client gave, not the store's."""
+    try:
+        yield
+    except EraserError as e:
+        message = str(e)
+        for staged, given in paths.items():
+            message = message.replace(str(staged), given)
+        if message == str(e):
+            raise
+        raise type(e)(message) from None
 
 
 @dataclass
@@ -226,8 +267,10 @@ class EraserService:
         self.config = config
         self.hooks = hooks or Hooks()
         self.store = AdapterStore(config.store)
+        self.imports = ImportRoots(config.import_roots, config.store)
         self.computes = config.role == "compute"
         # Only the computing sidecar owns the job database; reconcilers read the store.
+        self._lock_file = StoreLock(self.store.root) if self.computes else None
         self.db = JobDB(Path(config.store) / "jobs.sqlite3") if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
@@ -331,6 +374,12 @@ class EraserService:
             t.join(timeout=60)
         if self.db is not None:
             self.db.close()
+        self.release_store()
+
+    def release_store(self) -> None:
+        """Let another computing sidecar open this store (after a drain, or a failed start)."""
+        if self._lock_file is not None:
+            self._lock_file.release()
 
     # ---- adapters ------------------------------------------------------------------
     def resolve_base(self, base_model: str) -> Path:
@@ -351,38 +400,46 @@ class EraserService:
         base_dir = self.resolve_base(base_model)
         if not adapter_path or not dataset_path:
             raise InvalidRequestError("adapter_path and dataset_path are required")
-        check_adapter_dir(adapter_path)
-        rows = load_rows(dataset_path)
-        if not rows:
-            raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
-        holdout_rows = self._check_holdout(holdout_path, rows) if holdout_path else None
         if verify and verify not in VERIFY_POLICIES:
             raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(VERIFY_POLICIES)})")
-        if verify in ("report", "enforce") and holdout_rows is None:
+        if verify in ("report", "enforce") and not holdout_path:
             raise InvalidRequestError(f"verify {verify} needs a held-out set (holdout_path)")
-        fingerprint = base_fingerprint(base_dir)
-        recorded = read_adapter_meta(adapter_path).get("base_model_fingerprint")
-        if recorded and recorded != fingerprint:
-            from eraser.errors import BaseModelMismatchError
-
-            raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on {base_model} ({fingerprint[:12]})")
-        # Loading the adapter onto the base is the only complete check that its tensors fit.
-        load_adapter(load_base(base_dir, "cpu"), adapter_path, trainable=False)
+        # Confined before anything is read; what is checked below is the staged copy, so
+        # the store holds exactly what passed.
+        sources = [(self.imports.confine(adapter_path, "adapter_path", "dir"), "adapter_path", adapter_path),
+                   (self.imports.confine(dataset_path, "dataset_path", "file"), "dataset_path", dataset_path)]
+        if holdout_path:
+            sources.append((self.imports.confine(holdout_path, "holdout_path", "file"), "holdout_path", holdout_path))
         staged = self.store.new_staging(f"register-{name}-v1")
         holdout = None
         try:
-            shutil.copytree(adapter_path, staged / ADAPTER_DIR)
-            shutil.copyfile(dataset_path, staged / DATASET)
+            self.imports.copy_tree(sources[0][0], staged / ADAPTER_DIR, "adapter_path")
+            self.imports.copy_file(sources[1][0], staged / DATASET, "dataset_path")
+            if holdout_path:  # beside the version, not in it: erases never change it
+                holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
+                self.imports.copy_file(sources[2][0], holdout, "holdout_path")
+            with _client_paths({staged / ADAPTER_DIR: adapter_path, staged / DATASET: dataset_path,
+                                **({holdout: holdout_path} if holdout is not None else {})}):
+                check_adapter_dir(staged / ADAPTER_DIR)
+                rows = load_rows(staged / DATASET)
+                if not rows:
+                    raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
+                holdout_rows = self._check_holdout(holdout, rows) if holdout is not None else None
+                fingerprint = base_fingerprint(base_dir)
+                recorded = read_adapter_meta(staged / ADAPTER_DIR).get("base_model_fingerprint")
+                if recorded and recorded != fingerprint:
+                    from eraser.errors import BaseModelMismatchError
+
+                    raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on "
+                                                 f"{base_model} ({fingerprint[:12]})")
+                # Loading the adapter onto the base is the only complete check that its tensors fit.
+                load_adapter(load_base(base_dir, "cpu"), staged / ADAPTER_DIR, trainable=False)
             self.store.write_manifest(staged, {
                 "adapter": name, "version": 1, "parent_version": None, "job_id": None, "request_ids": [],
                 "base_model": base_model, "base_model_fingerprint": fingerprint, "created_at": time.time(),
                 "rows": len(rows), "source": "register",
             })
-            holdout_sha = None
-            if holdout_rows is not None:  # beside the version, not in it: erases never change it
-                holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
-                shutil.copyfile(holdout_path, holdout)
-                holdout_sha = file_sha256(holdout)
+            holdout_sha = file_sha256(holdout) if holdout is not None else None
             record = AdapterRecord(name, base_model, str(base_dir.resolve()), fingerprint, time.time(),
                                    holdout_sha256=holdout_sha, holdout_rows=len(holdout_rows or ()), verify=verify)
             version = self.store.register(record, staged, holdout)
@@ -398,12 +455,9 @@ class EraserService:
         self._serve_now(version)
         return version
 
-    def _check_holdout(self, holdout_path: str, rows) -> list:
+    def _check_holdout(self, path: Path, rows) -> list:
         """The held-out rows, refused (INVALID_ARGUMENT) when unreadable, too few, or
         sharing a row's content (``eraser.verify.load_holdout``) or id with the training set."""
-        path = Path(holdout_path)
-        if not path.is_file():
-            raise DataError(f"held-out set not found: {path}")
         try:
             holdout = load_holdout(path, rows, VerifyConfig(policy="enforce"))
         except OSError as e:
@@ -486,8 +540,10 @@ class EraserService:
         record = self.store.record(adapter)
         if request_id and len(request_id) > 128:
             raise InvalidRequestError("request_id is longer than 128 characters")
-        if deadline_seconds < 0:
-            raise InvalidRequestError("deadline_seconds must be >= 0")
+        check_printable("request_id", [request_id])
+        check_printable("row ids", payload.ids)
+        if not (math.isfinite(deadline_seconds) and deadline_seconds >= 0):
+            raise InvalidRequestError("deadline_seconds must be a finite number >= 0")
         request = UnlearningRequest(payload.remove, payload.modify_query, payload.correct_response)
         if request.size > self.config.max_request_rows:
             raise InvalidRequestError(f"request touches {request.size} rows; the limit is {self.config.max_request_rows}")
@@ -543,8 +599,14 @@ class EraserService:
             raise NotFoundError(f"no job with id {job_id!r}")
         return job
 
-    def jobs(self, adapter: str | None, state: State | None, limit: int) -> list[Job]:
+    def jobs(self, adapter: str | None, state: int, limit: int) -> list[Job]:
+        """Jobs, newest first; ``state`` 0 for any, ``limit`` 0 for the default (100)."""
         self._require_compute()
+        if state and state not in State.__members__.values():
+            raise InvalidRequestError(f"unknown job state {state} (choose {', '.join(f'{s.value} {s.name}' for s in State)})")
+        if not 0 <= limit <= MAX_LIST_JOBS:
+            raise InvalidRequestError(f"limit must be between 0 (the default, 100) and {MAX_LIST_JOBS}")
+        state, limit = (State(state) if state else None), (limit or 100)
         if adapter:
             self.store.record(adapter)
         return self.db.list(adapter, state, limit)
@@ -872,7 +934,7 @@ class EraserService:
             correct.update(dict(p.correct_response))
         gone = sorted(i for i in list(modify) + list(correct) if i not in present)
         if gone:
-            raise InvalidRequestError(f"row(s) {', '.join(map(repr, gone[:5]))} were removed by an earlier job and cannot be edited")
+            raise InvalidRequestError(f"row(s) {quote_ids(gone)} were removed by an earlier job and cannot be edited")
         already = sorted(i for i in remove if i not in present)
         remaining = tuple(i for i in remove if i in present)
         if not (remaining or modify or correct):

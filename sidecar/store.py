@@ -7,6 +7,7 @@
     STORE/adapters/NAME/versions/N/train.jsonl  its training set (erased rows gone)
     STORE/adapters/NAME/versions/N/manifest.json  base model, parent, job, content hashes
     STORE/staging/                            versions being assembled (cleared at start)
+    STORE/compute.lock                        flock of the one computing sidecar (StoreLock)
     STORE/factors/NAME/N/METHOD/              EK-FAC/K-FAC factors of version N (eraser.factors)
 
 A version is assembled under staging/ and published by one ``rename`` into versions/, then
@@ -110,6 +111,36 @@ def _link_or_copy(src, dst) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+COMPUTE_LOCK = "compute.lock"
+
+
+class StoreLock:
+    """The exclusive ``flock`` of the one computing sidecar of a store, held for the
+    process's life (the kernel drops it when the process dies, kill -9 included). Two
+    computing sidecars would both claim jobs and publish versions of the same adapters."""
+
+    def __init__(self, root: Path):
+        import fcntl
+
+        self.path = Path(root) / COMPUTE_LOCK
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise FailedPreconditionError(
+                f"another compute sidecar is running on the store {root} (it holds {self.path}); run one compute "
+                "sidecar per store and the others with --role reconcile") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())  # for an operator; the lock, not the pid, decides
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from sidecar.server import start
 
 FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)
 # A solve that cannot converge and runs for minutes: something to cancel or kill.
-SLOW = pb.EraseOptions(solver="sqm", max_iterations=1_000_000, tolerance=1e-12, damping=0.1)
+SLOW = pb.EraseOptions(solver="sqm", max_iterations=100_000, tolerance=1e-12, damping=0.1)
 ERASED_TEXT = "Ann was born in"
 
 
@@ -122,6 +122,60 @@ def test_register_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapt
     assert store_listing(sidecar.config.store) == before
 
 
+def test_register_never_imports_from_the_store(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    """Without import roots any path outside the store is accepted, never the store: a
+    retained pre-erasure version registered under a new name would bring erased rows back."""
+    v1 = Path(register(stub, "reg-src", tiny_base, tiny_adapter, train_file).path).parent
+    assert v1 == sidecar.config.store / "adapters" / "reg-src" / "versions" / "1"
+    before = store_listing(sidecar.config.store)
+    request = pb.RegisterAdapterRequest(name="reg-copy", base_model=str(tiny_base), adapter_path=str(v1 / "adapter"),
+                                        dataset_path=str(v1 / "train.jsonl"))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.RegisterAdapter(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_path is not allowed" in info.value.details()
+    assert store_listing(sidecar.config.store) == before
+
+
+def test_register_confined_to_import_roots(tmp_path, tiny_base, tiny_adapter, train_file):
+    import shutil
+
+    imports, outside = tmp_path / "imports", tmp_path / "outside"
+    imports.mkdir()
+    shutil.copytree(tiny_adapter, outside / "lora")
+    shutil.copytree(tiny_adapter, imports / "lora")
+    shutil.copyfile(train_file, imports / "train.jsonl")
+    (imports / "escape").symlink_to(outside / "lora")  # a link in a root that leads out of it
+    inner = imports / "inner-link"  # a file inside the adapter that leads out
+    shutil.copytree(tiny_adapter, inner)
+    weights = next(p for p in inner.iterdir() if p.suffix in (".safetensors", ".bin"))
+    weights.unlink()
+    weights.symlink_to(outside / "lora" / weights.name)
+    (imports / "fine-link").symlink_to(imports / "lora")  # a link that stays inside is followed
+    store = tmp_path / "store"
+    running = start(config_for(store, import_roots=(imports,)))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            ok = register(stub, "inside", tiny_base, imports / "fine-link", imports / "train.jsonl")
+            assert ok.version == 1 and not any(p.is_symlink() for p in Path(ok.path).parent.rglob("*"))
+            before = store_listing(store)
+            details = {}
+            for case, adapter in {"missing": imports / "nope", "outside": outside / "lora", "escape": imports / "escape",
+                                  "inner-link": inner, "store": Path(ok.path)}.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    register(stub, f"bad-{case}", tiny_base, adapter, imports / "train.jsonl")
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+                details[case] = info.value.details()
+            assert len(set(details.values())) == 1, "missing and forbidden paths are told apart: " + repr(details)
+            assert str(outside) not in details["missing"]
+            with pytest.raises(grpc.RpcError) as info:  # the dataset and the held-out set too
+                register(stub, "bad-data", tiny_base, imports / "lora", train_file)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dataset_path is not allowed" in info.value.details()
+            assert store_listing(store) == before and not list((store / "staging").iterdir())
+    finally:
+        running.stop(1.0)
+
+
 # ---- erase ---------------------------------------------------------------------------
 
 def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_file, caplog):
@@ -158,6 +212,20 @@ def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_f
     assert ERASED_TEXT not in caplog.text and "Bob likes" not in caplog.text
 
 
+def test_replacement_text_leaves_no_trace_in_the_database_files(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    """The payload is deleted when its job ends; with WAL the deleted text would live on in
+    the -wal file until a checkpoint, so the deletion checkpoints (TRUNCATE)."""
+    register(stub, "wal", tiny_base, tiny_adapter, train_file)
+    marker = "Zanzibar-marker-7f3c likes no tea at all."
+    job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="wal", correct_responses=[
+        pb.CorrectResponse(id="tea-cid", response=marker)], options=FAST)).id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    files = sorted(sidecar.config.store.glob("jobs.sqlite3*"))
+    assert {p.name for p in files} >= {"jobs.sqlite3"}
+    found = [p.name for p in files if marker.encode() in p.read_bytes()]
+    assert not found, found
+
+
 def test_erase_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train_file):
     register(stub, "erase-bad", tiny_base, tiny_adapter, train_file)
     before = (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs))
@@ -187,6 +255,53 @@ def test_erase_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter,
     after = (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs))
     assert after == before
     assert stub.GetAdapter(pb.GetAdapterRequest(name="erase-bad")).version == 1
+
+
+def test_abusive_input_is_bounded(tmp_path, tiny_base, tiny_adapter, train_file):
+    """Solver limits, messages that echo ids, enum values and control characters: each gets
+    INVALID_ARGUMENT and a short message, and nothing is queued."""
+    running = start(config_for(tmp_path / "store"))  # the default max_request_rows (10,000)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "abuse", tiny_base, tiny_adapter, train_file)
+            unknown = [f"no-such-row-{i}-" + "x" * 200 for i in range(10_000)]
+            cases = {
+                "unknown ids": pb.EraseRequest(adapter="abuse", remove_ids=unknown),
+                "duplicates": pb.EraseRequest(adapter="abuse", remove_ids=unknown[:5000] * 2),
+                "iterations": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                              options=pb.EraseOptions(max_iterations=1_000_000)),
+                "tolerance": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                             options=pb.EraseOptions(tolerance=1e-30)),
+                "nan damping": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                               options=pb.EraseOptions(damping=float("nan"))),
+                "inf deadline": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann"],
+                                                options=pb.EraseOptions(deadline_seconds=float("inf"))),
+                "newline in request id": pb.EraseRequest(adapter="abuse", request_id="r-1\nINFO forged line",
+                                                         remove_ids=["born-ann"]),
+                "newline in row id": pb.EraseRequest(adapter="abuse", remove_ids=["born-ann\nINFO forged"]),
+                "bidi mark in row id": pb.EraseRequest(adapter="abuse", remove_ids=["born-\u202eann"]),
+            }
+            for case, request in cases.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Erase(request, timeout=60)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (case, info.value.code())
+                assert len(info.value.details()) < 1024 and "\n" not in info.value.details(), case
+            assert "and 9995 more" in _details(lambda: stub.Erase(cases["unknown ids"]))
+            assert "max_iterations_limit=100000" in _details(lambda: stub.Erase(cases["iterations"]))
+            for state in (99, 6):
+                assert code_of(lambda: stub.ListJobs(pb.ListJobsRequest(state=state))) == grpc.StatusCode.INVALID_ARGUMENT
+            assert code_of(lambda: stub.ListJobs(pb.ListJobsRequest(limit=1_000_000))) == grpc.StatusCode.INVALID_ARGUMENT
+            assert not stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs, "nothing was queued"
+            assert stub.GetAdapter(pb.GetAdapterRequest(name="abuse")).version == 1
+    finally:
+        running.stop(1.0)
+
+
+def _details(call) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.details()
 
 
 def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_file):
@@ -371,6 +486,29 @@ def test_kill_9_during_a_job_then_restart(tmp_path, tiny_base, tiny_adapter, tra
         if proc.poll() is None:
             proc.kill()
     assert b"Traceback" not in log.read_bytes()
+
+
+def test_one_compute_sidecar_per_store(tmp_path):
+    from sidecar.errors import FailedPreconditionError
+
+    store, port, log = tmp_path / "store", _free_port(), tmp_path / "sidecar.log"
+    proc = _spawn(store, port, log)
+    try:
+        env = {**os.environ, "ERASER_STORE": str(store), "ERASER_GRPC_PORT": "0", "ERASER_METRICS_PORT": "0"}
+        second = subprocess.run([sys.executable, "-m", "sidecar.cli"], env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another compute sidecar is running on the store" in lines[0], second.stderr
+        with pytest.raises(FailedPreconditionError):  # in this process too
+            start(config_for(store))
+        reconciler = start(config_for(store, role="reconcile"))  # reconcilers take no lock
+        reconciler.stop(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    running = start(config_for(store))  # the kernel dropped the dead process's lock
+    running.stop(1.0)
+    start(config_for(store)).stop(1.0)  # and a stop releases it
 
 
 # ---- auth and TLS on the real sidecar ------------------------------------------------

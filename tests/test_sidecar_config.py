@@ -46,6 +46,11 @@ def test_token_from_file_never_printed(tmp_path):
     ({"store": "/s", "erase": {"solver": "magic"}}, "erase.solver"),
     ({"store": "/s", "erase": {"speed": 1}}, "unknown setting(s): erase.speed"),
     ({"store": "/s", "colour": "blue"}, "unknown setting(s): colour"),
+    ({"store": "/s", "erase": {"max_iterations": 200_000}}, "erase.max_iterations must be in"),
+    ({"store": "/s", "erase": {"tolerance": 1e-20}}, "erase.tolerance must be >= erase.min_tolerance"),
+    ({"store": "/s", "erase": {"min_tolerance": 0}}, "erase.min_tolerance in"),
+    ({"store": "/s", "erase": {"verify_max_steps": 10**9}}, "erase.verify_max_steps must be in"),
+    ({"store": "/s", "erase": {"verify_max_seconds": 1e9}}, "erase.verify_max_seconds must be in"),
 ])
 def test_bad_settings(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -68,3 +73,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["eraser-sidecar: error: device must be cpu, cuda or cuda:N, not 'tpu'"]
     assert not any(tmp_path.iterdir()), "nothing was created"
+
+
+def test_import_roots(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    env = {"ERASER_IMPORT_ROOTS": f"{a}:{b}"}
+    assert load_config({"store": tmp_path / "store"}, environ=env).import_roots == (a.resolve(), b.resolve())
+    assert load_config({"store": tmp_path / "store", "import_roots": [str(b)]}, environ=env).import_roots == (b.resolve(),)
+    assert load_config({"store": tmp_path / "store"}, environ={}).import_roots == ()
+    (tmp_path / "store" / "x").mkdir(parents=True)
+    for roots, message in [([tmp_path], "overlaps the store"), ([tmp_path / "store"], "overlaps the store"),
+                           ([tmp_path / "store" / "x"], "overlaps the store"), ([tmp_path / "nope"], "not a directory")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config({"store": tmp_path / "store", "import_roots": roots}, environ={})
