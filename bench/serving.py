@@ -178,7 +178,7 @@ def smollm2_model(s: Settings, workdir: Path) -> dict:
     demo = DemoSettings()
     base_dir = prepare_smollm2(progress=False)
     demo_dir = default_cache_dir() / "demo"
-    data_path, rows, _, names = make_data(demo, demo_dir)
+    data_path, rows, _, _, names = make_data(demo, demo_dir)
     adapter, summary = train_adapter(demo, base_dir, data_path, rows, TqdmProgress(enabled=False), Timer())
     return {"base_dir": Path(base_dir), "adapter_dir": Path(adapter), "data_path": Path(data_path), "rows": rows,
             "summary": {"base": "SmolLM2-135M-Instruct", "adapter": "LoRA r=8, alpha=16 on q_proj, v_proj (sidecar.demo)",

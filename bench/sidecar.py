@@ -356,7 +356,7 @@ def measure_acceptance(s: Settings, model: dict, workdir: Path, variant: str, cl
         window = time.perf_counter() - w0
         server_cpu = _cpu_seconds() - cpu0
         load_after = _loadavg()
-        jobs = {j.id: j for j in stub.ListJobs(pb.ListJobsRequest(adapter="latency", limit=10_000)).jobs}
+        jobs = {j.id: j for j in stub.ListJobs(pb.ListJobsRequest(adapter="latency", limit=1000)).jobs}
     finally:
         if held is not None:
             held.release()

@@ -314,7 +314,11 @@ def refine_natural(model, params, factors, objective: SampledObjective, judge: J
             if not passed:
                 result.reason = f"{'step' if step == max_steps else 'time'} budget exhausted: {why}"
             break
-        chunk = [order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
+        current = objective.evaluate()
+        # The retained rows' term only while the sample's NLL is above the parent's: the
+        # merit charges nothing below it, so pulling further down would only fight Φ.
+        chunk = ([order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
+                 if current.rise > 0 else [])
         g = objective.gradient(chunk)
         if not float(g.norm()) > 0:
             if not passed:
@@ -323,7 +327,6 @@ def refine_natural(model, params, factors, objective: SampledObjective, judge: J
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
         direction = -factors.solve(g, damping)
         theta = parameters_to_vector(params).detach().clone()
-        current = objective.evaluate()
         ls = line_search(params, theta, direction, objective, current, scale, budget, config)
         result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
         progress("refine", step + 1, max_steps, {"phi": ls.point.phi, "scale": ls.scale})
