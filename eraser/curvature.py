@@ -57,12 +57,12 @@ class CurvatureConfig:
 
     kind: CurvatureKind = "ggn"
     damping: float = 0.01
-    # relative: λ = damping × the curvature's Rayleigh quotient along the request's
-    # gradient, so that one setting means the same on any model; absolute: λ = damping.
-    relative: bool = False
     sample_rows: int | None = None  # None: every training row
     batch_size: int = 4
     seed: int = 0
+    # relative: λ = damping × the curvature's Rayleigh quotient along the request's
+    # gradient, so that one setting means the same on any model; absolute: λ = damping.
+    relative: bool = False
 
     def __post_init__(self):
         if self.kind not in ("hessian", "ggn"):
