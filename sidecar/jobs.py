@@ -278,6 +278,14 @@ class JobDB:
                 f"AND e.value ->> '$.kind' = 'remove' AND e.value ->> '$.id' IN ({marks})", (adapter, *ids)).fetchall()
         return {r[0] for r in rows}
 
+    def pending_removals(self, adapter: str) -> set[str]:
+        """Row ids that queued or running jobs of ``adapter`` are to remove."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? "
+                "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove'", (adapter,)).fetchall()
+        return {r[0] for r in rows}
+
     def payloads(self, job_id: str) -> list[RequestPayload]:
         with self._lock:
             rows = self._conn.execute(

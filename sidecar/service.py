@@ -72,6 +72,10 @@ class Hooks(SwapHooks):
     def utility_checked(self, adapter: str, utility: dict) -> None: ...
 
 
+# An adapter without training rows cannot be erased from, verified or rolled forward.
+_EMPTYING = ("this would remove every row of adapter {adapter!r} ({rows}, counting those queued jobs remove); an "
+             "adapter keeps at least one row: delete the adapter instead")
+
 # Control characters, line and paragraph separators, bidirectional and other format marks.
 _UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
 
@@ -311,10 +315,19 @@ class EraserService:
                          self.config.max_attempts)
         for name in self.store.names():  # a version renamed into place but never made current
             numbers = self.store.version_numbers(name)
-            if numbers and numbers[-1] > self.store.current_number(name):
-                job = self.db.get(self.store.version(name, numbers[-1]).manifest.get("job_id", ""))
-                if job is not None and job.state == State.SUCCEEDED:
+            current = self.store.current_number(name)
+            if numbers and numbers[-1] > current:
+                manifest = self.store.version(name, numbers[-1]).manifest
+                job = self.db.get(manifest.get("job_id") or "")
+                # A rollback has no job: its rename is its commit point, like a job's.
+                rollback = manifest.get("source") == "rollback" and manifest.get("parent_version") == current
+                if (job is not None and job.state == State.SUCCEEDED) or rollback:
                     self.store.set_current(name, numbers[-1])
+                    if rollback:
+                        outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
+                        self.store.prune(name, self.config.keep_versions)
+                        log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
+                                 name, manifest.get("rollback_of"), numbers[-1])
             self.hooks.version_published(name, self.store.current(name))
         outcome["factors_swept"] = self.store.sweep_factors()
         for name in self.store.names():  # current versions whose factors were never written
@@ -557,6 +570,9 @@ class EraserService:
         pending = tuple(i for i in payload.remove if i not in gone)
         if pending or payload.modify_query or payload.correct_response:
             UnlearningRequest(pending, payload.modify_query, payload.correct_response).resolve(rows)
+        # Counting the removals already queued: jobs that each leave rows can empty it together.
+        if pending and not present - set(pending) - self.db.pending_removals(adapter):
+            raise InvalidRequestError(_EMPTYING.format(adapter=adapter, rows=len(present)))
         if not still_wanted():  # the caller gave up (deadline or cancel): do not queue
             raise JobCancelled("the call was cancelled before the request was queued")
         job, created, merged = self.db.submit(adapter, request_id, payload, resolved, fingerprint,
@@ -672,6 +688,8 @@ class EraserService:
                 log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
                 self.hooks.job_finished(finished)
                 return
+            if not {r.id for r in rows} - set(request.remove):  # queued jobs checked each other; this is the last guard
+                raise InvalidRequestError(_EMPTYING.format(adapter=job.adapter, rows=len(rows)))
             staged = self.store.new_staging(f"job-{job.id}")
             progress = self._progress_hook(running)
             for attempt in (1, 2):

@@ -304,6 +304,25 @@ def _details(call) -> str:
     return info.value.details()
 
 
+def test_removing_every_row_is_refused(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    """An empty training set would be published and wedge the adapter: refused, counting
+    the removals of jobs still queued or running."""
+    register(stub, "all-gone", tiny_base, tiny_adapter, train_file)
+    ids = [r.id for r in load_rows(train_file)]
+    first = stub.Erase(pb.EraseRequest(adapter="all-gone", remove_ids=ids[:10], options=FAST))
+    for rest in (ids[10:], ids[10:]):  # while the first is active, then after it
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Erase(pb.EraseRequest(adapter="all-gone", remove_ids=rest, options=FAST))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every row" in info.value.details()
+        assert wait_job(stub, first.id).state == pb.JOB_STATE_SUCCEEDED
+    before = store_listing(sidecar.config.store)
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="all-gone")).rows == 10
+    assert len(stub.ListJobs(pb.ListJobsRequest(adapter="all-gone")).jobs) == 1, "nothing was queued"
+    last = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="all-gone", remove_ids=ids[10:19], options=FAST)).id)
+    assert last.state == pb.JOB_STATE_SUCCEEDED and store_listing(sidecar.config.store) != before
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="all-gone")).rows == 1
+
+
 def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_file):
     register(stub, "idem", tiny_base, tiny_adapter, train_file)
     request = pb.EraseRequest(adapter="idem", request_id="idem-1", remove_ids=["born-cid"], options=FAST)
@@ -429,6 +448,39 @@ def test_recovery_finishes_a_version_published_before_a_crash(tmp_path, tiny_bas
             assert recovered.report.residual == job.report.residual
             assert stub.GetAdapter(pb.GetAdapterRequest(name="crash")).version == 2
         assert not list((tmp_path / "store" / "staging").iterdir())
+    finally:
+        running.stop(1.0)
+
+
+def test_recovery_finishes_a_rollback_interrupted_before_set_current(tmp_path, tiny_base, tiny_adapter, train_file):
+    """Fault injection: the crash falls between a rollback's rename and ``set_current``.
+    A rollback has no job, so recovery must recognise its version; left as it was, every
+    later publish would collide with the orphan version and fail."""
+    running = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "rb", tiny_base, tiny_adapter, train_file)
+            assert wait_job(stub, stub.Erase(pb.EraseRequest(adapter="rb", remove_ids=["born-ann"],
+                                                             options=FAST)).id).state == pb.JOB_STATE_SUCCEEDED
+
+            def crash(name, number):
+                raise RuntimeError("injected crash before set_current")
+
+            running.service.store.set_current = crash
+            assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="rb", version=1))) == grpc.StatusCode.INTERNAL
+    finally:
+        running.stop(1.0)
+    versions = tmp_path / "store" / "adapters" / "rb"
+    assert (versions / "current").read_text() == "2\n" and (versions / "versions" / "3" / "manifest.json").is_file()
+    running = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            adapter = stub.GetAdapter(pb.GetAdapterRequest(name="rb"))
+            assert (adapter.version, adapter.rows, list(adapter.retained_versions)) == (3, 20, [2, 3])
+            job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="rb", remove_ids=["born-bob"], options=FAST)).id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED and job.to_version == 4, job.error
     finally:
         running.stop(1.0)
 
