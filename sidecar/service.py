@@ -41,7 +41,7 @@ from .errors import (
 )
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
 from .imports import ImportRoots
-from .jobs import Job, JobDB, RequestPayload, State
+from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
 from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, StoreLock, Version, check_adapter_name, file_sha256
 from .swap import SwapHooks, SwapResult, Swapper
@@ -555,7 +555,7 @@ class EraserService:
         fingerprint = payload.fingerprint(adapter, {**resolved, "deadline_seconds": deadline_seconds})
         if request_id:
             seen = self.db.by_request(request_id)
-            if seen is not None:
+            if seen is not None and seen[0].state not in RETRYABLE:
                 return self._same_request(seen, fingerprint, request_id)
         else:
             request_id = uuid.uuid4().hex
@@ -618,10 +618,28 @@ class EraserService:
             self.store.record(adapter)
         return self.db.list(adapter, state, limit)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, request_id: str = "") -> Job:
+        """Cancel a job, or only the caller's request (``request_id``) of a job that serves
+        several merged requests: the others must not lose their erasure to one client."""
         job = self.job(job_id)
         if job.state in (State.SUCCEEDED, State.FAILED):
             raise FailedPreconditionError(f"job {job_id} has already ended ({job.state.name.lower()})")
+        check_printable("request_id", [request_id])
+        if request_id and request_id not in job.request_ids:
+            raise NotFoundError(f"job {job_id} serves no request {quote_ids([request_id])}")
+        if job.state != State.CANCELLED and len(job.request_ids) > 1:
+            if not request_id:
+                raise FailedPreconditionError(
+                    f"job {job_id} serves {len(job.request_ids)} merged requests; cancel yours with its request_id")
+            withdrawn = self.db.withdraw(job_id, request_id)
+            if withdrawn is None:
+                raise FailedPreconditionError(
+                    f"job {job_id} is running for {len(job.request_ids)} requests; one of them cannot leave a running "
+                    "solve (it can be retried once the job has ended)")
+            log.info("request %s withdrawn from job %s (%d request(s) left)", request_id, job_id,
+                     len(withdrawn.request_ids))
+            self._notify()
+            return withdrawn
         job = self.db.request_cancel(job_id)
         running = self._running.get(job_id)
         if running is not None:

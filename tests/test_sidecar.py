@@ -341,6 +341,39 @@ def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_fil
     assert stub.GetAdapter(pb.GetAdapterRequest(name="idem")).version == 2
 
 
+def test_cancel_of_a_merged_job_affects_only_the_callers_request(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "share", tiny_base, tiny_adapter, train_file)
+    slow = stub.Erase(pb.EraseRequest(adapter="share", request_id="s-slow", remove_ids=["born-cid"], options=SLOW))
+    for job in stub.WatchJob(pb.GetJobRequest(id=slow.id), timeout=60):
+        if job.state == pb.JOB_STATE_RUNNING:
+            break
+    mine = pb.EraseRequest(adapter="share", request_id="s-a", remove_ids=["born-ann"], options=FAST)
+    theirs = pb.EraseRequest(adapter="share", request_id="s-b", remove_ids=["born-bob"], options=FAST)
+    merged = stub.Erase(mine)
+    assert stub.Erase(theirs).id == merged.id
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=merged.id))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=merged.id, request_id="s-x"))) == grpc.StatusCode.NOT_FOUND
+    left = stub.CancelJob(pb.CancelJobRequest(id=merged.id, request_id="s-a"))
+    assert left.state == pb.JOB_STATE_QUEUED and list(left.request_ids) == ["s-b"]
+    assert dict(left.counts)["remove"] == 1
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=slow.id, request_id="s-a"))) == grpc.StatusCode.NOT_FOUND
+    stub.CancelJob(pb.CancelJobRequest(id=slow.id, request_id="s-slow"))  # its only request: the whole job
+    assert wait_job(stub, slow.id).state == pb.JOB_STATE_CANCELLED
+    done = wait_job(stub, merged.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and list(done.request_ids) == ["s-b"]
+    rows = {r.id for r in load_rows(stub.GetAdapter(pb.GetAdapterRequest(name="share")).dataset_path)}
+    assert "born-bob" not in rows and {"born-ann", "born-cid"} <= rows, "the withdrawn request was not served"
+    # A request id whose job was cancelled (or that left its job) is a new submission when retried.
+    retry = stub.Erase(pb.EraseRequest(adapter="share", request_id="s-slow", remove_ids=["born-cid"], options=FAST))
+    assert retry.id != slow.id and wait_job(stub, retry.id).state == pb.JOB_STATE_SUCCEEDED
+    assert "s-slow" in stub.GetJob(pb.GetJobRequest(id=slow.id)).request_ids, "the cancelled job keeps its record"
+    again = wait_job(stub, stub.Erase(mine).id)
+    assert again.id not in (merged.id, retry.id) and again.state == pb.JOB_STATE_SUCCEEDED
+    assert stub.Erase(mine).id == again.id, "after success the id is taken again"
+    rows = {r.id for r in load_rows(stub.GetAdapter(pb.GetAdapterRequest(name="share")).dataset_path)}
+    assert not {"born-ann", "born-bob", "born-cid"} & rows
+
+
 def test_concurrent_erases_merge_and_stay_sequential(stub, sidecar, tiny_base, tiny_adapter, train_file):
     register(stub, "busy", tiny_base, tiny_adapter, train_file)
     ids = [r.id for r in load_rows(train_file)][:10]
