@@ -88,15 +88,23 @@ def check_printable(what: str, ids) -> None:
         raise InvalidRequestError(f"{what}: {bad} id(s) contain control or format characters (newlines, tabs, ...)")
 
 
+VERIFY_RANK = {"off": 0, "report": 1, "enforce": 2}
+
+
 def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
     """The verification policy of a request: its own, else the adapter's (as registered,
-    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else off)."""
+    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else off).
+    The registered policy is a floor: a weaker requested one is refused."""
     if requested and requested not in VERIFY_POLICIES:
         raise InvalidRequestError(f"unknown verify policy {requested!r} (choose {', '.join(VERIFY_POLICIES)})")
     has_holdout = record is not None and record.holdout_sha256 is not None
     default = (record.verify if record is not None and record.verify else
                config.erase.verify if has_holdout else "off")
     policy = requested or default
+    floor = record.verify if record is not None and record.verify else "off"
+    if VERIFY_RANK[policy] < VERIFY_RANK[floor] and not config.erase.verify_allow_lower:
+        raise InvalidRequestError(f"verify {policy} is below the policy adapter {record.name!r} was registered with "
+                                  f"({floor}); a request may raise it, not lower it (erase.verify_allow_lower)")
     if policy != "off" and not has_holdout:
         name = repr(record.name) if record is not None else "the adapter"
         raise InvalidRequestError(f"verify {policy} needs a held-out set, and adapter {name} was registered without "

@@ -323,6 +323,30 @@ def test_removing_every_row_is_refused(stub, sidecar, tiny_base, tiny_adapter, t
     assert stub.GetAdapter(pb.GetAdapterRequest(name="all-gone")).rows == 1
 
 
+def test_registered_verify_policy_is_a_floor(stub, sidecar, tiny_base, tiny_adapter, train_file, tmp_path):
+    from conftest import fact_rows
+    from eraser.data import write_rows
+    from sidecar.service import resolve_options
+
+    holdout = tmp_path / "holdout.jsonl"
+    write_rows(holdout, fact_rows(["Quo", "Rex", "Sue", "Tom", "Una"], prefix="h-"))
+    for name, policy in (("floor-enforce", "enforce"), ("floor-report", "report")):
+        stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter),
+                                                       dataset_path=str(train_file), holdout_path=str(holdout), verify=policy))
+    before = store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs)
+    for name, lower in (("floor-enforce", "off"), ("floor-enforce", "report"), ("floor-report", "off")):
+        request = pb.EraseRequest(adapter=name, remove_ids=["born-ann"], options=pb.EraseOptions(verify=lower))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Erase(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "registered with" in info.value.details()
+    assert (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs)) == before
+    raised = stub.Erase(pb.EraseRequest(adapter="floor-report", remove_ids=["born-ann"], options=pb.EraseOptions(verify="enforce")))
+    assert stub.CancelJob(pb.CancelJobRequest(id=raised.id)).id == raised.id  # accepted; not run here
+    record = sidecar.service.store.record("floor-enforce")
+    lowering = config_for(sidecar.config.store, erase={"verify_allow_lower": True})
+    assert "verify" not in resolve_options({"verify": "off"}, lowering, record)  # the server setting allows it
+
+
 def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_file):
     register(stub, "idem", tiny_base, tiny_adapter, train_file)
     request = pb.EraseRequest(adapter="idem", request_id="idem-1", remove_ids=["born-cid"], options=FAST)
