@@ -168,8 +168,9 @@ class EraserClient:
         request = pb.ListJobsRequest(adapter=adapter or "", state=state or 0, limit=int(limit or 0))
         return list(self._call("ListJobs", request).jobs)
 
-    def cancel_job(self, job_id: str) -> pb.Job:
-        return self._call("CancelJob", pb.CancelJobRequest(id=job_id))
+    def cancel_job(self, job_id: str, request_id: str | None = None) -> pb.Job:
+        """``request_id``: withdraw only that request from a job that serves several."""
+        return self._call("CancelJob", pb.CancelJobRequest(id=job_id, request_id=request_id or ""))
 
     def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[pb.Job]:
         """The job now and at every change, until it ends (``timeout``: the stream's deadline)."""

@@ -56,6 +56,9 @@ class EraseDefaults:
     # a held-out set are never verified). enforce: refine until the erased rows look
     # never-seen or fail the job; report: score only.
     verify: str = "enforce"
+    # A policy given at registration is a floor (off < report < enforce): a request may
+    # raise it, and lower it only when this is true.
+    verify_allow_lower: bool = False
     # The bound and the refinement budget of enforce; empty: the engine's defaults
     # (eraser.verify.VerifyConfig: AUC <= 0.75, 100 steps, 600 s).
     verify_max_auc: float | None = None

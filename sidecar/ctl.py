@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cancel", help="cancel a queued or running job")
     c.add_argument("id")
+    c.add_argument("--request-id", help="cancel only this request of a job that serves several (merged) requests")
 
     rb = sub.add_parser("rollback", help="publish a retained earlier version as the adapter's new current version")
     rb.add_argument("adapter")
@@ -443,7 +444,7 @@ def run_command(args, state: dict) -> int:
             jobs = client.list_jobs(adapter=args.adapter, state=args.state, limit=args.limit)
             emit(args, pb.ListJobsResponse(jobs=jobs), "\n".join(map(format_job, jobs)) or "no jobs")
         elif cmd == "cancel":
-            job = client.cancel_job(args.id)
+            job = client.cancel_job(args.id, args.request_id)
             emit(args, job, format_job(job))
         elif cmd == "rollback":
             adapter = client.rollback(args.adapter, args.version)

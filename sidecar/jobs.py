@@ -40,6 +40,10 @@ class State(IntEnum):  # same numbers as eraser.v1.JobState
         return self in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
 
 
+# A request whose job failed or was cancelled may be submitted again under its id (a retry).
+RETRYABLE = (4, 5)  # State.FAILED, State.CANCELLED
+
+
 @dataclass(frozen=True)
 class RequestPayload:
     """One Erase request as the job runner needs it (holds replacement text)."""
@@ -155,6 +159,14 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id);
+CREATE TABLE IF NOT EXISTS past_requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS past_requests_job ON past_requests (job_id);
 CREATE TABLE IF NOT EXISTS payloads (
     request_id TEXT PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -224,8 +236,11 @@ class JobDB:
         d["state"] = State(d["state"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         job = Job(**d)
+        # A request id retried after its job failed or was cancelled moved to past_requests:
+        # the ended job still lists it.
         job.request_ids = [r[0] for r in self._conn.execute(
-            "SELECT request_id FROM requests WHERE job_id = ? ORDER BY seq", (job.id,))]
+            "SELECT request_id, created_at FROM requests WHERE job_id = ? UNION ALL "
+            "SELECT request_id, created_at FROM past_requests WHERE job_id = ? ORDER BY created_at", (job.id, job.id))]
         return job
 
     def _checkpoint(self) -> None:
@@ -278,6 +293,14 @@ class JobDB:
                 f"AND e.value ->> '$.kind' = 'remove' AND e.value ->> '$.id' IN ({marks})", (adapter, *ids)).fetchall()
         return {r[0] for r in rows}
 
+    def pending_removals(self, adapter: str) -> set[str]:
+        """Row ids that queued or running jobs of ``adapter`` are to remove."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? "
+                "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove'", (adapter,)).fetchall()
+        return {r[0] for r in rows}
+
     def payloads(self, job_id: str) -> list[RequestPayload]:
         with self._lock:
             rows = self._conn.execute(
@@ -296,8 +319,13 @@ class JobDB:
         options_key = json.dumps(options, sort_keys=True)
         now = time.time()
         with self._tx() as c:
-            seen = c.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-            if seen:
+            seen = c.execute("SELECT r.job_id, j.state FROM requests r JOIN jobs j ON j.id = r.job_id "
+                             "WHERE r.request_id = ?", (request_id,)).fetchone()
+            if seen and seen[1] in RETRYABLE:  # it ended without effect: the id is free for a new submission
+                c.execute("INSERT INTO past_requests (request_id, job_id, fingerprint, created_at) SELECT request_id, "
+                          "job_id, fingerprint, created_at FROM requests WHERE request_id = ?", (request_id,))
+                c.execute("DELETE FROM requests WHERE request_id = ?", (request_id,))
+            elif seen:
                 return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (seen[0],)).fetchone()), False, False
             target = None
             if merge:
@@ -315,7 +343,7 @@ class JobDB:
                         target = job
             edits = payload.public_edits()
             if target is not None:
-                merged_edits = target.edits + [e for e in edits if not (e["kind"] == "remove" and e["id"] in {x["id"] for x in target.edits})]
+                merged_edits = _merge_edits(target.edits, edits)
                 counts = _counts(merged_edits)
                 c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(merged_edits), json.dumps(counts), target.id))
                 job_id = target.id
@@ -385,6 +413,25 @@ class JobDB:
         with self._tx() as c:
             c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL WHERE id = ?", (job_id,))
 
+    def withdraw(self, job_id: str, request_id: str) -> Job | None:
+        """Take one request out of a queued job that serves others too; the job's edits are
+        those of the requests left. None when the job is no longer queued."""
+        with self._tx() as c:
+            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] != State.QUEUED:
+                return None
+            c.execute("DELETE FROM requests WHERE request_id = ? AND job_id = ?", (request_id, job_id))
+            c.execute("DELETE FROM payloads WHERE request_id = ? AND job_id = ?", (request_id, job_id))
+            edits: list[dict] = []
+            for (body,) in c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
+                                     "WHERE p.job_id = ? ORDER BY r.seq", (job_id,)).fetchall():
+                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(body)).public_edits())
+            c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(edits), json.dumps(_counts(edits)),
+                                                                            job_id))
+            job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        self._checkpoint()
+        return job
+
     def request_cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job now; flag a running one (its runner stops at the next step)."""
         with self._tx() as c:
@@ -402,6 +449,12 @@ class JobDB:
         if job.state == State.CANCELLED:
             self._checkpoint()
         return job
+
+
+def _merge_edits(edits: list[dict], more: list[dict]) -> list[dict]:
+    """A job's edits with another request's: a row removed by both is listed once."""
+    removed = {e["id"] for e in edits}
+    return edits + [e for e in more if not (e["kind"] == "remove" and e["id"] in removed)]
 
 
 def _counts(edits: list[dict]) -> dict[str, int]:

@@ -220,7 +220,7 @@ class EraserServicer(pb_grpc.EraserServicer):
 
     @_guarded
     def CancelJob(self, request, context):
-        return job_message(self.service.cancel(request.id))
+        return job_message(self.service.cancel(request.id, request.request_id))
 
     @_guarded
     def Rollback(self, request, context):

@@ -42,7 +42,7 @@ from .errors import (
 )
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
 from .imports import ImportRoots
-from .jobs import Job, JobDB, RequestPayload, State
+from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
 from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, StoreLock, Version, check_adapter_name, file_sha256
 from .swap import SwapHooks, SwapResult, Swapper
@@ -73,6 +73,10 @@ class Hooks(SwapHooks):
     def utility_checked(self, adapter: str, utility: dict) -> None: ...
 
 
+# An adapter without training rows cannot be erased from, verified or rolled forward.
+_EMPTYING = ("this would remove every row of adapter {adapter!r} ({rows}, counting those queued jobs remove); an "
+             "adapter keeps at least one row: delete the adapter instead")
+
 # Control characters, line and paragraph separators, bidirectional and other format marks.
 _UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
 
@@ -85,15 +89,23 @@ def check_printable(what: str, ids) -> None:
         raise InvalidRequestError(f"{what}: {bad} id(s) contain control or format characters (newlines, tabs, ...)")
 
 
+VERIFY_RANK = {"off": 0, "report": 1, "enforce": 2}
+
+
 def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
     """The verification policy of a request: its own, else the adapter's (as registered,
-    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else off)."""
+    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else off).
+    The registered policy is a floor: a weaker requested one is refused."""
     if requested and requested not in VERIFY_POLICIES:
         raise InvalidRequestError(f"unknown verify policy {requested!r} (choose {', '.join(VERIFY_POLICIES)})")
     has_holdout = record is not None and record.holdout_sha256 is not None
     default = (record.verify if record is not None and record.verify else
                config.erase.verify if has_holdout else "off")
     policy = requested or default
+    floor = record.verify if record is not None and record.verify else "off"
+    if VERIFY_RANK[policy] < VERIFY_RANK[floor] and not config.erase.verify_allow_lower:
+        raise InvalidRequestError(f"verify {policy} is below the policy adapter {record.name!r} was registered with "
+                                  f"({floor}); a request may raise it, not lower it (erase.verify_allow_lower)")
     if policy != "off" and not has_holdout:
         name = repr(record.name) if record is not None else "the adapter"
         raise InvalidRequestError(f"verify {policy} needs a held-out set, and adapter {name} was registered without "
@@ -320,10 +332,19 @@ class EraserService:
                          self.config.max_attempts)
         for name in self.store.names():  # a version renamed into place but never made current
             numbers = self.store.version_numbers(name)
-            if numbers and numbers[-1] > self.store.current_number(name):
-                job = self.db.get(self.store.version(name, numbers[-1]).manifest.get("job_id", ""))
-                if job is not None and job.state == State.SUCCEEDED:
+            current = self.store.current_number(name)
+            if numbers and numbers[-1] > current:
+                manifest = self.store.version(name, numbers[-1]).manifest
+                job = self.db.get(manifest.get("job_id") or "")
+                # A rollback has no job: its rename is its commit point, like a job's.
+                rollback = manifest.get("source") == "rollback" and manifest.get("parent_version") == current
+                if (job is not None and job.state == State.SUCCEEDED) or rollback:
                     self.store.set_current(name, numbers[-1])
+                    if rollback:
+                        outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
+                        self.store.prune(name, self.config.keep_versions)
+                        log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
+                                 name, manifest.get("rollback_of"), numbers[-1])
             self.hooks.version_published(name, self.store.current(name))
         outcome["factors_swept"] = self.store.sweep_factors()
         for name in self.store.names():  # current versions whose factors were never written
@@ -551,7 +572,7 @@ class EraserService:
         fingerprint = payload.fingerprint(adapter, {**resolved, "deadline_seconds": deadline_seconds})
         if request_id:
             seen = self.db.by_request(request_id)
-            if seen is not None:
+            if seen is not None and seen[0].state not in RETRYABLE:
                 return self._same_request(seen, fingerprint, request_id)
         else:
             request_id = uuid.uuid4().hex
@@ -566,6 +587,9 @@ class EraserService:
         pending = tuple(i for i in payload.remove if i not in gone)
         if pending or payload.modify_query or payload.correct_response:
             UnlearningRequest(pending, payload.modify_query, payload.correct_response).resolve(rows)
+        # Counting the removals already queued: jobs that each leave rows can empty it together.
+        if pending and not present - set(pending) - self.db.pending_removals(adapter):
+            raise InvalidRequestError(_EMPTYING.format(adapter=adapter, rows=len(present)))
         if not still_wanted():  # the caller gave up (deadline or cancel): do not queue
             raise JobCancelled("the call was cancelled before the request was queued")
         job, created, merged = self.db.submit(adapter, request_id, payload, resolved, fingerprint,
@@ -611,10 +635,28 @@ class EraserService:
             self.store.record(adapter)
         return self.db.list(adapter, state, limit)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, request_id: str = "") -> Job:
+        """Cancel a job, or only the caller's request (``request_id``) of a job that serves
+        several merged requests: the others must not lose their erasure to one client."""
         job = self.job(job_id)
         if job.state in (State.SUCCEEDED, State.FAILED):
             raise FailedPreconditionError(f"job {job_id} has already ended ({job.state.name.lower()})")
+        check_printable("request_id", [request_id])
+        if request_id and request_id not in job.request_ids:
+            raise NotFoundError(f"job {job_id} serves no request {quote_ids([request_id])}")
+        if job.state != State.CANCELLED and len(job.request_ids) > 1:
+            if not request_id:
+                raise FailedPreconditionError(
+                    f"job {job_id} serves {len(job.request_ids)} merged requests; cancel yours with its request_id")
+            withdrawn = self.db.withdraw(job_id, request_id)
+            if withdrawn is None:
+                raise FailedPreconditionError(
+                    f"job {job_id} is running for {len(job.request_ids)} requests; one of them cannot leave a running "
+                    "solve (it can be retried once the job has ended)")
+            log.info("request %s withdrawn from job %s (%d request(s) left)", request_id, job_id,
+                     len(withdrawn.request_ids))
+            self._notify()
+            return withdrawn
         job = self.db.request_cancel(job_id)
         running = self._running.get(job_id)
         if running is not None:
@@ -681,6 +723,8 @@ class EraserService:
                 log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
                 self.hooks.job_finished(finished)
                 return
+            if not {r.id for r in rows} - set(request.remove):  # queued jobs checked each other; this is the last guard
+                raise InvalidRequestError(_EMPTYING.format(adapter=job.adapter, rows=len(rows)))
             staged = self.store.new_staging(f"job-{job.id}")
             progress = self._progress_hook(running)
             for attempt in (1, 2):

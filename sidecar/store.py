@@ -92,12 +92,19 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def _seal(directory: Path) -> None:
-    """Make every file read-only: published versions are immutable."""
+    """Make every file read-only (published versions are immutable) and durable: files,
+    then their directories deepest first, all before the rename that publishes them (a
+    crash after the rename must not find a directory whose entries never reached the disk)."""
+    dirs = [directory]
     for p in directory.rglob("*"):
         if p.is_file():
             with p.open("rb") as f:
                 os.fsync(f.fileno())
             p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        elif p.is_dir():
+            dirs.append(p)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        _fsync_dir(d)
 
 
 def _seal_file(path: Path) -> None:
@@ -353,7 +360,11 @@ class AdapterStore:
                 _seal_file(shell / HOLDOUT)
             (shell / "adapter.json").write_text(json.dumps(record.__dict__, indent=2, sort_keys=True) + "\n")
             (shell / "current").write_text("1\n")
-            _seal(shell / "adapter.json")
+            _seal_file(shell / "adapter.json")  # immutable, like the versions
+            with (shell / "current").open("rb") as f:  # replaced whole later (set_current), so not sealed
+                os.fsync(f.fileno())
+            _fsync_dir(shell / "versions")
+            _fsync_dir(shell)
             try:
                 os.rename(shell, target)  # atomic; fails if the name appeared meanwhile
             except OSError:

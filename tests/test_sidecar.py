@@ -304,6 +304,49 @@ def _details(call) -> str:
     return info.value.details()
 
 
+def test_removing_every_row_is_refused(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    """An empty training set would be published and wedge the adapter: refused, counting
+    the removals of jobs still queued or running."""
+    register(stub, "all-gone", tiny_base, tiny_adapter, train_file)
+    ids = [r.id for r in load_rows(train_file)]
+    first = stub.Erase(pb.EraseRequest(adapter="all-gone", remove_ids=ids[:10], options=FAST))
+    for rest in (ids[10:], ids[10:]):  # while the first is active, then after it
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Erase(pb.EraseRequest(adapter="all-gone", remove_ids=rest, options=FAST))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "every row" in info.value.details()
+        assert wait_job(stub, first.id).state == pb.JOB_STATE_SUCCEEDED
+    before = store_listing(sidecar.config.store)
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="all-gone")).rows == 10
+    assert len(stub.ListJobs(pb.ListJobsRequest(adapter="all-gone")).jobs) == 1, "nothing was queued"
+    last = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="all-gone", remove_ids=ids[10:19], options=FAST)).id)
+    assert last.state == pb.JOB_STATE_SUCCEEDED and store_listing(sidecar.config.store) != before
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="all-gone")).rows == 1
+
+
+def test_registered_verify_policy_is_a_floor(stub, sidecar, tiny_base, tiny_adapter, train_file, tmp_path):
+    from conftest import fact_rows
+    from eraser.data import write_rows
+    from sidecar.service import resolve_options
+
+    holdout = tmp_path / "holdout.jsonl"
+    write_rows(holdout, fact_rows(["Quo", "Rex", "Sue", "Tom", "Una"], prefix="h-"))
+    for name, policy in (("floor-enforce", "enforce"), ("floor-report", "report")):
+        stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter),
+                                                       dataset_path=str(train_file), holdout_path=str(holdout), verify=policy))
+    before = store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs)
+    for name, lower in (("floor-enforce", "off"), ("floor-enforce", "report"), ("floor-report", "off")):
+        request = pb.EraseRequest(adapter=name, remove_ids=["born-ann"], options=pb.EraseOptions(verify=lower))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Erase(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "registered with" in info.value.details()
+    assert (store_listing(sidecar.config.store), len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs)) == before
+    raised = stub.Erase(pb.EraseRequest(adapter="floor-report", remove_ids=["born-ann"], options=pb.EraseOptions(verify="enforce")))
+    assert stub.CancelJob(pb.CancelJobRequest(id=raised.id)).id == raised.id  # accepted; not run here
+    record = sidecar.service.store.record("floor-enforce")
+    lowering = config_for(sidecar.config.store, erase={"verify_allow_lower": True})
+    assert "verify" not in resolve_options({"verify": "off"}, lowering, record)  # the server setting allows it
+
+
 def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_file):
     register(stub, "idem", tiny_base, tiny_adapter, train_file)
     request = pb.EraseRequest(adapter="idem", request_id="idem-1", remove_ids=["born-cid"], options=FAST)
@@ -320,6 +363,39 @@ def test_idempotent_request_id(stub, sidecar, tiny_base, tiny_adapter, train_fil
     assert repeat.state == pb.JOB_STATE_SUCCEEDED and list(repeat.already_erased_ids) == ["born-cid"]
     assert repeat.from_version == repeat.to_version == 2
     assert stub.GetAdapter(pb.GetAdapterRequest(name="idem")).version == 2
+
+
+def test_cancel_of_a_merged_job_affects_only_the_callers_request(stub, sidecar, tiny_base, tiny_adapter, train_file):
+    register(stub, "share", tiny_base, tiny_adapter, train_file)
+    slow = stub.Erase(pb.EraseRequest(adapter="share", request_id="s-slow", remove_ids=["born-cid"], options=SLOW))
+    for job in stub.WatchJob(pb.GetJobRequest(id=slow.id), timeout=60):
+        if job.state == pb.JOB_STATE_RUNNING:
+            break
+    mine = pb.EraseRequest(adapter="share", request_id="s-a", remove_ids=["born-ann"], options=FAST)
+    theirs = pb.EraseRequest(adapter="share", request_id="s-b", remove_ids=["born-bob"], options=FAST)
+    merged = stub.Erase(mine)
+    assert stub.Erase(theirs).id == merged.id
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=merged.id))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=merged.id, request_id="s-x"))) == grpc.StatusCode.NOT_FOUND
+    left = stub.CancelJob(pb.CancelJobRequest(id=merged.id, request_id="s-a"))
+    assert left.state == pb.JOB_STATE_QUEUED and list(left.request_ids) == ["s-b"]
+    assert dict(left.counts)["remove"] == 1
+    assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=slow.id, request_id="s-a"))) == grpc.StatusCode.NOT_FOUND
+    stub.CancelJob(pb.CancelJobRequest(id=slow.id, request_id="s-slow"))  # its only request: the whole job
+    assert wait_job(stub, slow.id).state == pb.JOB_STATE_CANCELLED
+    done = wait_job(stub, merged.id)
+    assert done.state == pb.JOB_STATE_SUCCEEDED and list(done.request_ids) == ["s-b"]
+    rows = {r.id for r in load_rows(stub.GetAdapter(pb.GetAdapterRequest(name="share")).dataset_path)}
+    assert "born-bob" not in rows and {"born-ann", "born-cid"} <= rows, "the withdrawn request was not served"
+    # A request id whose job was cancelled (or that left its job) is a new submission when retried.
+    retry = stub.Erase(pb.EraseRequest(adapter="share", request_id="s-slow", remove_ids=["born-cid"], options=FAST))
+    assert retry.id != slow.id and wait_job(stub, retry.id).state == pb.JOB_STATE_SUCCEEDED
+    assert "s-slow" in stub.GetJob(pb.GetJobRequest(id=slow.id)).request_ids, "the cancelled job keeps its record"
+    again = wait_job(stub, stub.Erase(mine).id)
+    assert again.id not in (merged.id, retry.id) and again.state == pb.JOB_STATE_SUCCEEDED
+    assert stub.Erase(mine).id == again.id, "after success the id is taken again"
+    rows = {r.id for r in load_rows(stub.GetAdapter(pb.GetAdapterRequest(name="share")).dataset_path)}
+    assert not {"born-ann", "born-bob", "born-cid"} & rows
 
 
 def test_concurrent_erases_merge_and_stay_sequential(stub, sidecar, tiny_base, tiny_adapter, train_file):
@@ -429,6 +505,39 @@ def test_recovery_finishes_a_version_published_before_a_crash(tmp_path, tiny_bas
             assert recovered.report.residual == job.report.residual
             assert stub.GetAdapter(pb.GetAdapterRequest(name="crash")).version == 2
         assert not list((tmp_path / "store" / "staging").iterdir())
+    finally:
+        running.stop(1.0)
+
+
+def test_recovery_finishes_a_rollback_interrupted_before_set_current(tmp_path, tiny_base, tiny_adapter, train_file):
+    """Fault injection: the crash falls between a rollback's rename and ``set_current``.
+    A rollback has no job, so recovery must recognise its version; left as it was, every
+    later publish would collide with the orphan version and fail."""
+    running = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "rb", tiny_base, tiny_adapter, train_file)
+            assert wait_job(stub, stub.Erase(pb.EraseRequest(adapter="rb", remove_ids=["born-ann"],
+                                                             options=FAST)).id).state == pb.JOB_STATE_SUCCEEDED
+
+            def crash(name, number):
+                raise RuntimeError("injected crash before set_current")
+
+            running.service.store.set_current = crash
+            assert code_of(lambda: stub.Rollback(pb.RollbackRequest(adapter="rb", version=1))) == grpc.StatusCode.INTERNAL
+    finally:
+        running.stop(1.0)
+    versions = tmp_path / "store" / "adapters" / "rb"
+    assert (versions / "current").read_text() == "2\n" and (versions / "versions" / "3" / "manifest.json").is_file()
+    running = start(config_for(tmp_path / "store"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            adapter = stub.GetAdapter(pb.GetAdapterRequest(name="rb"))
+            assert (adapter.version, adapter.rows, list(adapter.retained_versions)) == (3, 20, [2, 3])
+            job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="rb", remove_ids=["born-bob"], options=FAST)).id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED and job.to_version == 4, job.error
     finally:
         running.stop(1.0)
 
