@@ -261,7 +261,10 @@ def _config(s: Settings, store: Path, merge: bool = True):
                          max_request_rows=100_000,
                          erase=EraseDefaults(solver=s.solver, damping=s.damping, tolerance=s.tolerance,
                                              max_iterations=s.max_iterations,
-                                             curvature_batch_size=s.curvature_batch_size))
+                                             curvature_batch_size=s.curvature_batch_size,
+                                             # Merging is judged on the influence updates as
+                                             # computed: a line search could scale one to zero.
+                                             step_control=False))
 
 
 def _register(stub, name: str, base_dir: str, adapter_dir: str, dataset: str):
