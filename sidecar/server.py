@@ -23,7 +23,7 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 
 from .config import SidecarConfig
 from .errors import status_of
-from .jobs import Job, RequestPayload, State
+from .jobs import Job, RequestPayload
 from .metrics import Metrics
 from .service import OPTION_FIELDS, EraserService, Hooks, verify_policy
 from .store import Version
@@ -361,6 +361,9 @@ def _serve(config: SidecarConfig, metrics: Metrics, health_servicer: health.Heal
            service: EraserService) -> RunningSidecar:
     from .auth import BearerTokenInterceptor, server_credentials
 
+    if service.computes and not config.import_roots:
+        log.warning("import_roots is empty: RegisterAdapter copies from any server path outside the store; set "
+                    "import_roots (--import-root) to confine it")
     outcome = service.recover()
     if any(outcome.values()):
         log.info("recovery: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))
