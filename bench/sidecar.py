@@ -193,7 +193,8 @@ def build_model(s: Settings, workdir: Path) -> dict:
     train_rows = _rows(s.people, s.facts, s.seed, "p")
     other_rows = _rows(s.pretrain_people, s.facts, s.seed + 1, "x")
     # Rows the latency adapter is registered with: one distinct row per request.
-    n_latency = max(s.clients * s.requests_per_client, s.single_client_requests)
+    # One more row than requests: removing every row of an adapter is refused.
+    n_latency = max(s.clients * s.requests_per_client, s.single_client_requests) + 1
     latency_rows = _rows(math.ceil(n_latency / s.facts), s.facts, s.seed + 2, "q")[:n_latency]
     texts = [r.prompt + " " + r.response for r in train_rows + other_rows + latency_rows]
 

@@ -281,8 +281,9 @@ class Sidecar:
             raise RuntimeError(f"erasectl {args[0]} failed ({out.returncode}): {(out.stderr or '').strip()}")
         return out
 
-    def ctl_json(self, *args: str, show_progress: bool = False) -> dict:
-        return json.loads(self.ctl("--json", *args, show_progress=show_progress).stdout.strip().splitlines()[-1])
+    def ctl_json(self, *args: str, show_progress: bool = False, timeout: float = 30.0) -> dict:
+        out = self.ctl("--json", *args, show_progress=show_progress, timeout=timeout)
+        return json.loads(out.stdout.strip().splitlines()[-1])
 
     def stop(self, timeout: float = 60.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -444,7 +445,8 @@ def run(settings: Settings, workdir: Path, progress) -> None:
                     "--holdout", str(held_path)]
         _kv("$ erasectl", _command(register))
         with _Stage(timer, "register + first swap"):
-            registered = sidecar.ctl_json(*register)
+            # Registration copies the files and loads version 1 into vLLM: minutes on a busy CPU.
+            registered = sidecar.ctl_json(*register, timeout=600)
         _kv("registered", f"adapter demo v{registered['version']}, {registered['rows']} rows, served by vLLM as "
                           f"'demo' from {registered['path']}")
         with _Stage(timer, "served answers"):
@@ -461,7 +463,8 @@ def run(settings: Settings, workdir: Path, progress) -> None:
                       "--wait"]
         _kv("$ erasectl", _command(erase_args))
         with _Stage(timer, "erase + swap (sidecar)"):
-            job = sidecar.ctl_json(*(erase_args if progress.enabled else ["--quiet", *erase_args]), show_progress=True)
+            job = sidecar.ctl_json(*(erase_args if progress.enabled else ["--quiet", *erase_args]), show_progress=True,
+                                   timeout=600)
         served = sidecar.ctl_json("adapters", "demo")
         r = job["report"]
         _kv("job", f"{job['id']} {job['state'].removeprefix('JOB_STATE_').lower()}: "
