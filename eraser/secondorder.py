@@ -15,7 +15,7 @@ a *sampled objective*:
   utility bound and the erased rows did not overshoot their targets.
 
 Where the erased rows are not yet at the never-seen level, further steps follow the
-natural gradient of Φ plus a KL anchor to the parent on retained rows, preconditioned by
+natural gradient of Φ plus a penalty on the retained rows' NLL rise, preconditioned by
 the same cached EK-FAC/K-FAC factors ((F + λI)⁻¹ g, λ relative to F's scale along g: in the
 spirit of SOUL, Jia et al. 2024), each again line-searched, until the membership verdict
 (``eraser.membership``) passes and the new rows are learned, or the budget is spent.
@@ -297,7 +297,7 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
 def refine_natural(model, params, factors, objective: SampledObjective, judge: Judge, retain_pairs: Sequence[Pair],
                    tokenizer, budget: float, config: StepConfig, max_steps: int, max_seconds: float, device,
                    max_length: int, progress: Progress = silent, done=None) -> Refinement:
-    """Natural-gradient steps on Φ + anchor, each line-searched, until ``done()`` says the
+    """Natural-gradient steps on Φ + the retained rows' rise, each line-searched, until ``done()`` says the
     verdict passes (module docstring). The model is left at the last accepted step."""
     started = time.perf_counter()
     result = Refinement()
