@@ -1,0 +1,51 @@
+"""The product's default erase path, named once for the CLI, the sidecar and the benchmarks.
+
+The default is the verified second-order path: the influence step solved with EK-FAC
+factors (cached per adapter version; fitted in the call where no cache is given), damping
+relative to the curvature's own scale along the request, every step line-searched so the
+utility bound holds, then natural-gradient refinement under ``enforce`` until the erased
+rows look never-seen. ``cg`` stays an option, and the fallback where factors are missing.
+
+No torch at import time: the sidecar's configuration and its client import this module.
+"""
+
+from __future__ import annotations
+
+SOLVERS = ("direct", "cg", "sqm", "ekfac", "kfac", "datainf")
+FACTOR_SOLVERS = ("ekfac", "kfac")
+DAMPING_SCALES = ("absolute", "relative")
+
+DEFAULT_SOLVER = "ekfac"
+DEFAULT_DAMPING_SCALE = "relative"
+# λ = 0.1 × the curvature's Rayleigh quotient along the gradient it preconditions.
+DEFAULT_DAMPING = 0.1
+# Where a user picks absolute damping without a value.
+DEFAULT_ABSOLUTE_DAMPING = 0.01
+DEFAULT_MAX_RETAIN_RISE = 0.3
+
+
+def default_damping(scale: str) -> float:
+    return DEFAULT_DAMPING if scale == "relative" else DEFAULT_ABSOLUTE_DAMPING
+
+
+def default_verify_policy(has_holdout: bool, solver: str = DEFAULT_SOLVER) -> str:
+    """enforce where a verdict can be reached: with a held-out set, or on the second-order
+    path (cached factors), where the base model (adapter disabled) is the reference."""
+    return "enforce" if has_holdout or solver in FACTOR_SOLVERS else "off"
+
+
+def product_erase_config(has_holdout: bool, **overrides):
+    """The engine config of the product's default path (``overrides``: EraseConfig fields)."""
+    from .curvature import CurvatureConfig
+    from .solvers import SolverConfig
+    from .unlearn import EraseConfig
+    from .verify import VerifyConfig
+
+    fields = {
+        "solver": SolverConfig(DEFAULT_SOLVER),
+        "curvature": CurvatureConfig(damping=DEFAULT_DAMPING, relative=DEFAULT_DAMPING_SCALE == "relative"),
+        "verify": VerifyConfig(policy=default_verify_policy(has_holdout)),
+        "max_retain_rise": DEFAULT_MAX_RETAIN_RISE,
+    }
+    fields.update(overrides)
+    return EraseConfig(**fields)
