@@ -143,6 +143,17 @@ class SampledObjective:
             nll = per_row_nll(self.model, self.retain.batch(list(anchor_rows), self.device))
             ref = sum(self.retain_parent[i] for i in anchor_rows) / len(anchor_rows)
             (self.config.anchor_weight * torch.relu(nll.mean() - ref)).backward()
+        return self._take_gradient()
+
+    def retain_gradient(self, rows: Sequence[int]) -> torch.Tensor | None:
+        """The gradient of the mean NLL of a batch of retained rows."""
+        if not rows or self.retain is None:
+            return None
+        self.model.zero_grad(set_to_none=True)
+        per_row_nll(self.model, self.retain.batch(list(rows), self.device)).mean().backward()
+        return self._take_gradient()
+
+    def _take_gradient(self) -> torch.Tensor:
         g = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).detach().clone()
         self.model.zero_grad(set_to_none=True)
         return g
@@ -238,20 +249,6 @@ def learned(scores: RowScores, target: float, margin: float, retain_exact: float
     return share >= retain_exact - 0.1 and sum(scores.nll) / len(scores.nll) <= target + margin
 
 
-def reference_only_failures(erased: RowScores, margin: float = 0.0) -> list[str]:
-    """Without held-out rows: no erased row may be more likely under the adapter than under
-    the base model (by more than ``margin`` nats), and none may be reproduced."""
-    out = []
-    ahead = sum(1 for x, b in zip(erased.nll, erased.base_nll or []) if x < b - margin)
-    if erased.base_nll is None:
-        out.append("no base model to compare with")
-    elif ahead:
-        out.append(f"{ahead} erased row(s) still more likely under the adapter than under the base model")
-    if any(erased.exact):
-        out.append(f"{sum(erased.exact)} erased answer(s) still reproduced by greedy decoding")
-    return out
-
-
 @dataclass
 class StepRecord:
     kind: str  # "influence" or "natural"
@@ -294,6 +291,19 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
 
 
+def _project_out(step: torch.Tensor, retain_grad: torch.Tensor | None, factors, damping: float) -> torch.Tensor:
+    """``step`` (= F⁻¹g) less its part that raises the retained rows' NLL to first order, in the
+    metric of F: the direction then forgets without trading utility for it (gradient
+    projection); Φ still decreases along it (Cauchy-Schwarz)."""
+    if retain_grad is None:
+        return step
+    along = factors.solve(retain_grad, damping)
+    denominator = float(retain_grad.double() @ along.double())
+    coefficient = float(retain_grad.double() @ step.double()) / denominator if denominator > 0 else 0.0
+    # The step is -``step``: it raises the retained NLL where the coefficient is negative.
+    return step - coefficient * along if coefficient < 0 else step
+
+
 def refine_natural(model, params, factors, objective: SampledObjective, judge: Judge, retain_pairs: Sequence[Pair],
                    tokenizer, budget: float, config: StepConfig, max_steps: int, max_seconds: float, device,
                    max_length: int, progress: Progress = silent, done=None) -> Refinement:
@@ -315,17 +325,16 @@ def refine_natural(model, params, factors, objective: SampledObjective, judge: J
                 result.reason = f"{'step' if step == max_steps else 'time'} budget exhausted: {why}"
             break
         current = objective.evaluate()
-        # The retained rows' term only while the sample's NLL is above the parent's: the
+        chunk = [order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
+        # The retained rows' penalty only while the sample's NLL is above the parent's: the
         # merit charges nothing below it, so pulling further down would only fight Φ.
-        chunk = ([order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
-                 if current.rise > 0 else [])
-        g = objective.gradient(chunk)
+        g = objective.gradient(chunk if current.rise > 0 else [])
         if not float(g.norm()) > 0:
             if not passed:
                 result.reason = f"no gradient left: {why}"
             break
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
-        direction = -factors.solve(g, damping)
+        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(chunk), factors, damping)
         theta = parameters_to_vector(params).detach().clone()
         ls = line_search(params, theta, direction, objective, current, scale, budget, config)
         result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
