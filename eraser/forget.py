@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 
 from .errors import VerificationFailedError
-from .membership import RowScores
+from .membership import RowScores, reference_verdict
 from .progress import Progress, silent
 from .secondorder import (Judge, SampledObjective, StepConfig, StepRecord, controlled_influence_step, learned,
-                          reference_only_failures, refine_natural)
+                          refine_natural)
 from .verify import VerificationReport, VerifyConfig, VerifyScores, _scores, verify_and_refine
 
 Pair = tuple[str, str]
@@ -74,7 +74,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
     out = ForgetResult([controlled_influence_step(params, delta, objective, budget, step)])
     if verify.policy == "off":
         return out
-    if factors is None:  # no cached curvature: today's first-order refinement, judged by its loss AUC
+    if factors is None and holdout:  # no curvature factors: the first-order refinement, judged by its loss AUC
         out.verification = _first_order(model, tokenizer, edits, holdout, retain_pairs, retain_losses, verify,
                                         device, progress, max_length)
         return out
@@ -85,7 +85,9 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
         """Whether the verdict passes, why not, and whether the rows are settled at the
         never-seen level (every attack's AUC near ``target_auc``, not only inside the bounds)."""
         v, erased, held, new = judge.judge()
-        failures = (v.failures() if v is not None else reference_only_failures(erased)) if forget_pairs else []
+        if v is None and forget_pairs:  # no held-out rows: the base model is the reference
+            v = reference_verdict(erased)
+        failures = v.failures() if forget_pairs else []
         if not learned(new, learn_level, step.learn_margin, retain_exact):
             failures.append(f"corrected rows not learned yet (mean NLL {sum(new.nll) / len(new.nll):.3f}, "
                             f"target {learn_level:.3f}, {sum(new.exact)}/{len(new.exact)} reproduced)")
@@ -97,17 +99,20 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
             failures.append(f"retained rows' NLL rose by {point.rise:.3f} nats")
         state.setdefault("before", (v, erased, held, new, point))
         state["after"] = (v, erased, held, new, point)
-        settled = v is None or not forget_pairs or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK
+        settled = (not forget_pairs or not hasattr(v, "attacks")
+                   or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK)
         return not failures, "; ".join(failures) or "erased rows look never-seen", settled
 
     refinement = None
-    if verify.policy == "enforce":
+    if verify.policy == "enforce" and factors is not None:
         refinement = refine_natural(model, params, factors, objective, judge, retain_pairs, tokenizer, budget, step,
                                     verify.max_steps, verify.max_seconds, device, max_length, progress, done)
         out.steps.extend(refinement.steps)
         passed, reason = refinement.passed, refinement.reason
     else:
         passed, reason, _ = done()
+        if verify.policy == "enforce" and not passed:
+            reason += " (no curvature factors to refine with: the ekfac or kfac solver)"
     out.verification = _report(verify, state, passed, reason, refinement, objective.retain_reference,
                                [e.old.id for e in edits], time.perf_counter() - started)
     if verify.policy == "enforce" and not passed:

@@ -154,7 +154,7 @@ class MembershipVerdict:
         return out
 
     def to_json(self) -> dict:
-        return {"attacks": [a.to_json() for a in self.attacks], "erased_rows": self.erased_rows,
+        return {"basis": "held-out", "attacks": [a.to_json() for a in self.attacks], "erased_rows": self.erased_rows,
                 "holdout_rows": self.holdout_rows, "recalled": self.recalled, "passed": self.passed,
                 "strictest": self.strictest.name}
 
@@ -163,3 +163,52 @@ def verdict(erased: RowScores, holdout: RowScores, max_auc: float, min_auc: floa
     attacks = [a for a in ATTACKS if a != "reference" or (erased.base_nll is not None and holdout.base_nll is not None)]
     results = [judge_attack(a, erased.member_scores(a), holdout.member_scores(a), max_auc, min_auc, z) for a in attacks]
     return MembershipVerdict(results, len(erased.nll), len(holdout.nll), sum(erased.exact))
+
+
+# Nats by which an erased row may still be more likely under the adapter than under the
+# base model and count as "no advantage" (a row approaches the base level from below).
+REFERENCE_MARGIN = 0.1
+
+
+@dataclass(frozen=True)
+class ReferenceVerdict:
+    """The verdict without held-out rows: the base model (adapter disabled) is the reference.
+
+    It passes when no erased row is more likely under the adapter than under the base model
+    (by more than ``margin`` nats) and greedy decoding reproduces none. That is the level of
+    a row the adapter never learned anything specific about; it says nothing of rows the
+    adapter made *less* likely than the base model does (a held-out set tells that)."""
+
+    erased_rows: int
+    ahead: int  # rows still more likely under the adapter than under the base model
+    recalled: int
+    mean_advantage: float | None  # mean (base NLL - adapter NLL) over the erased rows
+    margin: float
+
+    @property
+    def passed(self) -> bool:
+        return self.mean_advantage is not None and self.ahead == 0 and self.recalled == 0
+
+    def failures(self) -> list[str]:
+        out = []
+        if self.mean_advantage is None:
+            out.append("no base model to compare with")
+        elif self.ahead:
+            out.append(f"{self.ahead} erased row(s) still more likely under the adapter than under the base model")
+        if self.recalled:
+            out.append(f"{self.recalled} erased answer(s) still reproduced by greedy decoding")
+        return out
+
+    def to_json(self) -> dict:
+        return {"basis": "base-model reference", "erased_rows": self.erased_rows, "ahead": self.ahead,
+                "recalled": self.recalled, "mean_advantage": self.mean_advantage, "margin": self.margin,
+                "passed": self.passed}
+
+
+def reference_verdict(erased: RowScores, margin: float = REFERENCE_MARGIN) -> ReferenceVerdict:
+    recalled = sum(erased.exact)
+    if erased.base_nll is None or not erased.nll:
+        return ReferenceVerdict(len(erased.nll), 0, recalled, None, margin)
+    advantage = [b - x for x, b in zip(erased.nll, erased.base_nll)]
+    return ReferenceVerdict(len(erased.nll), sum(1 for a in advantage if a > margin), recalled,
+                            sum(advantage) / len(advantage), margin)

@@ -23,6 +23,7 @@ from .curvature import Curvature, CurvatureConfig, Damped, gradient
 from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
 from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
 from .losses import row_losses
+from .options import FACTOR_SOLVERS
 from .model import (
     adapter_fingerprint,
     check_adapter_dir,
@@ -242,6 +243,15 @@ def _factored_update(model, params, curvature_rows, train, op, b, solver: Factor
                   op.damping)
 
 
+def check_reference_verdict(config: EraseConfig) -> None:
+    """Without a held-out set the verdict takes the base model as its reference; under
+    enforce only the second-order path (curvature factors) can refine toward it."""
+    if config.verify.policy == "enforce" and config.solver.name not in FACTOR_SOLVERS:
+        raise InvalidRequestError(
+            f"verify enforce with the {config.solver.name} solver needs a held-out set of rows the adapter never saw "
+            "(without one, only ekfac and kfac can refine toward the base model's level)")
+
+
 def retained_factors(factors: KFAC, model, params, tokenizer, edits, max_length: int, device) -> KFAC:
     """A copy of ``factors`` with the edited rows' contributions moved (old out, new in);
     call at the parameters the factors were fitted at."""
@@ -330,10 +340,11 @@ def erase(
     dataset to ``data_out``). All input is checked before anything is computed, and
     nothing is written unless every stage succeeded.
 
-    With ``config.verify.policy`` report or enforce, ``holdout_path`` (rows of the same
-    kind the adapter never saw) is required: after the update the erased rows are scored
-    against it (eraser/verify.py); enforce refines until they look never-seen, or raises
-    ``VerificationFailedError`` and writes nothing.
+    With ``config.verify.policy`` report or enforce, the erased rows are judged after the
+    update: against ``holdout_path`` (rows of the same kind the adapter never saw) when
+    given, else against the base model with the adapter disabled (eraser/membership.py);
+    enforce refines until they look never-seen, or raises ``VerificationFailedError`` and
+    writes nothing.
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -345,7 +356,9 @@ def erase(
         raise OutputExistsError(f"output already exists: {out_dir}")
     plan = FactorPlan.check(config.solver.build(), factors_dir, factors_out, refit_fraction, config.curvature.sample_rows)
     verifying = config.verify.policy != "off"
-    holdout = load_holdout(holdout_path, rows, config.verify) if verifying else []
+    holdout = load_holdout(holdout_path, rows, config.verify) if verifying and holdout_path is not None else []
+    if verifying and holdout_path is None:
+        check_reference_verdict(config)
     dev = resolve_device(device)
 
     t = time.perf_counter()

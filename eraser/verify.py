@@ -444,7 +444,7 @@ def summarize(report: dict) -> str:
     """One line of numbers for a ``VerificationReport.to_json()``: logs, CLI output, errors."""
     s = report["after"] or report["before"]
     if s is None:
-        return report["reason"]
+        return _summarize_reference(report)
     b, ref = report["bounds"], report["retain_reference"]
     text = (f"MIA AUC {s['auc']:.3f} (bounds {b['min_auc']:g}-{b['max_auc']:g}"
             + (f", before {report['before']['auc']:.3f}" if report["after"] else "")
@@ -454,6 +454,21 @@ def summarize(report: dict) -> str:
         text += f", retained NLL {s['retain_mean_nll']:.3f}"
         if ref is not None:
             text += f" ({s['retain_mean_nll'] - ref:+.3f}, max +{b['max_retain_rise']:g})"
+    if report["refinement"]:
+        r = report["refinement"]
+        text += f"; refined {r['steps']} step(s) ({r['method']}, {r['seconds']:.1f} s: {r['stopped']})"
+    return text
+
+
+def _summarize_reference(report: dict) -> str:
+    membership = report.get("membership") or {}
+    m = membership.get("after") or membership.get("before")
+    if not m or m.get("basis") != "base-model reference":
+        return report["reason"]
+    text = (f"no held-out set: judged against the base model, {m['ahead']} of {m['erased_rows']} erased row(s) still "
+            f"more likely under the adapter, {m['recalled']} reproduced")
+    if m["mean_advantage"] is not None:
+        text += f", mean advantage {m['mean_advantage']:+.3f} nats (max +{m['margin']:g} a row)"
     if report["refinement"]:
         r = report["refinement"]
         text += f"; refined {r['steps']} step(s) ({r['method']}, {r['seconds']:.1f} s: {r['stopped']})"
