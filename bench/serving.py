@@ -266,7 +266,7 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
         config = SidecarConfig(store=workdir / "store", grpc_port=0, metrics_port=0, vllm_urls=(vllm.url,),
                                reconcile_seconds=3600.0, drain_seconds=5.0,
                                erase=EraseDefaults(solver=s.solver, damping=s.damping, tolerance=s.tolerance,
-                                                   max_iterations=s.max_iterations))
+                                                   max_iterations=s.max_iterations, damping_scale="absolute"))
         running = start(config)
         service = running.service
         swapper = service.swapper

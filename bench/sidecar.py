@@ -261,7 +261,7 @@ def _config(s: Settings, store: Path, merge: bool = True):
     return SidecarConfig(store=store, grpc_port=0, metrics_port=0, merge_queued=merge, drain_seconds=5.0,
                          max_request_rows=100_000,
                          erase=EraseDefaults(solver=s.solver, damping=s.damping, tolerance=s.tolerance,
-                                             max_iterations=s.max_iterations,
+                                             max_iterations=s.max_iterations, damping_scale="absolute",
                                              curvature_batch_size=s.curvature_batch_size,
                                              # Merging is judged on the influence updates as
                                              # computed: a line search could scale one to zero.

@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import options as defaults
 from .errors import EraserError, InvalidRequestError
 
 
@@ -68,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--request", required=True, help='JSON: {"remove": [...], "modify_query": [...], "correct_response": [...]}')
     e.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     e.add_argument("--data-out", help="write the edited training set here")
-    e.add_argument("--solver", default="cg", choices=["direct", "cg", "sqm", "ekfac", "kfac", "datainf"],
-                   help="cg: converged iterative solve (default); ekfac/kfac: cached Kronecker factors; "
+    e.add_argument("--solver", default=defaults.DEFAULT_SOLVER, choices=defaults.SOLVERS,
+                   help=f"ekfac/kfac: Kronecker-factored curvature, fitted here or read from --factors (default "
+                        f"{defaults.DEFAULT_SOLVER}); cg: converged iterative solve on the exact curvature; "
                         "datainf: DataInf's closed form; sqm --preset paper: the paper's settings")
     e.add_argument("--factors", help="ekfac/kfac: factor cache for the input adapter (fitted and written here if absent; "
                                      "refused if fitted on another adapter, dataset or configuration)")
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ekfac/kfac/datainf: measure the residual against the exact curvature on this many rows")
     e.add_argument("--preset", choices=["paper"], help="sqm only: the official LLMEraser settings")
     e.add_argument("--curvature", default="ggn", choices=["hessian", "ggn"])
-    e.add_argument("--damping", type=_positive_float, default=None, help="λ added to the curvature (default 0.01)")
+    e.add_argument("--damping", type=_positive_float, default=None,
+                   help=f"λ added to the curvature, or its ratio to the curvature's scale with --damping-scale relative "
+                        f"(default {defaults.DEFAULT_DAMPING:g} relative, {defaults.DEFAULT_ABSOLUTE_DAMPING:g} absolute)")
     e.add_argument("--objective", default="influence", choices=["influence", "newton"])
     e.add_argument("--curvature-rows", type=int, help="estimate the curvature on a random sample of this many rows")
     e.add_argument("--curvature-batch-size", type=int, default=4)
@@ -94,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the erased rows are verified against")
     e.add_argument("--verify", choices=["off", "report", "enforce"], default=None,
                    help="enforce: refine until the erased rows look never-seen, else fail and write nothing; "
-                        "report: only score them (default: enforce with --holdout, else off)")
+                        "report: only score them. Judged against --holdout, or without one against the base model "
+                        "(adapter disabled). Default: enforce with --holdout or an ekfac/kfac solver, else off")
     e.add_argument("--verify-method", choices=["npo", "ga"], default=None, help="refinement objective (default npo)")
     e.add_argument("--verify-max-steps", type=int, default=None, help="refinement step budget (default 200)")
     e.add_argument("--verify-max-seconds", type=float, default=None, help="refinement time budget (default 600)")
@@ -108,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-control", choices=("on", "off"), default="on",
                    help="scale every step by a line search that keeps the utility bound (default on; off: apply "
                         "the influence update as computed, as the paper does)")
-    e.add_argument("--damping-scale", choices=("absolute", "relative"), default="absolute",
+    e.add_argument("--damping-scale", choices=defaults.DAMPING_SCALES, default=defaults.DEFAULT_DAMPING_SCALE,
                    help="relative: --damping times the curvature's Rayleigh quotient along the request's gradient, "
-                        "so one value means the same on any model (default absolute)")
+                        f"so one value means the same on any model (default {defaults.DEFAULT_DAMPING_SCALE})")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     _add_device(e)
 
@@ -169,7 +174,7 @@ def cmd_erase(args, progress) -> dict:
 
     request = UnlearningRequest.load(args.request)
     curvature = CurvatureConfig(
-        kind=args.curvature, damping=0.01 if args.damping is None else args.damping,
+        kind=args.curvature, damping=defaults.default_damping(args.damping_scale) if args.damping is None else args.damping,
         sample_rows=args.curvature_rows, batch_size=args.curvature_batch_size, relative=args.damping_scale == "relative",
     )
     config = EraseConfig(
@@ -189,9 +194,10 @@ def cmd_erase(args, progress) -> dict:
 def _verify_config(args):
     from .verify import VerifyConfig
 
-    policy = args.verify or ("enforce" if args.holdout else "off")
-    if policy != "off" and not args.holdout:
-        raise InvalidRequestError(f"--verify {policy} needs --holdout (rows of the same kind the adapter never saw)")
+    policy = args.verify or defaults.default_verify_policy(bool(args.holdout), args.solver)
+    if policy == "enforce" and not args.holdout and args.solver not in defaults.FACTOR_SOLVERS:
+        raise InvalidRequestError(f"--verify enforce without --holdout needs --solver ekfac or kfac (rows of the same "
+                                  "kind the adapter never saw make any solver verifiable)")
     options = {"method": args.verify_method, "max_steps": args.verify_max_steps, "max_seconds": args.verify_max_seconds,
                "max_auc": args.verify_max_auc, "max_retain_rise": args.verify_max_retain_rise}
     return VerifyConfig(policy=policy, **{k: v for k, v in options.items() if v is not None})

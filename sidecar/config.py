@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from eraser import options as defaults
 from eraser.errors import InvalidRequestError
 
 ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -33,10 +34,12 @@ VERIFY_MAX_SECONDS = 86_400.0  # a day
 class EraseDefaults:
     """Engine settings used where a request's options leave a field empty."""
 
-    solver: str = "cg"
+    # The product's default path (eraser/options.py): EK-FAC factors fitted at registration
+    # and after each version, damping relative to the curvature's scale along the request.
+    solver: str = defaults.DEFAULT_SOLVER
     preset: str = ""
     curvature: str = "ggn"
-    damping: float = 0.01
+    damping: float = defaults.DEFAULT_DAMPING
     objective: str = "influence"
     tolerance: float | None = None
     max_iterations: int | None = None
@@ -52,9 +55,10 @@ class EraseDefaults:
     # client's auth imports, does not import torch).
     refit_fraction: float = 0.10
     # Verified forgetting (eraser/verify.py): the policy of an adapter registered with a
-    # held-out set when neither its registration nor a request names one (adapters without
-    # a held-out set are never verified). enforce: refine until the erased rows look
-    # never-seen or fail the job; report: score only.
+    # held-out set when neither its registration nor a request names one. enforce: refine
+    # until the erased rows look never-seen or fail the job; report: score only. Adapters
+    # without a held-out set get a reported verdict against the base model on the ekfac/kfac
+    # path (eraser.options.default_verify_policy), none on the others.
     verify: str = "enforce"
     # A policy given at registration is a floor (off < report < enforce): a request may
     # raise it, and lower it only when this is true.
@@ -72,7 +76,7 @@ class EraseDefaults:
     # search that keeps the utility bound; off applies the influence update as computed.
     step_control: bool = True
     # absolute: damping is λ; relative: λ = damping × the curvature's scale along the request.
-    damping_scale: str = "absolute"
+    damping_scale: str = defaults.DEFAULT_DAMPING_SCALE
     # Ceilings on what a request may ask of a solver: an iteration limit and a tolerance
     # it could never reach would hold the adapter's only worker for hours.
     max_iterations_limit: int = 100_000

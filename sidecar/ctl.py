@@ -316,8 +316,14 @@ def format_verification(v) -> str:
             text += f", retained NLL {v.retain_nll_after:.2f}"
             if v.HasField("retain_nll_parent"):
                 text += f" ({v.retain_nll_after - v.retain_nll_parent:+.2f})"
+    elif v.basis == "base-model reference":
+        text += (f": no held-out set, judged against the base model: {v.rows_ahead_of_base} erased row(s) still more "
+                 f"likely under the adapter, {v.rows_recalled} reproduced")
     else:
         text += f": {v.reason}"
+    if v.attacks:
+        text += "; attacks " + ", ".join(f"{a.name} {a.auc:.2f} [{a.auc_low:.2f}, {a.auc_high:.2f}] (max {a.max_auc:.2f})"
+                                         for a in v.attacks)
     if v.refine_method:
         text += f"; refined {v.refine_steps} step(s) ({v.refine_method}, {v.refine_seconds:.1f} s: {v.refine_stopped})"
     return text

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from pathlib import Path
 
+from eraser import options as defaults
 from eraser.cli import passive_openmp_waits, quiet_libraries, run_guarded
 from eraser.errors import InvalidRequestError
 from eraser.progress import TqdmProgress
@@ -70,7 +71,7 @@ class Settings:
     extra_rounds: int = 2  # warm-started rounds of extra_epochs while recall is short
     extra_epochs: int = 2
     # Erasure: the sidecar's fast path (EK-FAC), damping relative to the curvature's scale.
-    relative_damping: float = 0.1
+    relative_damping: float = defaults.DEFAULT_DAMPING
     device: str = "cpu"
 
 
@@ -430,8 +431,11 @@ def run(settings: Settings, workdir: Path, progress) -> None:
     shutil.rmtree(store, ignore_errors=True)
     vllm = VLLMProcess(base_dir, workdir / "vllm.log", served_name="smollm2", kv_cache_bytes=128 * 1024 * 1024,
                        max_model_len=1024)
-    config = workdir / "sidecar.yaml"
-    config.write_text(f"erase:\n  solver: ekfac\n  damping: {settings.relative_damping}\n  damping_scale: relative\n")
+    # The sidecar's own defaults (eraser/options.py); a config file only for another damping.
+    config = None
+    if settings.relative_damping != defaults.DEFAULT_DAMPING:
+        config = workdir / "sidecar.yaml"
+        config.write_text(f"erase:\n  damping: {settings.relative_damping}\n")
     sidecar = Sidecar(store, workdir / "sidecar.log", vllm.url, config)
     status = None
     try:
@@ -457,8 +461,9 @@ def run(settings: Settings, workdir: Path, progress) -> None:
         _answer("B: vLLM answers", served_before[qb.id], qb.response)
 
         _rule(f"6. Erase person A ({len(forget)} rows) through the sidecar")
-        _kv("settings", f"sidecar defaults from {config.name}: ekfac, damping {settings.relative_damping:g} x the "
-                        "curvature's scale, verify enforce (the adapter has a held-out set)")
+        _kv("settings", f"the sidecar's defaults{f' (damping from {config.name})' if config else ''}: ekfac, damping "
+                        f"{settings.relative_damping:g} x the curvature's scale, verify enforce (the adapter has a "
+                        "held-out set)")
         erase_args = ["erase", "demo", "--remove", *[r.id for r in forget], "--request-id", "demo-erase-person-a",
                       "--wait"]
         _kv("$ erasectl", _command(erase_args))

@@ -79,6 +79,17 @@ def verification_message(v: dict | None) -> pb.Verification | None:
     if refinement:
         msg.refine_method, msg.refine_steps = refinement["method"], int(refinement["steps"])
         msg.refine_seconds, msg.refine_stopped = float(refinement["seconds"]), refinement.get("stopped", "")
+    membership = v.get("membership") or {}
+    verdict = membership.get("after") or membership.get("before")
+    if verdict:
+        msg.basis = verdict["basis"]
+        msg.attacks.extend(pb.AttackScore(name=a["name"], auc=a["auc"], auc_low=a["interval"][0], auc_high=a["interval"][1],
+                                          max_auc=a["high"], min_auc=a["low"], rows_flagged=a["rows_flagged"],
+                                          passed=a["passed"]) for a in verdict.get("attacks", ()))
+        msg.rows_ahead_of_base = verdict.get("ahead", 0)
+        msg.rows_recalled = verdict.get("recalled", 0)
+    elif before:
+        msg.basis = "held-out"
     return msg
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from eraser import factors as engine_factors
+from eraser import options as defaults
 from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
 from eraser.errors import DataError, EraserError, InvalidRequestError, quote_ids, UtilityCheckFailedError, VerificationFailedError
@@ -92,24 +93,27 @@ def check_printable(what: str, ids) -> None:
 VERIFY_RANK = {"off": 0, "report": 1, "enforce": 2}
 
 
-def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig) -> str:
+def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig,
+                  solver: str | None = None) -> str:
     """The verification policy of a request: its own, else the adapter's (as registered,
-    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else off).
-    The registered policy is a floor: a weaker requested one is refused."""
+    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else the
+    product's default without one: a reported verdict against the base model on the
+    ekfac/kfac path). The registered policy is a floor: a weaker requested one is refused."""
     if requested and requested not in VERIFY_POLICIES:
         raise InvalidRequestError(f"unknown verify policy {requested!r} (choose {', '.join(VERIFY_POLICIES)})")
     has_holdout = record is not None and record.holdout_sha256 is not None
+    solver = solver or config.erase.solver
     default = (record.verify if record is not None and record.verify else
-               config.erase.verify if has_holdout else "off")
+               config.erase.verify if has_holdout else defaults.default_verify_policy(False, solver))
     policy = requested or default
     floor = record.verify if record is not None and record.verify else "off"
     if VERIFY_RANK[policy] < VERIFY_RANK[floor] and not config.erase.verify_allow_lower:
         raise InvalidRequestError(f"verify {policy} is below the policy adapter {record.name!r} was registered with "
                                   f"({floor}); a request may raise it, not lower it (erase.verify_allow_lower)")
-    if policy != "off" and not has_holdout:
+    if policy == "enforce" and not has_holdout and solver not in defaults.FACTOR_SOLVERS:
         name = repr(record.name) if record is not None else "the adapter"
-        raise InvalidRequestError(f"verify {policy} needs a held-out set, and adapter {name} was registered without "
-                                  "one (holdout_path)")
+        raise InvalidRequestError(f"verify enforce needs a held-out set or the ekfac/kfac solver, and adapter {name} was "
+                                  f"registered without one (holdout_path); solver {solver}")
     return policy
 
 
@@ -157,7 +161,7 @@ def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord 
     if out["tolerance"] is not None and 0 < out["tolerance"] < d.min_tolerance:
         raise InvalidRequestError(f"tolerance {out['tolerance']:g} is below this sidecar's limit "
                                   f"(erase.min_tolerance={d.min_tolerance:g})")
-    policy = verify_policy(options.get("verify"), record, config)
+    policy = verify_policy(options.get("verify"), record, config, solver)
     if policy != "off":
         out["verify"] = policy
         out.update({f"verify_{k}": v for k, v in d.verify_limits().items()})
@@ -734,7 +738,7 @@ class EraserService:
                 factor_args = {} if choice.method is None else {
                     "factors_dir": choice.source, "factors_out": staged_factors / choice.method,
                     "refit_fraction": self.config.erase.refit_fraction}
-                if choice.config.verify.policy != "off":
+                if choice.config.verify.policy != "off" and self.store.record(job.adapter).holdout_sha256 is not None:
                     factor_args["holdout_path"] = self._holdout_for(job.adapter)
                 try:
                     report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,

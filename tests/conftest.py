@@ -24,6 +24,15 @@ from eraser.data import EncodedRows, Row, write_rows
 from eraser.losses import per_row_nll
 from eraser.tiny import build_tiny_model
 
+# The service tests exercise the jobs, store and swaps with the converged cg solve and
+# absolute damping (the engine's reference); the product's default path (eraser/options.py)
+# has tests of its own (test_default_path.py, test_sidecar_default.py).
+CG_ERASE = {"solver": "cg", "damping": 0.01, "damping_scale": "absolute"}
+
+
+def cg_erase(**overrides) -> dict:
+    return {**CG_ERASE, **overrides}
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]

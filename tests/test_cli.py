@@ -26,7 +26,8 @@ from eraser.requests import UnlearningRequest
 from eraser.unlearn import EraseConfig, erase
 from eraser.curvature import CurvatureConfig
 
-FAST = ["--damping", "0.1", "--max-iterations", "100", "--tolerance", "1e-3"]
+# The converged cg solve with absolute damping (the default path is tested in test_default_path.py).
+FAST = ["--solver", "cg", "--damping-scale", "absolute", "--damping", "0.1", "--max-iterations", "100", "--tolerance", "1e-3"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

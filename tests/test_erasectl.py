@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import cg_erase
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc
 from sidecar import ctl
@@ -245,7 +246,8 @@ def sidecar(tmp_path_factory):
     from sidecar.config import SidecarConfig
     from sidecar.server import start
 
-    running = start(SidecarConfig(store=tmp_path_factory.mktemp("store"), grpc_port=0, metrics_port=0, device="cpu"))
+    running = start(SidecarConfig(store=tmp_path_factory.mktemp("store"), grpc_port=0, metrics_port=0, device="cpu",
+                                  erase=cg_erase()))
     yield running
     running.stop(grace=2.0)
 
@@ -367,7 +369,8 @@ def test_e2e_bearer_token(tmp_path):
     from sidecar.config import SidecarConfig
     from sidecar.server import start
 
-    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, token="s3cret-token"))
+    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, token="s3cret-token",
+                                  erase=cg_erase()))
     try:
         t = running.target
         res = erasectl("adapters", target=t)

@@ -137,7 +137,8 @@ def test_cache_round_trip_and_refusals(problem, train_rows, tmp_path):
 
 def _erase(tiny_base, adapter, data, out, request, *extra):
     return main(["--quiet", "erase", "--base", str(tiny_base), "--adapter", str(adapter), "--data", str(data),
-                 "--request", str(request), "--out", str(out), "--solver", "ekfac", "--damping", "10", "--json", *extra])
+                 "--request", str(request), "--out", str(out), "--solver", "ekfac", "--damping", "10", "--damping-scale", "absolute", "--verify", "off", "--json",
+                 *extra])
 
 
 def test_cli_fits_caches_reuses_and_downdates(tiny_base, tiny_adapter, train_file, tmp_path, capsys):

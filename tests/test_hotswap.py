@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import cg_erase
 from eraser.data import Row, load_rows, write_rows
 from eraser.evaluate import token_logprobs
 from eraser.model import load_adapter, load_base
@@ -44,7 +45,7 @@ def proxy(vllm_server):
 def sidecar(tmp_path_factory, vllm_server, proxy):
     config = SidecarConfig(store=tmp_path_factory.mktemp("store"), grpc_port=0, metrics_port=0, drain_seconds=2.0,
                            vllm_urls=(vllm_server.url, proxy.url), reconcile_seconds=1.0, swap_timeout_seconds=120.0,
-                           probe_tolerance=TOLERANCE, keep_versions=3)
+                           probe_tolerance=TOLERANCE, keep_versions=3, erase=cg_erase())
     running = start(config)
     yield running
     running.stop(2.0)

@@ -22,6 +22,7 @@ import grpc
 import pytest
 import yaml
 
+from conftest import cg_erase
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
@@ -115,7 +116,8 @@ def prometheus_bin():
 
 
 def test_dashboard_and_alerts_query_real_series(tmp_path, prometheus_bin, tiny_base, tiny_adapter, train_file):
-    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, drain_seconds=2.0))
+    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, drain_seconds=2.0,
+                                  erase=cg_erase()))
     prom = None
     try:
         with grpc.insecure_channel(running.target) as channel:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import cg_erase
 from eraser.data import load_rows
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
@@ -38,8 +39,9 @@ def store_listing(store: Path) -> dict[str, int]:
             if p.is_file() and "staging" not in p.parts and not p.name.startswith("jobs.sqlite3")}
 
 
-def config_for(store: Path, **overrides) -> SidecarConfig:
-    return SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0, **overrides)
+def config_for(store: Path, erase: dict | None = None, **overrides) -> SidecarConfig:
+    return SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0, erase=cg_erase(**(erase or {})),
+                         **overrides)
 
 
 @pytest.fixture(scope="module")

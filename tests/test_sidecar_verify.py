@@ -22,7 +22,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CITIES, NAMES, OTHERS
+from conftest import CITIES, NAMES, OTHERS, cg_erase
 from eraser.data import Row, write_rows
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
@@ -70,8 +70,9 @@ def world(tmp_path_factory, tiny_base):
             "rows": rows, "holdout_rows": holdout, "erased": erased, "erase_ids": [r.id for r in erased]}
 
 
-def config_for(store: Path, **overrides) -> SidecarConfig:
-    return SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0, **overrides)
+def config_for(store: Path, erase: dict | None = None, **overrides) -> SidecarConfig:
+    return SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0, erase=cg_erase(**(erase or {})),
+                         **overrides)
 
 
 @pytest.fixture(scope="module")

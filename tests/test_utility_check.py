@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import cg_erase
 from eraser.curvature import CurvatureConfig
 from eraser.errors import InvalidRequestError, UtilityCheckFailedError
 from eraser.model import load_adapter, load_base
@@ -32,7 +33,8 @@ SOUND = EraseConfig(solver=SolverConfig("cg", None, {"max_iterations": 100, "tol
 # these tests switch it off to exercise the check that stands behind it.
 BROKEN = EraseConfig(solver=SolverConfig("cg", None, {"max_iterations": 20}), curvature=CurvatureConfig(damping=0.01),
                      allow_unconverged=True, step=StepConfig(enabled=False))
-BROKEN_CLI = ["--damping", "0.01", "--max-iterations", "20", "--allow-unconverged", "--step-control", "off"]
+BROKEN_CLI = ["--solver", "cg", "--damping-scale", "absolute", "--damping", "0.01", "--max-iterations", "20",
+              "--allow-unconverged", "--step-control", "off"]
 
 
 def broken_request(rows) -> UnlearningRequest:
@@ -116,7 +118,7 @@ def test_sidecar_job_failing_the_check_publishes_nothing(tmp_path, tiny_base, ti
     from test_sidecar_verify import metric, no_row_text, scrape, store_listing
 
     running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, drain_seconds=2.0,
-                                  erase={"step_control": False}))
+                                  erase=cg_erase(step_control=False)))
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.EraserStub(channel)

@@ -258,7 +258,7 @@ class UtilityCheck(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., max_rise: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class Verification(_message.Message):
-    __slots__ = ("policy", "passed", "reason", "auc_before", "auc_after", "max_auc", "min_auc", "erased_nll_before", "erased_nll_after", "holdout_nll", "retain_nll_parent", "retain_nll_after", "refine_method", "refine_steps", "refine_seconds", "refine_stopped", "erased_rows", "holdout_rows", "seconds")
+    __slots__ = ("policy", "passed", "reason", "auc_before", "auc_after", "max_auc", "min_auc", "erased_nll_before", "erased_nll_after", "holdout_nll", "retain_nll_parent", "retain_nll_after", "refine_method", "refine_steps", "refine_seconds", "refine_stopped", "erased_rows", "holdout_rows", "seconds", "basis", "attacks", "rows_ahead_of_base", "rows_recalled")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,10 @@ class Verification(_message.Message):
     ERASED_ROWS_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_ROWS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
+    ATTACKS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_AHEAD_OF_BASE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_RECALLED_FIELD_NUMBER: _ClassVar[int]
     policy: str
     passed: bool
     reason: str
@@ -297,7 +301,31 @@ class Verification(_message.Message):
     erased_rows: int
     holdout_rows: int
     seconds: float
-    def __init__(self, policy: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., auc_before: _Optional[float] = ..., auc_after: _Optional[float] = ..., max_auc: _Optional[float] = ..., min_auc: _Optional[float] = ..., erased_nll_before: _Optional[float] = ..., erased_nll_after: _Optional[float] = ..., holdout_nll: _Optional[float] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., refine_method: _Optional[str] = ..., refine_steps: _Optional[int] = ..., refine_seconds: _Optional[float] = ..., refine_stopped: _Optional[str] = ..., erased_rows: _Optional[int] = ..., holdout_rows: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    basis: str
+    attacks: _containers.RepeatedCompositeFieldContainer[AttackScore]
+    rows_ahead_of_base: int
+    rows_recalled: int
+    def __init__(self, policy: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., auc_before: _Optional[float] = ..., auc_after: _Optional[float] = ..., max_auc: _Optional[float] = ..., min_auc: _Optional[float] = ..., erased_nll_before: _Optional[float] = ..., erased_nll_after: _Optional[float] = ..., holdout_nll: _Optional[float] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., refine_method: _Optional[str] = ..., refine_steps: _Optional[int] = ..., refine_seconds: _Optional[float] = ..., refine_stopped: _Optional[str] = ..., erased_rows: _Optional[int] = ..., holdout_rows: _Optional[int] = ..., seconds: _Optional[float] = ..., basis: _Optional[str] = ..., attacks: _Optional[_Iterable[_Union[AttackScore, _Mapping]]] = ..., rows_ahead_of_base: _Optional[int] = ..., rows_recalled: _Optional[int] = ...) -> None: ...
+
+class AttackScore(_message.Message):
+    __slots__ = ("name", "auc", "auc_low", "auc_high", "max_auc", "min_auc", "rows_flagged", "passed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AUC_FIELD_NUMBER: _ClassVar[int]
+    AUC_LOW_FIELD_NUMBER: _ClassVar[int]
+    AUC_HIGH_FIELD_NUMBER: _ClassVar[int]
+    MAX_AUC_FIELD_NUMBER: _ClassVar[int]
+    MIN_AUC_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    auc: float
+    auc_low: float
+    auc_high: float
+    max_auc: float
+    min_auc: float
+    rows_flagged: int
+    passed: bool
+    def __init__(self, name: _Optional[str] = ..., auc: _Optional[float] = ..., auc_low: _Optional[float] = ..., auc_high: _Optional[float] = ..., max_auc: _Optional[float] = ..., min_auc: _Optional[float] = ..., rows_flagged: _Optional[int] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("code", "message")

@@ -1,0 +1,79 @@
+"""The product's default erase path (eraser/options.py) is what the CLI runs without flags:
+EK-FAC, damping relative to the curvature's scale, step control, and verification: enforced
+against a held-out set when one is given, else reported against the base model."""
+
+from __future__ import annotations
+
+import json
+
+from eraser import options
+from eraser.membership import base_model_nll, judge_attack, measure
+from eraser.verify import pairs
+from test_cli import run_cli
+from test_verify import load, world  # noqa: F401  (world: the module-scoped fixture)
+
+
+def _cli_erase(world, tmp_path, *extra):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"remove": [r.id for r in world["erased"]]}))
+    res = run_cli("erase", "--base", world["base"], "--adapter", world["adapter"], "--data", world["data"],
+                  "--request", request, "--out", tmp_path / "v2", "--json", *extra)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _independent_aucs(world, adapter) -> dict[str, float]:
+    """The written adapter's erased rows against the second held-out set, never given to the erase."""
+    model, tok = load(world, adapter)
+    erased, held = pairs(world["erased"]), pairs(world["holdout2"])
+    e = measure(model, tok, erased, "cpu", base_nll=base_model_nll(model, tok, erased, "cpu"))
+    h = measure(model, tok, held, "cpu", base_nll=base_model_nll(model, tok, held, "cpu"))
+    return {a: judge_attack(a, e.member_scores(a), h.member_scores(a), 0.75, 0.1).auc
+            for a in ("loss", "reference", "mink")} | {"recalled": sum(e.exact)}
+
+
+def test_cli_default_without_a_holdout_reports_a_verdict_against_the_base_model(world, tmp_path):
+    report = _cli_erase(world, tmp_path)
+    assert report["solver"] == options.DEFAULT_SOLVER == "ekfac"
+    assert report["factors"] is None  # no cache given: the factors were fitted in the call
+    # Relative damping: λ is a multiple of the curvature's scale, not the bare 0.1.
+    assert report["damping"] != options.DEFAULT_DAMPING
+    assert report["steps"][0]["kind"] == "influence" and report["utility"]["passed"]
+    v = report["verification"]
+    assert v["policy"] == "report" and not v["passed"]
+    verdict = v["membership"]["after"]
+    assert verdict["basis"] == "base-model reference" and verdict["erased_rows"] == len(world["erased"])
+    assert verdict["ahead"] > 0 and "more likely under the adapter than under the base model" in v["reason"]
+
+
+def test_base_model_verdict_is_stricter_than_a_held_out_one_and_fails_cleanly(world, tmp_path):
+    """The adapter learned the rows' format, so never-seen people are more likely under it
+    than under the base model too: "no advantage over the base model" lies beyond the
+    utility bound. Enforced, it fails with one line and writes nothing, where the same
+    erase judged against held-out people passes (next test)."""
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"remove": [r.id for r in world["erased"]]}))
+    res = run_cli("erase", "--base", world["base"], "--adapter", world["adapter"], "--data", world["data"],
+                  "--request", request, "--out", tmp_path / "v2", "--verify", "enforce")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "judged against the base model" in res.stderr and "verification failed" in res.stderr
+    assert not (tmp_path / "v2").exists()
+    # Held-out people of the same kind: the adapter gives them an advantage over the base
+    # model as well, which is why the base-model level over-forgets.
+    model, tok = load(world)
+    held = pairs(world["holdout_rows"])
+    h = measure(model, tok, held, "cpu", base_nll=base_model_nll(model, tok, held, "cpu"))
+    advantage = sorted(b - x for x, b in zip(h.nll, h.base_nll))
+    assert advantage[len(advantage) // 2] > 0.1, advantage
+
+
+def test_cli_default_with_a_holdout_judges_against_it(world, tmp_path):
+    report = _cli_erase(world, tmp_path, "--holdout", world["holdout"])
+    v = report["verification"]
+    assert report["solver"] == "ekfac" and v["policy"] == "enforce" and v["passed"], v["reason"]
+    assert v["membership"]["after"]["basis"] == "held-out"
+    assert {a["name"] for a in v["membership"]["after"]["attacks"]} == {"loss", "reference", "mink"}
+    # The verdict agrees with a second held-out set the erase never saw.
+    aucs = _independent_aucs(world, tmp_path / "v2")
+    assert aucs["recalled"] == 0
+    assert all(0.1 <= aucs[a] <= 0.8 for a in ("loss", "reference", "mink")), aucs

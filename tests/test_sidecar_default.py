@@ -1,0 +1,79 @@
+"""The sidecar's defaults are the product's default path (eraser/options.py): an erase with
+no options runs EK-FAC from the factors fitted at registration, with relative damping and
+step control, and is verified: enforced against the registered held-out set, or reported
+against the base model where the adapter has none."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from eraser import options
+from eraser_proto.eraser.v1 import eraser_pb2 as pb
+from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+from sidecar import ctl
+from sidecar.config import SidecarConfig
+from sidecar.server import start
+from test_sidecar_verify import register, world  # noqa: F401  (world: the module-scoped fixture)
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory):
+    running = start(SidecarConfig(store=tmp_path_factory.mktemp("store"), grpc_port=0, metrics_port=0, drain_seconds=2.0))
+    channel = grpc.insecure_channel(running.target)
+    yield pb_grpc.EraserStub(channel)
+    channel.close()
+    running.stop(2.0)
+
+
+def erase_with_defaults(stub, adapter, ids) -> pb.Job:
+    job = stub.Erase(pb.EraseRequest(adapter=adapter, remove_ids=ids))
+    last = None
+    for last in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=600):
+        pass
+    return last
+
+
+def test_default_erase_is_the_verified_second_order_path(stub, world):
+    adapter = register(stub, "dflt", world)
+    assert adapter.verify == "enforce"
+    job = erase_with_defaults(stub, "dflt", world["erase_ids"])
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
+    r = job.report
+    assert (r.solver, r.requested_solver or r.solver) == (options.DEFAULT_SOLVER, "ekfac")
+    assert r.factor_source in ("cache", "waited")  # fitted in the background at registration
+    assert r.damping != options.DEFAULT_DAMPING  # relative: a multiple of the curvature's scale
+    v = r.verification
+    assert v.policy == "enforce" and v.passed and v.basis == "held-out" and v.refine_method == "natural"
+    assert {a.name for a in v.attacks} == {"loss", "reference", "mink"}
+    for a in v.attacks:
+        assert a.passed and a.auc_low <= a.auc <= a.auc_high and a.auc <= a.max_auc
+    line = ctl.format_job(job)
+    assert "verify enforce passed" in line and "attacks loss" in line
+
+
+def test_default_erase_without_a_holdout_reports_a_base_model_verdict(stub, world):
+    stub.RegisterAdapter(pb.RegisterAdapterRequest(
+        name="dflt-nohold", base_model=str(world["base"]), adapter_path=str(world["adapter"]),
+        dataset_path=str(world["data"])))
+    job = erase_with_defaults(stub, "dflt-nohold", world["erase_ids"])
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
+    v = job.report.verification
+    assert job.report.solver == "ekfac" and v.policy == "report" and v.basis == "base-model reference"
+    assert v.rows_ahead_of_base + v.rows_recalled > 0 and not v.passed  # reported, not enforced (see options)
+    assert "judged against the base model" in ctl.format_job(job)
+    # Enforced, the same verdict publishes only an adapter that passes it: no erased row ahead
+    # of the base model, none reproduced; where that level lies beyond the utility bound
+    # (tests/test_default_path.py) the job fails and nothing is published.
+    job = stub.Erase(pb.EraseRequest(adapter="dflt-nohold", remove_ids=[r.id for r in world["rows"][4:8]],
+                                     options=pb.EraseOptions(verify="enforce")))
+    for job in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=600):
+        pass
+    version = stub.GetAdapter(pb.GetAdapterRequest(name="dflt-nohold")).version
+    v = job.report.verification
+    assert v.policy == "enforce" and v.basis == "base-model reference"
+    if job.state == pb.JOB_STATE_SUCCEEDED:
+        assert v.passed and v.rows_ahead_of_base == 0 and v.rows_recalled == 0 and version == 3
+    else:
+        assert job.state == pb.JOB_STATE_FAILED and job.error.code == "FAILED_PRECONDITION", job
+        assert "base model" in job.error.message and not v.passed and version == 2
