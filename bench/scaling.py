@@ -39,7 +39,7 @@ from bench.common import (bench_parser, machine_info, md_row, output_stem, pretr
                           rendered, round_sig, write_outputs)
 
 SCHEMA_VERSION = 1
-TOP_KEYS = ("schema_version", "benchmark", "mode", "device", "machine", "settings", "models", "rows", "analysis",
+TOP_KEYS = ("schema_version", "benchmark", "mode", "partial", "device", "machine", "settings", "models", "rows", "analysis",
             "total_seconds", "note", "caveats", "reading")
 MEASURED, EXTRAPOLATED = "measured", "extrapolated"
 
@@ -68,7 +68,7 @@ class Settings:
     tiny_hidden: int = 64
     tiny_vocab: int = 512
     models: tuple[ModelPlan, ...] = field(default_factory=lambda: (
-        ModelPlan("tiny", (60, 240, 960, 1920), epochs=5, lr=1e-2, rank=4, alpha=8.0, probe_steps=20),
+        ModelPlan("tiny", (60, 240, 960, 1920), epochs=10, lr=1e-2, rank=8, alpha=16.0, probe_steps=40),
         # 3 epochs at lr 2e-3 as bench.fastpath; measured at 60 and 120 rows, retraining
         # estimated at 480 from a 20-step probe (keeps this model within ~20 min of CPU).
         ModelPlan("smollm2", (60, 120), (480,), epochs=3, lr=2e-3, rank=8, alpha=16.0, probe_steps=20),
@@ -181,9 +181,12 @@ def _erase(base_dir, adapter_dir, data_path, holdout_path, ids, factors_dir, out
         wall = time.perf_counter() - t
         rep = getattr(e, "report", None)
         ver = rep.to_json() if hasattr(rep, "to_json") else None
+        v = _verification(ver) or {}
         return {"seconds": round(wall, 3), "status": MEASURED, "written": False, "error": f"{type(e).__name__}: {e}",
-                "verification_passed": False, "verification": _verification(ver), "stages": None,
-                "forget_nll_before": None, "forget_nll_after": None, "steps": None, "factors": None}
+                "verification_passed": False, "verification": v or None, "stages": None,
+                # the NLLs verification measured before the update and after the last refinement step
+                "forget_nll_before": round_sig(v.get("erased_mean_nll_before")),
+                "forget_nll_after": round_sig(v.get("erased_mean_nll")), "steps": None, "factors": None}
     wall = time.perf_counter() - t
     return {"seconds": round(wall, 3), "status": MEASURED, "written": True, "error": None,
             "verification_passed": bool(report.verification and report.verification.get("passed")),
@@ -201,13 +204,14 @@ def _verification(v: dict | None) -> dict | None:
         return None
     after = v.get("after") or v.get("before") or {}
     return {"passed": v.get("passed"), "reason": v.get("reason"), "auc_before": (v.get("before") or {}).get("auc"),
+            "erased_mean_nll_before": (v.get("before") or {}).get("erased_mean_nll"),
             "auc_after": after.get("auc"), "erased_mean_nll": after.get("erased_mean_nll"),
             "holdout_mean_nll": after.get("holdout_mean_nll"),
             "refinement": {k: x for k, x in (v.get("refinement") or {}).items() if k != "trace"} or None,
             "seconds": v.get("seconds")}
 
 
-def run_model(plan: ModelPlan, s: Settings, device, workdir: Path) -> tuple[dict, list[dict]]:
+def run_model(plan: ModelPlan, s: Settings, device, workdir: Path, on_row=None) -> tuple[dict, list[dict]]:
     from eraser.data import write_rows
     from eraser.options import product_erase_config
     from eraser.train import train
@@ -277,12 +281,16 @@ def run_model(plan: ModelPlan, s: Settings, device, workdir: Path) -> tuple[dict
         _say(f"{plan.name} N={n}: retrain {retrain['seconds']:.2f} s ({retrain['status']})"
              + (f", ratio {row['ratio']}" if row["ratio"] else ""))
         out.append(row)
+        if on_row is not None:
+            on_row(summary, out)
         for sub in ("adapter", "retrained", "erased", "factors"):  # keep the disk small
             shutil.rmtree(d / sub, ignore_errors=True)
     return summary, out
 
 
-def run(s: Settings, device_name: str, workdir: Path) -> dict:
+def run(s: Settings, device_name: str, workdir: Path, checkpoint=None) -> dict:
+    """Measure every model and size; ``checkpoint(partial_result)`` after each row, so a
+    run cut short still leaves what it measured."""
     import torch
 
     from eraser.cli import quiet_libraries
@@ -294,16 +302,25 @@ def run(s: Settings, device_name: str, workdir: Path) -> dict:
     torch.manual_seed(s.seed)
     machine = machine_info(device)
     models, rows = {}, []
+
+    def result(partial: bool) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "benchmark": "scaling", "device": str(device), "machine": machine,
+                "settings": asdict(s), "models": models, "rows": rows, "partial": partial,
+                "total_seconds": round(time.perf_counter() - started, 1)}
+
+    def on_row(summary, model_rows):
+        if checkpoint is not None:
+            checkpoint({**result(True), "models": {**models, model_rows[0]["model"]: summary},
+                        "rows": rows + model_rows})
+
     for plan in s.models:
         t = time.perf_counter()
-        summary, model_rows = run_model(plan, s, device, workdir)
+        summary, model_rows = run_model(plan, s, device, workdir, on_row)
         summary["seconds"] = round(time.perf_counter() - t, 1)
         models[plan.name] = summary
         rows += model_rows
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    return {"schema_version": SCHEMA_VERSION, "benchmark": "scaling", "device": str(device), "machine": machine,
-            "settings": asdict(s), "models": models, "rows": rows,
-            "total_seconds": round(time.perf_counter() - started, 1)}
+    return result(False)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -340,6 +357,8 @@ def break_even(rows: list[dict]) -> dict:
             f = (0 - math.log(q0)) / (math.log(q1) - math.log(q0))
             return {"n": round(math.exp(math.log(n0) + f * (math.log(n1) - math.log(n0))), 1), "how": "interpolated",
                     "between": [n0, n1]}
+    if len(pairs) < 2:
+        return {"n": None, "how": f"only N={pairs[0][0]} has both an erase and a retrain (ratio {pairs[0][1]})"}
     if all(q > 1 for _, q in pairs):
         return {"n": None, "how": f"erase already cheaper at the smallest N measured ({pairs[0][0]}: ratio {pairs[0][1]})",
                 "below": pairs[0][0]}
@@ -393,6 +412,13 @@ def reading(result: dict) -> list[str]:
         out.append(f"{name}: growth exponents (least-squares slope in log-log): erase {a['exponent_erase']}, "
                    f"retrain {a['exponent_retrain']} (measured points only: {a['exponent_retrain_measured_only']}), "
                    f"factor fit {a['exponent_factor_fit']}.")
+        for r in rows:
+            e = r.get("erase") or {}
+            if e.get("error"):
+                ref = (e.get("verification") or {}).get("refinement") or {}
+                out.append(f"{name} N={r['n']}: the erase was refused after {e['seconds']:.1f} s"
+                           + (f" ({ref.get('steps')} refinement step(s), {ref.get('seconds')} s)" if ref else "")
+                           + f": {e['error'][:220]}…; its time still counts in the ratio: it is what the attempt cost.")
         passed = [r["n"] for r in rows if r.get("erase") and r["erase"]["verification_passed"]]
         failed = [r["n"] for r in rows if r.get("erase") and not r["erase"]["verification_passed"]]
         out.append(f"{name}: verification passed at N = {passed or 'none'}" + (f", failed at N = {failed}" if failed else "")
@@ -422,6 +448,8 @@ def caveats(result: dict) -> list[str]:
            "epochs x steps per epoch x seconds per step of a timed probe; where both exist the probe's error is shown.",
            "One erase per size (one randomly chosen person); refinement's step count varies with the person, so the "
            "erase curve is noisy; the exponents are fitted on 2-4 points."]
+    if result.get("partial"):
+        out.insert(0, "PARTIAL: the run was cut short; only the rows above were measured")
     if result["mode"] == "quick":
         out.insert(0, "quick mode: tiny sizes and 2 epochs, a smoke test; the numbers mean nothing")
     if result.get("note"):
@@ -440,10 +468,13 @@ def markdown(result: dict) -> str:
                   md_row(["---"] * 10)]
         for r in (r for r in result["rows"] if r["model"] == name):
             e, t, f = r.get("erase") or {}, r["retrain"], r.get("factor_fit") or {}
-            nll = (f"{e['forget_nll_before']:.3g} → {e['forget_nll_after']:.3g}"
-                   if e.get("forget_nll_before") is not None and e.get("forget_nll_after") is not None else "—")
+            v = e.get("verification") or {}
+            before = e.get("forget_nll_before")
+            after = e.get("forget_nll_after") if e.get("forget_nll_after") is not None else v.get("erased_mean_nll")
+            nll = "—" if after is None else f"{_f(before)} → {_f(after)}"
             lines.append(md_row([r["n"], _f(e.get("seconds")), _f(t["seconds"]), _f(r["ratio"]), _f(f.get("seconds")),
-                                 t["status"], "—" if not e else ("yes" if e["verification_passed"] else "NO"), nll,
+                                 t["status"], "—" if not e else "yes" if e["verification_passed"] else
+                                 "NO" if e["written"] else "NO (refused: nothing written)", nll,
                                  _f((e.get("verification") or {}).get("holdout_mean_nll")),
                                  _f((r.get("train_original") or {}).get("seconds"))]))
         be = a["break_even"]
@@ -508,11 +539,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     settings = Settings.quick() if args.quick else Settings()
     workdir = Path(tempfile.mkdtemp(prefix="eraser-scaling-"))
+    mode = "quick" if args.quick else "default"
+
+    def checkpoint(partial: dict) -> None:  # a run cut short keeps what it measured
+        partial["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        finish({**partial, "mode": mode, "note": args.note}, args.out, output_stem("scaling", partial["device"], args.quick))
+
     try:
-        result = run(settings, args.device, workdir)
+        result = run(settings, args.device, workdir, checkpoint)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result["mode"] = "quick" if args.quick else "default"
+    result["mode"] = mode
     result["note"] = args.note
     finish(result, args.out, output_stem("scaling", result["device"], args.quick))
     return 0
