@@ -464,8 +464,9 @@ def markdown(result: dict) -> str:
         lines += [f"## {name}", "", f"{summary['base']}; {summary['adapter']}; {summary['epochs']} epochs at lr "
                   f"{summary['lr']:g}, batch {summary['batch_size']}; held-out {summary['holdout_rows']} rows.", "",
                   md_row(["N", "erase s", "retrain s", "retrain/erase", "factor fit s (one-off)", "retrain is",
-                          "verification passed", "forget NLL before → after", "held-out NLL", "original train s"]),
-                  md_row(["---"] * 10)]
+                          "verification passed", "forget NLL before → after", "held-out NLL", "original train s",
+                          "retrain s/step"]),
+                  md_row(["---"] * 11)]
         for r in (r for r in result["rows"] if r["model"] == name):
             e, t, f = r.get("erase") or {}, r["retrain"], r.get("factor_fit") or {}
             v = e.get("verification") or {}
@@ -476,7 +477,7 @@ def markdown(result: dict) -> str:
                                  t["status"], "—" if not e else "yes" if e["verification_passed"] else
                                  "NO" if e["written"] else "NO (refused: nothing written)", nll,
                                  _f((e.get("verification") or {}).get("holdout_mean_nll")),
-                                 _f((r.get("train_original") or {}).get("seconds"))]))
+                                 _f((r.get("train_original") or {}).get("seconds")), _f(t.get("seconds_per_step"))]))
         be = a["break_even"]
         lines += ["", f"- break-even N: {be['n']:g} ({be['how']})" if be.get("n") is not None else
                   f"- break-even N: none ({be['how']})",
