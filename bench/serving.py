@@ -189,32 +189,15 @@ def smollm2_model(s: Settings, workdir: Path) -> dict:
 def tiny_model(s: Settings, workdir: Path) -> dict:
     """A tiny Llama (hidden 64, 2 heads -> head_dim 32 for vLLM's CPU attention), briefly
     pre-trained on other people's facts, and a LoRA trained on 4 people's facts."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from eraser.data import EncodedRows, Row, write_rows
-    from eraser.losses import per_row_nll
+    from bench.common import pretrained_tiny_base
+    from eraser.data import Row, write_rows
     from eraser.synthetic import facts_to_rows, generate_people
-    from eraser.tiny import build_tiny_model
     from eraser.train import TrainConfig, train
 
     rows = [Row(**r) for r in facts_to_rows(generate_people(4, 3, seed=s.seed), id_prefix="p")]
     others = [Row(**r) for r in facts_to_rows(generate_people(6, 3, seed=s.seed + 1), id_prefix="x")]
-    base = workdir / "base"
-    build_tiny_model(base, [r.prompt + " " + r.response for r in rows + others], hidden_size=64, heads=2, kv_heads=1,
-                     intermediate_size=128, vocab_size=300, seed=s.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
-    data = EncodedRows.from_rows(tokenizer, others)
-    torch.manual_seed(s.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(40):
-        idx = [(step * 8 + k) % len(data) for k in range(8)]
-        loss = per_row_nll(model, data.batch(idx)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(base, safe_serialization=True)
+    base = pretrained_tiny_base(workdir / "base", [r.prompt + " " + r.response for r in rows + others], others,
+                                hidden_size=64, intermediate_size=128, vocab_size=300, steps=40, seed=s.seed)
     data_path = workdir / "train.jsonl"
     write_rows(data_path, rows)
     train(base, data_path, workdir / "lora", TrainConfig(rank=4, alpha=8, epochs=5, lr=1e-2, batch_size=4, seed=s.seed))
