@@ -104,6 +104,7 @@ class SampledObjective:
         self.learn_target = 0.0
         self.retain_reference: float | None = None
         self.retain_parent: list[float] = []  # each retained row's NLL on the parent
+        self._last: tuple[torch.Tensor, Point] | None = None  # the point last evaluated, and where
 
     def _nll(self, data: EncodedRows | None) -> list[float]:
         if data is None:
@@ -112,17 +113,28 @@ class SampledObjective:
             return [x for _, b in data.batches(self.config.batch_size, device=self.device)
                     for x in per_row_nll(self.model, b).tolist()]
 
-    def evaluate(self) -> Point:
-        forget, learn, retain = self._nll(self.forget), self._nll(self.learn), self._nll(self.retain)
-        retain_mean = sum(retain) / len(retain) if retain else None
-        if self.retain_reference is None:
-            self.retain_reference = retain_mean
-        rise = retain_mean - self.retain_reference if retain_mean is not None else 0.0
+    def evaluate(self, phi_ceiling: float = math.inf) -> Point:
+        """The objective at the current parameters. Where Φ alone is above ``phi_ceiling`` the
+        retained rows (most of the cost) are not scored and the point is inadmissible."""
+        theta = parameters_to_vector(self.params).detach()
+        if self._last is not None and torch.equal(self._last[0], theta):
+            return self._last[1]  # done() and the refinement loop ask at the same parameters
+        forget, learn = self._nll(self.forget), self._nll(self.learn)
         gaps = [max(0.0, t - x) for x, t in zip(forget, self.forget_targets)]
         over = [max(0.0, x - t) for x, t in zip(forget, self.forget_targets)]
         new_gaps = [max(0.0, x - self.learn_target) for x in learn]
         phi = _half_mean_square(gaps) + (sum(new_gaps) / len(new_gaps) if new_gaps else 0.0)
-        return Point(forget, learn, retain_mean, phi, rise, sum(over) / len(over) if over else 0.0)
+        overshoot = sum(over) / len(over) if over else 0.0
+        if phi > phi_ceiling:
+            return Point(forget, learn, None, phi, math.inf, overshoot)
+        retain = self._nll(self.retain)
+        retain_mean = sum(retain) / len(retain) if retain else None
+        if self.retain_reference is None:
+            self.retain_reference = retain_mean
+        rise = retain_mean - self.retain_reference if retain_mean is not None else 0.0
+        point = Point(forget, learn, retain_mean, phi, rise, overshoot)
+        self._last = (theta.clone(), point)
+        return point
 
     def gradient(self, anchor_rows: Sequence[int] = ()) -> torch.Tensor:
         """∇Φ plus ``anchor_weight`` × the gradient of the retained rows' NLL rise over their
@@ -175,12 +187,12 @@ def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective:
     """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
     that does not raise Φ; the parameters are left at it (s = 0: unchanged)."""
 
+    w = config.anchor_weight
+
     def at(s: float) -> Point:
         with torch.no_grad():
             vector_to_parameters(theta + s * direction.to(theta.dtype), params)
-        return objective.evaluate()
-
-    w = config.anchor_weight
+        return objective.evaluate(phi_ceiling=current.merit(w))  # merit >= Φ: above it, no need to score more
 
     def ok(p: Point) -> bool:
         return p.admissible(budget, config.overshoot) and p.merit(w) <= current.merit(w) - 1e-4 * abs(current.merit(w))
