@@ -29,13 +29,9 @@ def default_damping(scale: str) -> float:
 
 
 def default_verify_policy(has_holdout: bool, solver: str = DEFAULT_SOLVER) -> str:
-    """enforce with a held-out set; without one, the default path reports a verdict against
-    the base model (adapter disabled). It is not enforced by default: an adapter that learned
-    the task's format gives never-seen rows an advantage over the base model too, so "no
-    advantage" can lie beyond the utility bound (tests/test_default_path.py)."""
-    if has_holdout:
-        return "enforce"
-    return "report" if solver in FACTOR_SOLVERS else "off"
+    """enforce with a held-out set; without one, enforce against the base model (adapter
+    disabled) where refinement can reach it (the ekfac/kfac path), else no verification."""
+    return "enforce" if has_holdout or solver in FACTOR_SOLVERS else "off"
 
 
 def product_erase_config(has_holdout: bool, **overrides):

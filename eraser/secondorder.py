@@ -346,7 +346,7 @@ def refine_natural(model, params, factors, objective: SampledObjective, judge: J
                 result.reason = f"no gradient left: {why}"
             break
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
-        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(chunk), factors, damping)
+        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(order), factors, damping)
         theta = parameters_to_vector(params).detach().clone()
         ls = line_search(params, theta, direction, objective, current, scale, budget, config)
         result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))

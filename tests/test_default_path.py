@@ -1,6 +1,6 @@
 """The product's default erase path (eraser/options.py) is what the CLI runs without flags:
-EK-FAC, damping relative to the curvature's scale, step control, and verification: enforced
-against a held-out set when one is given, else reported against the base model."""
+EK-FAC, damping relative to the curvature's scale, step control, and verification under
+enforce: against a held-out set when one is given, else against the base model."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _independent_aucs(world, adapter) -> dict[str, float]:
             for a in ("loss", "reference", "mink")} | {"recalled": sum(e.exact)}
 
 
-def test_cli_default_without_a_holdout_reports_a_verdict_against_the_base_model(world, tmp_path):
+def test_cli_default_without_a_holdout_enforces_the_base_model_level(world, tmp_path):
     report = _cli_erase(world, tmp_path)
     assert report["solver"] == options.DEFAULT_SOLVER == "ekfac"
     assert report["factors"] is None  # no cache given: the factors were fitted in the call
@@ -40,31 +40,35 @@ def test_cli_default_without_a_holdout_reports_a_verdict_against_the_base_model(
     assert report["damping"] != options.DEFAULT_DAMPING
     assert report["steps"][0]["kind"] == "influence" and report["utility"]["passed"]
     v = report["verification"]
-    assert v["policy"] == "report" and not v["passed"]
+    assert v["policy"] == "enforce" and v["passed"], v["reason"]
+    assert v["membership"]["before"]["ahead"] > 0  # the influence step alone left rows ahead of the base model
     verdict = v["membership"]["after"]
     assert verdict["basis"] == "base-model reference" and verdict["erased_rows"] == len(world["erased"])
-    assert verdict["ahead"] > 0 and "more likely under the adapter than under the base model" in v["reason"]
+    assert verdict["ahead"] == 0 and verdict["recalled"] == 0
+    assert any(s["kind"] == "natural" for s in report["steps"])
+    # Against held-out people it never saw, the base-model level errs toward over-forgetting
+    # (see the next test) but stays inside the bounds of a held-out verdict.
+    aucs = _independent_aucs(world, tmp_path / "v2")
+    assert aucs["recalled"] == 0
+    assert all(0.1 <= aucs[a] <= 0.8 for a in ("loss", "reference", "mink")), aucs
 
 
-def test_base_model_verdict_is_stricter_than_a_held_out_one_and_fails_cleanly(world, tmp_path):
-    """The adapter learned the rows' format, so never-seen people are more likely under it
-    than under the base model too: "no advantage over the base model" lies beyond the
-    utility bound. Enforced, it fails with one line and writes nothing, where the same
-    erase judged against held-out people passes (next test)."""
-    request = tmp_path / "request.json"
-    request.write_text(json.dumps({"remove": [r.id for r in world["erased"]]}))
-    res = run_cli("erase", "--base", world["base"], "--adapter", world["adapter"], "--data", world["data"],
-                  "--request", request, "--out", tmp_path / "v2", "--verify", "enforce")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert "judged against the base model" in res.stderr and "verification failed" in res.stderr
-    assert not (tmp_path / "v2").exists()
-    # Held-out people of the same kind: the adapter gives them an advantage over the base
-    # model as well, which is why the base-model level over-forgets.
+def test_base_model_level_is_stricter_than_the_held_out_one(world, tmp_path):
+    """The adapter learned the rows' format, so never-seen people are more likely under it than
+    under the base model too: "no advantage over the base model" is a stricter target than
+    "never seen". A budget too small to reach it fails with one line and writes nothing."""
     model, tok = load(world)
     held = pairs(world["holdout_rows"])
     h = measure(model, tok, held, "cpu", base_nll=base_model_nll(model, tok, held, "cpu"))
     advantage = sorted(b - x for x, b in zip(h.nll, h.base_nll))
     assert advantage[len(advantage) // 2] > 0.1, advantage
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"remove": [r.id for r in world["erased"]]}))
+    res = run_cli("erase", "--base", world["base"], "--adapter", world["adapter"], "--data", world["data"],
+                  "--request", request, "--out", tmp_path / "v2", "--verify-max-steps", "1")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "judged against the base model" in res.stderr and "verification failed" in res.stderr
+    assert not (tmp_path / "v2").exists()
 
 
 def test_cli_default_with_a_holdout_judges_against_it(world, tmp_path):

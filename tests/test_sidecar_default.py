@@ -52,28 +52,20 @@ def test_default_erase_is_the_verified_second_order_path(stub, world):
     assert "verify enforce passed" in line and "attacks loss" in line
 
 
-def test_default_erase_without_a_holdout_reports_a_base_model_verdict(stub, world):
+def test_default_erase_without_a_holdout_is_verified_against_the_base_model(stub, world):
     stub.RegisterAdapter(pb.RegisterAdapterRequest(
         name="dflt-nohold", base_model=str(world["base"]), adapter_path=str(world["adapter"]),
         dataset_path=str(world["data"])))
     job = erase_with_defaults(stub, "dflt-nohold", world["erase_ids"])
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
     v = job.report.verification
-    assert job.report.solver == "ekfac" and v.policy == "report" and v.basis == "base-model reference"
-    assert v.rows_ahead_of_base + v.rows_recalled > 0 and not v.passed  # reported, not enforced (see options)
+    assert job.report.solver == "ekfac" and v.policy == "enforce" and v.basis == "base-model reference"
+    assert v.passed and v.rows_ahead_of_base == 0 and v.rows_recalled == 0 and v.refine_method == "natural"
     assert "judged against the base model" in ctl.format_job(job)
-    # Enforced, the same verdict publishes only an adapter that passes it: no erased row ahead
-    # of the base model, none reproduced; where that level lies beyond the utility bound
-    # (tests/test_default_path.py) the job fails and nothing is published.
-    job = stub.Erase(pb.EraseRequest(adapter="dflt-nohold", remove_ids=[r.id for r in world["rows"][4:8]],
-                                     options=pb.EraseOptions(verify="enforce")))
-    for job in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=600):
-        pass
-    version = stub.GetAdapter(pb.GetAdapterRequest(name="dflt-nohold")).version
-    v = job.report.verification
-    assert v.policy == "enforce" and v.basis == "base-model reference"
-    if job.state == pb.JOB_STATE_SUCCEEDED:
-        assert v.passed and v.rows_ahead_of_base == 0 and v.rows_recalled == 0 and version == 3
-    else:
-        assert job.state == pb.JOB_STATE_FAILED and job.error.code == "FAILED_PRECONDITION", job
-        assert "base model" in job.error.message and not v.passed and version == 2
+    # Enforce without a held-out set needs the refinement of the ekfac/kfac path: on cg it is
+    # refused at acceptance, and nothing changes.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Erase(pb.EraseRequest(adapter="dflt-nohold", remove_ids=[world["rows"][4].id],
+                                   options=pb.EraseOptions(solver="cg", verify="enforce")))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "held-out set" in info.value.details()
+    assert stub.GetAdapter(pb.GetAdapterRequest(name="dflt-nohold")).version == 2

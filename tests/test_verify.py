@@ -234,12 +234,12 @@ def test_cli_verifies_by_default_with_a_holdout(world, tmp_path):
               "--request", request]
     out = tmp_path / "out"
     out.mkdir()
-    # The policy follows --holdout and the solver unless given: enforce with a held-out set;
-    # without one the default (ekfac) path reports a verdict against the base model; enforce
-    # on cg without one is refused before any work (one line, exit status 2).
+    # The policy follows --holdout and the solver unless given: enforce with a held-out set, and
+    # without one on the default (ekfac) path, against the base model; enforce on cg without
+    # one is refused before any work (one line, exit status 2).
     parse = lambda *extra: build_parser().parse_args([str(x) for x in [*common, "--out", out / "v2", *extra]])  # noqa: E731
     assert _verify_config(parse("--solver", "cg")).policy == "off"
-    assert _verify_config(parse()).policy == "report"
+    assert _verify_config(parse()).policy == "enforce"
     assert _verify_config(parse("--solver", "cg", "--holdout", world["holdout"])).policy == "enforce"
     cfg = _verify_config(parse("--holdout", world["holdout"], "--verify", "report", "--verify-method", "ga",
                                "--verify-max-auc", "0.6"))
