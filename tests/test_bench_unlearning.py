@@ -145,6 +145,8 @@ def test_product_verdicts_follow_the_products_own_checks(quick):
                 assert check["max_rise"] == bound and check["rows"] >= 1
                 assert check["passed"] == (check["after"] - check["before"] <= bound), (tname, name, check)
                 assert verdict(rec) == ("published" if check["passed"] else f"refused: utility {check['rise']:+.2f}")
+            elif family == "product":
+                assert verdict(rec) == "published" if info["published"] else verdict(rec).startswith("refused: ")
             elif family == "refined":
                 assert isinstance(info["passed"], bool) and info["verdict"]
                 assert info["retain_reference"] is not None
@@ -154,3 +156,57 @@ def test_product_verdicts_follow_the_products_own_checks(quick):
             if verdict(rec).startswith("refused"):
                 assert f"{name} on {tname} (" in markdown.split("Refused by the product's checks")[1]
     assert "| product |" in markdown
+
+
+def test_product_row_is_the_headline(quick):
+    """The product's default erase path (eraser.options.product_erase_config through
+    eraser.unlearn.erase) runs on every task as the first row after the original and the
+    retrainings, with its own verdict, the benchmark's re-measurement of that verdict on
+    never-trained people, and the relearning and bf16 probes."""
+    from bench.unlearning.run import PROBED
+    from eraser.options import product_erase_config
+
+    result, markdown, _ = quick
+    names = [m.name for m in METHODS]
+    assert names[: names.index("product")] == ["original", "retrain-scratch", "retrain-warm"]
+    assert result["methods"]["product"]["family"] == "product"
+    own = product_erase_config(has_holdout=True)
+    for tname, task in result["tasks"].items():
+        rec = task["methods"]["product"]
+        assert rec["status"] == "ok", (tname, rec)
+        info = rec["info"]
+        assert info["published"] == (info["product_verdict"] == "published"), (tname, info["product_verdict"])
+        assert info["published"] or info["product_verdict"].startswith("refused: "), (tname, info["product_verdict"])
+        # The product's own config, its refinement budget reduced in quick mode and labelled so.
+        assert info["config"]["solver"] == own.solver.name == "ekfac"
+        assert info["config"]["relative"] is True and info["config"]["damping"] == own.curvature.damping
+        assert info["config"]["policy"] == "enforce" and info["config"]["max_retain_rise"] == own.max_retain_rise
+        assert info["verify_budget"]["reduced"] is True
+        assert info["verify_budget"]["max_steps"] < own.verify.max_steps
+        assert info["erase_wall_seconds"] > 0 and info["holdout_rows"] >= own.verify.min_holdout_rows
+        # The product's own verdict: from its report when it published, from its refusal otherwise.
+        if info["published"]:
+            assert info["verification"]["passed"] is True and info["verdict"]["passed"] is True, tname
+        if info["verdict"] is not None:
+            for a in info["verdict"]["attacks"].values():
+                assert 0 <= a["auc"] <= 1
+        # The factors are fitted once per original adapter and read from the cache after that.
+        assert info["factor_source"] in ("fitted", "cache")
+        for name in PROBED:
+            r = task["methods"][name]
+            b = r["benchmark_verdict"]
+            assert isinstance(b["passed"], bool) and b["holdout_rows"] == task["probe_rows"]["never"], (tname, name)
+            assert b["attacks"] and all(0 <= a["auc"] <= 1 for a in b["attacks"].values()), (tname, name)
+            target = task["target_probe"]
+            values = [r["relearn"]["nll"], r["relearn"]["exact_match"]]
+            if name == "product":  # served precision: the product's adapter in bf16
+                values += [r["bf16"][target]["nll"], r["bf16"][target]["exact_match"], r["bf16"]["retain"]["nll"]]
+            for value in values:
+                assert value is not None and math.isfinite(value), (tname, name, value)
+            assert 0 <= r["relearn"]["exact_match"] <= 1 and r["relearn"]["steps"] >= 1
+        for name in set(task["methods"]) - set(PROBED):
+            assert "relearn" not in task["methods"][name], (tname, name)
+    sources = [t["methods"]["product"]["info"]["factor_source"] for t in result["tasks"].values()]
+    assert sources.count("fitted") == len({t["original"] for t in result["tasks"].values()}), sources
+    assert "**product**" in markdown and "REDUCED verify budget" in markdown
+    assert "The product's membership verdict vs the benchmark's re-measurement" in markdown

@@ -21,13 +21,14 @@ import inspect
 import random
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.nn.utils import parameters_to_vector
 
 from eraser.curvature import CurvatureConfig
-from eraser.data import EncodedRows
+from eraser.data import EncodedRows, write_rows
 from eraser.errors import InvalidRequestError, VerificationFailedError
 from eraser.losses import per_row_nll
 from eraser.model import trainable_parameters
@@ -68,6 +69,8 @@ class Context:
     theta_original: torch.Tensor
     outcomes: dict[str, Outcome]  # earlier methods on this task
     shared: dict  # caches shared by the tasks of one original adapter (e.g. EK-FAC factors)
+    base_dir: object = None  # the base model's directory (what the product loads)
+    workdir: object = None  # a scratch directory for the product's files (adapters, data, factor caches)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -139,6 +142,141 @@ def _retrain_warm(ctx: Context) -> Outcome:
     cfg = replace(ctx.train_config, epochs=ctx.settings.warm_epochs)
     history = fit(ctx.model, ctx.tokenizer, list(ctx.task.kept), cfg, ctx.device)
     return ctx.outcome({"epochs": cfg.epochs, "rows": len(ctx.task.kept), "final_loss": history[-1]})
+
+
+# --------------------------------------------------------------------------- the product's default path
+
+
+def product_config(settings):
+    """``eraser.options.product_erase_config(has_holdout=True)``: the product's own defaults
+    (EK-FAC factors, relative damping 0.1, step control, verification under enforce with the
+    product's own budget); ``settings.product_verify_max_steps``/``_max_seconds`` reduce the
+    refinement budget (the quick size only, and labelled so in the report)."""
+    from eraser.options import product_erase_config
+
+    config = product_erase_config(has_holdout=True)
+    reduced = {k: v for k, v in (("max_steps", settings.product_verify_max_steps),
+                                 ("max_seconds", settings.product_verify_max_seconds)) if v is not None}
+    if reduced:
+        config = replace(config, verify=replace(config.verify, **reduced))
+    return config, bool(reduced)
+
+
+def _product_adapter_dir(ctx: Context) -> Path:
+    """The task's original adapter as files, once per original (its factor cache is keyed by them)."""
+    from eraser.model import base_fingerprint, save_adapter_atomically
+
+    key = "product_adapter_dir"
+    if key not in ctx.shared:
+        root = Path(ctx.workdir) / f"original-{ctx.task.original}"
+        root.mkdir(parents=True, exist_ok=False)
+        ctx.set_theta(ctx.theta_original)
+        adapter = save_adapter_atomically(ctx.model, root / "adapter", {
+            "base_model_fingerprint": base_fingerprint(ctx.base_dir), "produced_by": "bench.unlearning"})
+        write_rows(root / "data.jsonl", list(ctx.task.train))
+        ctx.shared[key] = adapter
+        ctx.shared["product_data"] = root / "data.jsonl"
+        ctx.shared["product_factors"] = root / "factors"  # fitted by the first erase, then read from disk
+    return ctx.shared[key]
+
+
+def _load_adapter_params(ctx: Context, adapter_dir: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(ctx.model, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"the product's adapter has tensors the model lacks: {unexpected[:3]}")
+
+
+def _verdict_json(verification: dict | None) -> dict | None:
+    """The product's membership verdict in short: per attack AUC and bounds, after refinement
+    when it ran (else before), on the product's held-out (calibration) people."""
+    if not verification:
+        return None
+    membership = verification.get("membership") or {}
+    which = "after" if membership.get("after") else "before"
+    v = membership.get(which)
+    refinement = verification.get("refinement") or {}
+    return {
+        "passed": verification.get("passed"), "reason": verification.get("reason"),
+        "judged": which if v else None,
+        "attacks": {a["name"]: {"auc": a["auc"], "high": a["high"], "low": a["low"], "passed": a["passed"],
+                                "rows_flagged": a["rows_flagged"]} for a in (v or {}).get("attacks", [])},
+        "recalled": (v or {}).get("recalled"), "holdout_rows": (v or {}).get("holdout_rows"),
+        "erased_rows": (v or {}).get("erased_rows"),
+        "steps": refinement.get("steps", 0), "stopped": refinement.get("stopped"),
+        "seconds": verification.get("seconds"),
+    }
+
+
+@method("product", "the product's default erase, as the sidecar runs it: eraser.unlearn.erase on files "
+        "(base model, the original adapter, the training JSONL, the request, the calibration people as "
+        "holdout, a factor cache per original adapter) with eraser.options.product_erase_config"
+        "(has_holdout=True): EK-FAC, relative damping 0.1, step control, verification under enforce with the "
+        "product's own budget; a refused erase publishes nothing, so the row then scores the original adapter "
+        "(what stays served)", family="product")
+def _product(ctx: Context) -> Outcome:
+    from eraser.errors import UtilityCheckFailedError
+    from eraser.factors import is_cache, read_manifest
+    from eraser.unlearn import erase
+
+    s, task = ctx.settings, ctx.task
+    config, reduced = product_config(s)
+    adapter = _product_adapter_dir(ctx)
+    factors_dir = ctx.shared["product_factors"]
+    had_factors = is_cache(factors_dir)
+    job = Path(ctx.workdir) / f"job-{task.name}"
+    job.mkdir(parents=True, exist_ok=False)
+    holdout = job / "holdout.jsonl"
+    write_rows(holdout, list(task.calibration))
+    started = time.perf_counter()
+    report, refused, verification, utility = None, None, None, None
+    try:
+        # factors_out is left out: it only prepares the next version's cache (a downdate or a
+        # refit written after the adapter); the adapter written is the same either way.
+        report = erase(ctx.base_dir, adapter, ctx.shared["product_data"], task.request, job / "adapter",
+                       job / "data.jsonl", config, str(ctx.device), factors_dir=factors_dir, holdout_path=holdout)
+    except VerificationFailedError as e:
+        refused = f"refused: {str(e).splitlines()[0]}"
+        verification = e.report.to_json() if e.report is not None else None
+    except UtilityCheckFailedError as e:
+        refused = f"refused: {str(e).splitlines()[0]}"
+        check = getattr(e, "check", None)
+        utility = check.to_json() if check is not None else None
+    wall = time.perf_counter() - started
+    fit_seconds = None
+    if not had_factors and is_cache(factors_dir):
+        fit_seconds = read_manifest(factors_dir).get("history", {}).get("fit_seconds")
+    if report is not None:
+        r = report.to_json()
+        verification, utility = r["verification"], r["utility"]
+        _load_adapter_params(ctx, job / "adapter")
+    else:
+        ctx.set_theta(ctx.theta_original)  # nothing published: the original stays served
+    return ctx.outcome({
+        "published": report is not None,
+        "product_verdict": "published" if report is not None else refused,
+        "verify_budget": {"max_steps": config.verify.max_steps, "max_seconds": config.verify.max_seconds,
+                          "reduced": reduced},
+        "config": {"solver": config.solver.name, "damping": config.curvature.damping,
+                   "relative": config.curvature.relative, "policy": config.verify.policy,
+                   "max_retain_rise": config.max_retain_rise, "step_control": config.step.enabled,
+                   "max_auc": config.verify.max_auc, "min_auc": config.verify.min_auc},
+        "verdict": _verdict_json(verification),
+        "verification": verification,
+        "utility_check": utility,
+        "engine_seconds": report.seconds if report is not None else None,
+        "erase_wall_seconds": round(wall, 3),
+        "factor_fit_seconds": fit_seconds,
+        "factor_source": "fitted" if fit_seconds is not None else ("cache" if had_factors else None),
+        "damping_used": report.damping if report is not None else None,
+        "steps": report.steps if report is not None else None,
+        "update_norm_engine": report.update_norm if report is not None else None,
+        "holdout_rows": len(task.calibration),
+    })
 
 
 @method("gradient-ascent", "AdamW steps on the affected rows: ascent on the old rows (and descent on the "

@@ -8,6 +8,7 @@ from pathlib import Path
 from bench.common import md_row, reading_and_caveats
 
 IR = "instance_removal"
+HEADLINE = "product"  # the product's default path: the headline row of every task
 # A rise of the retained rows' NLL beyond this (nats per token, over the original's) is
 # called broken utility in the reading: the trained rows sit near 0.01-0.1 nats and the
 # never-seen level of this data is ~1-2, so such a model has lost what it should keep.
@@ -22,8 +23,46 @@ def _ok(rec: dict | None) -> bool:
     return bool(rec) and rec.get("status") == "ok"
 
 
+ATTACK_SHORT = {"loss": "loss", "reference": "ref", "mink": "mink"}
+
+
+def _attacks(v: dict | None) -> str:
+    if not v or not v.get("attacks"):
+        return "none"
+    return "/".join(f"{ATTACK_SHORT.get(k, k)} {_f(a['auc'])}" for k, a in v["attacks"].items())
+
+
+def product_note(rec: dict) -> str:
+    """The product row's notes: its time (the one-off factor fit apart), its own verdict on
+    the calibration people beside the benchmark's re-measurement on never-trained people."""
+    info = rec.get("info") or {}
+    parts = []
+    fit = info.get("factor_fit_seconds")
+    wall = info.get("erase_wall_seconds")
+    if fit is not None and wall is not None:
+        parts.append(f"erase {_f(wall, '.1f')} s incl. one-off factor fit {_f(fit, '.1f')} s "
+                     f"(without it {_f(wall - fit, '.1f')} s)")
+    elif wall is not None:
+        parts.append(f"erase {_f(wall, '.1f')} s, factors from the cache")
+    v = info.get("verdict")
+    if v:
+        parts.append(f"product verdict ({v.get('holdout_rows') or info.get('holdout_rows')} calibration rows): "
+                     f"{'pass' if v.get('passed') else 'FAIL'}, AUC {_attacks(v)}, {v.get('steps', 0)} refine steps"
+                     + (f", {_f(v['seconds'], '.0f')} s" if v.get("seconds") is not None else ""))
+    b = rec.get("benchmark_verdict")
+    if b:
+        parts.append(f"benchmark re-measure ({b['holdout_rows']} never-trained rows): "
+                     f"{'pass' if b['passed'] else 'FAIL'}, AUC {_attacks(b)}")
+    budget = info.get("verify_budget") or {}
+    if budget.get("reduced"):
+        parts.append(f"REDUCED verify budget ({budget['max_steps']} steps / {budget['max_seconds']:g} s, quick mode)")
+    return "; ".join(parts)
+
+
 def _solve_note(rec: dict) -> str:
     info = rec.get("info") or {}
+    if "product_verdict" in info:
+        return product_note(rec)
     if "residual" in info or "iterations" in info:
         parts = [f"{info.get('solver')}{'/' + info['preset'] if info.get('preset') else ''}"]
         if info.get("iterations") is not None:
@@ -46,6 +85,8 @@ def verdict(rec: dict) -> str:
     """What the product would do with this result: the influence step's utility check
     (eraser.unlearn.UtilityCheck), or verification under enforce for the +refine rows."""
     info = rec.get("info") or {}
+    if "product_verdict" in info:
+        return info["product_verdict"] if info.get("published") else refusal(info)
     if "passed" in info and "verdict" in info:
         if info["passed"]:
             return "verified"
@@ -57,6 +98,17 @@ def verdict(rec: dict) -> str:
     if check:
         return "published" if check["passed"] else f"refused: utility {check['rise']:+.2f}"
     return ""
+
+
+def refusal(info: dict) -> str:
+    """The product's refusal in a few words: what failed (from its error and its verdict)."""
+    text = info.get("product_verdict") or "refused"
+    why = [w for k, w in (("no admissible step", "no admissible step"),
+                          ("still look trained", "still trained"), ("over-forgotten", "over-forgotten"),
+                          ("still stand out", "rows stand out"), ("still reproduced", "still reproduced"),
+                          ("not learned", "corrections not learned"), ("old answer", "old answer given"),
+                          ("retained rows", "utility")) if k in text]
+    return "refused: " + (", ".join(why) if why else text[len("refused: "):][:80])
 
 
 def _columns(kind: str) -> list[tuple[str, callable]]:
@@ -71,6 +123,9 @@ def _columns(kind: str) -> list[tuple[str, callable]]:
         cols += [("old NLL", probe("old", "nll")), ("old EM", probe("old", "exact_match")),
                  ("new NLL", probe("new", "nll")), ("new EM", probe("new", "exact_match")),
                  ("new para. EM", probe("new_para", "exact_match"))]
+    tgt = "forget" if kind == IR else "old"
+    cols += [(f"{tgt} EM after relearn", lambda r: _f((r.get("relearn") or {}).get("exact_match"))),
+             (f"{tgt} EM bf16", lambda r: _f(((r.get("bf16") or {}).get(tgt) or {}).get("exact_match")))]
     cols += [("retain NLL", probe("retain", "nll")), ("retain EM", probe("retain", "exact_match")),
              ("retain para. EM", probe("retain_para", "exact_match")), ("never NLL", probe("never", "nll")),
              ("MIA AUC", lambda r: _f(r.get("mia_auc"))),
@@ -90,11 +145,52 @@ def task_table(task: dict) -> list[str]:
     lines = [md_row(c for c, _ in cols), md_row("---" if i == 0 or c == "notes" else "---:"
                                               for i, (c, _) in enumerate(cols))]
     for name, rec in task["methods"].items():
+        label = f"**{name}**" if name == HEADLINE else name
         if _ok(rec):
-            lines.append(md_row([name] + [fn(rec) for _, fn in cols[1:]]))
+            lines.append(md_row([label] + [fn(rec) for _, fn in cols[1:]]))
         else:
-            lines.append(md_row([name] + ["—"] * (len(cols) - 2) + [f"{rec['status']}: {rec.get('reason', '')}"]))
+            lines.append(md_row([label] + ["—"] * (len(cols) - 2) + [f"{rec['status']}: {rec.get('reason', '')}"]))
     return lines
+
+
+def verdict_table(task: dict) -> list[str]:
+    """The product's membership verdict (its calibration people) beside the same verdict
+    re-measured by the benchmark on its never-trained people, and the relearning and bf16
+    probes, for the rows that have them."""
+    target = task["target_probe"]
+    rows = [(n, r) for n, r in task["methods"].items() if _ok(r) and r.get("benchmark_verdict")]
+    if not rows:
+        return []
+    lines = [md_row(["adapter", "product verdict (calibration people)", "product AUC loss/ref/mink",
+                     "benchmark verdict (never-trained people)", "benchmark AUC loss/ref/mink", "agree",
+                     f"{target} NLL / EM", f"after relearn NLL / EM", "bf16 NLL / EM"]),
+             md_row(["---"] + ["---:"] * 8)]
+    for name, rec in rows:
+        info = rec.get("info") or {}
+        v, b = info.get("verdict"), rec["benchmark_verdict"]
+        mine = "—" if not v else ("pass" if v["passed"] else "fail") + (
+            "" if v.get("judged") else " (no membership verdict)")
+        agree = "—" if not v or not v.get("attacks") else ("yes" if _membership_passed(v) == b["passed"] else "**NO**")
+        p, rl, bf = rec["probes"][target], rec.get("relearn") or {}, (rec.get("bf16") or {}).get(target) or {}
+        lines.append(md_row([f"**{name}**" if name == HEADLINE else name, mine, _attacks(v) if v else "—",
+                             "pass" if b["passed"] else "fail: " + _short_failures(b), _attacks(b), agree,
+                             f"{_f(p['nll'])} / {_f(p['exact_match'])}",
+                             f"{_f(rl.get('nll'))} / {_f(rl.get('exact_match'))}",
+                             f"{_f(bf.get('nll'))} / {_f(bf.get('exact_match'))}"]))
+    return lines
+
+
+def _short_failures(b: dict) -> str:
+    out = [f"{ATTACK_SHORT.get(k, k)} {'high' if a['auc'] > a['high'] else 'low' if a['auc'] < a['low'] else 'rows'}"
+           for k, a in b["attacks"].items() if not a["passed"]]
+    if b.get("recalled"):
+        out.append(f"{b['recalled']} recalled")
+    return ", ".join(out) or "?"
+
+
+def _membership_passed(v: dict) -> bool:
+    """The product's membership verdict alone (every attack inside its bounds, nothing recalled)."""
+    return all(a["passed"] for a in v["attacks"].values()) and not v.get("recalled")
 
 
 def markdown(result: dict) -> str:
@@ -141,10 +237,20 @@ def markdown(result: dict) -> str:
         "(all threads; less inflated than wall time when other processes share the CPU). product: what the "
         "sidecar would do with the result: for an influence step its utility check (the mean NLL of a seeded "
         "sample of retained training rows may rise by at most 0.3 nats, else the job fails and nothing is "
-        "published), for +refine verification under enforce (verified, or refused and why).",
+        "published), for +refine verification under enforce (verified, or refused and why); for **product** (the "
+        "headline row: the product's default erase path run through eraser.unlearn.erase) whether it published or "
+        "refused, and why. *EM after relearn*: the affected rows' greedy exact match after a few fine-tuning steps on "
+        "other people's retained rows (relearning attack; original, retrain-scratch and product only). *EM bf16*: "
+        "the same in bfloat16 (served precision). The table under each task sets the product's own membership "
+        "verdict (on its calibration people) beside the same verdict re-measured on the benchmark's never-trained "
+        "people.",
     ]
     for tname, task in result["tasks"].items():
         lines += ["", f"## {tname}", "", task["title"] + ".", ""] + task_table(task)
+        vt = verdict_table(task)
+        if vt:
+            lines += ["", "The product's membership verdict re-measured on people it never saw, and the robustness "
+                      "probes:", ""] + vt
     if result.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]]
     return "\n".join(lines + reading_and_caveats(result)) + "\n"
@@ -181,7 +287,9 @@ def _task_reading(tname: str, task: dict) -> list[str]:
         head += f"; corrected rows' NLL {o['new']['nll']:.2f} → {r['new']['nll']:.2f} (EM {r['new']['exact_match']:.2f})"
     head += f"; it took {scratch['seconds']:.0f} s."
     subs = []
-    for name, rec in methods.items():
+    order = sorted(methods, key=lambda n: n != HEADLINE)  # the product's default path first
+    for name in order:
+        rec = methods[name]
         if name in ("original", "retrain-scratch"):
             continue
         if not _ok(rec):
@@ -203,8 +311,47 @@ def _task_reading(tname: str, task: dict) -> list[str]:
                  f"{_f(rec.get('cosine_scratch'))}/{_f(rec.get('cosine_warm'))}")
         if rec.get("seconds") and scratch.get("seconds"):
             text += f"; {rec['seconds']:.1f} s ({rec['seconds'] / scratch['seconds']:.2g}× retraining's time)"
+        if name == HEADLINE:
+            text = "HEADLINE (the product's default path, " + verdict(rec) + "): " + text + _probe_text(rec, scratch, orig, target)
         subs.append(text + ".")
     return [head + "".join(f"\n  - {x}" for x in subs)]
+
+
+def _probe_text(rec: dict, scratch: dict, orig: dict, target: str) -> str:
+    info = rec.get("info") or {}
+    out = ""
+    fit = info.get("factor_fit_seconds")
+    if fit is not None:
+        out += f" (of which {fit:.1f} s the one-off factor fit)"
+    rl = lambda r: (r.get("relearn") or {}).get("exact_match")  # noqa: E731
+    bf = lambda r: ((r.get("bf16") or {}).get(target) or {}).get("exact_match")  # noqa: E731
+    out += (f"; after {((rec.get('relearn') or {}).get('steps'))} relearning steps on other people's rows its {target} "
+            f"EM is {_f(rl(rec))} (retraining from scratch {_f(rl(scratch))}, the original {_f(rl(orig))}); in bf16 "
+            f"{_f(bf(rec))} (fp32 {_f(rec['probes'][target]['exact_match'])})")
+    return out
+
+
+def disagreements(result: dict) -> list[str]:
+    """Where the product's membership verdict (calibration people) and the benchmark's
+    re-measurement (never-trained people) differ, per task."""
+    out = []
+    for tname, task in result["tasks"].items():
+        rec = task["methods"].get(HEADLINE)
+        if not _ok(rec) or not rec.get("benchmark_verdict"):
+            continue
+        v, b = (rec.get("info") or {}).get("verdict"), rec["benchmark_verdict"]
+        if not v or not v.get("attacks"):
+            continue
+        mine = _membership_passed(v)
+        if mine != b["passed"] or any(a.get("passed") != b["attacks"].get(k, {}).get("passed")
+                                      for k, a in v["attacks"].items()):
+            diff = ", ".join(f"{k} {_f(a['auc'])}{'✓' if a['passed'] else '✗'} vs {_f(b['attacks'][k]['auc'])}"
+                             f"{'✓' if b['attacks'][k]['passed'] else '✗'}" for k, a in v["attacks"].items()
+                             if k in b["attacks"])
+            out.append(f"{tname}: product {'pass' if mine else 'fail'} vs benchmark {'pass' if b['passed'] else 'fail'}"
+                       f" ({diff})" + ("" if rec["info"].get("published") else "; the refused candidate was not "
+                                       "written, so the benchmark re-measured the original that stays served"))
+    return out
 
 
 def reading(result: dict) -> list[str]:
@@ -242,6 +389,11 @@ def reading(result: dict) -> list[str]:
            for name, rec in task["methods"].items() if broken(rec)]
     out.append(f"Broken utility (retained NLL up by more than {UTILITY_BROKEN_NATS:g} nat over the original): "
                + (", ".join(bad) if bad else "none") + ".")
+    if any(_ok(t["methods"].get(HEADLINE)) for t in result["tasks"].values()):
+        dis = disagreements(result)
+        out.append("The product's membership verdict vs the benchmark's re-measurement on never-trained people "
+                   "(per attack, ✓ inside the product's bounds): " + ("; ".join(dis) if dis else "no disagreement")
+                   + ".")
     refused = [f"{name} on {tname} ({verdict(rec)[len('refused: '):]})" for tname, task in result["tasks"].items()
                for name, rec in task["methods"].items() if _ok(rec) and verdict(rec).startswith("refused")]
     out.append("Refused by the product's checks (nothing would be published): "
@@ -306,6 +458,27 @@ def caveats(result: dict) -> list[str]:
     if any(_ok(x) for x in ek):
         out.append("llmeraser-ekfac's time includes fitting the factors on the first task of each original adapter; "
                    "later tasks on the same adapter reuse them (info.factor_source says which)")
+    prod = [t["methods"].get(HEADLINE) for t in result["tasks"].values()]
+    prod = [x for x in prod if _ok(x)]
+    if prod:
+        budget = prod[0]["info"].get("verify_budget") or {}
+        out.append("product: eraser.unlearn.erase with eraser.options.product_erase_config(has_holdout=True) on files, "
+                   "as the sidecar calls it, minus factors_out (the next version's factor cache, prepared after the "
+                   "adapter is written; the adapter is the same either way); it loads its own copy of the base model "
+                   "in every call (in its seconds). Its holdout is the calibration people, never the evaluation's "
+                   "never-trained people. A refused erase writes nothing, so the row then scores the original "
+                   "adapter, what stays served; its verdict column gives the reason. Verification budget: "
+                   + (f"REDUCED to {budget.get('max_steps')} steps / {budget.get('max_seconds'):g} s (quick mode)"
+                      if budget.get("reduced") else f"the product's own ({budget.get('max_steps')} steps / "
+                      f"{budget.get('max_seconds'):g} s)"))
+    probed = [t["methods"].get("product", {}).get("relearn") for t in result["tasks"].values()]
+    probed = [x for x in probed if x]
+    if probed:
+        out.append(f"relearning attack: {probed[0]['steps']} AdamW steps at lr {probed[0]['lr']:g} (the training lr, "
+                   f"batch {s['batch_size']}) on {probed[0]['rows']} retained rows of people no request touches (a "
+                   "seeded sample, not the retain probe), then the erased/old rows are scored again; run on the "
+                   "original, retraining from scratch and the product only. bf16: a copy of the model and adapter "
+                   "cast to bfloat16 for evaluation only (weights and activations), same rows")
     out.append("peak RSS is the whole process's (base model, tokenizer and all held adapters included), sampled "
                "every 20 ms; the JSON also has the rise over the level before each method")
     return out
@@ -328,7 +501,9 @@ def plots(result: dict, out: Path, stem: str) -> list[str]:
     # A "+refine" variant takes its base method's colour and a triangle marker.
     colour = {n: cmap(bases.index(n.split("+")[0]) % 10) if n.split("+")[0] in bases else "grey" for n in names}
     colour["retrain-scratch"] = "black"
-    marker = {n: "*" if n == "retrain-scratch" else "^" if "+" in n else "o" for n in names}
+    marker = {n: "*" if n == "retrain-scratch" else "D" if n == HEADLINE else "^" if "+" in n else "o" for n in names}
+    if HEADLINE in colour:
+        colour[HEADLINE] = "red"
     tasks = result["tasks"]
     files = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
@@ -15,6 +16,14 @@ from bench.common import output_stem as common_output_stem
 from eraser.cli import passive_openmp_waits
 
 SCHEMA_VERSION = 1
+# The quick size's product row: the product's config with a smaller refinement budget
+# (labelled "reduced" in the report); the full size uses the product's own.
+QUICK_PRODUCT_STEPS = 3
+QUICK_PRODUCT_SECONDS = 60.0
+# Methods whose adapter is also attacked by relearning and re-judged
+# by the product's own membership verdict on the benchmark's never-trained people (and the
+# product's evaluated in bf16 too).
+PROBED = ("original", "retrain-scratch", "product")
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,16 @@ class Settings:
     refine_max_steps: int = 5
     refine_max_seconds: float = 240.0
     refine_retain_rows: int = 8
+    # The product row runs the product's own config; None keeps its own refinement budget
+    # (eraser.verify.VerifyConfig: 200 steps or 600 s). Set only by the quick size, and the
+    # report labels the row "reduced" then.
+    product_verify_max_steps: int | None = None
+    product_verify_max_seconds: float | None = None
+    # ---- robustness of the product row, retraining from scratch and the original
+    # Relearning attack (MUSE-style): AdamW steps at the training lr on retained rows of
+    # other people (a seeded sample), then the erased facts are scored again.
+    relearn_steps: int = 5
+    relearn_rows: int = 8
     # ---- evaluation
     greedy_check: bool = True  # real greedy generation on the originals' training questions
     eval_batch_size: int = 16
@@ -66,7 +85,9 @@ class Settings:
         # 8 held-out rows verification asks for (VerifyConfig.min_holdout_rows).
         return cls(people=6, facts=2, forget_shares=(0.10,), retain_probe_people=1, edit_people=3,
                    rc_group_people=2, qm_rows=1, held_out_people=3, calibration_people=4, epochs=8, warm_epochs=1,
-                   ga_steps=2, curvature_rows=4, cg_max_iterations=3, refine_max_steps=2, refine_retain_rows=4)
+                   ga_steps=2, curvature_rows=4, cg_max_iterations=3, refine_max_steps=2, refine_retain_rows=4,
+                   product_verify_max_steps=QUICK_PRODUCT_STEPS, product_verify_max_seconds=QUICK_PRODUCT_SECONDS,
+                   relearn_steps=3, relearn_rows=4)
 
 
 def say(message: str) -> None:
@@ -109,7 +130,8 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
                       batch_size=s.batch_size, seed=s.seed, max_length=s.max_length)
     model = new_adapter(base, cfg)
     # One model for everything: adapters are swapped in as flat parameter vectors.
-    ctx0 = M.Context(model, tok, device, s, None, cfg, None, None, {}, {})
+    workdir = tempfile.TemporaryDirectory(prefix="bench-unlearning-")
+    ctx0 = M.Context(model, tok, device, s, None, cfg, None, None, {}, {}, base_dir, workdir.name)
     theta_init = ctx0.theta()
     n_params = theta_init.numel()
 
@@ -147,7 +169,8 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
     shared: dict[str, dict] = {"clean": {}, "corrupted": {}}
     for task in data.tasks:
         theta_o = thetas[task.original]
-        ctx = M.Context(model, tok, device, s, task, cfg, theta_init, theta_o, {}, shared[task.original])
+        ctx = M.Context(model, tok, device, s, task, cfg, theta_init, theta_o, {}, shared[task.original], base_dir,
+                        workdir.name)
         records: dict[str, dict] = {}
         scored: dict[str, dict] = {}  # per-row NLLs of each method's probes
         for m in M.METHODS:
@@ -193,6 +216,9 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
             record["probes"] = probes
             record["target_nll_rows"] = dict(zip((r.id for r in task.probes[task.target]), per_row[task.target]))
             record["mia_auc"] = mia_auc(per_row[task.target], per_row["never"])
+            if m.name in PROBED:
+                with rec.stage(f"{stage}/probe"):
+                    record.update(probe_adapter(ctx, outcome.theta, score, bf16=m.name == "product"))
             records[m.name] = record
             say(f"{stage}: {record['seconds']:.1f} s, {task.target} NLL {probes[task.target]['nll']:.3f} "
                 f"EM {probes[task.target]['exact_match']:.2f}, retain NLL {probes['retain']['nll']:.3f}, "
@@ -206,6 +232,7 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
         }
 
     rec.sampler.stop()
+    workdir.cleanup()
     with suppress(OSError):
         machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return {
@@ -225,6 +252,87 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
         "total_seconds": round(time.perf_counter() - started, 1),
         "total_cpu_seconds": round(time.process_time() - cpu_started, 1),
     }
+
+
+def probe_adapter(ctx, theta, score, bf16: bool) -> dict:
+    """Beyond the table's scores, for the PROBED methods: the product's membership verdict
+    re-measured on the benchmark's never-trained people, the erased facts in bf16, and the
+    relearning attack. The model is left at ``theta`` only until the next method loads its own."""
+    import copy
+    import math
+    import random
+
+    import torch
+
+    from eraser.membership import base_model_nll, measure, verdict
+    from eraser.losses import per_row_nll
+    from eraser.data import EncodedRows
+
+    from bench.unlearning.methods import product_config
+    from bench.unlearning.metrics import summarise
+
+    s, task, model, tok, device = ctx.settings, ctx.task, ctx.model, ctx.tokenizer, ctx.device
+    target = task.target
+    out: dict = {}
+
+    # 1. The product's verdict (eraser.membership, its own bounds) on people it never saw.
+    config, _ = product_config(s)
+    ctx.set_theta(theta)
+    pairs = lambda rows: [(r.prompt, r.response) for r in rows]  # noqa: E731
+    erased, never = pairs(task.probes[target]), pairs(task.probes["never"])
+    base_e = base_model_nll(model, tok, erased, device, s.eval_batch_size, s.max_length)
+    base_n = base_model_nll(model, tok, never, device, s.eval_batch_size, s.max_length)
+    v = verdict(measure(model, tok, erased, device, s.eval_batch_size, s.max_length, base_e),
+                measure(model, tok, never, device, s.eval_batch_size, s.max_length, base_n),
+                config.verify.max_auc, config.verify.min_auc)
+    out["benchmark_verdict"] = {
+        "passed": v.passed, "failures": v.failures(), "recalled": v.recalled, "erased_rows": v.erased_rows,
+        "holdout_rows": v.holdout_rows, "probe": target,
+        "attacks": {a.name: {"auc": a.auc, "high": a.high, "low": a.low, "passed": a.passed,
+                             "rows_flagged": a.rows_flagged} for a in v.attacks}}
+
+    # 2. Served precision (the product's adapter only): the model and adapter cast to
+    # bfloat16, for evaluation only (a copy).
+    if bf16:
+        m16 = copy.deepcopy(model).to(torch.bfloat16)
+        scores16 = {}
+        for probe in (target, "retain"):
+            nll, em = score_rows_with(m16, tok, task.probes[probe], device, s)
+            scores16[probe] = summarise(nll, em)
+        del m16
+        out["bf16"] = scores16
+
+    # 3. Relearning: a few AdamW steps at the training lr on retained rows of other people.
+    touched = {e.old.id.split("-")[0] for e in task.edits}
+    probe_ids = {r.id for r in task.probes["retain"]}
+    pool = [r for r in task.kept if r.id.split("-")[0] not in touched and r.id not in probe_ids]
+    rows = random.Random(f"relearn:{s.seed}:{task.name}").sample(pool, min(s.relearn_rows, len(pool)))
+    data = EncodedRows.from_rows(tok, rows, s.max_length)
+    params = ctx.params
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=ctx.train_config.weight_decay)
+    order = list(range(len(rows)))
+    losses = []
+    for step in range(s.relearn_steps):
+        pick = [order[(step * s.batch_size + i) % len(order)] for i in range(min(s.batch_size, len(order)))]
+        loss = per_row_nll(model, data.batch(pick, device)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    nll, em = score(task.probes[target])
+    after = summarise(nll, em)
+    out["relearn"] = {"steps": s.relearn_steps, "lr": s.lr, "rows": len(rows), "row_ids": [r.id for r in rows],
+                      "loss_per_step": losses, "probe": target, **{k: after[k] for k in ("nll", "exact_match")}}
+    if not all(math.isfinite(x) for x in [after["nll"]] + ([out["bf16"][target]["nll"]] if bf16 else [])):
+        out["probe_warning"] = "non-finite NLL after relearning or in bf16"
+    ctx.set_theta(theta)
+    return out
+
+
+def score_rows_with(model, tok, rows, device, s):
+    from bench.unlearning.metrics import score_rows
+
+    return score_rows(model, tok, rows, device, s.eval_batch_size, s.max_length)
 
 
 def _compare(records: dict, outcomes: dict, theta_o, task) -> None:
