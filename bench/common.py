@@ -289,25 +289,9 @@ def pretrained_tiny_base(out: Path, texts, pretrain_rows, hidden_size: int = 64,
     model trained ``steps`` AdamW steps (8 rows each) on ``pretrain_rows`` (facts about
     *other* people), so that it knows the sentence patterns and an adapter only has to
     learn the facts. Saved in place under ``out``; returns ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from eraser.data import EncodedRows
-    from eraser.losses import per_row_nll
-    from eraser.tiny import build_tiny_model
+    from eraser.tiny import build_tiny_model, pretrain
 
     build_tiny_model(out, texts, hidden_size=hidden_size, heads=2, kv_heads=1, intermediate_size=intermediate_size,
                      vocab_size=vocab_size, seed=seed)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    data = EncodedRows.from_rows(tokenizer, pretrain_rows)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    for step in range(steps):
-        idx = [(step * 8 + k) % len(data) for k in range(8)]
-        loss = per_row_nll(model, data.batch(idx)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out, safe_serialization=True)
+    pretrain(out, pretrain_rows, steps, lr, seed)
     return out

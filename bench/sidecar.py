@@ -182,12 +182,10 @@ def _rows(people: int, facts: int, seed: int, prefix: str):
 
 def build_model(s: Settings, workdir: Path) -> dict:
     """A tiny base (pre-trained on other people's facts), the training set, and a LoRA."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from eraser.data import EncodedRows, write_rows
-    from eraser.losses import per_row_nll
-    from eraser.tiny import build_tiny_model
+    from eraser.data import write_rows
+    from eraser.tiny import build_tiny_model, pretrain
     from eraser.train import TrainConfig, train
 
     train_rows = _rows(s.people, s.facts, s.seed, "p")
@@ -202,20 +200,8 @@ def build_model(s: Settings, workdir: Path) -> dict:
     base = workdir / "base"
     build_tiny_model(base, texts, hidden_size=s.hidden_size, layers=s.layers, heads=2, kv_heads=1,
                      intermediate_size=s.intermediate_size, vocab_size=s.vocab_size, seed=s.seed)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
-    data = EncodedRows.from_rows(tokenizer, other_rows)
-    torch.manual_seed(s.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.pretrain_lr)
-    loss = None
-    for step in range(s.pretrain_steps):
-        idx = [(step * 8 + k) % len(data) for k in range(8)]
-        loss = per_row_nll(model, data.batch(idx)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(base, safe_serialization=True)
-    base_parameters = sum(p.numel() for p in model.parameters())
+    loss = pretrain(base, other_rows, s.pretrain_steps, s.pretrain_lr, s.seed)
+    base_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
     pretrain_seconds = time.perf_counter() - t
     _say(f"base model: {base_parameters:,} parameters, pre-trained {s.pretrain_steps} steps in {pretrain_seconds:.1f} s")
 

@@ -71,3 +71,29 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def pretrain(model_dir: str | Path, rows, steps: int, lr: float, seed: int = 0) -> float | None:
+    """Train a whole tiny model in place for ``steps`` AdamW steps of 8 rows each (cycling
+    through ``rows``), so that it knows the sentence patterns and an adapter only has to learn
+    facts; saves it back and returns the last step's loss (None for 0 steps)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import EncodedRows
+    from .losses import per_row_nll
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    data = EncodedRows.from_rows(tokenizer, rows)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    loss = None
+    for step in range(steps):
+        idx = [(step * 8 + k) % len(data) for k in range(8)]
+        loss = per_row_nll(model, data.batch(idx)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return None if loss is None else loss.item()

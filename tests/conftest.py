@@ -20,9 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest
 import torch
 
-from eraser.data import EncodedRows, Row, write_rows
-from eraser.losses import per_row_nll
-from eraser.tiny import build_tiny_model
+from eraser.data import Row, write_rows
+from eraser.tiny import build_tiny_model, pretrain
 
 # The service tests exercise the jobs, store and swaps with the converged cg solve and
 # absolute damping (the engine's reference); the product's default path (eraser/options.py)
@@ -91,20 +90,7 @@ def vllm_server(tmp_path_factory, serving_base, serving_adapter):
 def _pretrained_base(out: Path, hidden_size: int, intermediate_size: int) -> Path:
     build_tiny_model(out, _all_texts(), hidden_size=hidden_size, heads=2, kv_heads=1,
                      intermediate_size=intermediate_size, vocab_size=300)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    data = EncodedRows.from_rows(tokenizer, fact_rows(OTHERS, prefix="x-"))
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(300):
-        idx = [(step * 8 + k) % len(data) for k in range(8)]
-        loss = per_row_nll(model, data.batch(idx)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out, safe_serialization=True)
+    pretrain(out, fact_rows(OTHERS, prefix="x-"), steps=300, lr=3e-3, seed=0)
     return out
 
 
