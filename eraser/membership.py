@@ -125,6 +125,10 @@ def base_model_nll(model, tokenizer, pairs: Sequence[Pair], device, batch_size: 
         return row_losses(model, tokenizer, pairs, device, batch_size, max_length)
 
 
+def recall_failures(recalled: int) -> list[str]:
+    return [f"{recalled} erased answer(s) still reproduced by greedy decoding"] if recalled else []
+
+
 @dataclass(frozen=True)
 class MembershipVerdict:
     attacks: list[AttackResult]
@@ -149,9 +153,7 @@ class MembershipVerdict:
                 out.append(f"erased rows over-forgotten ({a.name} MIA AUC {a.auc:.3f} < {a.low:.3f})")
             elif a.rows_flagged:
                 out.append(f"{a.rows_flagged} erased row(s) still stand out ({a.name})")
-        if self.recalled:
-            out.append(f"{self.recalled} erased answer(s) still reproduced by greedy decoding")
-        return out
+        return out + recall_failures(self.recalled)
 
     def to_json(self) -> dict:
         return {"basis": "held-out", "attacks": [a.to_json() for a in self.attacks], "erased_rows": self.erased_rows,
@@ -195,9 +197,7 @@ class ReferenceVerdict:
             out.append("no base model to compare with")
         elif self.ahead:
             out.append(f"{self.ahead} erased row(s) still more likely under the adapter than under the base model")
-        if self.recalled:
-            out.append(f"{self.recalled} erased answer(s) still reproduced by greedy decoding")
-        return out
+        return out + recall_failures(self.recalled)
 
     def to_json(self) -> dict:
         return {"basis": "base-model reference", "erased_rows": self.erased_rows, "ahead": self.ahead,
