@@ -242,6 +242,7 @@ class _SolverChoice:
     wait_seconds: float = 0.0
     discarded: str = ""  # why a cache found in the version's place was not used
     reason: str = ""
+    policy: str = "policy wait"
 
     def bad_cache(self, error: EraserError) -> bool:
         """Whether the engine refused the cache it was given (mismatch, or damaged files)."""
@@ -258,9 +259,9 @@ class _SolverChoice:
             why = f"{self.method}: factors of v{number} from cache" + (f" (age {age:.0f} s)" if age is not None else "")
         elif self.how == "waited":
             why = (f"{self.method}: factors of v{number} were missing; fitted in the background while the job waited "
-                   f"{self.wait_seconds:.1f} s (policy wait)")
+                   f"{self.wait_seconds:.1f} s ({self.policy})")
         elif self.how == "inline":
-            why = f"{self.method}: factors of v{number} were missing; fitted in the job (policy wait)"
+            why = f"{self.method}: factors of v{number} were missing; fitted in the job ({self.policy})"
         else:
             why = self.reason
         if self.discarded:
@@ -860,12 +861,14 @@ class EraserService:
         if engine_factors.is_cache(source) and problem is None:
             choice.how = "cache"
             return choice
-        if self.config.erase.factor_policy == "fallback":
+        if self.config.erase.factor_policy == "fallback" and self._cg_can_verify(job):
             # This version's fit is of no use once the job publishes the next one; the next
             # version's is asked for after the publish (_prepare_factors).
             return _SolverChoice(engine_config(fallback_options(job.options)), requested, "cg", method=None,
                                  how="fallback", discarded=choice.discarded,
                                  reason=f"cg: {method} requested but factors of v{n} not ready; policy fallback")
+        if self.config.erase.factor_policy == "fallback":
+            choice.policy = "fallback refused: cg cannot enforce the base-model verdict of an adapter without a held-out set"
         if not self.factors.running:  # no background thread (not started): the engine fits them
             choice.how = "inline"
             return choice
@@ -875,6 +878,11 @@ class EraserService:
         choice.wait_seconds = self.factors.wait(target, lambda fraction: progress(stage, int(fraction * 1000), 1000))
         choice.how = "waited"
         return choice
+
+    def _cg_can_verify(self, job: Job) -> bool:
+        """Whether a cg fallback can run a job's verification: enforce without a held-out
+        set refines toward the base model's level, which needs the curvature factors."""
+        return job.options.get("verify") != "enforce" or self.store.record(job.adapter).holdout_sha256 is not None
 
     def _note_factors(self, job: Job, current: Version, choice: "_SolverChoice", report: dict) -> None:
         """Complete a job's report with why its solver ran and what it did with factors;

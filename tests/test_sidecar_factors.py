@@ -251,8 +251,9 @@ def test_policy_fallback_then_stop_and_refit_on_restart(tmp_path, tiny_base, tin
         with gated(running), grpc.insecure_channel(running.target) as channel:
             stub = pb_grpc.EraserStub(channel)
             register(stub, "fd", tiny_base, tiny_adapter, train_file)
-            job = erase(stub, "fd", "born-eve",
-                        options=pb.EraseOptions(solver="ekfac", damping=0.1, tolerance=1e-3, max_iterations=100))
+            job = erase(stub, "fd", "born-eve",  # verify off: a cg fallback may run it (see the next test)
+                        options=pb.EraseOptions(solver="ekfac", damping=0.1, tolerance=1e-3, max_iterations=100,
+                                                verify="off"))
             assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
             r = job.report
             assert (r.solver, r.requested_solver, r.factor_source) == ("cg", "ekfac", "")
@@ -278,3 +279,24 @@ def test_policy_fallback_then_stop_and_refit_on_restart(tmp_path, tiny_base, tin
         assert "factors of v2 from cache" in job.report.solver_reason
     finally:
         running.stop(2.0)
+
+
+def test_policy_fallback_waits_when_cg_could_not_verify(tmp_path, tiny_base, tiny_adapter, train_file):
+    """The product's default on ekfac without a held-out set is enforce against the base
+    model, which only the factors can refine toward: under policy fallback such a job waits
+    for the fit instead of running a cg that its own verification would refuse."""
+    running = start(config_for(tmp_path / "store", factor_policy="fallback"))
+    try:
+        with gated(running) as gate, grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "fw", tiny_base, tiny_adapter, train_file)
+            job = stub.Erase(pb.EraseRequest(adapter="fw", remove_ids=["born-gus"], options=EKFAC))
+            wait_until(lambda: stub.GetJob(pb.GetJobRequest(id=job.id)).stage == "waiting for factors",
+                       what="the job to wait for factors")
+            gate.set()
+            final = wait_job(stub, job.id)
+    finally:
+        running.stop(2.0)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.report.solver == "ekfac" and final.report.verification.policy == "enforce"
+    assert "fallback refused: cg cannot enforce" in final.report.solver_reason
