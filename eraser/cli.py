@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", type=int, default=512)
     e.add_argument("--holdout", help="rows of the same kind the adapter never saw (JSONL): the never-seen level "
                                      "the erased rows are verified against")
+    e.add_argument("--row-hash-key", default=None, metavar="FILE",
+                   help="secret key of the keyed hashes recorded for erased rows (default $ERASER_ROW_HASH_KEY, "
+                        "else ~/.config/eraser/row-hash.key; created when absent)")
     e.add_argument("--verify", choices=["off", "report", "enforce"], default=None,
                    help="enforce: refine until the erased rows look never-seen, else fail and write nothing; "
                         "report: only score them. Judged against --holdout, or without one against the base model "
@@ -169,6 +172,7 @@ def cmd_train(args, progress) -> dict:
 def cmd_erase(args, progress) -> dict:
     from .curvature import CurvatureConfig
     from .requests import UnlearningRequest
+    from .rowhash import RowHasher, default_key_path
     from .secondorder import StepConfig
     from .unlearn import EraseConfig, erase
 
@@ -186,8 +190,9 @@ def cmd_erase(args, progress) -> dict:
     factor_args = {"factors_dir": args.factors, "factors_out": args.factors_out}
     if args.refit_fraction is not None:
         factor_args["refit_fraction"] = args.refit_fraction
+    hasher = RowHasher.load_or_create(args.row_hash_key or default_key_path())
     report = erase(args.base, args.adapter, args.data, request, args.out, args.data_out, config, args.device, progress,
-                   **factor_args, holdout_path=args.holdout)
+                   **factor_args, holdout_path=args.holdout, row_hasher=hasher)
     return report.to_json()
 
 

@@ -21,6 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .curvature import Curvature, CurvatureConfig, Damped, gradient
 from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
+from .rowhash import RowHasher
 from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
 from .losses import row_losses
 from .options import FACTOR_SOLVERS
@@ -335,6 +336,7 @@ def erase(
     factors_out: str | Path | None = None,
     refit_fraction: float = DEFAULT_REFIT_FRACTION,
     holdout_path: str | Path | None = None,
+    row_hasher: RowHasher | None = None,
 ) -> EraseReport:
     """Erase per ``request``: write the patched adapter to ``out_dir`` (and the edited
     dataset to ``data_out``). All input is checked before anything is computed, and
@@ -345,8 +347,12 @@ def erase(
     given, else against the base model with the adapter disabled (eraser/membership.py);
     enforce refines until they look never-seen, or raises ``VerificationFailedError`` and
     writes nothing.
+
+    Erased rows are recorded by id and keyed hash (``row_hasher``; a key drawn for this
+    run and not kept when none is given).
     """
     started = time.perf_counter()
+    row_hasher = row_hasher or RowHasher.draw()
     seconds: dict[str, float] = {}
     rows = load_rows(data_path)
     edits = request.resolve(rows)
@@ -435,8 +441,10 @@ def erase(
         "steps": [st.to_json() for st in forgot.steps],
         "residual": update.solve.residual,
         "converged": update.solve.converged,
-        # Ids and hashes only: the erased text must not survive in anything we write.
-        "edits": [{"id": e.old.id, "kind": e.kind, "old_sha256": e.old.sha256()} for e in edits],
+        # Ids and keyed hashes only: the erased text must not survive in anything we write,
+        # and a hash anyone could recompute would confirm a guess of it.
+        "row_hash": row_hasher.describe(),
+        "edits": [{"id": e.old.id, "kind": e.kind, "old_hash": row_hasher.row(e.old)} for e in edits],
         "dataset_sha256": text_sha256("\n".join(r.id + "\x00" + r.sha256() for r in edited_rows)),
     }
     if verification is not None:  # numbers and ids only

@@ -23,7 +23,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Iterable
 
-from eraser.data import text_sha256
+from eraser.rowhash import RowHasher
 
 log = logging.getLogger("eraser.sidecar")
 
@@ -68,22 +68,22 @@ class RequestPayload:
     def from_json(cls, obj: dict) -> "RequestPayload":
         return cls(tuple(obj["remove"]), tuple(map(tuple, obj["modify_query"])), tuple(map(tuple, obj["correct_response"])))
 
-    def fingerprint(self, adapter: str, options: dict) -> str:
-        """Identity of a request for idempotency: ids and hashes of the new text, not the text."""
+    def fingerprint(self, adapter: str, options: dict, hasher: RowHasher) -> str:
+        """Identity of a request for idempotency: ids and keyed hashes of the new text."""
         canonical = {
             "adapter": adapter,
             "remove": sorted(self.remove),
-            "modify_query": sorted((i, text_sha256(t)) for i, t in self.modify_query),
-            "correct_response": sorted((i, text_sha256(t)) for i, t in self.correct_response),
+            "modify_query": sorted((i, hasher.text(t)) for i, t in self.modify_query),
+            "correct_response": sorted((i, hasher.text(t)) for i, t in self.correct_response),
             "options": options,
         }
-        return text_sha256(json.dumps(canonical, sort_keys=True))
+        return hasher.text(json.dumps(canonical, sort_keys=True))
 
-    def public_edits(self) -> list[dict]:
-        """What a job record may keep: ids, kinds and hashes of the new text."""
+    def public_edits(self, hasher: RowHasher) -> list[dict]:
+        """What a job record may keep: ids, kinds and keyed hashes of the new text."""
         out = [{"id": i, "kind": "remove"} for i in self.remove]
-        out += [{"id": i, "kind": "modify_query", "new_sha256": text_sha256(t)} for i, t in self.modify_query]
-        out += [{"id": i, "kind": "correct_response", "new_sha256": text_sha256(t)} for i, t in self.correct_response]
+        out += [{"id": i, "kind": "modify_query", "new_hash": hasher.text(t)} for i, t in self.modify_query]
+        out += [{"id": i, "kind": "correct_response", "new_hash": hasher.text(t)} for i, t in self.correct_response]
         return out
 
 
@@ -188,8 +188,9 @@ class JobDB:
     serialises writers anyway. Claims and merges run in ``BEGIN IMMEDIATE`` transactions
     so they stay correct even if a second process opens the same file."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, hasher: RowHasher):
         self.path = Path(path)
+        self.hasher = hasher
         self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
@@ -341,7 +342,7 @@ class JobDB:
                     conflict = (payload.edited_ids & ids) or (payload.ids & edited)
                     if not conflict and len(ids | payload.ids) <= max_rows and not deadline_seconds:
                         target = job
-            edits = payload.public_edits()
+            edits = payload.public_edits(self.hasher)
             if target is not None:
                 merged_edits = _merge_edits(target.edits, edits)
                 counts = _counts(merged_edits)
@@ -425,7 +426,7 @@ class JobDB:
             edits: list[dict] = []
             for (body,) in c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
                                      "WHERE p.job_id = ? ORDER BY r.seq", (job_id,)).fetchall():
-                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(body)).public_edits())
+                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(body)).public_edits(self.hasher))
             c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(edits), json.dumps(_counts(edits)),
                                                                             job_id))
             job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())

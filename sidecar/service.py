@@ -288,7 +288,7 @@ class EraserService:
         self.computes = config.role == "compute"
         # Only the computing sidecar owns the job database; reconcilers read the store.
         self._lock_file = StoreLock(self.store.root) if self.computes else None
-        self.db = JobDB(Path(config.store) / "jobs.sqlite3") if self.computes else None
+        self.db = JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher) if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
         self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
@@ -574,7 +574,8 @@ class EraserService:
         if request.size > self.config.max_request_rows:
             raise InvalidRequestError(f"request touches {request.size} rows; the limit is {self.config.max_request_rows}")
         resolved = resolve_options(options, self.config, record)
-        fingerprint = payload.fingerprint(adapter, {**resolved, "deadline_seconds": deadline_seconds})
+        fingerprint = payload.fingerprint(adapter, {**resolved, "deadline_seconds": deadline_seconds},
+                                          self.store.row_hasher)
         if request_id:
             seen = self.db.by_request(request_id)
             if seen is not None and seen[0].state not in RETRYABLE:
@@ -744,7 +745,7 @@ class EraserService:
                 try:
                     report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
                                    current.dataset_path, request, staged / ADAPTER_DIR, staged / DATASET, choice.config,
-                                   str(self.device), progress, **factor_args)
+                                   str(self.device), progress, **factor_args, row_hasher=self.store.row_hasher)
                     break
                 except EraserError as e:
                     if attempt == 2 or not choice.bad_cache(e):

@@ -27,6 +27,7 @@ version from before an erase hold the erased rows' contributions like its weight
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from eraser.data import Row, load_rows
 from eraser.model import adapter_fingerprint
+from eraser.rowhash import RowHasher
 
 from .config import ADAPTER_NAME
 from .errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
@@ -196,6 +198,12 @@ class AdapterStore:
         self._rows_cache: dict[tuple[str, int], list[Row]] = {}
         self._ids_cache: dict[tuple[str, int], frozenset[str]] = {}
         self._lock = threading.RLock()
+
+    @functools.cached_property
+    def row_hasher(self) -> RowHasher:
+        """The store's key for the hashes recorded in place of erased or replaced text
+        (job records, manifests, eraser.json); created with the store, never rotated."""
+        return RowHasher.load_or_create(self.root / "secrets" / "row-hash.key")
 
     # ---- reading -------------------------------------------------------------------
     def _dir(self, name: str) -> Path:

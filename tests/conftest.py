@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 # Before torch loads: OpenMP's default busy-waiting on this shared 2-core CPU made every
@@ -33,6 +34,8 @@ def cg_erase(**overrides) -> dict:
     return {**CG_ERASE, **overrides}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's row-hash key (eraser/rowhash.py) in a folder of the session, not the user's home.
+os.environ.setdefault("ERASER_ROW_HASH_KEY", str(Path(tempfile.mkdtemp(prefix="eraser-key-")) / "row-hash.key"))
 
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
 OTHERS = ["Kim", "Lou", "Max", "Ned", "Oli", "Pat", "Quin", "Ray", "Sam", "Tia", "Uma", "Vic", "Wes", "Xia", "Yan", "Zed"]

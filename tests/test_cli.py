@@ -23,6 +23,7 @@ from eraser.errors import (
     OutputExistsError,
 )
 from eraser.requests import UnlearningRequest
+from eraser.rowhash import RowHasher
 from eraser.unlearn import EraseConfig, erase
 from eraser.curvature import CurvatureConfig
 
@@ -81,6 +82,12 @@ def test_cli_train_erase_eval_end_to_end(tmp_path, tiny_base, train_file, train_
     assert train_rows[3].response not in written
     meta = json.loads((tmp_path / "v2" / "eraser.json").read_text())
     assert {e["id"] for e in meta["edits"]} == set(forget) | {train_rows[3].id}
+    # Keyed hashes: the key's holder can match a row, a plain SHA-256 of a guess cannot.
+    hasher = RowHasher.load_or_create(os.environ["ERASER_ROW_HASH_KEY"])
+    by_id = {r.id: r for r in train_rows}
+    assert meta["row_hash"] == {"algorithm": "hmac-sha256", "key_id": hasher.key_id}
+    assert all(e["old_hash"] == hasher.row(by_id[e["id"]]) != by_id[e["id"]].sha256() for e in meta["edits"])
+    assert not any(by_id[e["id"]].sha256() in written for e in meta["edits"])
     # The original adapter is untouched (versions are immutable).
     assert json.loads((tmp_path / "v2" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
@@ -229,6 +236,13 @@ def test_usage_errors_exit_nonzero(case):
                   "--request", _request(case, {"remove": ["born-ann"]}), "--out", case["out"] / "v2",
                   "--solver", "cg", "--preset", "paper")
     assert res.returncode == 2 and "belongs to the sqm solver" in res.stderr
+    short_key = case["tmp"] / "short.key"
+    short_key.write_bytes(b"abc")
+    res = run_cli("erase", "--base", case["base"], "--adapter", case["adapter"], "--data", case["data"],
+                  "--request", _request(case, {"remove": ["born-ann"]}), "--out", case["out"] / "v2",
+                  "--row-hash-key", short_key, *FAST)
+    assert res.returncode == 2 and "row-hash key needs at least 16 bytes" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert listing(case["out"]) == set()
 
 

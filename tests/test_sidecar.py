@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import cg_erase
-from eraser.data import load_rows
+from eraser.data import load_rows, text_sha256
+from eraser.rowhash import RowHasher
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
@@ -226,6 +227,18 @@ def test_replacement_text_leaves_no_trace_in_the_database_files(stub, sidecar, t
     assert {p.name for p in files} >= {"jobs.sqlite3"}
     found = [p.name for p in files if marker.encode() in p.read_bytes()]
     assert not found, found
+    # Every hash the sidecar records of that text, or of the row it replaced, is keyed with
+    # the store's secret: a plain SHA-256 of a guess matches nothing it wrote.
+    hasher = RowHasher.load_or_create(sidecar.config.store / "secrets" / "row-hash.key")
+    old = next(r for r in load_rows(train_file) if r.id == "tea-cid")
+    written = b"".join(p.read_bytes() for p in sidecar.config.store.rglob("*")
+                       if p.is_file() and "secrets" not in p.parts)
+    for plain in (text_sha256(marker), old.sha256()):
+        assert plain.encode() not in written
+    version = Path(stub.GetAdapter(pb.GetAdapterRequest(name="wal")).path)
+    assert hasher.text(marker) in (version.parent / "manifest.json").read_text()
+    assert json.loads((version / "eraser.json").read_text())["edits"][0]["old_hash"] == hasher.row(old)
+    assert (sidecar.config.store / "secrets" / "row-hash.key").stat().st_mode & 0o077 == 0
 
 
 def test_erase_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train_file):
