@@ -21,6 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .curvature import Curvature, CurvatureConfig, Damped, gradient
 from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
+from .probe import distinguishing_probe
 from .rowhash import RowHasher
 from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
 from .losses import row_losses
@@ -310,6 +311,9 @@ class EraseReport:
     # Each step applied (eraser/secondorder.py): the influence step first, its line-search
     # scale, trials, objective and retained-NLL rise; then any second-order refinement steps.
     steps: list | None = None
+    # eraser/probe.py VersionProbe.to_json(), when asked for: what confirms the new version
+    # on a serving engine and how far the parent's weights are from passing it.
+    probe: dict | None = None
 
     def __post_init__(self):
         # JSON has no NaN: a closed-form solve's unmeasured residual reads as null.
@@ -337,6 +341,7 @@ def erase(
     refit_fraction: float = DEFAULT_REFIT_FRACTION,
     holdout_path: str | Path | None = None,
     row_hasher: RowHasher | None = None,
+    serving_probe: bool = False,
 ) -> EraseReport:
     """Erase per ``request``: write the patched adapter to ``out_dir`` (and the edited
     dataset to ``data_out``). All input is checked before anything is computed, and
@@ -349,7 +354,8 @@ def erase(
     writes nothing.
 
     Erased rows are recorded by id and keyed hash (``row_hasher``; a key drawn for this
-    run and not kept when none is given).
+    run and not kept when none is given). With ``serving_probe`` the report carries the
+    probe that tells the new version from its parent on a serving engine (eraser/probe.py).
     """
     started = time.perf_counter()
     row_hasher = row_hasher or RowHasher.draw()
@@ -399,6 +405,7 @@ def erase(
                             factors=cached.factors if cached else None)
     seconds.update(update.seconds)
     params = [p for _, p in trainable_parameters(model)]
+    parent_values = [p.detach().clone() for p in params] if serving_probe else None
     moved = None
     if plan is not None:  # downdate while the model still holds the parent's parameters
         moved = plan.downdate(cached, model, params, base.tokenizer, [e.old for e in edits],
@@ -427,8 +434,13 @@ def erase(
     after_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
     seconds["evaluate"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     edited_rows = request.apply_to(rows)
+    probe = None
+    if serving_probe:  # before anything is written: a failure here leaves nothing behind
+        t = time.perf_counter()
+        probe = distinguishing_probe(model, base.tokenizer, edited_rows, params, parent_values, dev).to_json()
+        seconds["probe"] = time.perf_counter() - t
+    t = time.perf_counter()
     meta = {
         "base_model_fingerprint": base.fingerprint,
         "parent_adapter_sha256": parent_sha,
@@ -501,4 +513,5 @@ def erase(
         verification=verification.to_json() if verification else None,
         utility=utility.to_json() if utility else None,
         steps=[st.to_json() for st in forgot.steps],
+        probe=probe,
     )

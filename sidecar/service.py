@@ -745,7 +745,8 @@ class EraserService:
                 try:
                     report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
                                    current.dataset_path, request, staged / ADAPTER_DIR, staged / DATASET, choice.config,
-                                   str(self.device), progress, **factor_args, row_hasher=self.store.row_hasher)
+                                   str(self.device), progress, **factor_args, row_hasher=self.store.row_hasher,
+                                   serving_probe=True)  # reconcilers anywhere confirm the version with it
                     break
                 except EraserError as e:
                     if attempt == 2 or not choice.bad_cache(e):
@@ -977,6 +978,10 @@ class EraserService:
         if result.checks:
             log.info("job %s: v%d served by %d replica(s), probe error <= %.2e (margin %.2e)", job.id, version.number,
                      len(result.checks), max(c.max_logprob_error for c in result.checks), result.checks[0].probe_margin)
+            if not all(c.weights_confirmed for c in result.checks):
+                log.warning("job %s: v%d confirmed by the served path only: no probe row tells it from v%d by more "
+                            "than the tolerance (margin %.2e <= %g)", job.id, version.number, version.number - 1,
+                            result.checks[0].probe_margin, self.config.probe_tolerance)
         return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already)
 
     def _merged_request(self, job: Job, present: set[str]) -> tuple[UnlearningRequest | None, list[str]]:

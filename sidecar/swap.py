@@ -5,8 +5,9 @@ it on the replica: the replica must report that path, and its greedy answer to a
 prompt must be the answer the sidecar computes itself with the same version: the same
 tokens with the same log-probs, within ``probe_tolerance``. The probe prompt is the
 prompt of a row of the version's own training set (never erased text), chosen where the
-new and the previous version differ most, so that serving the old weights could not pass
-the check unnoticed.
+new and the previous version differ most (eraser/probe.py; the erase computes it while it
+holds both). Where even that row's answer moves by less than the tolerance, serving the
+old weights would pass too: the check then says it confirmed the path, not the weights.
 
 The reconcile loop (at start and every ``reconcile_seconds``) brings every replica to
 every adapter's current version: a restarted vLLM gets its adapters back, a replica that
@@ -22,26 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from eraser.data import encode, render
-from eraser.evaluate import greedy_continuation, token_logprobs
-from eraser.model import load_adapter, load_base
+from eraser.model import load_adapter, load_base, trainable_parameters
+from eraser.probe import VersionProbe, distinguishing_probe
 
 from .serving import ReplicaError, ServingBackend
 from .store import AdapterStore, Version
 
 log = logging.getLogger("eraser.sidecar")
-
-PROBE_CANDIDATES = 8
-PROBE_MAX_TOKENS = 256
-PROBE_ANSWER_TOKENS = 8
-
-
-@dataclass(frozen=True)
-class Probe:
-    prompt_ids: tuple[int, ...]
-    answer_ids: tuple[int, ...]  # the version's own greedy answer
-    answer_logprobs: tuple[float, ...]
-    margin: float  # max |new - previous| log-prob on the probe row (0 without a previous version)
 
 
 @dataclass
@@ -61,6 +49,9 @@ class SwapCheck:
     max_logprob_error: float
     probe_margin: float
     seconds: float
+    # Whether the probe could tell the weights apart: a margin above the tolerance. When
+    # not, the replica's served path is the confirmation and the job says so.
+    weights_confirmed: bool = False
 
 
 @dataclass
@@ -89,7 +80,7 @@ class Swapper:
         self.tolerance = tolerance
         self.hooks = hooks or SwapHooks()
         self._states: dict[tuple[str, str], ReplicaState] = {}
-        self._probes: dict[tuple[str, int], Probe] = {}
+        self._probes: dict[tuple[str, int], VersionProbe] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._stop = threading.Event()
@@ -113,37 +104,32 @@ class Swapper:
         self.hooks.serving_in_step(in_step)
 
     # ---- the probe -----------------------------------------------------------------
-    def probe(self, version: Version, base_dir: str) -> Probe:
-        """The probe for ``version``: computed once (a version never changes), with the
-        previous version, where retained, to pick the row that tells them apart best."""
+    def probe(self, version: Version, base_dir: str) -> VersionProbe:
+        """The probe for ``version``: the one its erase computed (eraser/probe.py), else
+        computed here once (registrations, rollbacks, versions from before probes were
+        recorded), against the parent version where it is retained."""
         key = (version.adapter, version.number)
-        if key in self._probes:
-            return self._probes[key]
-        rows = self.store.rows(version)[:PROBE_CANDIDATES]
-        base = load_base(base_dir, self.device)
-        sequences = [encode(base.tokenizer, r.prompt, r.response, PROBE_MAX_TOKENS).input_ids for r in rows]
-        new_model = load_adapter(base, version.adapter_path, trainable=False)
-        new = token_logprobs(new_model, sequences, self.device)
-        margins = [0.0] * len(rows)
-        parent = version.manifest.get("parent_version")
-        if parent and parent in self.store.version_numbers(version.adapter):
-            previous = self.store.version(version.adapter, parent)
-            old = token_logprobs(load_adapter(load_base(base_dir, self.device), previous.adapter_path, trainable=False),
-                                 sequences, self.device)
-            margins = [max(abs(a - b) for a, b in zip(n, o)) for n, o in zip(new, old)]
-        best = max(range(len(rows)), key=lambda i: margins[i])
-        prompt_text, _ = render(base.tokenizer, rows[best].prompt, None)
-        has_template = bool(getattr(base.tokenizer, "chat_template", None))
-        prompt_ids = base.tokenizer(prompt_text, add_special_tokens=not has_template)["input_ids"][:PROBE_MAX_TOKENS]
-        answer_ids, answer_lp = greedy_continuation(new_model, prompt_ids, PROBE_ANSWER_TOKENS, self.device)
-        probe = Probe(tuple(prompt_ids), tuple(answer_ids), tuple(answer_lp), margins[best])
-        self._probes[key] = probe
+        if key not in self._probes:
+            stored = (version.manifest.get("report") or {}).get("probe")
+            self._probes[key] = VersionProbe.from_json(stored) if stored else self._compute_probe(version, base_dir)
         for stale in [k for k in self._probes if k[0] == version.adapter and k[1] < version.number - 2]:
             self._probes.pop(stale, None)
-        return probe
+        return self._probes[key]
+
+    def _compute_probe(self, version: Version, base_dir: str) -> VersionProbe:
+        base = load_base(base_dir, self.device)
+        model = load_adapter(base, version.adapter_path, trainable=True)
+        params = [p for _, p in trainable_parameters(model)]
+        parent_values = None
+        parent = version.manifest.get("parent_version")
+        if parent and parent in self.store.version_numbers(version.adapter):
+            previous = load_adapter(load_base(base_dir, self.device),
+                                    self.store.version(version.adapter, parent).adapter_path, trainable=True)
+            parent_values = [p.detach() for _, p in trainable_parameters(previous)]
+        return distinguishing_probe(model, base.tokenizer, self.store.rows(version), params, parent_values, self.device)
 
     # ---- one replica ---------------------------------------------------------------
-    def _swap_one(self, backend: ServingBackend, version: Version, probe: Probe) -> SwapCheck:
+    def _swap_one(self, backend: ServingBackend, version: Version, probe: VersionProbe) -> SwapCheck:
         started = time.perf_counter()
         path = str(version.adapter_path)
         try:
@@ -168,7 +154,7 @@ class Swapper:
         seconds = time.perf_counter() - started
         self.hooks.swap_finished(backend.replica, "succeeded", seconds)
         self._set(version.adapter, ReplicaState(backend.replica, path, version.number, True, "", time.time()))
-        return SwapCheck(backend.replica, path, error, probe.margin, seconds)
+        return SwapCheck(backend.replica, path, error, probe.margin, seconds, probe.margin > self.tolerance)
 
     @staticmethod
     def _served_path(backend: ServingBackend, adapter: str) -> str:

@@ -383,18 +383,20 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ..., replicas_behind: _Optional[_Iterable[str]] = ..., swap_checks: _Optional[_Iterable[_Union[SwapCheck, _Mapping]]] = ...) -> None: ...
 
 class SwapCheck(_message.Message):
-    __slots__ = ("replica", "served_path", "max_logprob_error", "probe_margin", "seconds")
+    __slots__ = ("replica", "served_path", "max_logprob_error", "probe_margin", "seconds", "weights_confirmed")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     SERVED_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROB_ERROR_FIELD_NUMBER: _ClassVar[int]
     PROBE_MARGIN_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
     replica: str
     served_path: str
     max_logprob_error: float
     probe_margin: float
     seconds: float
-    def __init__(self, replica: _Optional[str] = ..., served_path: _Optional[str] = ..., max_logprob_error: _Optional[float] = ..., probe_margin: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...
+    weights_confirmed: bool
+    def __init__(self, replica: _Optional[str] = ..., served_path: _Optional[str] = ..., max_logprob_error: _Optional[float] = ..., probe_margin: _Optional[float] = ..., seconds: _Optional[float] = ..., weights_confirmed: _Optional[bool] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
