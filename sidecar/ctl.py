@@ -293,6 +293,8 @@ def format_job(job) -> str:
         parts.append(f"utility {'ok' if u.passed else 'FAILED'}: retained NLL {u.retain_nll_parent:.2f} -> "
                      f"{u.retain_nll_after:.2f} ({u.retain_nll_after - u.retain_nll_parent:+.2f}, max +{u.max_rise:g}, "
                      f"{u.rows} rows)")
+    if job.HasField("report") and job.report.serving:
+        parts.append(f"serving {job.report.serving}")
     if job.HasField("error") and (job.error.code or job.error.message):
         parts.append(f"error {job.error.code or 'UNKNOWN'}: {job.error.message}")
     if job.attempts > 1:

@@ -120,6 +120,7 @@ def report_message(report: dict | None) -> pb.EraseReport | None:
         requested_solver=report.get("requested_solver", ""),
         verification=verification_message(report.get("verification")),
         utility=utility_message(report.get("utility")),
+        serving=report.get("serving", ""),
     )
     factors = report.get("factors") or {}
     if factors:

@@ -11,6 +11,7 @@ import logging
 import math
 import shutil
 import unicodedata
+import socket
 import threading
 import time
 import uuid
@@ -46,7 +47,7 @@ from .imports import ImportRoots
 from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .serving import VLLMBackend
 from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, StoreLock, Version, check_adapter_name, file_sha256
-from .swap import SwapHooks, SwapResult, Swapper
+from .swap import SwapCheck, SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
 
@@ -228,6 +229,41 @@ def _client_paths(paths: dict[Path, str]):
         raise type(e)(message) from None
 
 
+def result_from_reports(reports: list[dict], version: Version) -> SwapResult:
+    """The swap as the reconcilers saw it: one check per replica that serves ``version``
+    (or a later one) confirmed, the others behind with their last error."""
+    result = SwapResult()
+    published = float(version.manifest.get("created_at") or 0.0)
+    for report in reports:
+        for replica, adapters in sorted(report["replicas"].items()):
+            name = f"{report['instance']} {replica}"
+            state = adapters.get(version.adapter) or {}
+            if state.get("current") and int(state.get("served_version", 0)) >= version.number:
+                result.checks.append(SwapCheck(name, state["served_path"], float(state.get("max_logprob_error", 0.0)),
+                                               float(state.get("probe_margin", 0.0)),
+                                               max(0.0, float(state["checked_at"]) - published),
+                                               bool(state.get("weights_confirmed"))))
+            else:
+                result.behind[name] = state.get("error") or (f"serves v{state['served_version']}" if state
+                                                             else "has not reported this adapter yet")
+    return result
+
+
+def serving_summary(result: SwapResult | None, version: Version, via_reports: bool) -> str:
+    """One line for the job's report: how serving took the new version."""
+    if result is None:
+        return "unconfirmed: no serving replica is configured here or reports to the store"
+    total = len(result.checks) + len(result.behind)
+    if result.behind:
+        return f"unconfirmed on {len(result.behind)} of {total} replica(s)"
+    path_only = sum(not c.weights_confirmed for c in result.checks)
+    line = f"confirmed on {total} replica(s)" + (" by their reconcilers" if via_reports else "")
+    if path_only:
+        line += (f"; on {path_only} by the served path only (no probe tells v{version.number} from "
+                 f"v{version.number - 1} beyond the tolerance)")
+    return line
+
+
 @dataclass
 class _SolverChoice:
     """The solver a job runs and, for ekfac/kfac, its factor cache and how it was obtained."""
@@ -298,6 +334,7 @@ class EraserService:
         self._workers: list[threading.Thread] = []
         backends = [VLLMBackend(url, api_key=config.vllm_api_key) for url in config.vllm_urls]
         self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks)
+        self.instance = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # names this sidecar's serving report
         # Factor caches for ekfac/kfac, fitted in the background (compute role only).
         self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
                                       on_ready=lambda target: self._report_factor_age(target.adapter))
@@ -313,7 +350,10 @@ class EraserService:
         """
         if not self.computes:
             for name in self.store.names():
-                self.hooks.version_published(name, self.store.current(name))
+                try:
+                    self.hooks.version_published(name, self.store.current(name))
+                except EraserError as e:  # that adapter's fault: its reconcile pass records it
+                    log.error("adapter %s: %s", name, e)
             return {}
         outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self.store.clear_staging()}
         for job in self.db.list(state=State.RUNNING, limit=1_000_000):
@@ -370,7 +410,7 @@ class EraserService:
 
     def start(self) -> None:
         if self.swapper.backends:
-            self.swapper.start(self.config.reconcile_seconds, self.base_dir)
+            self.swapper.start(self.config.reconcile_seconds, self.base_dir, self.report_serving)
         if self.computes:
             self.factors.start()
         for i in range(self.config.workers if self.computes else 0):
@@ -389,6 +429,8 @@ class EraserService:
             time.sleep(0.05)
         self._stop.set()
         self.swapper.stop()
+        if self.swapper.backends:
+            self.store.withdraw_serving(self.instance)  # its replicas are no longer vouched for
         for r in list(self._running.values()):
             r.cancel.set()
         with self._changed:
@@ -946,6 +988,7 @@ class EraserService:
 
     def _swap_in(self, job: Job, version: Version, report: dict, already: list[str]) -> Job | None:
         """Serve the published version on every replica, confirmed, then end the job.
+        Without replicas of its own, the sidecar waits for the reconcilers' reports.
 
         Returns None when the sidecar is draining: the job stays RUNNING and the next
         start finishes it (its version is published) and reconciles the replicas.
@@ -959,9 +1002,13 @@ class EraserService:
 
         if self.swapper.backends:
             progress(0, len(self.swapper.backends), [])
-        result = self.swapper.swap(version, self.base_dir(job.adapter), self.config.swap_timeout_seconds,
-                                   stop=self._draining, progress=progress)
-        report = {**report, "seconds": {**report["seconds"], "swap": round(time.perf_counter() - started, 4)}}
+            result = self.swapper.swap(version, self.base_dir(job.adapter), self.config.swap_timeout_seconds,
+                                       stop=self._draining, progress=progress)
+        else:
+            result = self._await_reconcilers(version, progress)
+        report = {**report, "seconds": {**report["seconds"], "swap": round(time.perf_counter() - started, 4)},
+                  "serving": serving_summary(result, version, via_reports=not self.swapper.backends)}
+        result = result or SwapResult()
         self.db.set_swap(job.id, [c.__dict__ for c in result.checks], sorted(result.behind))
         if result.behind and self._draining.is_set():
             log.info("job %s: draining during its swap; the next start finishes it", job.id)
@@ -975,14 +1022,26 @@ class EraserService:
                 error_message=f"version {version.number} is published and current, but {len(result.behind)} replica(s) "
                               f"did not confirm it within {self.config.swap_timeout_seconds:g} s "
                               f"({', '.join(sorted(result.behind))}); the reconcile loop keeps trying")
-        if result.checks:
-            log.info("job %s: v%d served by %d replica(s), probe error <= %.2e (margin %.2e)", job.id, version.number,
-                     len(result.checks), max(c.max_logprob_error for c in result.checks), result.checks[0].probe_margin)
-            if not all(c.weights_confirmed for c in result.checks):
-                log.warning("job %s: v%d confirmed by the served path only: no probe row tells it from v%d by more "
-                            "than the tolerance (margin %.2e <= %g)", job.id, version.number, version.number - 1,
-                            result.checks[0].probe_margin, self.config.probe_tolerance)
+        log.info("job %s: %s v%d %s", job.id, job.adapter, version.number, report["serving"])
         return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already)
+
+    def _await_reconcilers(self, version: Version, progress) -> SwapResult | None:
+        """Wait, within ``swap_timeout_seconds``, until every live reconciler reports
+        ``version`` (or a later one) served and confirmed; None when none reports."""
+        deadline = time.monotonic() + self.config.swap_timeout_seconds
+        while True:
+            reports = self.store.serving_reports()
+            if not reports:
+                return None
+            result = result_from_reports(reports, version)
+            progress(len(result.checks), len(result.checks) + len(result.behind), sorted(result.behind))
+            if not result.behind or time.monotonic() >= deadline or self._draining.wait(0.5):
+                return result
+
+    def report_serving(self) -> None:
+        """After each reconcile pass: what this sidecar's replicas serve, for a computing
+        sidecar elsewhere that waits on it."""
+        self.store.report_serving(self.instance, self.config.reconcile_seconds, self.swapper.serving())
 
     def _merged_request(self, job: Job, present: set[str]) -> tuple[UnlearningRequest | None, list[str]]:
         """One request from the job's requests. A removal of a row that an earlier job

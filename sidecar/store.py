@@ -31,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -204,6 +205,33 @@ class AdapterStore:
         """The store's key for the hashes recorded in place of erased or replaced text
         (job records, manifests, eraser.json); created with the store, never rotated."""
         return RowHasher.load_or_create(self.root / "secrets" / "row-hash.key")
+
+    # ---- serving reports (reconcilers -> the computing sidecar) ------------------------
+    def report_serving(self, instance: str, every: float, replicas: dict[str, dict[str, dict]]) -> None:
+        """What one reconciling sidecar's replicas serve (replica -> adapter -> state),
+        with a heartbeat: a computing sidecar without replicas of its own waits on these."""
+        d = self.root / "serving"
+        d.mkdir(exist_ok=True)
+        body = {"instance": instance, "heartbeat": time.time(), "every": every, "replicas": replicas}
+        _write_atomically(self._serving_file(instance), json.dumps(body, sort_keys=True))
+
+    def withdraw_serving(self, instance: str) -> None:
+        self._serving_file(instance).unlink(missing_ok=True)
+
+    def _serving_file(self, instance: str) -> Path:
+        return self.root / "serving" / (re.sub(r"[^A-Za-z0-9._-]", "_", instance) + ".json")
+
+    def serving_reports(self) -> list[dict]:
+        """The reports of reconcilers alive now: a heartbeat within three of their passes."""
+        now, live = time.time(), []
+        for path in sorted((self.root / "serving").glob("*.json")):
+            try:
+                report = json.loads(path.read_text())
+                if now - float(report["heartbeat"]) <= 3 * float(report["every"]) + 5:
+                    live.append(report)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # being replaced, or not a report: the next pass writes it anew
+        return live
 
     # ---- reading -------------------------------------------------------------------
     def _dir(self, name: str) -> Path:

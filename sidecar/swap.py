@@ -40,6 +40,9 @@ class ReplicaState:
     current: bool = False
     error: str = ""
     checked_at: float = 0.0
+    probe_margin: float = 0.0
+    weights_confirmed: bool = False
+    max_logprob_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,14 @@ class Swapper:
     def lock(self, adapter: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(adapter, threading.Lock())
+
+    def serving(self) -> dict[str, dict[str, dict]]:
+        """Replica -> adapter -> its last known state, for the serving report in the store."""
+        with self._guard:
+            out: dict[str, dict[str, dict]] = {b.replica: {} for b in self.backends}
+            for (adapter, replica), state in self._states.items():
+                out.setdefault(replica, {})[adapter] = {k: v for k, v in state.__dict__.items() if k != "replica"}
+        return out
 
     def states(self, adapter: str) -> list[ReplicaState]:
         with self._guard:
@@ -153,8 +164,10 @@ class Swapper:
             raise
         seconds = time.perf_counter() - started
         self.hooks.swap_finished(backend.replica, "succeeded", seconds)
-        self._set(version.adapter, ReplicaState(backend.replica, path, version.number, True, "", time.time()))
-        return SwapCheck(backend.replica, path, error, probe.margin, seconds, probe.margin > self.tolerance)
+        confirmed = probe.margin > self.tolerance
+        self._set(version.adapter, ReplicaState(backend.replica, path, version.number, True, "", time.time(),
+                                                probe.margin, confirmed, error))
+        return SwapCheck(backend.replica, path, error, probe.margin, seconds, confirmed)
 
     @staticmethod
     def _served_path(backend: ServingBackend, adapter: str) -> str:
@@ -208,36 +221,46 @@ class Swapper:
             if not lock.acquire(blocking=False):
                 continue
             try:
-                version = self.store.current(name)
-                probe = None
+                self._reconcile_adapter(name, base_dir_of, behind)
+            except Exception as e:  # one adapter's fault (missing files, base model) is that adapter's
+                log.exception("reconcile of %s failed", name)
                 for backend in self.backends:
-                    state = next((s for s in self.states(name) if s.replica == backend.replica), None)
-                    try:
-                        served = backend.adapters().get(name, "")
-                    except ReplicaError as e:
-                        self._set(name, ReplicaState(backend.replica, "", 0, False, str(e), time.time()))
-                        behind.setdefault(name, []).append(backend.replica)
-                        continue
-                    if served == str(version.adapter_path) and state is not None and state.current:
-                        continue  # confirmed earlier, still the same path
-                    try:
-                        probe = probe or self.probe(version, base_dir_of(name))
-                        self._swap_one(backend, version, probe)
-                        if served != str(version.adapter_path):
-                            log.info("reconciled %s: %s now serves v%d (was %s)", backend.replica, name, version.number,
-                                     served or "not loaded")
-                    except ReplicaError as e:
-                        behind.setdefault(name, []).append(backend.replica)
-                        log.warning("reconcile: %s", e)
+                    self._set(name, ReplicaState(backend.replica, "", 0, False, f"reconcile failed: {e}", time.time()))
+                behind[name] = [b.replica for b in self.backends]
             finally:
                 lock.release()
         return behind
 
-    def start(self, every: float, base_dir_of: Callable[[str], str]) -> None:
+    def _reconcile_adapter(self, name: str, base_dir_of: Callable[[str], str], behind: dict[str, list[str]]) -> None:
+        """Bring every replica to ``name``'s current version; record who stays behind."""
+        version = self.store.current(name)
+        probe = None
+        for backend in self.backends:
+            state = next((s for s in self.states(name) if s.replica == backend.replica), None)
+            try:
+                served = backend.adapters().get(name, "")
+            except ReplicaError as e:
+                self._set(name, ReplicaState(backend.replica, "", 0, False, str(e), time.time()))
+                behind.setdefault(name, []).append(backend.replica)
+                continue
+            if served == str(version.adapter_path) and state is not None and state.current:
+                continue  # confirmed earlier, still the same path
+            try:
+                probe = probe or self.probe(version, base_dir_of(name))
+                self._swap_one(backend, version, probe)
+                if served != str(version.adapter_path):
+                    log.info("reconciled %s: %s now serves v%d (was %s)", backend.replica, name, version.number,
+                             served or "not loaded")
+            except ReplicaError as e:
+                behind.setdefault(name, []).append(backend.replica)
+                log.warning("reconcile: %s", e)
+
+    def start(self, every: float, base_dir_of: Callable[[str], str], after_pass: Callable[[], None] = lambda: None) -> None:
         def loop():
             while not self._stop.is_set():
                 try:
                     self.reconcile_once(base_dir_of)
+                    after_pass()
                 except Exception:
                     log.exception("reconcile failed")
                 self._stop.wait(every)

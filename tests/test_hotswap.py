@@ -322,3 +322,39 @@ def test_vllm_restart_is_reconciled(stub, sidecar, vllm_server, serving_adapter)
     assert all(served.get(name) == path for name, path in want.items()), served
     for name, rs in status.items():
         assert len(rs) == 2 and all(r.current and r.served_path == want[name] for r in rs), (name, rs)
+
+
+def test_a_computing_sidecar_without_replicas_waits_for_the_reconcilers(tmp_path, vllm_server, serving_base,
+                                                                         serving_adapter, train_file):
+    """The gpu-prod topology: the computing sidecar has no vLLM of its own; each serving
+    pod's reconciler reports what its replica serves through the store, and a job succeeds
+    once they report its version served (else it says serving is unconfirmed). A fault in
+    one adapter's files does not stop the reconciliation of the others."""
+    store = tmp_path / "store"
+    compute = start(SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0,
+                                  swap_timeout_seconds=120.0, erase=cg_erase()))
+    try:
+        with grpc.insecure_channel(compute.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            for name in ("topo", "broken-topo"):
+                register(stub, name, serving_base, serving_adapter, train_file)
+            alone = erase(stub, "topo", "born-ann")
+            assert alone.report.serving.startswith("unconfirmed: no serving replica"), alone.report.serving
+            (store / "adapters" / "broken-topo" / "current").write_text("99\n")  # a version that is not there
+            reconciler = start(SidecarConfig(store=store, grpc_port=0, metrics_port=0, role="reconcile",
+                                             vllm_urls=(vllm_server.url,), reconcile_seconds=0.5,
+                                             probe_tolerance=TOLERANCE))
+            try:
+                job = erase(stub, "topo", "born-bob")
+                assert job.report.serving == "confirmed on 1 replica(s) by their reconcilers", job.report.serving
+                (check,) = job.swap_checks
+                version = stub.GetAdapter(pb.GetAdapterRequest(name="topo"))
+                assert check.served_path == version.path == served_paths(vllm_server.url)["topo"]
+                assert vllm_server.url in check.replica and check.weights_confirmed
+                assert "broken-topo" not in served_paths(vllm_server.url)
+            finally:
+                reconciler.stop(2.0)
+            gone = erase(stub, "topo", "born-cid")  # the stopped reconciler withdrew its report
+            assert gone.report.serving.startswith("unconfirmed: no serving replica"), gone.report.serving
+    finally:
+        compute.stop(2.0)

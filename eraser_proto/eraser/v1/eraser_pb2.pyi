@@ -162,7 +162,7 @@ class EraseRequest(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., remove_ids: _Optional[_Iterable[str]] = ..., modify_queries: _Optional[_Iterable[_Union[ModifyQuery, _Mapping]]] = ..., correct_responses: _Optional[_Iterable[_Union[CorrectResponse, _Mapping]]] = ..., options: _Optional[_Union[EraseOptions, _Mapping]] = ...) -> None: ...
 
 class EraseReport(_message.Message):
-    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note", "curvature_rows", "curvature_products", "parameters", "solver_reason", "requested_solver", "factor_source", "factor_out_action", "factor_version", "factor_age_seconds", "factor_changed_fraction", "verification", "utility")
+    __slots__ = ("solver", "preset", "curvature", "damping", "objective", "iterations", "residual", "converged", "tolerance", "seconds", "affected_loss_before", "affected_loss_after", "edited_loss_before", "edited_loss_after", "rows_before", "rows_after", "counts", "update_norm", "adapter_sha256", "note", "curvature_rows", "curvature_products", "parameters", "solver_reason", "requested_solver", "factor_source", "factor_out_action", "factor_version", "factor_age_seconds", "factor_changed_fraction", "verification", "utility", "serving")
     class SecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class EraseReport(_message.Message):
     FACTOR_CHANGED_FRACTION_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_FIELD_NUMBER: _ClassVar[int]
     UTILITY_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     solver: str
     preset: str
     curvature: str
@@ -241,7 +242,8 @@ class EraseReport(_message.Message):
     factor_changed_fraction: float
     verification: Verification
     utility: UtilityCheck
-    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ..., curvature_rows: _Optional[int] = ..., curvature_products: _Optional[int] = ..., parameters: _Optional[int] = ..., solver_reason: _Optional[str] = ..., requested_solver: _Optional[str] = ..., factor_source: _Optional[str] = ..., factor_out_action: _Optional[str] = ..., factor_version: _Optional[int] = ..., factor_age_seconds: _Optional[float] = ..., factor_changed_fraction: _Optional[float] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ..., utility: _Optional[_Union[UtilityCheck, _Mapping]] = ...) -> None: ...
+    serving: str
+    def __init__(self, solver: _Optional[str] = ..., preset: _Optional[str] = ..., curvature: _Optional[str] = ..., damping: _Optional[float] = ..., objective: _Optional[str] = ..., iterations: _Optional[int] = ..., residual: _Optional[float] = ..., converged: _Optional[bool] = ..., tolerance: _Optional[float] = ..., seconds: _Optional[_Mapping[str, float]] = ..., affected_loss_before: _Optional[float] = ..., affected_loss_after: _Optional[float] = ..., edited_loss_before: _Optional[float] = ..., edited_loss_after: _Optional[float] = ..., rows_before: _Optional[int] = ..., rows_after: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., update_norm: _Optional[float] = ..., adapter_sha256: _Optional[str] = ..., note: _Optional[str] = ..., curvature_rows: _Optional[int] = ..., curvature_products: _Optional[int] = ..., parameters: _Optional[int] = ..., solver_reason: _Optional[str] = ..., requested_solver: _Optional[str] = ..., factor_source: _Optional[str] = ..., factor_out_action: _Optional[str] = ..., factor_version: _Optional[int] = ..., factor_age_seconds: _Optional[float] = ..., factor_changed_fraction: _Optional[float] = ..., verification: _Optional[_Union[Verification, _Mapping]] = ..., utility: _Optional[_Union[UtilityCheck, _Mapping]] = ..., serving: _Optional[str] = ...) -> None: ...
 
 class UtilityCheck(_message.Message):
     __slots__ = ("rows", "retain_nll_parent", "retain_nll_after", "max_rise", "passed")
