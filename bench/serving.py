@@ -287,7 +287,11 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
         t_served = time.time()
         erase_to_served = t_served - t0
         _say(f"erase to served: {erase_to_served:.1f} s ({job.report.iterations} cg iterations)")
-        erase_result = erase_breakdown(rec, job, t0, t_accepted, t_seen, t_served, erase_ids)
+        # Side by side: the probe as the sidecar built it before the erase recorded one.
+        t = time.perf_counter()
+        swapper._compute_probe(swapper.store.version(ADAPTER, job.to_version), str(model["base_dir"]))
+        sidecar_probe_seconds = time.perf_counter() - t
+        erase_result = erase_breakdown(rec, job, t0, t_accepted, t_seen, t_served, erase_ids, sidecar_probe_seconds)
         steady = []
         for _ in range(3):
             t = time.perf_counter()
@@ -396,11 +400,11 @@ def _swap_histogram(port: int) -> dict | None:
     return None
 
 
-ENGINE_STAGES = ("load", "gradient", "curvature_setup", "solve", "evaluate", "write")
+ENGINE_STAGES = ("load", "gradient", "curvature_setup", "solve", "evaluate", "probe", "write")
 
 
 def erase_breakdown(rec: Recorder, job, t0: float, t_accepted: float, t_seen: float, t_served: float,
-                    erase_ids: list[str]) -> dict:
+                    erase_ids: list[str], sidecar_probe_seconds: float) -> dict:
     created = job.created_at.ToNanoseconds() / 1e9
     started = job.started_at.ToNanoseconds() / 1e9
     finished = job.finished_at.ToNanoseconds() / 1e9
@@ -428,7 +432,7 @@ def erase_breakdown(rec: Recorder, job, t0: float, t_accepted: float, t_seen: fl
         add(f"engine.{k}", v, "the engine's report")
     add("engine.other", (e1 - e0) - engine_sum, "engine wall time not in its stages")
     add("publish", s0 - e1, "manifest, atomic rename, retention")
-    add("swap.probe_build", probe[0][2] - probe[0][1], "the sidecar computes the probe in transformers (new and previous version)")
+    add("swap.probe_lookup", probe[0][2] - probe[0][1], "the probe the erase recorded in the version (engine.probe)")
     add("swap.load_confirm", one[0][2] - one[0][1], "on the replica: in-place load, /v1/models check, probe generation")
     add("swap.other", (s1 - s0) - (probe[0][2] - probe[0][1]) - (one[0][2] - one[0][1]), "swap stage bookkeeping")
     add("job_end", finished - s1 if finished >= s1 else 0.0, "swap done -> job recorded SUCCEEDED")
@@ -437,6 +441,7 @@ def erase_breakdown(rec: Recorder, job, t0: float, t_accepted: float, t_seen: fl
     total = t_served - t0
     for v in stages.values():
         v["share"] = round(v["ms"] / 1000 / total, 4) if total > 0 else None
+    swap_stage = float(report_seconds.get("swap", 0.0))
     r = job.report
     return {
         "rows_erased": len(erase_ids), "erased_ids": erase_ids, "job_id": job.id,
@@ -450,6 +455,11 @@ def erase_breakdown(rec: Recorder, job, t0: float, t_accepted: float, t_seen: fl
         "swap_checks": [{"replica": c.replica, "max_logprob_error": c.max_logprob_error, "probe_margin": c.probe_margin,
                          "seconds": c.seconds} for c in job.swap_checks],
         "stages": stages,
+        # The job's swap stage as it ran (the probe read from the version), and as it was
+        # before (the same stage plus a probe built in the sidecar), from the same run.
+        "swap_stage_seconds": {"recorded_probe": round(swap_stage, 3),
+                               "probe_built_in_sidecar": round(swap_stage + sidecar_probe_seconds, 3)},
+        "sidecar_probe_build_seconds": round(sidecar_probe_seconds, 3),
         "erase_rpc_return_ms": round((t_accepted - t0) * 1000, 2),
         "erase_to_served_seconds": round(total, 3),
         "erase_call_to_succeeded_seen_seconds": round(t_seen - t0, 3),
@@ -500,10 +510,14 @@ def reading(result: dict) -> list[str]:
         f"({top[1]['ms'] / 1000:.1f} s, {top[1]['share']:.0%}): {e['iterations']} cg iterations "
         f"({e['curvature_products']} curvature products over {e['curvature_rows']} rows, residual {e['residual']:.1e}, "
         f"{'converged' if e['converged'] else 'NOT converged'}).",
-        f"The swap inside the job: probe build {st['swap.probe_build']['ms'] / 1000:.2f} s (the sidecar loads the base "
-        f"with the new and the previous version in transformers and scores the probe candidates), then "
-        f"load+confirm on vLLM {st['swap.load_confirm']['ms']:.0f} ms ({e['swap_split']['post_load_lora_adapter_ms']:.0f} ms "
-        f"POST load_lora_adapter, {e['swap_split']['probe_generate_ms']:.0f} ms probe generation).",
+        f"The swap inside the job: {e['swap_stage_seconds']['recorded_probe']:.2f} s (the job's report) with the probe "
+        f"the erase recorded in the version (computed in the engine in {st['engine.probe']['ms'] / 1000:.2f} s while it "
+        f"held both versions' parameters; read back in {st['swap.probe_lookup']['ms']:.0f} ms), then load+confirm on "
+        f"vLLM {st['swap.load_confirm']['ms']:.0f} ms ({e['swap_split']['post_load_lora_adapter_ms']:.0f} ms "
+        f"POST load_lora_adapter, {e['swap_split']['probe_generate_ms']:.0f} ms probe generation). Built in the "
+        f"sidecar as before (base and two adapters loaded again), the same version's probe took "
+        f"{e['sidecar_probe_build_seconds']:.2f} s in this run: the swap stage would have been "
+        f"{e['swap_stage_seconds']['probe_built_in_sidecar']:.2f} s.",
         f"Swap latency over {sw['rollback_rpc_ms']['n']} rollbacks: the whole Rollback RPC p50 "
         f"{sw['rollback_rpc_ms']['p50_ms']:.0f} ms / p99 {sw['rollback_rpc_ms']['p99_ms']:.0f} ms, of which the probe "
         f"build p50 {sw['probe_build_ms']['p50_ms']:.0f} ms; load+confirm on the replica p50 "
@@ -576,6 +590,14 @@ def markdown(result: dict) -> str:
         f"{e['curvature_rows']} rows, {e['parameters']:,} parameters; affected loss {e['affected_loss_before']:.3f} -> "
         f"{e['affected_loss_after']:.3f}; v{e['from_version']} -> v{e['to_version']}. Job report's swap stage: "
         f"{e['report_seconds'].get('swap', float('nan')):.3f} s.",
+        "",
+        md_row(["swap stage (job report)", "seconds", "how"]),
+        md_row(["---", "---:", "---"]),
+        md_row(["probe recorded by the erase (now)", f"{e['swap_stage_seconds']['recorded_probe']:.3f}",
+                "measured: the job's swap stage in this run"]),
+        md_row(["probe built in the sidecar (before)", f"{e['swap_stage_seconds']['probe_built_in_sidecar']:.3f}",
+                f"the same stage plus the sidecar's probe build for the same version, measured in this run "
+                f"({e['sidecar_probe_build_seconds']:.3f} s)"]),
         "",
         f"## Swap latency ({result['swap_latency']['summary']['rollback_rpc_ms']['n']} swaps of fresh versions)",
         "",

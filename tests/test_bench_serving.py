@@ -56,7 +56,7 @@ def test_erase_to_served(quick_result):
     assert (e["from_version"], e["to_version"]) == (1, 2)
     assert e["solver"] == "cg" and e["converged"] and 1 <= e["iterations"] <= result["settings"]["max_iterations"]
     stages = e["stages"]
-    for k in ("erase_rpc", "queue_wait", "publish", "swap.probe_build", "swap.load_confirm", "client_notified",
+    for k in ("erase_rpc", "queue_wait", "publish", "swap.probe_lookup", "swap.load_confirm", "client_notified",
               "first_served_answer", *(f"engine.{k}" for k in ENGINE_STAGES)):
         assert k in stages, k
     for name, v in stages.items():
@@ -67,9 +67,13 @@ def test_erase_to_served(quick_result):
     assert total > 0 and abs(sum(v["ms"] for v in stages.values()) / 1000 - total) < 0.01 * total + 0.01
     assert 0 < e["erase_call_to_succeeded_seen_seconds"] <= total and e["erase_rpc_return_ms"] > 0
     assert stages["engine.solve"]["ms"] / 1000 == pytest.approx(e["report_seconds"]["solve"], abs=1e-3)
-    # The job's own swap stage contains the probe build and the replica's load+confirm.
+    # The job's own swap stage contains the probe lookup and the replica's load+confirm; the
+    # probe comes from the erase, so the stage is shorter than with one built in the sidecar.
     swap_ms = e["report_seconds"]["swap"] * 1000
-    assert stages["swap.probe_build"]["ms"] + stages["swap.load_confirm"]["ms"] <= swap_ms + 1
+    assert stages["swap.probe_lookup"]["ms"] + stages["swap.load_confirm"]["ms"] <= swap_ms + 1
+    assert e["report_seconds"]["probe"] > 0 and e["sidecar_probe_build_seconds"] > 0
+    assert e["swap_stage_seconds"]["recorded_probe"] == pytest.approx(e["report_seconds"]["swap"], abs=1e-3)
+    assert e["swap_stage_seconds"]["probe_built_in_sidecar"] > e["swap_stage_seconds"]["recorded_probe"]
     assert len(e["swap_checks"]) == 1 and e["swap_checks"][0]["max_logprob_error"] <= 0.02
     split = e["swap_split"]
     assert split["post_load_lora_adapter_ms"] > 0 and split["probe_generate_ms"] > 0
