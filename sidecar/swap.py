@@ -61,6 +61,7 @@ class SwapCheck:
     max_logprob_error: float
     probe_margin: float
     seconds: float
+    served_at: float  # wall clock when the replica was confirmed: the receipt's "served" time
 
 
 @dataclass
@@ -168,7 +169,7 @@ class Swapper:
         seconds = time.perf_counter() - started
         self.hooks.swap_finished(backend.replica, "succeeded", seconds)
         self._set(version.adapter, ReplicaState(backend.replica, path, version.number, True, "", time.time()))
-        return SwapCheck(backend.replica, path, error, probe.margin, seconds)
+        return SwapCheck(backend.replica, path, error, probe.margin, seconds, time.time())
 
     @staticmethod
     def _served_path(backend: ServingBackend, adapter: str) -> str:
