@@ -18,6 +18,7 @@ from eraser.rowhash import RowHasher
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
+from sidecar.jobs import JobDB, RequestPayload
 from sidecar.receipts import ReceiptInvalid, ReceiptSigner, SignedReceipt, load_public_key, verify_file
 from sidecar.server import start
 
@@ -221,3 +222,22 @@ def test_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train
     cancelled = wait_job(stub, running.id, timeout=60)
     assert cancelled.state == pb.JOB_STATE_CANCELLED
     assert code_of(receipt(cancelled.id)) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_purge_deletes_payloads_that_ended_jobs_left(tmp_path):
+    """A payload outlives its job only by accident (a restore from backup, a crash in an older
+    release): a purge deletes those of ended jobs, zeroed, and leaves queued jobs theirs."""
+    db = JobDB(tmp_path / "jobs.sqlite3", RowHasher.draw())
+    ended, _, _ = db.submit("a", "r1", RequestPayload(correct_response=(("tea-bob", NEW_TEXT),)), {}, "f1",
+                            merge=False, max_rows=10)
+    queued, _, _ = db.submit("a", "r2", RequestPayload(correct_response=(("tea-cid", "Cid likes cocoa."),)), {}, "f2",
+                             merge=False, max_rows=10)
+    with db._tx() as c:
+        c.execute("UPDATE jobs SET state = 4 WHERE id = ?", (ended.id,))  # ended, its payload left behind
+    assert db.record_deletion("a", "purge", [], [], 1.0, purge_payloads=True) == 1
+    assert db.payload_rows(ended.id) == 0 and db.payload_rows(queued.id) == 1
+    assert db.deletions("a") == [{"deleted_at": 1.0, "how": "purge", "versions": [], "factor_caches": [],
+                                  "payload_rows": 1}]
+    db.close()
+    for p in tmp_path.glob("jobs.sqlite3*"):
+        assert NEW_TEXT.encode() not in p.read_bytes()
