@@ -20,7 +20,7 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
 from sidecar.jobs import JobDB, RequestPayload
 from sidecar.receipts import ReceiptInvalid, ReceiptSigner, SignedReceipt, load_public_key, verify_file
-from sidecar.server import start
+from sidecar.server import start, swap_check_message
 
 FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)
 SLOW = pb.EraseOptions(solver="sqm", max_iterations=100_000, tolerance=1e-12, damping=0.1)
@@ -241,3 +241,23 @@ def test_purge_deletes_payloads_that_ended_jobs_left(tmp_path):
     db.close()
     for p in tmp_path.glob("jobs.sqlite3*"):
         assert NEW_TEXT.encode() not in p.read_bytes()
+
+
+def test_serving_is_confirmed_only_with_a_served_time_for_every_replica():
+    from sidecar.jobs import Job, State
+    from sidecar.receipts import serving_record
+
+    check = {"replica": "http://a", "served_path": "/s/v2/adapter", "max_logprob_error": 0.001, "probe_margin": 1.0,
+             "seconds": 0.5, "served_at": 0.0}
+    job = Job("j", "a", State.SUCCEEDED, {}, 0.0, swap_checks=[check])
+    assert serving_record(job, True) == {"status": "confirmed", "behind": [], "replicas": [{
+        "replica": "http://a", "served_path": "/s/v2/adapter", "served_at": "1970-01-01T00:00:00.000000Z",
+        "max_logprob_error": 0.001}]}
+    legacy = {k: v for k, v in check.items() if k != "served_at"}  # recorded before served_at existed
+    assert serving_record(Job("j", "a", State.SUCCEEDED, {}, 0.0, swap_checks=[legacy]), True)["status"] == "unconfirmed"
+    assert serving_record(Job("j", "a", State.SUCCEEDED, {}, 0.0), True)["status"] == "unconfirmed"  # recovery: no checks
+    behind = Job("j", "a", State.SUCCEEDED, {}, 0.0, swap_checks=[check], replicas_behind=["http://b"])
+    assert serving_record(behind, True)["status"] == "unconfirmed"
+    # The job's SwapCheck messages carry the time too.
+    assert swap_check_message({**check, "served_at": 12.5}).served_at.ToNanoseconds() == 12_500_000_000
+    assert not swap_check_message(legacy).HasField("served_at")
