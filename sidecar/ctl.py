@@ -474,7 +474,11 @@ def verify_receipt(args) -> int:
 
     pem, text = read_local(args.public_key, "public key"), read_local(args.file, "receipt file")
     try:
-        receipt = verify_file(text, load_public_key(pem))
+        key = load_public_key(pem)
+    except ReceiptInvalid as e:  # a bad flag, not a bad receipt: exit 2
+        raise LocalInputError(f"--public-key {args.public_key}: {e}") from None
+    try:
+        receipt = verify_file(text, key)
     except ReceiptInvalid as e:
         print(f"{PROG}: error: receipt {args.file} does not verify: {e}", file=sys.stderr)
         return 1

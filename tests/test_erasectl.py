@@ -408,6 +408,8 @@ def test_e2e_receipt_verify_and_purge(sidecar, client, tiny_base, tiny_adapter, 
     assert res.returncode == 1 and "does not verify" in one_line_error(res)
     res = erasectl("verify-receipt", tmp_path / "missing.json", "--public-key", key)
     assert res.returncode == 2 and "cannot read receipt file" in one_line_error(res)
+    res = erasectl("verify-receipt", second, "--public-key", second)
+    assert res.returncode == 2 and "not a PEM public key" in one_line_error(res)
 
 
 def test_e2e_bearer_token(tmp_path):
