@@ -138,6 +138,19 @@ class EraserClient:
     def rollback(self, adapter: str, version: int) -> pb.Adapter:
         return self._call("Rollback", pb.RollbackRequest(adapter=adapter, version=int(version)))
 
+    def purge_history(self, adapter: str, before_version: int) -> pb.PurgeHistoryResponse:
+        """Delete the adapter's versions older than ``before_version`` now, with their factor caches."""
+        return self._call("PurgeHistory", pb.PurgeHistoryRequest(adapter=adapter, before_version=int(before_version)))
+
+    # -- receipts ------------------------------------------------------------------------
+
+    def erasure_receipt(self, job_id: str) -> pb.ErasureReceipt:
+        """The signed receipt of a succeeded job (``sidecar.receipts.verify_file`` checks it)."""
+        return self._call("GetErasureReceipt", pb.GetErasureReceiptRequest(job_id=job_id))
+
+    def receipt_key(self) -> pb.ReceiptKey:
+        return self._call("GetReceiptKey", pb.GetReceiptKeyRequest())
+
     # -- jobs ----------------------------------------------------------------------------
 
     def erase(self, adapter: str, *, remove_ids: Iterable[str] = (),

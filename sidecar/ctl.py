@@ -4,7 +4,8 @@ Errors are one line on stderr, ``erasectl: error: CODE: details``. Exit status: 
 input (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, UNAUTHENTICATED,
 PERMISSION_DENIED, OUT_OF_RANGE, or a bad local file or flag), 1 when the sidecar is
 unreachable or failed (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, ...) and when a waited-for
-job failed or was cancelled, 130 on Ctrl-C. Progress bars go to stderr; with ``--json`` the
+job failed or was cancelled or a receipt does not verify (``verify-receipt``, which runs
+offline), 130 on Ctrl-C. Progress bars go to stderr; with ``--json`` the
 last line on stdout is one JSON object. The text of prompts and responses is never printed.
 """
 
@@ -132,6 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     rb = sub.add_parser("rollback", help="publish a retained earlier version as the adapter's new current version")
     rb.add_argument("adapter")
     rb.add_argument("version", type=_version)
+
+    pu = sub.add_parser("purge", help="delete an adapter's versions older than --before now (whatever keep_versions "
+                                      "says), with their factor caches")
+    pu.add_argument("adapter")
+    pu.add_argument("--before", type=_version, required=True, metavar="N",
+                    help="delete versions numbered below N (at most the current version)")
+
+    rc = sub.add_parser("receipt", help="the signed erasure receipt of a succeeded job")
+    rc.add_argument("id")
+    rc.add_argument("--out", metavar="FILE", help="write the receipt file here (default: stdout)")
+
+    rk = sub.add_parser("receipt-key", help="the sidecar's receipt signing key (public, PEM), to pin")
+    rk.add_argument("--out", metavar="FILE", help="write the PEM here (default: stdout)")
+
+    vr = sub.add_parser("verify-receipt", help="check a receipt file offline against a pinned public key "
+                                               "(exit 0: valid, 1: it does not verify)")
+    vr.add_argument("file")
+    vr.add_argument("--public-key", required=True, metavar="FILE", help="the PEM from erasectl receipt-key")
     return parser
 
 
@@ -331,6 +350,32 @@ def format_verification(v) -> str:
     return text
 
 
+def format_receipt(receipt: dict) -> str:
+    """One line: ids, versions, counts and times of a receipt (it holds no row text)."""
+    holding = receipt["still_holding"]
+    parts = [f"receipt of job {receipt['job_id']}", f"adapter {receipt['adapter']} v{receipt['from_version']} -> "
+             f"v{receipt['to_version']}", "requests " + ",".join(receipt["request_ids"]),
+             f"{len(receipt['edits'])} row(s) ({receipt['row_hash']['algorithm']} key {receipt['row_hash']['key_id']})",
+             f"serving {receipt['serving']['status']}"]
+    if holding["versions"] or holding["factor_caches"] or holding["payload_rows"]:
+        parts.append("still held by " + ", ".join(
+            [f"v{n}" for n in holding["versions"]] + [f"v{c['version']}/{c['method']} factors" for c in holding["factor_caches"]]
+            + ([f"{holding['payload_rows']} payload row(s)"] if holding["payload_rows"] else [])))
+    else:
+        parts.append("no older copy retained")
+    if receipt["purged_at"]:
+        parts.append(f"history purged at {receipt['purged_at']}")
+    parts.append(f"issued {receipt['issued_at']} (key {receipt['signing_key_id']})")
+    return "  ".join(parts)
+
+
+def format_purge(purge) -> str:
+    caches = [f"v{c.version}/{c.method}" for c in purge.purged_factor_caches]
+    return (f"purged {purge.adapter}: versions {','.join(f'v{n}' for n in purge.purged_versions) or 'none'}  factor caches "
+            f"{','.join(caches) or 'none'}  payload rows {purge.purged_payloads}  retained "
+            + ",".join(f"v{n}" for n in purge.retained_versions))
+
+
 def format_adapter(adapter) -> str:
     line = f"adapter {adapter.name} v{adapter.version}  rows {adapter.rows}  base {adapter.base_model}  path {adapter.path}"
     if adapter.retained_versions:
@@ -411,7 +456,56 @@ def follow(client, args, job_id: str, bar: JobBar | None) -> int:
     return 0
 
 
+def read_local(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise LocalInputError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def write_local(path: str, text: str, what: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise LocalInputError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
+def verify_receipt(args) -> int:
+    """Offline: no sidecar is contacted. Exit 0 when the receipt verifies, 1 when it does not."""
+    from .receipts import ReceiptInvalid, load_public_key, verify_file
+
+    pem, text = read_local(args.public_key, "public key"), read_local(args.file, "receipt file")
+    try:
+        key = load_public_key(pem)
+    except ReceiptInvalid as e:  # a bad flag, not a bad receipt: exit 2
+        raise LocalInputError(f"--public-key {args.public_key}: {e}") from None
+    try:
+        receipt = verify_file(text, key)
+    except ReceiptInvalid as e:
+        print(f"{PROG}: error: receipt {args.file} does not verify: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"valid": True, "receipt": receipt}) if args.json else "valid: " + format_receipt(receipt), flush=True)
+    return 0
+
+
+def save_receipt(args, message) -> None:
+    from .receipts import SignedReceipt
+
+    signed = SignedReceipt(message.receipt, message.signature, message.key.public_key_pem, message.key.key_id)
+    text = signed.to_file()
+    if args.out:
+        write_local(args.out, text, "receipt file")
+        line = f"{format_receipt(json.loads(signed.body))}  written to {args.out}"
+        print(json.dumps({"file": args.out, "receipt": json.loads(signed.body)}) if args.json else line, flush=True)
+    elif args.json:
+        print(json.dumps(json.loads(text)), flush=True)
+    else:
+        print(text, end="", flush=True)
+
+
 def run_command(args, state: dict) -> int:
+    if args.command == "verify-receipt":
+        return verify_receipt(args)
     request = build_request(args) if args.command == "erase" else None  # local input first
     client = make_client(args)
     with client:
@@ -457,6 +551,17 @@ def run_command(args, state: dict) -> int:
         elif cmd == "rollback":
             adapter = client.rollback(args.adapter, args.version)
             emit(args, adapter, format_adapter(adapter))
+        elif cmd == "purge":
+            purge = client.purge_history(args.adapter, args.before)
+            emit(args, purge, format_purge(purge))
+        elif cmd == "receipt":
+            save_receipt(args, client.erasure_receipt(args.id))
+        elif cmd == "receipt-key":
+            key = client.receipt_key()
+            if args.out:
+                write_local(args.out, key.public_key_pem, "public key")
+            emit(args, key, f"receipt key {key.key_id} ({key.algorithm}) written to {args.out}" if args.out
+                 else key.public_key_pem.rstrip("\n"))
     return 0
 
 

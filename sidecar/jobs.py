@@ -173,6 +173,16 @@ CREATE TABLE IF NOT EXISTS payloads (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
+CREATE TABLE IF NOT EXISTS deletions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    adapter TEXT NOT NULL,
+    deleted_at REAL NOT NULL,
+    how TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    factor_caches TEXT NOT NULL,
+    payload_rows INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
 """
 
 _JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
@@ -302,6 +312,19 @@ class JobDB:
                 "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove'", (adapter,)).fetchall()
         return {r[0] for r in rows}
 
+    def payload_rows(self, job_id: str) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM payloads WHERE job_id = ?", (job_id,)).fetchone()[0]
+
+    def deletions(self, adapter: str) -> list[dict]:
+        """What was deleted of an adapter's history, oldest first: {deleted_at, how (purge |
+        retention), versions, factor_caches [[version, method]], payload_rows}."""
+        with self._lock:
+            rows = self._conn.execute("SELECT deleted_at, how, versions, factor_caches, payload_rows FROM deletions "
+                                      "WHERE adapter = ? ORDER BY seq", (adapter,)).fetchall()
+        return [{"deleted_at": r[0], "how": r[1], "versions": json.loads(r[2]), "factor_caches": json.loads(r[3]),
+                 "payload_rows": r[4]} for r in rows]
+
     def payloads(self, job_id: str) -> list[RequestPayload]:
         with self._lock:
             rows = self._conn.execute(
@@ -390,7 +413,8 @@ class JobDB:
                                (json.dumps(checks), json.dumps(behind), job_id))
 
     def finish(self, job_id: str, state: State, *, report: dict | None = None, error_code: str = "",
-               error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None) -> Job:
+               error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None,
+               edits: list[dict] | None = None) -> Job:
         with self._tx() as c:
             sets = "state = ?, finished_at = ?, report = ?, error_code = ?, error_message = ?, stage = ?, fraction = ?"
             args: list = [int(state), time.time(), json.dumps(report) if report is not None else None, error_code,
@@ -402,12 +426,34 @@ class JobDB:
             if already_erased is not None:
                 sets += ", already_erased = ?"
                 args.append(json.dumps(already_erased))
+            if edits is not None:  # with the keyed hashes of the rows the job replaced (old_hash)
+                sets += ", edits = ?"
+                args.append(json.dumps(edits))
             c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
             # The replacement text is not needed any more: drop it (zeroed: secure_delete).
             c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
             job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
         self._checkpoint()
         return job
+
+    def record_deletion(self, adapter: str, how: str, versions: list[int], factor_caches: list[tuple[int, str]],
+                        deleted_at: float, purge_payloads: bool = False) -> int:
+        """Record that versions and factor caches of ``adapter`` were deleted (``how``: purge
+        or retention); with ``purge_payloads``, delete the payloads ended jobs left, in the same
+        transaction. Returns the payload rows deleted."""
+        with self._tx() as c:
+            payload_rows = 0
+            if purge_payloads:
+                payload_rows = c.execute("DELETE FROM payloads WHERE job_id IN (SELECT id FROM jobs WHERE adapter = ? "
+                                         "AND state IN (3, 4, 5))", (adapter,)).rowcount
+            if not (versions or factor_caches or payload_rows):
+                return 0
+            c.execute("INSERT INTO deletions (adapter, deleted_at, how, versions, factor_caches, payload_rows) "
+                      "VALUES (?, ?, ?, ?, ?, ?)", (adapter, deleted_at, how, json.dumps(versions),
+                                                    json.dumps([list(fc) for fc in factor_caches]), payload_rows))
+        if payload_rows:
+            self._checkpoint()
+        return payload_rows
 
     def requeue(self, job_id: str) -> None:
         """Back to the queue (drain or crash): it starts again from its adapter's current version."""

@@ -25,7 +25,9 @@ from .config import SidecarConfig
 from .errors import status_of
 from .jobs import Job, RequestPayload
 from .metrics import Metrics
-from .service import OPTION_FIELDS, EraserService, Hooks, verify_policy
+from .receipts import ALGORITHM as RECEIPT_ALGORITHM
+from .receipts import SignedReceipt
+from .service import OPTION_FIELDS, EraserService, Hooks, Purge, verify_policy
 from .store import Version
 
 log = logging.getLogger("eraser.sidecar")
@@ -145,8 +147,30 @@ def job_message(job: Job) -> pb.Job:
         created_at=_timestamp(job.created_at), started_at=_timestamp(job.started_at),
         finished_at=_timestamp(job.finished_at), counts=job.counts, attempts=job.attempts,
         already_erased_ids=job.already_erased, replicas_behind=job.replicas_behind,
-        swap_checks=[pb.SwapCheck(**c) for c in job.swap_checks],
+        swap_checks=[swap_check_message(c) for c in job.swap_checks],
     )
+
+
+def swap_check_message(check: dict) -> pb.SwapCheck:
+    """A recorded ``SwapCheck`` (checks recorded before served_at existed have none)."""
+    return pb.SwapCheck(**{**check, "served_at": _timestamp(check.get("served_at"))})
+
+
+def receipt_key_message(public_key_pem: str, key_id: str) -> pb.ReceiptKey:
+    return pb.ReceiptKey(algorithm=RECEIPT_ALGORITHM, public_key_pem=public_key_pem, key_id=key_id)
+
+
+def receipt_message(receipt: SignedReceipt) -> pb.ErasureReceipt:
+    return pb.ErasureReceipt(receipt=receipt.body, signature=receipt.signature,
+                             key=receipt_key_message(receipt.public_key_pem, receipt.key_id))
+
+
+def purge_message(purge: Purge) -> pb.PurgeHistoryResponse:
+    return pb.PurgeHistoryResponse(
+        adapter=purge.adapter, purged_versions=purge.deleted.versions,
+        purged_factor_caches=[pb.FactorCache(version=n, method=m) for n, m in purge.deleted.factor_caches],
+        purged_payloads=purge.payload_rows, purged_at=_timestamp(purge.purged_at),
+        retained_versions=purge.retained_versions)
 
 
 def options_dict(options: pb.EraseOptions) -> dict:
@@ -237,6 +261,19 @@ class EraserServicer(pb_grpc.EraserServicer):
     @_guarded
     def Rollback(self, request, context):
         return adapter_message(self.service, self.service.rollback(request.adapter, request.version))
+
+    @_guarded
+    def GetErasureReceipt(self, request, context):
+        return receipt_message(self.service.receipt(request.job_id))
+
+    @_guarded
+    def GetReceiptKey(self, request, context):
+        signer = self.service.receipt_key()
+        return receipt_key_message(signer.public_key_pem, signer.key_id)
+
+    @_guarded
+    def PurgeHistory(self, request, context):
+        return purge_message(self.service.purge(request.adapter, request.before_version))
 
 
 def _never_raises(method):

@@ -45,8 +45,10 @@ from .errors import (
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
 from .imports import ImportRoots
 from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
+from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
 from .serving import VLLMBackend
-from .store import ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, StoreLock, Version, check_adapter_name, file_sha256
+from .store import (ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Deleted, StoreLock, Version, check_adapter_name,
+                    file_sha256)
 from .swap import SwapCheck, SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
@@ -239,10 +241,10 @@ def result_from_reports(reports: list[dict], version: Version) -> SwapResult:
             name = f"{report['instance']} {replica}"
             state = adapters.get(version.adapter) or {}
             if state.get("current") and int(state.get("served_version", 0)) >= version.number:
+                served_at = float(state["checked_at"])
                 result.checks.append(SwapCheck(name, state["served_path"], float(state.get("max_logprob_error", 0.0)),
-                                               float(state.get("probe_margin", 0.0)),
-                                               max(0.0, float(state["checked_at"]) - published),
-                                               bool(state.get("weights_confirmed"))))
+                                               float(state.get("probe_margin", 0.0)), max(0.0, served_at - published),
+                                               served_at, bool(state.get("weights_confirmed"))))
             else:
                 result.behind[name] = state.get("error") or (f"serves v{state['served_version']}" if state
                                                              else "has not reported this adapter yet")
@@ -308,6 +310,17 @@ class _SolverChoice:
         return why
 
 
+@dataclass(frozen=True)
+class Purge:
+    """What one PurgeHistory deleted, and when."""
+
+    adapter: str
+    deleted: Deleted
+    payload_rows: int
+    purged_at: float
+    retained_versions: list[int]
+
+
 @dataclass
 class _Running:
     job: Job
@@ -325,6 +338,8 @@ class EraserService:
         # Only the computing sidecar owns the job database; reconcilers read the store.
         self._lock_file = StoreLock(self.store.root) if self.computes else None
         self.db = JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher) if self.computes else None
+        # Created with the store (like the row-hash key); only the computing sidecar issues receipts.
+        self.signer = self.store.receipt_signer if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
         self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
@@ -362,7 +377,8 @@ class EraserService:
                 if self.store.current_number(job.adapter) < version.number:
                     self.store.set_current(job.adapter, version.number)
                 self.db.finish(job.id, State.SUCCEEDED, report=version.manifest.get("report"), to_version=version.number,
-                               already_erased=version.manifest.get("already_erased", []))
+                               already_erased=version.manifest.get("already_erased", []),
+                               edits=version.manifest.get("edits"))
                 outcome["finished"] += 1
                 log.info("recovered job %s: version %d of %s was published before the stop", job.id, version.number, job.adapter)
             elif job.attempts >= self.config.max_attempts:
@@ -387,7 +403,7 @@ class EraserService:
                     self.store.set_current(name, numbers[-1])
                     if rollback:
                         outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
-                        self.store.prune(name, self.config.keep_versions)
+                        self._prune(name)
                         log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
                                  name, manifest.get("rollback_of"), numbers[-1])
             self.hooks.version_published(name, self.store.current(name))
@@ -565,8 +581,7 @@ class EraserService:
             if number < 1 or number > current.number:
                 raise NotFoundError(f"adapter {name!r} has no version {number} (current is {current.number})")
             if number not in self.store.version_numbers(name):
-                raise FailedPreconditionError(
-                    f"version {number} of {name!r} was deleted by retention (keep_versions={self.config.keep_versions})")
+                raise FailedPreconditionError(f"version {number} of {name!r} was deleted {self._deleted_how(name, number)}")
             active = self.db.active_count(name)
             if active[State.QUEUED] or active[State.RUNNING]:
                 raise FailedPreconditionError(f"adapter {name!r} has queued or running jobs; wait for them or cancel them first")
@@ -588,13 +603,108 @@ class EraserService:
                 except OSError as e:
                     log.warning("could not copy the %s factors of %s v%d to v%d (%s); they will be refitted", method,
                                 name, number, version.number, type(e).__name__)
-            self.store.prune(name, self.config.keep_versions)
+            self._prune(name)
         log.info("adapter %s rolled back to the content of version %d as version %d", name, number, version.number)
         self.hooks.version_published(name, version)
         self._prepare_factors(version)
         self._report_factor_age(name)
         self._serve_now(version)
         return version
+
+    # ---- history: retention, purge, receipts ------------------------------------------
+    def _prune(self, name: str) -> Deleted:
+        """Retention (``keep_versions``), recorded so that receipts say when a version went."""
+        deleted = self.store.prune(name, self.config.keep_versions)
+        if deleted:
+            self.db.record_deletion(name, "retention", deleted.versions, deleted.factor_caches, time.time())
+        return deleted
+
+    def _deleted_how(self, name: str, number: int) -> str:
+        """How a version went, for an error message: by PurgeHistory (when) or by retention."""
+        for d in reversed(self.db.deletions(name)):
+            if number in d["versions"]:
+                return f"by {'PurgeHistory' if d['how'] == 'purge' else 'retention'} at {timestamp(d['deleted_at'])}"
+        return f"by retention (keep_versions={self.config.keep_versions})"
+
+    def purge(self, name: str, before_version: int) -> Purge:
+        """Delete the versions of ``name`` older than ``before_version`` now, whatever
+        ``keep_versions`` says, with their factor caches and the payloads ended jobs left;
+        recorded (time, what) so later receipts say when. The current version stays."""
+        self._require_compute()
+        self.store.record(name)
+        with self._publish_lock:  # no publish, rollback or prune in between
+            current = self.store.current_number(name)
+            if not 1 <= before_version <= current:
+                raise InvalidRequestError(f"before_version must be in [1, {current}] for adapter {name!r} (its current "
+                                          f"version, which is never purged), not {before_version}")
+            deleted = self.store.purge(name, before_version)
+            purged_at = time.time()
+            payload_rows = self.db.record_deletion(name, "purge", deleted.versions, deleted.factor_caches, purged_at,
+                                                   purge_payloads=True)
+        log.info("purged %s before v%d: versions %s, %d factor cache(s), %d payload row(s)", name, before_version,
+                 deleted.versions, len(deleted.factor_caches), payload_rows)
+        self._report_factor_age(name)
+        return Purge(name, deleted, payload_rows, purged_at, self.store.version_numbers(name))
+
+    def _with_old_hashes(self, edits: list[dict], rows) -> list[dict]:
+        """A job's edits with the keyed hash of each row before the job (``old_hash``, as in
+        eraser.json): how a receipt names the erased rows. Rows already erased have none."""
+        by_id = {r.id: r for r in rows}
+        return [{**e, "old_hash": self.store.row_hasher.row(by_id[e["id"]])} if e["id"] in by_id else e for e in edits]
+
+    def receipt(self, job_id: str) -> SignedReceipt:
+        """The signed erasure receipt of a SUCCEEDED job (``sidecar.receipts``), with what
+        the store holds of the erased rows now."""
+        job = self.job(job_id)
+        if job.state != State.SUCCEEDED:
+            raise FailedPreconditionError(f"job {job_id} is {job.state.name.lower()}: receipts are issued for "
+                                          "succeeded jobs only")
+        with self._publish_lock:  # a consistent view: no version appears or goes meanwhile
+            holding = self._versions_holding(job)
+            caches = [{"version": n, "method": m} for n, m in self.store.factor_caches(job.adapter) if n in holding]
+            current = self.store.current_number(job.adapter)
+            deleted = self._deleted_before(job)
+        receipt = build_receipt(job, row_hash=self.store.row_hasher.describe(), current_version=current,
+                                holding_versions=holding, holding_factors=caches,
+                                payload_rows=self.db.payload_rows(job.id), deleted=deleted,
+                                replicas_configured=bool(self.config.vllm_urls), signing_key_id=self.signer.key_id,
+                                issued_at=time.time())
+        return self.signer.sign(receipt)
+
+    def receipt_key(self) -> ReceiptSigner:
+        """The key receipts are signed with (its public half is what a verifier pins)."""
+        self._require_compute()
+        return self.signer
+
+    def _versions_holding(self, job: Job) -> list[int]:
+        """Retained versions whose training set (and so whose weights) still has a row the job
+        erased: a removed id that is present, an edited row with its old text (by keyed hash).
+        Older versions, and a rollback past the erase. Jobs recorded before edits carried
+        ``old_hash``: an edited row counts in the versions before the job's."""
+        hasher = self.store.row_hasher
+        holding = []
+        for number in self.store.version_numbers(job.adapter):
+            rows = {r.id: r for r in self.store.rows(self.store.version(job.adapter, number))}
+            for e in job.edits:
+                row = rows.get(e["id"])
+                if row is not None and (e["kind"] == "remove" or hasher.row(row) == e.get("old_hash")
+                                        or ("old_hash" not in e and number < job.to_version)):
+                    holding.append(number)
+                    break
+        return holding
+
+    def _deleted_before(self, job: Job) -> list[dict]:
+        """Deletions of versions published before the job's (and of their factor caches):
+        when, how (purge, retention), which. A deleted version cannot be inspected, so the
+        receipt names what was deleted, not which of those held the rows."""
+        out = []
+        for d in self.db.deletions(job.adapter):
+            versions = [n for n in d["versions"] if n < job.to_version]
+            caches = [{"version": n, "method": m} for n, m in d["factor_caches"] if n < job.to_version]
+            if versions or caches:
+                out.append({"deleted_at": timestamp(d["deleted_at"]), "how": d["how"], "versions": versions,
+                            "factor_caches": caches})
+        return out
 
     # ---- jobs ----------------------------------------------------------------------
     def submit(self, adapter: str, request_id: str, payload: RequestPayload, options: dict,
@@ -765,6 +875,7 @@ class EraserService:
             current = self.store.current(job.adapter)
             rows = self.store.rows(current)
             request, already = self._merged_request(job, {r.id for r in rows})
+            edits = self._with_old_hashes(job.edits, rows)
             if request is None:
                 finished = self.db.finish(job.id, State.SUCCEEDED, to_version=current.number, already_erased=already,
                                           report=None)
@@ -814,22 +925,22 @@ class EraserService:
                     "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
                     "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
                     "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
-                    "rows": report.rows_after, "source": "erase", "edits": job.edits, "already_erased": already,
+                    "rows": report.rows_after, "source": "erase", "edits": edits, "already_erased": already,
                     "report": report_json,
                 })
                 version = self.store.publish(job.adapter, current.number + 1, staged)
                 staged = None
                 self._install_job_factors(job, version, choice, staged_factors)
-                pruned = self.store.prune(job.adapter, self.config.keep_versions)
+                pruned = self._prune(job.adapter)
             residual = f"{report.residual:.2e}" if report.residual is not None else "not measured"
             log.info("job %s published %s v%d (%d rows; %s; residual %s; %.1f s)%s", job.id, job.adapter, version.number,
                      version.rows, report_json["solver_reason"], residual, report.seconds.get("total", 0.0),
-                     f"; deleted versions {pruned} (retention)" if pruned else "")
+                     f"; deleted versions {pruned.versions} (retention)" if pruned.versions else "")
             self.hooks.version_published(job.adapter, version)
             self._prepare_factors(version, choice.requested)
             self._report_factor_age(job.adapter)
             # The version is published: from here the job cannot be cancelled, only served.
-            finished = self._swap_in(job, version, report_json, already)
+            finished = self._swap_in(job, version, report_json, already, edits)
             if finished is not None:
                 self.hooks.job_finished(finished)
         except ShuttingDown:
@@ -986,7 +1097,7 @@ class EraserService:
                          if t is not None), None)
             self.hooks.factors_age(adapter, when)
 
-    def _swap_in(self, job: Job, version: Version, report: dict, already: list[str]) -> Job | None:
+    def _swap_in(self, job: Job, version: Version, report: dict, already: list[str], edits: list[dict]) -> Job | None:
         """Serve the published version on every replica, confirmed, then end the job.
         Without replicas of its own, the sidecar waits for the reconcilers' reports.
 
@@ -1017,13 +1128,14 @@ class EraserService:
             why = "; ".join(f"{r}: {e}" for r, e in sorted(result.behind.items()))
             log.warning("job %s: %s v%d published but not served everywhere: %s", job.id, job.adapter, version.number, why)
             return self.db.finish(
-                job.id, State.FAILED, report=report, to_version=version.number, already_erased=already,
+                job.id, State.FAILED, report=report, to_version=version.number, already_erased=already, edits=edits,
                 error_code="UNAVAILABLE",
                 error_message=f"version {version.number} is published and current, but {len(result.behind)} replica(s) "
                               f"did not confirm it within {self.config.swap_timeout_seconds:g} s "
                               f"({', '.join(sorted(result.behind))}); the reconcile loop keeps trying")
         log.info("job %s: %s v%d %s", job.id, job.adapter, version.number, report["serving"])
-        return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already)
+        return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already,
+                              edits=edits)
 
     def _await_reconcilers(self, version: Version, progress) -> SwapResult | None:
         """Wait, within ``swap_timeout_seconds``, until every live reconciler reports

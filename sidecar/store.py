@@ -9,6 +9,8 @@
     STORE/staging/                            versions being assembled (cleared at start)
     STORE/compute.lock                        flock of the one computing sidecar (StoreLock)
     STORE/factors/NAME/N/METHOD/              EK-FAC/K-FAC factors of version N (eraser.factors)
+    STORE/secrets/row-hash.key                HMAC key of the recorded row hashes (owner-only)
+    STORE/secrets/receipt-signing.key         Ed25519 key that signs erasure receipts (owner-only)
 
 A version is assembled under staging/ and published by one ``rename`` into versions/, then
 ``current`` is replaced atomically: a reader, or a restart after kill -9, sees a version
@@ -16,7 +18,8 @@ whole or not at all. Published files are read-only and never rewritten, so a ser
 engine that caches by path (vLLM's prefix cache) can never mix two versions' weights.
 
 Only the newest ``keep_versions`` versions are kept. Every older version still holds what
-later erases removed, so retention is a privacy setting as much as a disk one.
+later erases removed, so retention is a privacy setting as much as a disk one. ``purge`` deletes the versions older
+than a given one at once, whatever the retention.
 
 Factor caches live outside the sealed version directories, because they are written
 after a version is published (a background fit, or a job's downdated factors moved in
@@ -47,6 +50,7 @@ from eraser.rowhash import RowHasher
 
 from .config import ADAPTER_NAME
 from .errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from .receipts import ReceiptSigner
 from eraser.errors import InvalidRequestError
 
 ADAPTER_DIR = "adapter"
@@ -232,6 +236,12 @@ class AdapterStore:
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # being replaced, or not a report: the next pass writes it anew
         return live
+
+    @functools.cached_property
+    def receipt_signer(self) -> ReceiptSigner:
+        """The store's Ed25519 key that signs erasure receipts; created with the store, never
+        overwritten (receipts already issued must keep verifying)."""
+        return ReceiptSigner.load_or_create(self.root / "secrets" / "receipt-signing.key")
 
     # ---- reading -------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
@@ -446,23 +456,55 @@ class AdapterStore:
             except OSError:
                 shutil.copy2(p, dest)
 
-    def prune(self, name: str, keep: int) -> list[int]:
-        """Delete all but the newest ``keep`` versions; return the deleted numbers."""
+    def prune(self, name: str, keep: int) -> "Deleted":
+        """Delete all but the newest ``keep`` versions (never the current one)."""
         numbers = self.version_numbers(name)
         current = self.current_number(name)
         doomed = [n for n in numbers[:-keep] if n != current] if keep < len(numbers) else []
-        for n in doomed:
+        return self._delete_versions(name, doomed, [])
+
+    def purge(self, name: str, before: int) -> "Deleted":
+        """Delete the versions numbered below ``before``, whatever the retention, with their
+        factor caches and those left without a version; never the current version."""
+        if before > self.current_number(name):
+            raise ValueError(f"purge of {name!r} before version {before}: past the current version")
+        doomed = [n for n in self.version_numbers(name) if n < before]
+        orphans = [(n, m) for n, m in self.factor_caches(name) if n < before and n not in doomed]
+        return self._delete_versions(name, doomed, orphans)
+
+    def factor_caches(self, name: str) -> list[tuple[int, str]]:
+        """(version, method) of every factor cache of an adapter on disk, complete or not."""
+        root = self.factors_root / check_adapter_name(name)
+        if not root.is_dir():
+            return []
+        return sorted((int(v.name), m.name) for v in root.iterdir() if v.name.isdigit() and v.is_dir()
+                      for m in v.iterdir() if m.is_dir() and not m.name.startswith("."))
+
+    def _delete_versions(self, name: str, numbers: list[int], orphan_caches: list[tuple[int, str]]) -> "Deleted":
+        caches = [(n, m) for n, m in self.factor_caches(name) if n in numbers] + orphan_caches
+        for n in numbers:
             path = self._dir(name) / "versions" / str(n)
             # Rename first so a crash mid-delete never leaves a half version that looks whole.
             trash = self.staging_dir / f"deleted-{name}-{n}.{uuid.uuid4().hex[:8]}"
             os.rename(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
-            self.discard_factors(name, n)
             with self._lock:
                 self._rows_cache.pop((name, n), None)
                 self._ids_cache.pop((name, n), None)
-        return doomed
+        for n in sorted({n for n, _ in caches}):
+            self.discard_factors(name, n)
+        return Deleted(numbers, sorted(caches))
 
+
+@dataclass(frozen=True)
+class Deleted:
+    """What a prune or purge deleted: version numbers and (version, method) factor caches."""
+
+    versions: list[int]
+    factor_caches: list[tuple[int, str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.versions or self.factor_caches)
 
 def now() -> float:
     return time.time()

@@ -52,6 +52,7 @@ class SwapCheck:
     max_logprob_error: float
     probe_margin: float
     seconds: float
+    served_at: float  # wall clock when the replica was confirmed: the receipt's "served" time
     # Whether the probe could tell the weights apart: a margin above the tolerance. When
     # not, the replica's served path is the confirmation and the job says so.
     weights_confirmed: bool = False
@@ -167,7 +168,7 @@ class Swapper:
         confirmed = probe.margin > self.tolerance
         self._set(version.adapter, ReplicaState(backend.replica, path, version.number, True, "", time.time(),
                                                 probe.margin, confirmed, error))
-        return SwapCheck(backend.replica, path, error, probe.margin, seconds, confirmed)
+        return SwapCheck(backend.replica, path, error, probe.margin, seconds, time.time(), confirmed)
 
     @staticmethod
     def _served_path(backend: ServingBackend, adapter: str) -> str:

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from conftest import cg_erase
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc
 from sidecar import ctl
 from sidecar.client import EraserClient, JobFailed, SidecarError, erase_options
+from sidecar.receipts import public_pem
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--damping", "0.1", "--max-iterations", "100", "--tolerance", "1e-3"]
@@ -363,6 +365,51 @@ def test_e2e_bad_requests_exit_2(sidecar, client, demo):
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(ValueError):
         client.erase(demo, remove_ids=["born-bob"], options={"lamda": 0.1})
+
+
+def test_e2e_receipt_verify_and_purge(sidecar, client, tiny_base, tiny_adapter, train_file, tmp_path):
+    t = sidecar.target
+    client.register_adapter("rcpt", str(tiny_base), str(tiny_adapter), str(train_file))
+    job = client.wait(client.erase("rcpt", remove_ids=["born-dee"], request_id="ticket-r",
+                                   options={"damping": 0.1, "max_iterations": 100, "tolerance": 1e-3}).id, timeout=120)
+    key, first = tmp_path / "receipt.pem", tmp_path / "first.json"
+    res = erasectl("receipt-key", "--out", key, target=t)
+    assert res.returncode == 0 and key.read_text().startswith("-----BEGIN PUBLIC KEY-----"), res.stderr
+    res = erasectl("receipt", job.id, "--out", first, target=t)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"receipt of job {job.id}  adapter rcpt v1 -> v2  requests ticket-r  1 row(s) ")
+    assert "still held by v1" in res.stdout
+
+    res = erasectl("purge", "rcpt", "--before", "2", target=t)
+    assert res.returncode == 0 and res.stdout.strip() == "purged rcpt: versions v1  factor caches none  payload rows 0  " \
+                                                         "retained v2", res.stderr
+    res = erasectl("purge", "rcpt", "--before", "3", target=t)
+    assert res.returncode == 2 and "INVALID_ARGUMENT" in one_line_error(res)
+    res = erasectl("receipt", "no-such-job", target=t)
+    assert res.returncode == 2 and "NOT_FOUND" in one_line_error(res)
+    res = erasectl("receipt", job.id, target=t)  # to stdout: the receipt file itself
+    assert res.returncode == 0 and json.loads(res.stdout)["receipt"]["purged_at"]
+    second = tmp_path / "second.json"
+    second.write_text(res.stdout)
+
+    # Offline: nothing listens at the target.
+    for path in (first, second):
+        res = erasectl("verify-receipt", path, "--public-key", key, target="127.0.0.1:1")
+        assert res.returncode == 0 and res.stdout.startswith("valid: receipt of job "), res.stderr
+    assert "no older copy retained" in res.stdout and "history purged at " in res.stdout
+    tampered = tmp_path / "tampered.json"
+    tampered.write_text(second.read_text().replace('"request_ids": [\n      "ticket-r"', '"request_ids": [\n      "ticket-s"'))
+    assert tampered.read_text() != second.read_text()
+    res = erasectl("verify-receipt", tampered, "--public-key", key)
+    assert res.returncode == 1 and "does not verify" in one_line_error(res)
+    other = tmp_path / "other.pem"
+    other.write_text(public_pem(Ed25519PrivateKey.generate().public_key()))
+    res = erasectl("verify-receipt", second, "--public-key", other)
+    assert res.returncode == 1 and "does not verify" in one_line_error(res)
+    res = erasectl("verify-receipt", tmp_path / "missing.json", "--public-key", key)
+    assert res.returncode == 2 and "cannot read receipt file" in one_line_error(res)
+    res = erasectl("verify-receipt", second, "--public-key", second)
+    assert res.returncode == 2 and "not a PEM public key" in one_line_error(res)
 
 
 def test_e2e_bearer_token(tmp_path):

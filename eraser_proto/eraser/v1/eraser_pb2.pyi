@@ -385,20 +385,22 @@ class Job(_message.Message):
     def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ..., replicas_behind: _Optional[_Iterable[str]] = ..., swap_checks: _Optional[_Iterable[_Union[SwapCheck, _Mapping]]] = ...) -> None: ...
 
 class SwapCheck(_message.Message):
-    __slots__ = ("replica", "served_path", "max_logprob_error", "probe_margin", "seconds", "weights_confirmed")
+    __slots__ = ("replica", "served_path", "max_logprob_error", "probe_margin", "seconds", "weights_confirmed", "served_at")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     SERVED_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROB_ERROR_FIELD_NUMBER: _ClassVar[int]
     PROBE_MARGIN_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_CONFIRMED_FIELD_NUMBER: _ClassVar[int]
+    SERVED_AT_FIELD_NUMBER: _ClassVar[int]
     replica: str
     served_path: str
     max_logprob_error: float
     probe_margin: float
     seconds: float
     weights_confirmed: bool
-    def __init__(self, replica: _Optional[str] = ..., served_path: _Optional[str] = ..., max_logprob_error: _Optional[float] = ..., probe_margin: _Optional[float] = ..., seconds: _Optional[float] = ..., weights_confirmed: _Optional[bool] = ...) -> None: ...
+    served_at: _timestamp_pb2.Timestamp
+    def __init__(self, replica: _Optional[str] = ..., served_path: _Optional[str] = ..., max_logprob_error: _Optional[float] = ..., probe_margin: _Optional[float] = ..., seconds: _Optional[float] = ..., weights_confirmed: _Optional[bool] = ..., served_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -437,3 +439,65 @@ class RollbackRequest(_message.Message):
     adapter: str
     version: int
     def __init__(self, adapter: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetErasureReceiptRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetReceiptKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReceiptKey(_message.Message):
+    __slots__ = ("algorithm", "public_key_pem", "key_id")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    algorithm: str
+    public_key_pem: str
+    key_id: str
+    def __init__(self, algorithm: _Optional[str] = ..., public_key_pem: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
+
+class ErasureReceipt(_message.Message):
+    __slots__ = ("receipt", "signature", "key")
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    receipt: bytes
+    signature: bytes
+    key: ReceiptKey
+    def __init__(self, receipt: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key: _Optional[_Union[ReceiptKey, _Mapping]] = ...) -> None: ...
+
+class PurgeHistoryRequest(_message.Message):
+    __slots__ = ("adapter", "before_version")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    before_version: int
+    def __init__(self, adapter: _Optional[str] = ..., before_version: _Optional[int] = ...) -> None: ...
+
+class FactorCache(_message.Message):
+    __slots__ = ("version", "method")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    method: str
+    def __init__(self, version: _Optional[int] = ..., method: _Optional[str] = ...) -> None: ...
+
+class PurgeHistoryResponse(_message.Message):
+    __slots__ = ("adapter", "purged_versions", "purged_factor_caches", "purged_payloads", "purged_at", "retained_versions")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PURGED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    PURGED_FACTOR_CACHES_FIELD_NUMBER: _ClassVar[int]
+    PURGED_PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    PURGED_AT_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    purged_versions: _containers.RepeatedScalarFieldContainer[int]
+    purged_factor_caches: _containers.RepeatedCompositeFieldContainer[FactorCache]
+    purged_payloads: int
+    purged_at: _timestamp_pb2.Timestamp
+    retained_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, adapter: _Optional[str] = ..., purged_versions: _Optional[_Iterable[int]] = ..., purged_factor_caches: _Optional[_Iterable[_Union[FactorCache, _Mapping]]] = ..., purged_payloads: _Optional[int] = ..., purged_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retained_versions: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -79,6 +79,21 @@ class EraserStub:
                 request_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.Adapter.FromString,
                 _registered_method=True)
+        self.GetErasureReceipt = channel.unary_unary(
+                '/eraser.v1.Eraser/GetErasureReceipt',
+                request_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.GetErasureReceiptRequest.SerializeToString,
+                response_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.ErasureReceipt.FromString,
+                _registered_method=True)
+        self.GetReceiptKey = channel.unary_unary(
+                '/eraser.v1.Eraser/GetReceiptKey',
+                request_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.GetReceiptKeyRequest.SerializeToString,
+                response_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.ReceiptKey.FromString,
+                _registered_method=True)
+        self.PurgeHistory = channel.unary_unary(
+                '/eraser.v1.Eraser/PurgeHistory',
+                request_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.PurgeHistoryRequest.SerializeToString,
+                response_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.PurgeHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class EraserServicer:
@@ -143,6 +158,32 @@ class EraserServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetErasureReceipt(self, request, context):
+        """A signed record of a SUCCEEDED job's erasure, for a compliance file: which requests,
+        which rows (keyed hashes), which versions, the verification scores, when each replica
+        served the new version, and what on disk still holds the erased rows. Checked offline
+        with the sidecar's public key (ReceiptKey). A job in any other state: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReceiptKey(self, request, context):
+        """The sidecar's receipt signing key (public half), to pin for offline verification.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeHistory(self, request, context):
+        """Delete an adapter's versions older than before_version now (whatever keep_versions
+        says), their factor caches, and payloads left by ended jobs; recorded durably, so
+        later receipts say when. before_version above the current version: INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EraserServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +231,21 @@ def add_EraserServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.RollbackRequest.FromString,
                     response_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.Adapter.SerializeToString,
+            ),
+            'GetErasureReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetErasureReceipt,
+                    request_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.GetErasureReceiptRequest.FromString,
+                    response_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.ErasureReceipt.SerializeToString,
+            ),
+            'GetReceiptKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReceiptKey,
+                    request_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.GetReceiptKeyRequest.FromString,
+                    response_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.ReceiptKey.SerializeToString,
+            ),
+            'PurgeHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeHistory,
+                    request_deserializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.PurgeHistoryRequest.FromString,
+                    response_serializer=eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.PurgeHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +491,87 @@ class Eraser:
             '/eraser.v1.Eraser/Rollback',
             eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.RollbackRequest.SerializeToString,
             eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetErasureReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eraser.v1.Eraser/GetErasureReceipt',
+            eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.GetErasureReceiptRequest.SerializeToString,
+            eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.ErasureReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReceiptKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eraser.v1.Eraser/GetReceiptKey',
+            eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.GetReceiptKeyRequest.SerializeToString,
+            eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.ReceiptKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/eraser.v1.Eraser/PurgeHistory',
+            eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.PurgeHistoryRequest.SerializeToString,
+            eraser__proto_dot_eraser_dot_v1_dot_eraser__pb2.PurgeHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
