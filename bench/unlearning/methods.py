@@ -377,6 +377,9 @@ def _llmeraser_ekfac(ctx: Context) -> Outcome:
 # --------------------------------------------------------------------------- + refine (eraser.verify)
 
 
+FULL_SIZE_ONLY = "full size only (the quick run covers refinement through the product row)"
+
+
 def refined(base: str) -> Callable[[Context], Outcome]:
     """``base`` followed by the product's verification under ``enforce``
     (``eraser.verify.verify_and_refine``): score the erased rows against a calibration set
@@ -386,6 +389,8 @@ def refined(base: str) -> Callable[[Context], Outcome]:
     evaluated (the table shows what was refused and why)."""
 
     def run(ctx: Context) -> Outcome:
+        if not ctx.settings.first_order_refine:
+            raise Unavailable(FULL_SIZE_ONLY)
         before = ctx.outcomes.get(base)
         if before is None or before.theta is None:
             raise Unavailable(f"{base} produced no adapter on this task")
