@@ -291,6 +291,7 @@ class EraserService:
         self.db = JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher) if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
         self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
         self._running: dict[str, _Running] = {}
         self._stop = threading.Event()
@@ -382,8 +383,7 @@ class EraserService:
         """Stop taking jobs; give running ones ``timeout`` seconds, then interrupt them
         (they go back to the queue and resume on the next start)."""
         self._draining.set()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         deadline = time.monotonic() + timeout
         while self._running and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -391,8 +391,7 @@ class EraserService:
         self.swapper.stop()
         for r in list(self._running.values()):
             r.cancel.set()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         # After the jobs' grace (a job may be waiting for a fit): the fit in progress is
         # abandoned at its next step, and what is queued is queued again by recover().
         self.factors.stop()
@@ -606,8 +605,7 @@ class EraserService:
                  ", ".join(f"{k} {v}" for k, v in request.counts().items() if v), "merged" if merged else "new job")
         self.hooks.job_accepted(job, merged)
         self._queue_changed()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         return job
 
     @staticmethod
@@ -673,13 +671,16 @@ class EraserService:
         self._notify()
         return job
 
-    def wait_for_change(self, timeout: float) -> None:
-        with self._changed:
-            self._changed.wait(timeout)
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the changing thread; it must not block) after every change
+        of a job or the queue: WatchJob streams wait for these without a thread each."""
+        self._listeners.append(callback)
 
     def _notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
+        for callback in self._listeners:
+            callback()
 
     def _queue_changed(self) -> None:
         if self.db is None:
