@@ -4,7 +4,7 @@ A grpc.aio server on an event loop of its own (``aioserver.LoopThread``): a stre
 as a coroutine, so open WatchJob and health Watch streams hold no thread and cannot starve
 unary calls; their number is bounded (``streams``). Handlers translate protobuf to
 ``EraserService`` calls and back, the blocking calls in a bounded thread pool; every error
-goes through ``errors.status_of`` (the one mapping to status codes) in ``_blocking``.
+goes through ``errors.status_of`` (the one mapping to status codes) in ``_answer``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Awaitable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -184,11 +185,11 @@ class _Call:
 
 def _guarded(handler):
     """A unary RPC served by ``handler``, a blocking function of (self, request, call)
-    run in the RPC pool; every exception becomes its status code (``_blocking``)."""
+    run in the RPC pool; every exception becomes its status code (``_answer``)."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, context):
-        return await self._blocking(context, handler, self, request, _Call(context))
+        return await self._answer(context, handler.__name__, self._in_pool(handler, self, request, _Call(context)))
 
     return wrapper
 
@@ -198,17 +199,31 @@ class EraserServicer(pb_grpc.EraserServicer):
         self.service = service
         self._pool = pool
         self._changes = changes
+        self._reads: dict[tuple[str, asyncio.Event], asyncio.Future] = {}
 
-    async def _blocking(self, context, function, *args):
-        """``function(*args)`` in the RPC pool; an exception ends the call with its status
-        code and a one-line detail."""
+    def _in_pool(self, function, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(function, *args))
+
+    async def _answer(self, context, name: str, pending: Awaitable):
+        """What ``pending`` gives; an exception ends the call with its status code and a
+        one-line detail."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(function, *args))
+            return await pending
         except Exception as e:
             code, message = status_of(e)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", function.__name__)
+                log.exception("%s failed", name)
             await context.abort(code, message)
+
+    def _job_since(self, job_id: str, change: asyncio.Event) -> Awaitable[Job]:
+        """The job, read after ``change`` was taken. Watchers of one job waiting on the same
+        change share the read: 500 watchers cost one database read per change, not 500."""
+        key = (job_id, change)
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = self._in_pool(self.service.job, job_id)
+            read.add_done_callback(lambda _: self._reads.pop(key, None))
+        return asyncio.shield(read)  # one watcher leaving must not cancel the others' read
 
     @_guarded
     def RegisterAdapter(self, request, context):
@@ -246,7 +261,7 @@ class EraserServicer(pb_grpc.EraserServicer):
         last = None
         while True:
             changed = self._changes.next()  # before the read: a change during it still wakes us
-            job = await self._blocking(context, self.service.job, request.id)
+            job = await self._answer(context, "WatchJob", self._job_since(request.id, changed))
             seen = (job.state, job.stage, round(job.fraction, 3), job.attempts)
             if seen != last:
                 last = seen
