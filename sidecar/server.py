@@ -471,7 +471,7 @@ async def _bound_server(config: SidecarConfig, servicer: EraserServicer, health_
     pb_grpc.add_EraserServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.listen_host}:{config.grpc_port}"
+    address = _listen_address(config.listen_host, config.grpc_port)
     if config.tls:
         port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     else:
@@ -479,3 +479,8 @@ async def _bound_server(config: SidecarConfig, servicer: EraserServicer, health_
     if not port:
         raise OSError(f"cannot listen on {address}")
     return server, port
+
+
+def _listen_address(host: str, port: int) -> str:
+    # A bare IPv6 host ("::" listens on IPv4 and IPv6) needs brackets before its port.
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -109,7 +109,7 @@ def opens_again(open_stream, tries: int = 100):
 @pytest.mark.skipif(not ipv6_loopback(), reason="two client addresses on one host need IPv6 loopback")
 def test_watches_are_capped_per_client_and_in_all(tmp_path, tiny_base, tiny_adapter, train_file):
     # 127.0.0.1 and ::1 are two clients to a server listening on both.
-    sidecar = start(config_for(tmp_path / "store", listen_host="[::]", max_watches=5, max_watches_per_client=3))
+    sidecar = start(config_for(tmp_path / "store", listen_host="::", max_watches=5, max_watches_per_client=3))
     v4, v6 = channels(f"127.0.0.1:{sidecar.grpc_port}", 1) + channels(f"[::1]:{sidecar.grpc_port}", 1)
     streams = []
     try:
@@ -155,6 +155,8 @@ def test_health_watches_are_bounded_without_a_token(tmp_path):
         error = refusal(lambda: next(health.Watch(request, timeout=60)))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "health Watch" in error.details()
         assert health_check(anonymous) == health_pb2.HealthCheckResponse.SERVING  # the probe still answers
+        refused = {"service": "grpc.health.v1.Health", "method": "Watch", "code": "RESOURCE_EXHAUSTED"}
+        assert sidecar.metrics.registry.get_sample_value("eraser_rpc_duration_seconds_count", refused) == 1
         # Job watches have bounds of their own: a client without the token gets none of
         # them, one with it is not held back by the health streams.
         for _ in range(5):
