@@ -399,11 +399,17 @@ def _code_name(context) -> str | None:
     return None if code is None else code.name
 
 
+# The server's deadline is the client's timeout counted from when the call arrived, so
+# it ends a little after the client's own: a client whose deadline passed may cancel while
+# the server still sees some time left.
+_DEADLINE_SLACK_SECONDS = 0.25
+
+
 def _gone(context) -> str:
     # The client cancelled, or its deadline passed (which the server also sees as a
     # cancellation; the client sees DEADLINE_EXCEEDED).
     remaining = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS else "CANCELLED"
 
 
 def _completed(context) -> str:
