@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from sidecar.aioserver import handler_factory
 from sidecar.config import ConfigError
 
 HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
@@ -28,7 +29,7 @@ HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"
 _TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
 
     Methods in ``exempt`` (full names, "/package.Service/Method") are let through: by
@@ -44,11 +45,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._token = token.encode("ascii")
         self._exempt = frozenset(exempt)
 
-    def intercept_service(self, continuation, handler_call_details):
-        # Ask for the handler first: an unknown method stays UNIMPLEMENTED (grpcio's own
+    async def intercept_service(self, continuation, handler_call_details):
+        # Ask for the handler first: an unknown method stays UNIMPLEMENTED (grpc's own
         # answer) instead of getting a refusal handler, so that no interceptor before
         # this one (metrics) ever sees a method name made up by a client.
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in self._exempt:
             return handler
         problem = self._problem(handler_call_details.invocation_metadata or ())
@@ -78,16 +79,10 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     # A handler of the same kind as the real one, so the client sees a well-formed
     # (unary or streaming) call that ends with UNAUTHENTICATED. No deserializer: the
     # request is never looked at.
-    def refuse(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return handler_factory(handler)(refuse)
 
 
 def _read(path: Path | None, what: str) -> bytes | None:

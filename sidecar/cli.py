@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import-root", dest="import_roots", action="append", metavar="DIR",
                    help="RegisterAdapter reads adapters and datasets only under this directory (repeat for several; env "
                         "ERASER_IMPORT_ROOTS, ':'-separated); none: any path outside the store")
+    p.add_argument("--max-watches", type=int, help="open WatchJob (and reflection) streams in all (default 1000)")
+    p.add_argument("--max-watches-per-client", type=int,
+                   help="open WatchJob streams per client address (default 100); beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-health-watches", type=int,
+                   help="open health Watch streams in all (default 100; they need no token)")
     p.add_argument("--token-file", help="require this bearer token (env ERASER_TOKEN holds the token itself)")
     p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="... and this private key (PEM)")

@@ -28,6 +28,7 @@ FACTOR_POLICIES = ("wait", "fallback")
 VERIFY_POLICIES = ("off", "report", "enforce")  # eraser.verify.POLICIES (no torch import here)
 VERIFY_MAX_STEPS = 100_000
 VERIFY_MAX_SECONDS = 86_400.0  # a day
+MAX_STREAMS = 100_000  # per stream cap: each open stream holds a little memory, not a thread
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,12 @@ class SidecarConfig:
     # (sidecar/imports.py). Empty: any server path outside the store (the store is never
     # an import source: its retained versions hold erased rows).
     import_roots: tuple[Path, ...] = ()
+    # Long-lived streams, bounded so that they never take the room unary calls and health
+    # checks need: WatchJob (and reflection) streams in all and per client (its peer
+    # address), and health Watch streams, which need no token, in all.
+    max_watches: int = 1000
+    max_watches_per_client: int = 100
+    max_health_watches: int = 100
     # Named base models: RegisterAdapter's base_model may be a key here or a directory.
     base_models: Mapping[str, str] = field(default_factory=dict)
     erase: EraseDefaults = field(default_factory=EraseDefaults)
@@ -232,6 +239,12 @@ class SidecarConfig:
         object.__setattr__(self, "vllm_urls", urls)
         if self.swap_timeout_seconds <= 0 or self.reconcile_seconds <= 0 or not self.probe_tolerance > 0:
             raise ConfigError("swap_timeout_seconds, reconcile_seconds and probe_tolerance must be > 0")
+        for name in ("max_watches", "max_watches_per_client", "max_health_watches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_STREAMS:
+                raise ConfigError(f"{name} must be an integer in [1, {MAX_STREAMS}], not {value!r}")
+        if self.max_watches_per_client > self.max_watches:
+            raise ConfigError("max_watches_per_client cannot exceed max_watches")
         object.__setattr__(self, "import_roots", _import_roots(self.import_roots, self.store))
         if not isinstance(self.base_models, Mapping):
             raise ConfigError("base_models must map names to directories")

@@ -13,6 +13,8 @@ raises ``ValueError``: that is a bug in the caller, and the tests should see it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -26,6 +28,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from sidecar.aioserver import behavior_of, with_behavior
 from sidecar.config import ADAPTER_NAME
 
 TASKS = ("remove", "modify_query", "correct_response", "mixed")
@@ -167,11 +170,11 @@ class Metrics:
         for stage in VERIFY_STAGES:
             self._verification_auc.labels(stage)
 
-    def rpc_interceptor(self) -> grpc.ServerInterceptor:
-        """A server interceptor timing every call into ``eraser_rpc_duration_seconds``.
+    def rpc_interceptor(self) -> grpc.aio.ServerInterceptor:
+        """A grpc.aio server interceptor timing every call into ``eraser_rpc_duration_seconds``.
 
         Put it first (outermost) in the server's interceptors, so that calls refused by
-        the interceptors after it (authentication) are counted too. It handles all four
+        the interceptors after it (authentication, stream bounds) are counted too. It handles all four
         kinds of methods; a stream is timed until it ends, and counted with the status
         the client receives: the code given to ``context.abort``/``set_code``, UNKNOWN for
         an uncaught exception, CANCELLED or DEADLINE_EXCEEDED when the client went away.
@@ -384,10 +387,11 @@ def _check_adapter(adapter) -> None:
 
 # --- the RPC interceptor -------------------------------------------------------------
 #
-# grpcio gives an interceptor only the method name and metadata; the status of a call
+# grpc.aio gives an interceptor only the method name and metadata; the status of a call
 # is known from inside the handler. So the interceptor wraps the handler's behavior and
-# reads ``context.code()`` (what abort() and set_code() store) when it returns, raises or
-# its response stream ends, and ``context.is_active()`` to tell a client that went away.
+# reads ``context.code()`` (what abort() and set_code() store) when it returns or raises
+# or its response stream ends; a client that went away shows as the handler's task being
+# cancelled.
 
 
 def _code_name(context) -> str | None:
@@ -395,151 +399,100 @@ def _code_name(context) -> str | None:
     return None if code is None else code.name
 
 
+# The server's deadline is the client's timeout counted from when the call arrived, so
+# it ends a little after the client's own: a client whose deadline passed may cancel while
+# the server still sees some time left.
+_DEADLINE_SLACK_SECONDS = 0.25
+
+
 def _gone(context) -> str:
     # The client cancelled, or its deadline passed (which the server also sees as a
     # cancellation; the client sees DEADLINE_EXCEEDED).
-    return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
+    remaining = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS else "CANCELLED"
 
 
 def _completed(context) -> str:
-    # A handler that returns after its client went away still reaches no client.
-    return _code_name(context) or ("OK" if context.is_active() else _gone(context))
-
-
-def _interrupted(context) -> str:
-    return _code_name(context) or _gone(context)
+    return _code_name(context) or "OK"
 
 
 def _failed(context) -> str:
-    # What grpcio sends after an uncaught exception: the code set before it, else UNKNOWN
-    # (abort() is an exception with the code set). If the client is gone nothing is sent.
-    return _code_name(context) or ("UNKNOWN" if context.is_active() else _gone(context))
+    # What grpc.aio sends after an uncaught exception: the code set before it, else UNKNOWN
+    # (abort() is an exception with the code set).
+    return _code_name(context) or "UNKNOWN"
 
 
 class _Once:
-    """Observes a call's duration once, whichever of its ends comes first."""
+    """Observes a call's duration once, whichever of its ends comes first (all of them
+    run on the server's event loop)."""
 
-    __slots__ = ("_histogram", "_method", "_service", "_start", "_lock", "_done")
+    __slots__ = ("_histogram", "_method", "_service", "_start", "_done")
 
     def __init__(self, histogram: Histogram, method: str, service: str):
         self._histogram, self._method, self._service = histogram, method, service
         self._start = time.perf_counter()
-        self._lock = threading.Lock()
         self._done = False
 
     def __call__(self, code: str) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._done = True
+        if self._done:
+            return
+        self._done = True
         self._histogram.labels(self._method, self._service, code).observe(time.perf_counter() - self._start)
 
 
-class _RpcMetricsInterceptor(grpc.ServerInterceptor):
+class _RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, histogram: Histogram):
         self._histogram = histogram
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None:
-            # grpcio answers UNIMPLEMENTED itself; the name is whatever the client sent,
+            # grpc answers UNIMPLEMENTED itself; the name is whatever the client sent,
             # so it must not become a label.
             return None
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         start = functools.partial(_Once, self._histogram, method, service)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _timed_unary(handler.unary_unary, start), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _timed_stream(handler.unary_stream, start), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _timed_unary(handler.stream_unary, start), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _timed_stream(handler.stream_stream, start), handler.request_deserializer, handler.response_serializer)
-        return handler
+        behavior = behavior_of(handler)
+        timed = _timed_generator(behavior, start) if inspect.isasyncgenfunction(behavior) else _timed(behavior, start)
+        return with_behavior(handler, timed)
 
 
-def _timed_unary(behavior, start: Callable[[], _Once]):
-    # functools.wraps copies grpcio's experimental_thread_pool attribute, if any.
+def _timed(behavior, start: Callable[[], _Once]):
+    # A coroutine: a unary call, or a stream written with context.write() (the health
+    # servicer's Watch).
     @functools.wraps(behavior)
-    def timed(request, context):
+    async def timed(request, context):
         record = start()
         try:
-            response = behavior(request, context)
+            response = await behavior(request, context)
+        except asyncio.CancelledError:
+            record(_gone(context))
+            raise
         except Exception:
             record(_failed(context))
             raise
-        # grpcio cannot serialize None and answers INTERNAL (unless a code was set).
-        record("INTERNAL" if response is None and context.code() is None and context.is_active()
-               else _completed(context))
+        record(_completed(context))
         return response
 
     return timed
 
 
-def _timed_stream(behavior, start: Callable[[], _Once]):
-    if getattr(behavior, "experimental_non_blocking", False):
-        return _timed_callback_stream(behavior, start)
-
+def _timed_generator(behavior, start: Callable[[], _Once]):
+    # The time covers the whole stream, sends included (each yield returns when grpc has
+    # taken the message).
     @functools.wraps(behavior)
-    def timed(request, context):
+    async def timed(request, context):
         record = start()
-        # When the client goes away, grpcio drops the response iterator, possibly before
-        # it has started; the termination callback counts the call then.
-        context.add_callback(lambda: record(_interrupted(context)))
         try:
-            responses = behavior(request, context)
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            record(_gone(context))
+            raise
         except Exception:
             record(_failed(context))
             raise
-        return _timed_responses(responses, context, record)
-
-    return timed
-
-
-def _timed_responses(responses, context, record: _Once):
-    # Eager call above, lazy iteration here: the behavior runs exactly when grpcio
-    # expects it to, and the time covers the whole stream, sends included (each yield
-    # returns when grpcio has sent the message).
-    try:
-        iterator = iter(responses)  # a behavior returning None fails here, as in grpcio
-        for response in iterator:
-            if response is None:
-                # grpcio ends a stream with its status when it gets None.
-                record(_completed(context))
-            yield response
-    except GeneratorExit:
-        record(_interrupted(context))
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            close()
-        raise
-    except Exception:
-        record(_failed(context))
-        raise
-    record(_completed(context))
-
-
-def _timed_callback_stream(behavior, start: Callable[[], _Once]):
-    # grpcio's "experimental_non_blocking" streams (the standard health servicer's Watch)
-    # return at once and send through a callback; None ends the stream.
-    @functools.wraps(behavior)
-    def timed(request, context, send_response_callback):
-        record = start()
-        context.add_callback(lambda: record(_interrupted(context)))
-
-        def send(response):
-            if response is None:
-                record(_completed(context))
-            send_response_callback(response)
-
-        try:
-            return behavior(request, context, send)
-        except Exception:
-            record(_failed(context))
-            raise
+        record(_completed(context))
 
     return timed

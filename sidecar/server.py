@@ -1,26 +1,33 @@
 """The gRPC face of the sidecar: eraser.v1.Eraser, grpc.health.v1 and reflection.
 
-Handlers translate protobuf to ``EraserService`` calls and back; every error goes
-through ``errors.status_of`` (the one mapping to status codes) in ``_guarded``.
+A grpc.aio server on an event loop of its own (``aioserver.LoopThread``): a stream waits
+as a coroutine, so open WatchJob and health Watch streams hold no thread and cannot starve
+unary calls; their number is bounded (``streams``). Handlers translate protobuf to
+``EraserService`` calls and back, the blocking calls in a bounded thread pool; every error
+goes through ``errors.status_of`` (the one mapping to status codes) in ``_answer``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Awaitable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 
+from .aioserver import HealthStatus, LoopThread
 from .config import SidecarConfig
 from .errors import status_of
 from .jobs import Job, RequestPayload
@@ -29,11 +36,18 @@ from .receipts import ALGORITHM as RECEIPT_ALGORITHM
 from .receipts import SignedReceipt
 from .service import OPTION_FIELDS, EraserService, Hooks, Purge, verify_policy
 from .store import Version
+from .streams import Changes, StreamLimitInterceptor, wait_for
 
 log = logging.getLogger("eraser.sidecar")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Eraser"].full_name
 WATCH_HEARTBEAT_SECONDS = 1.0
+# Threads for the blocking work of unary calls (and of each WatchJob read); streams
+# themselves hold none.
+RPC_THREADS = 64
+# Concurrent calls grpc admits beyond every stream the bounds allow: open streams can
+# never make it refuse a unary call or a health check.
+UNARY_RPCS = 256
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -182,25 +196,59 @@ def options_dict(options: pb.EraseOptions) -> dict:
     return out
 
 
+class _Call:
+    """What a handler body, running in the RPC pool, may ask of its call: whether the
+    client still waits. (grpc.aio's context belongs to the event loop's thread.)"""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._done = threading.Event()
+        context.add_done_callback(lambda _: self._done.set())
+
+    def is_active(self) -> bool:
+        return not self._done.is_set()
+
+
 def _guarded(handler):
-    """Run a handler; turn every exception into its status code and a one-line detail."""
+    """A unary RPC served by ``handler``, a blocking function of (self, request, call)
+    run in the RPC pool; every exception becomes its status code (``_answer``)."""
 
     @functools.wraps(handler)
-    def wrapper(self, request, context):
-        try:
-            return handler(self, request, context)
-        except Exception as e:
-            code, message = status_of(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", handler.__name__)
-            context.abort(code, message)
+    async def wrapper(self, request, context):
+        return await self._answer(context, handler.__name__, self._in_pool(handler, self, request, _Call(context)))
 
     return wrapper
 
 
 class EraserServicer(pb_grpc.EraserServicer):
-    def __init__(self, service: EraserService):
+    def __init__(self, service: EraserService, pool: futures.Executor, changes: Changes):
         self.service = service
+        self._pool = pool
+        self._changes = changes
+        self._reads: dict[tuple[str, asyncio.Event], asyncio.Future] = {}
+
+    def _in_pool(self, function, *args) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(function, *args))
+
+    async def _answer(self, context, name: str, pending: Awaitable):
+        """What ``pending`` gives; an exception ends the call with its status code and a
+        one-line detail."""
+        try:
+            return await pending
+        except Exception as e:
+            code, message = status_of(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            await context.abort(code, message)
+
+    def _job_since(self, job_id: str, change: asyncio.Event) -> Awaitable[Job]:
+        """The job, read after ``change`` was taken. Watchers of one job waiting on the same
+        change share the read: 500 watchers cost one database read per change, not 500."""
+        key = (job_id, change)
+        read = self._reads.get(key)
+        if read is None:
+            read = self._reads[key] = self._in_pool(self.service.job, job_id)
+            read.add_done_callback(lambda _: self._reads.pop(key, None))
+        return asyncio.shield(read)  # one watcher leaving must not cancel the others' read
 
     @_guarded
     def RegisterAdapter(self, request, context):
@@ -233,21 +281,19 @@ class EraserServicer(pb_grpc.EraserServicer):
     def GetJob(self, request, context):
         return job_message(self.service.job(request.id))
 
-    def WatchJob(self, request, context):
-        try:
-            job = self.service.job(request.id)
-        except Exception as e:
-            context.abort(*status_of(e))
+    async def WatchJob(self, request, context):
+        # A coroutine between changes: it holds a thread only while it reads the job.
         last = None
-        while context.is_active():
-            job = self.service.job(request.id)
+        while True:
+            changed = self._changes.next()  # before the read: a change during it still wakes us
+            job = await self._answer(context, "WatchJob", self._job_since(request.id, changed))
             seen = (job.state, job.stage, round(job.fraction, 3), job.attempts)
             if seen != last:
                 last = seen
                 yield job_message(job)
             if job.state.terminal:
                 return
-            self.service.wait_for_change(WATCH_HEARTBEAT_SECONDS)
+            await wait_for(changed, WATCH_HEARTBEAT_SECONDS)
 
     @_guarded
     def ListJobs(self, request, context):
@@ -293,9 +339,9 @@ SERVING_HEALTH = "eraser.serving"  # SERVING while every replica serves every ad
 
 
 class MetricsHooks(Hooks):
-    def __init__(self, metrics: Metrics, health_servicer: health.HealthServicer):
+    def __init__(self, metrics: Metrics, health_status: HealthStatus):
         self.metrics = metrics
-        self.health = health_servicer
+        self.health = health_status
 
     @_never_raises
     def swap_finished(self, replica: str, outcome: str, seconds: float) -> None:
@@ -363,12 +409,14 @@ class MetricsHooks(Hooks):
 class RunningSidecar:
     config: SidecarConfig
     service: EraserService
-    server: grpc.Server
-    health: health.HealthServicer
+    server: grpc.aio.Server
+    health: HealthStatus
     metrics: Metrics
     metrics_server: object
     grpc_port: int
     metrics_port: int
+    loop: LoopThread
+    pool: futures.ThreadPoolExecutor
     _stopped: threading.Event
 
     @property
@@ -384,31 +432,37 @@ class RunningSidecar:
         self._stopped.set()
         grace = self.config.drain_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
-        stopped = self.server.stop(grace)
+        stopped = self.loop.submit(self.server.stop(grace))
         self.service.drain(grace)
-        stopped.wait(grace + 5)
+        futures.wait([stopped], grace + 5)
+        self.loop.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.metrics_server.close()
         log.info("stopped")
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self.loop.run(self.server.wait_for_termination())
 
 
 def start(config: SidecarConfig, metrics: Metrics | None = None) -> RunningSidecar:
     """Recover the store, then serve gRPC and metrics; returns once ready."""
     metrics = metrics or Metrics()
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    service = EraserService(config, MetricsHooks(metrics, health_servicer))
+    loop = LoopThread("eraser-grpc")
+    health_status = HealthStatus(health_aio.HealthServicer(), loop)
+    service = None
     try:
-        return _serve(config, metrics, health_servicer, service)
+        service = EraserService(config, MetricsHooks(metrics, health_status))
+        return _serve(config, metrics, health_status, service, loop)
     except BaseException:
-        service.release_store()
+        if service is not None:
+            service.release_store()
+        loop.close()
         raise
 
 
-def _serve(config: SidecarConfig, metrics: Metrics, health_servicer: health.HealthServicer,
-           service: EraserService) -> RunningSidecar:
-    from .auth import BearerTokenInterceptor, server_credentials
+def _serve(config: SidecarConfig, metrics: Metrics, health_status: HealthStatus, service: EraserService,
+           loop: LoopThread) -> RunningSidecar:
+    from .auth import BearerTokenInterceptor
 
     if service.computes and not config.import_roots:
         log.warning("import_roots is empty: RegisterAdapter copies from any server path outside the store; set "
@@ -416,30 +470,55 @@ def _serve(config: SidecarConfig, metrics: Metrics, health_servicer: health.Heal
     outcome = service.recover()
     if any(outcome.values()):
         log.info("recovery: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))
+    streams = StreamLimitInterceptor(config.max_watches, config.max_watches_per_client, config.max_health_watches)
     interceptors = [metrics.rpc_interceptor()]
     if config.token:
         interceptors.append(BearerTokenInterceptor(config.token))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="eraser-rpc"),
-                         interceptors=interceptors, maximum_concurrent_rpcs=1024)
-    pb_grpc.add_EraserServicer_to_server(EraserServicer(service), server)
+    interceptors.append(streams)  # after authentication: a refused call takes no stream slot
+    pool = futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="eraser-rpc")
+    changes = Changes(loop)
+    service.on_change(changes.notify)
+    servicer = EraserServicer(service, pool, changes)
+    try:
+        server, port = loop.run(_bound_server(config, servicer, health_status.servicer, interceptors,
+                                              streams.open_streams_limit + UNARY_RPCS))
+        metrics_server = metrics.serve(config.metrics_host, config.metrics_port)
+        loop.run(server.start())
+    except BaseException:
+        pool.shutdown(wait=False)
+        raise
+    service.start()
+    for name in ("", SERVICE_NAME):
+        health_status.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if not config.vllm_urls:
+        health_status.set(SERVING_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving eraser.v1 on %s:%d (%s%s), metrics on %s:%d, store %s, device %s, %d vLLM replica(s)",
+             config.listen_host, port, "TLS" if config.tls else "plaintext", ", mutual TLS" if config.tls_client_ca else "",
+             config.metrics_host, metrics_server.port, config.store, config.device, len(config.vllm_urls))
+    return RunningSidecar(config, service, server, health_status, metrics, metrics_server, port, metrics_server.port,
+                          loop, pool, threading.Event())
+
+
+async def _bound_server(config: SidecarConfig, servicer: EraserServicer, health_servicer: health_aio.HealthServicer,
+                        interceptors: list, maximum_concurrent_rpcs: int) -> tuple[grpc.aio.Server, int]:
+    """The server with every service added, bound to its port but not started (a grpc.aio
+    server is made on the loop that runs it)."""
+    from .auth import server_credentials
+
+    server = grpc.aio.server(interceptors=interceptors, maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+    pb_grpc.add_EraserServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.listen_host}:{config.grpc_port}"
+    address = _listen_address(config.listen_host, config.grpc_port)
     if config.tls:
         port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
     else:
         port = server.add_insecure_port(address)
     if not port:
         raise OSError(f"cannot listen on {address}")
-    metrics_server = metrics.serve(config.metrics_host, config.metrics_port)
-    server.start()
-    service.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if not config.vllm_urls:
-        health_servicer.set(SERVING_HEALTH, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving eraser.v1 on %s:%d (%s%s), metrics on %s:%d, store %s, device %s, %d vLLM replica(s)",
-             config.listen_host, port, "TLS" if config.tls else "plaintext", ", mutual TLS" if config.tls_client_ca else "",
-             config.metrics_host, metrics_server.port, config.store, config.device, len(config.vllm_urls))
-    return RunningSidecar(config, service, server, health_servicer, metrics, metrics_server, port, metrics_server.port,
-                          threading.Event())
+    return server, port
+
+
+def _listen_address(host: str, port: int) -> str:
+    # A bare IPv6 host ("::" listens on IPv4 and IPv6) needs brackets before its port.
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -342,6 +342,7 @@ class EraserService:
         self.signer = self.store.receipt_signer if self.computes else None
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
+        self._listeners: list[Callable[[], None]] = []
         self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
         self._running: dict[str, _Running] = {}
         self._stop = threading.Event()
@@ -438,8 +439,7 @@ class EraserService:
         """Stop taking jobs; give running ones ``timeout`` seconds, then interrupt them
         (they go back to the queue and resume on the next start)."""
         self._draining.set()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         deadline = time.monotonic() + timeout
         while self._running and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -449,8 +449,7 @@ class EraserService:
             self.store.withdraw_serving(self.instance)  # its replicas are no longer vouched for
         for r in list(self._running.values()):
             r.cancel.set()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         # After the jobs' grace (a job may be waiting for a fit): the fit in progress is
         # abandoned at its next step, and what is queued is queued again by recover().
         self.factors.stop()
@@ -758,8 +757,7 @@ class EraserService:
                  ", ".join(f"{k} {v}" for k, v in request.counts().items() if v), "merged" if merged else "new job")
         self.hooks.job_accepted(job, merged)
         self._queue_changed()
-        with self._changed:
-            self._changed.notify_all()
+        self._notify()
         return job
 
     @staticmethod
@@ -825,13 +823,16 @@ class EraserService:
         self._notify()
         return job
 
-    def wait_for_change(self, timeout: float) -> None:
-        with self._changed:
-            self._changed.wait(timeout)
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the changing thread; it must not block) after every change
+        of a job or the queue: WatchJob streams wait for these without a thread each."""
+        self._listeners.append(callback)
 
     def _notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
+        for callback in self._listeners:
+            callback()
 
     def _queue_changed(self) -> None:
         if self.db is None:

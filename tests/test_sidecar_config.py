@@ -22,6 +22,7 @@ def test_precedence(tmp_path):
     assert config.merge_queued is False  # env > default
     assert (config.erase.solver, config.erase.damping) == ("sqm", 0.1)
     assert config.base_models == {"smol": "/models/smol"}
+    assert (config.max_watches, config.max_watches_per_client, config.max_health_watches) == (1000, 100, 100)
     assert load_config({}, cfg_file, environ=env).grpc_port == 3333  # env > file
     with pytest.raises(Exception):
         config.grpc_port = 1  # frozen
@@ -51,6 +52,9 @@ def test_token_from_file_never_printed(tmp_path):
     ({"store": "/s", "erase": {"min_tolerance": 0}}, "erase.min_tolerance in"),
     ({"store": "/s", "erase": {"verify_max_steps": 10**9}}, "erase.verify_max_steps must be in"),
     ({"store": "/s", "erase": {"verify_max_seconds": 1e9}}, "erase.verify_max_seconds must be in"),
+    ({"store": "/s", "max_watches_per_client": 0}, "max_watches_per_client must be an integer in"),
+    ({"store": "/s", "max_health_watches": "many"}, "max_health_watches: expected int"),
+    ({"store": "/s", "max_watches": 10, "max_watches_per_client": 20}, "max_watches_per_client cannot exceed"),
 ])
 def test_bad_settings(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

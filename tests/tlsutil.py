@@ -10,10 +10,9 @@ to make) and one-day validity: nothing here should outlive a test run.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
-import time
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from sidecar.aioserver import HealthStatus, LoopThread
 
 
 @dataclass(frozen=True)
@@ -117,38 +119,37 @@ SET_CODE = f"/{ECHO_SERVICE}/SetCode"  # unary-unary: set_code(FAILED_PRECONDITI
 ENDLESS = f"/{ECHO_SERVICE}/Endless"  # unary-stream: one message, then waits until cancelled
 
 
-def _echo(request: bytes, context) -> bytes:
+async def _echo(request: bytes, context) -> bytes:
     return request
 
 
-def _count(request: bytes, context):
+async def _count(request: bytes, context):
     for i in range(int(request or b"0")):
         yield str(i).encode()
 
 
-def _missing(request: bytes, context) -> bytes:
-    context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+async def _missing(request: bytes, context) -> bytes:
+    await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
 
 
-def _broken(request: bytes, context) -> bytes:
+async def _broken(request: bytes, context) -> bytes:
     raise RuntimeError("a bug")
 
 
-def _broken_stream(request: bytes, context):
+async def _broken_stream(request: bytes, context):
     yield b"first"
-    context.abort(grpc.StatusCode.NOT_FOUND, "gone while streaming")
+    await context.abort(grpc.StatusCode.NOT_FOUND, "gone while streaming")
 
 
-def _set_code(request: bytes, context) -> bytes:
+async def _set_code(request: bytes, context) -> bytes:
     context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
     context.set_details("not now")
     return b""
 
 
-def _endless(request: bytes, context):
+async def _endless(request: bytes, context):
     yield b"started"
-    while context.is_active():
-        time.sleep(0.01)
+    await asyncio.Event().wait()  # until the call is cancelled
 
 
 def echo_handler() -> grpc.GenericRpcHandler:
@@ -161,25 +162,32 @@ def echo_handler() -> grpc.GenericRpcHandler:
 
 
 class TestServer:
-    """A started server on 127.0.0.1 (plain or TLS): ``target``, ``health``, ``stop()``."""
+    """A started grpc.aio server on 127.0.0.1 (plain or TLS), like the sidecar's:
+    ``target``, ``health`` (a ``HealthStatus``), ``stop()``."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, interceptors=(), credentials: grpc.ServerCredentials | None = None):
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=list(interceptors))
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.server.add_generic_rpc_handlers((echo_handler(),))
-        if credentials is None:
-            self.port = self.server.add_insecure_port("127.0.0.1:0")
-        else:
-            self.port = self.server.add_secure_port("127.0.0.1:0", credentials)
-        assert self.port, "could not bind 127.0.0.1:0"
+        self._loop = LoopThread("test-grpc")
+        self.server = self._loop.run(self._build(list(interceptors), credentials))
         self.target = f"127.0.0.1:{self.port}"
-        self.server.start()
+
+    async def _build(self, interceptors, credentials) -> grpc.aio.Server:
+        server = grpc.aio.server(interceptors=interceptors)
+        self.health = HealthStatus(health_aio.HealthServicer(), self._loop)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        server.add_generic_rpc_handlers((echo_handler(),))
+        if credentials is None:
+            self.port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = server.add_secure_port("127.0.0.1:0", credentials)
+        assert self.port, "could not bind 127.0.0.1:0"
+        await server.start()
+        return server
 
     def stop(self) -> None:
-        self.server.stop(grace=None).wait(5)
+        self._loop.run(self.server.stop(grace=None), 5)
+        self._loop.close()
 
     def __enter__(self) -> "TestServer":
         return self
