@@ -231,6 +231,12 @@ def _client_paths(paths: dict[Path, str]):
         raise type(e)(message) from None
 
 
+def _discard(*staged: Path | None) -> None:
+    for path in staged:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def result_from_reports(reports: list[dict], version: Version) -> SwapResult:
     """The swap as the reconcilers saw it: one check per replica that serves ``version``
     (or a later one) confirmed, the others behind with their last error."""
@@ -948,9 +954,11 @@ class EraserService:
             self.db.requeue(job.id)
             log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
         except JobCancelled as e:
+            _discard(staged, staged_factors)  # before the record ends: a client that sees it finds nothing staged
             self.hooks.job_finished(self.db.finish(job.id, State.CANCELLED, error_code="CANCELLED", error_message=str(e)))
             log.info("job %s cancelled", job.id)
         except BaseException as e:
+            _discard(staged, staged_factors)
             code, message = status_of(e)
             if not isinstance(e, EraserError):
                 log.exception("job %s failed with an internal error", job.id)
@@ -967,10 +975,7 @@ class EraserService:
             self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
                                                    report=report))
         finally:
-            if staged is not None:
-                shutil.rmtree(staged, ignore_errors=True)
-            if staged_factors is not None:
-                shutil.rmtree(staged_factors, ignore_errors=True)
+            _discard(staged, staged_factors)
 
     def _holdout_for(self, adapter: str) -> Path:
         """The adapter's stored held-out set, checked against its recorded hash: a job
