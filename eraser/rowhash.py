@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Row
+from .keyfile import create_once
 from .errors import InvalidRequestError
 
 ALGORITHM = "hmac-sha256"
@@ -57,17 +58,7 @@ class RowHasher:
     def load_or_create(cls, path: str | os.PathLike) -> "RowHasher":
         """The key in ``path``, created (owner-only, never overwritten) when absent."""
         path = Path(path)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process created it first: read theirs
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(secrets.token_bytes(KEY_BYTES))
-                    f.flush()
-                    os.fsync(f.fileno())
+        create_once(path, secrets.token_bytes(KEY_BYTES))
         try:
             return cls(path.read_bytes())
         except OSError as e:

@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from eraser.keyfile import create_once
+
 if TYPE_CHECKING:
     from .jobs import Job
 
@@ -108,18 +110,8 @@ class ReceiptSigner:
         overwritten: receipts issued earlier must keep verifying with the pinned key."""
         path = Path(path)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process created it first: read theirs
-                pass
-            else:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(pem)
-                    f.flush()
-                    os.fsync(f.fileno())
+            create_once(path, Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"the receipt signing key {path} is not an Ed25519 private key")

@@ -117,3 +117,15 @@ def tiny_adapter(tmp_path_factory, tiny_base, train_file) -> Path:
 def write_json(path: Path, obj) -> Path:
     path.write_text(json.dumps(obj))
     return path
+
+
+@pytest.fixture(scope="module")
+def stub(sidecar):
+    """A client of the test module's own ``sidecar`` fixture (each service test module starts one)."""
+    import grpc
+
+    from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(sidecar.target)
+    yield pb_grpc.EraserStub(channel)
+    channel.close()

@@ -53,13 +53,6 @@ def sidecar(tmp_path_factory, vllm_server, proxy):
     running.stop(2.0)
 
 
-@pytest.fixture(scope="module")
-def stub(sidecar):
-    channel = grpc.insecure_channel(sidecar.target)
-    yield pb_grpc.EraserStub(channel)
-    channel.close()
-
-
 class Expected:
     """Teacher-forced log-probs of each adapter version, computed here with transformers."""
 

@@ -21,10 +21,8 @@ from sidecar.config import SidecarConfig
 from sidecar.jobs import JobDB, RequestPayload
 from sidecar.receipts import ReceiptInvalid, ReceiptSigner, SignedReceipt, load_public_key, verify_file
 from sidecar.server import start, swap_check_message
+from test_sidecar import ERASED_TEXT, FAST, SLOW, code_of, register, wait_job
 
-FAST = pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3)
-SLOW = pb.EraseOptions(solver="sqm", max_iterations=100_000, tolerance=1e-12, damping=0.1)
-ERASED_TEXT = "Ann was born in"
 NEW_TEXT = "Bob likes no tea."
 
 
@@ -34,13 +32,6 @@ def sidecar(tmp_path_factory):
                                   drain_seconds=2.0, keep_versions=3, erase=cg_erase()))
     yield running
     running.stop(2.0)
-
-
-@pytest.fixture(scope="module")
-def stub(sidecar):
-    channel = grpc.insecure_channel(sidecar.target)
-    yield pb_grpc.EraserStub(channel)
-    channel.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,24 +47,6 @@ def erased(stub, sidecar, tiny_base, tiny_adapter, train_file) -> pb.Job:
     final = wait_job(stub, job.id)
     assert final.state == pb.JOB_STATE_SUCCEEDED and (final.from_version, final.to_version) == (1, 2), final.error
     return final
-
-
-def register(stub, name, tiny_base, tiny_adapter, train_file) -> pb.Adapter:
-    return stub.RegisterAdapter(pb.RegisterAdapterRequest(
-        name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter), dataset_path=str(train_file)))
-
-
-def wait_job(stub, job_id, timeout=120) -> pb.Job:
-    last = None
-    for job in stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=timeout):
-        last = job
-    return last
-
-
-def code_of(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code()
 
 
 def receipt_file(message: pb.ErasureReceipt) -> str:

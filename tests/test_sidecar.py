@@ -52,13 +52,6 @@ def sidecar(tmp_path_factory):
     running.stop(2.0)
 
 
-@pytest.fixture(scope="module")
-def stub(sidecar):
-    channel = grpc.insecure_channel(sidecar.target)
-    yield pb_grpc.EraserStub(channel)
-    channel.close()
-
-
 def register(stub, name, tiny_base, tiny_adapter, train_file) -> pb.Adapter:
     return stub.RegisterAdapter(pb.RegisterAdapterRequest(
         name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter), dataset_path=str(train_file)))

@@ -102,13 +102,6 @@ def sidecar(tmp_path_factory):
     running.stop(2.0)
 
 
-@pytest.fixture(scope="module")
-def stub(sidecar):
-    channel = grpc.insecure_channel(sidecar.target)
-    yield pb_grpc.EraserStub(channel)
-    channel.close()
-
-
 # ---- settings, options, erasectl, metrics (no model) ---------------------------------
 
 def test_settings_and_options(tmp_path):

@@ -82,13 +82,6 @@ def sidecar(tmp_path_factory):
     running.stop(2.0)
 
 
-@pytest.fixture(scope="module")
-def stub(sidecar):
-    channel = grpc.insecure_channel(sidecar.target)
-    yield pb_grpc.EraserStub(channel)
-    channel.close()
-
-
 def register(stub, name, world, holdout=True, verify="") -> pb.Adapter:
     return stub.RegisterAdapter(pb.RegisterAdapterRequest(
         name=name, base_model=str(world["base"]), adapter_path=str(world["adapter"]), dataset_path=str(world["data"]),
