@@ -324,7 +324,8 @@ class EraserService:
         self.computes = config.role == "compute"
         # Only the computing sidecar owns the job database; reconcilers read the store.
         self._lock_file = StoreLock(self.store.root) if self.computes else None
-        self.db = JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher) if self.computes else None
+        self.db = (JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher, config.group_commit)
+                   if self.computes else None)
         self.device = resolve_device(config.device)
         self._changed = threading.Condition()
         self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
