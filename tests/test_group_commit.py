@@ -163,8 +163,9 @@ def test_concurrent_submissions_share_commits_with_sequential_semantics(tmp_path
     assert job_shapes(db.path) == job_shapes(replay.path)
     assert len(job_shapes(db.path)) > 5, "the mix makes several jobs, not one"
 
-    # Grouping happened: fewer COMMITs than submissions (one each without grouping).
-    assert commits[0] == db.group.commits < len(sent) - 10
+    # Grouping happened: one COMMIT per valid submission without it (about 250); a dozen
+    # or so with it here.
+    assert commits[0] == db.group.commits < len(sent) // 4
     assert db.group.submissions == len(sent)
     db.close()
     replay.close()
