@@ -344,26 +344,28 @@ class JobDB:
             c.execute("DELETE FROM requests WHERE request_id = ?", (request_id,))
         elif seen:
             return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (seen[0],)).fetchone()), False, False
-        target = None
+        target = None  # the queued job this request joins: (id, edits)
         if merge:
-            for row in c.execute(
-                "SELECT * FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? AND cancel_requested = 0 "
+            # Only its edits are read: a whole Job would also read every merged request id.
+            row = c.execute(
+                "SELECT id, edits FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? AND cancel_requested = 0 "
                 "AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1",
                 (adapter, options_key),
-            ).fetchall():
-                job = self._job(row)
-                ids = {e["id"] for e in job.edits}
-                edited = {e["id"] for e in job.edits if e["kind"] != "remove"}
+            ).fetchone()
+            if row is not None:
+                job_edits = json.loads(row["edits"])
+                ids = {e["id"] for e in job_edits}
+                edited = {e["id"] for e in job_edits if e["kind"] != "remove"}
                 # Two edits of one row cannot be summed into one solve; removals can.
                 conflict = (payload.edited_ids & ids) or (payload.ids & edited)
                 if not conflict and len(ids | payload.ids) <= max_rows and not deadline_seconds:
-                    target = job
+                    target = (row["id"], job_edits)
         edits = payload.public_edits(self.hasher)
         if target is not None:
-            merged_edits = _merge_edits(target.edits, edits)
+            job_id, job_edits = target
+            merged_edits = _merge_edits(job_edits, edits)
             counts = _counts(merged_edits)
-            c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(merged_edits), json.dumps(counts), target.id))
-            job_id = target.id
+            c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(merged_edits), json.dumps(counts), job_id))
         else:
             job_id = uuid.uuid4().hex
             c.execute(
