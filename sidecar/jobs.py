@@ -325,7 +325,7 @@ class JobDB:
 
         def work(c: sqlite3.Connection) -> tuple[Job, bool, bool]:
             return self._submit_tx(c, adapter, request_id, payload, options, fingerprint, merge, max_rows,
-                               deadline_seconds, now)
+                                   deadline_seconds, now)
 
         if self.group is not None:
             return self.group.run(work)
@@ -333,7 +333,7 @@ class JobDB:
             return work(c)
 
     def _submit_tx(self, c: sqlite3.Connection, adapter: str, request_id: str, payload: RequestPayload, options: dict,
-               fingerprint: str, merge: bool, max_rows: int, deadline_seconds: float, now: float) -> tuple[Job, bool, bool]:
+                   fingerprint: str, merge: bool, max_rows: int, deadline_seconds: float, now: float) -> tuple[Job, bool, bool]:
         """``submit``'s writes, inside a transaction the caller owns."""
         options_key = json.dumps(options, sort_keys=True)
         seen = c.execute("SELECT r.job_id, j.state FROM requests r JOIN jobs j ON j.id = r.job_id "
