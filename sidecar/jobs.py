@@ -12,6 +12,7 @@ freed pages are zeroed). Erased text is never stored at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -206,10 +207,19 @@ class JobDB:
             for name, definition in _ADDED_COLUMNS.items():
                 if name not in have:
                     self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        # Queries go through a second connection: in WAL mode a reader sees the last
+        # commit and never waits for the writer, so they do not queue behind a batch of
+        # submissions and its fsync. (Every read ends before its lock is released, so an
+        # idle reader never holds back a checkpoint.)
+        self._reader = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA query_only=ON")
+        self._read_lock = threading.Lock()
         self._checkpoint()  # a stop between a deletion and its checkpoint left the text in the WAL
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._conn.close()
 
     # ---- helpers -------------------------------------------------------------------
@@ -231,7 +241,7 @@ class JobDB:
 
         return _Tx()
 
-    def _job(self, row: sqlite3.Row) -> Job:
+    def _job(self, row: sqlite3.Row, c: sqlite3.Connection | None = None) -> Job:
         d = dict(row)
         d.pop("seq")
         d.pop("options_key")
@@ -242,7 +252,7 @@ class JobDB:
         job = Job(**d)
         # A request id retried after its job failed or was cancelled moved to past_requests:
         # the ended job still lists it.
-        job.request_ids = [r[0] for r in self._conn.execute(
+        job.request_ids = [r[0] for r in (c or self._conn).execute(
             "SELECT request_id, created_at FROM requests WHERE job_id = ? UNION ALL "
             "SELECT request_id, created_at FROM past_requests WHERE job_id = ? ORDER BY created_at", (job.id, job.id))]
         return job
@@ -250,16 +260,29 @@ class JobDB:
     def _checkpoint(self) -> None:
         """After a payload is deleted: secure_delete zeroes the database's pages, but the
         -wal file keeps the frames that held the text until a TRUNCATE checkpoint."""
-        with self._lock:
+        with self._lock, self._read_lock:  # no read in progress: it would hold the checkpoint back
             busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:  # another connection reads: the next deletion's checkpoint catches up
             log.warning("the job database's WAL checkpoint was blocked by a reader; it is retried on the next one")
 
     # ---- queries -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _reading(self):
+        """The reader connection inside one read transaction: its queries see one commit."""
+        with self._read_lock:
+            self._reader.execute("BEGIN")
+            try:
+                yield self._reader
+            finally:
+                self._reader.execute("COMMIT")
+
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return self._job(row) if row else None
+        with self._reading() as c:
+            return self._get(c, job_id)
+
+    def _get(self, c: sqlite3.Connection, job_id: str) -> Job | None:
+        row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row, c) if row else None
 
     def list(self, adapter: str | None = None, state: State | None = None, limit: int = 100) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", []
@@ -271,18 +294,18 @@ class JobDB:
             args.append(int(state))
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(limit)
-        with self._lock:
-            return [self._job(r) for r in self._conn.execute(sql, args).fetchall()]
+        with self._reading() as c:
+            return [self._job(r, c) for r in c.execute(sql, args).fetchall()]
 
     def by_request(self, request_id: str) -> tuple[Job, str] | None:
-        with self._lock:
-            row = self._conn.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-            return (self.get(row[0]), row[1]) if row else None
+        with self._reading() as c:
+            row = c.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+            return (self._get(c, row[0]), row[1]) if row else None
 
     def active_count(self, adapter: str | None = None) -> dict[State, int]:
         sql = "SELECT state, COUNT(*) FROM jobs WHERE state IN (1, 2)" + (" AND adapter = ?" if adapter else "") + " GROUP BY state"
-        with self._lock:
-            counts = dict(self._conn.execute(sql, (adapter,) if adapter else ()).fetchall())
+        with self._reading() as c:
+            counts = dict(c.execute(sql, (adapter,) if adapter else ()).fetchall())
         return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
 
     def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
@@ -291,23 +314,23 @@ class JobDB:
         if not ids:
             return set()
         marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as c:
+            rows = c.execute(
                 f"SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? AND j.state = 3 "
                 f"AND e.value ->> '$.kind' = 'remove' AND e.value ->> '$.id' IN ({marks})", (adapter, *ids)).fetchall()
         return {r[0] for r in rows}
 
     def pending_removals(self, adapter: str) -> set[str]:
         """Row ids that queued or running jobs of ``adapter`` are to remove."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as c:
+            rows = c.execute(
                 "SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? "
                 "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove'", (adapter,)).fetchall()
         return {r[0] for r in rows}
 
     def payloads(self, job_id: str) -> list[RequestPayload]:
-        with self._lock:
-            rows = self._conn.execute(
+        with self._reading() as c:
+            rows = c.execute(
                 "SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id WHERE p.job_id = ? ORDER BY r.seq",
                 (job_id,)).fetchall()
         return [RequestPayload.from_json(json.loads(r[0])) for r in rows]
