@@ -29,6 +29,11 @@ tiny Llama and a LoRA built and trained on the spot from synthetic facts
    The latency adapter is the trained LoRA registered with a larger dataset (so that every
    request can remove a distinct row); its solves are only background load here.
 
+   Then the job database alone, with and without group commit: 1 thread and 50 threads of
+   the benchmark's process call ``JobDB.submit`` directly, each request its own job
+   (merging off): the durable commit path without gRPC, validation or the merged job
+   that grows with every request.
+
 2. Merging against one by one. Two fresh sidecars, ``merge_queued=True`` and ``False``,
    each get the same 20 Erase requests (one distinct row each) at once; the time from the
    first submit until every request's job has succeeded, the number of solves, the final
@@ -422,6 +427,46 @@ def measure_acceptance(s: Settings, model: dict, workdir: Path, variant: str, cl
     return out
 
 
+def measure_job_db(workdir: Path, clients: int, per_client: int, group_commit: bool) -> dict:
+    """The job database alone: ``clients`` threads of this process call ``JobDB.submit``,
+    each request its own job (merging off), each call timed: the durable commit path
+    without gRPC, validation or the growing merged job."""
+    from eraser.rowhash import RowHasher
+    from sidecar.jobs import JobDB, RequestPayload
+
+    db = JobDB(workdir / f"jobs-{clients}-{'grouped' if group_commit else 'each'}.sqlite3", RowHasher(os.urandom(32)),
+               group_commit)
+    ready = threading.Barrier(clients + 1)
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+
+    def client(c: int) -> None:
+        ready.wait()
+        for k in range(per_client):
+            t0 = time.perf_counter()
+            db.submit("bench", f"{c}-{k}", RequestPayload((f"row-{c}-{k}",)), {}, "fingerprint", False, 1)
+            latencies[c].append((time.perf_counter() - t0) * 1000)
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    w0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    window = time.perf_counter() - w0
+    group = db.group
+    db.close()
+    ms = [x for xs in latencies for x in xs]
+    out = {"clients": clients, "requests_per_client": per_client, "group_commit": group_commit,
+           "latency": summary_ms(ms), "throughput_rps": round(len(ms) / window, 1),
+           "commits": group.commits if group else len(ms),
+           "mean_batch": round(group.submissions / group.commits, 2) if group and group.commits else 1.0}
+    _say(f"job database alone, {clients} thread(s) x {per_client}, "
+         f"{'group commit' if group_commit else 'one commit each'}: p50 {out['latency']['p50_ms']} ms, "
+         f"p99 {out['latency']['p99_ms']} ms, {out['throughput_rps']} req/s, {out['commits']} COMMITs")
+    return out
+
+
 def serve_queue(s: Settings, model: dict, workdir: Path, merge: bool, remove: list[str]) -> dict:
     """One fresh sidecar; the queued requests arrive at once; wait until all succeeded."""
     from concurrent import futures
@@ -594,6 +639,12 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
             acceptance["variants"][name] = measure_acceptance(s, model, workdir, name, clients, per_client, paused,
                                                               group_commit)
 
+    acceptance["job_db"] = {
+        f"{'grouped' if group_commit else 'commit_each'}_{clients}": measure_job_db(workdir, clients, per_client,
+                                                                                     group_commit)
+        for clients, per_client in ((1, s.single_client_requests // 10), (s.clients, s.requests_per_client))
+        for group_commit in (False, True)}
+
     ids = model["train_ids"]
     step = max(1, len(ids) // s.queued_requests)
     remove = ids[::step][: s.queued_requests]
@@ -674,8 +725,8 @@ def reading(result: dict, smollm2_seconds: float | None) -> list[str]:
         f"{p['latency']['p99_ms']} ms at {p['throughput_rps']} req/s with no solve running, p50 "
         f"{sv['latency']['p50_ms']} / p99 {sv['latency']['p99_ms']} ms at {sv['throughput_rps']} req/s with one "
         f"running in the same process; one client alone gets p50 {one['latency']['p50_ms']} ms at "
-        f"{one['throughput_rps']} req/s. The server validates one request at a time (one Python interpreter, one "
-        f"SQLite connection under one lock), so the latency under load is queueing (Little's law: about {in_flight} "
+        f"{one['throughput_rps']} req/s. The server validates one request at a time (one Python interpreter; the "
+        f"job database has one writer), so the latency under load is queueing (Little's law: about {in_flight} "
         f"of {clients} clients inside a call at any time){gil}.",
     ]
     out += _group_commit_reading(result)
@@ -729,6 +780,14 @@ def _group_commit_reading(result: dict) -> list[str]:
              f"COMMITs for {g['requests']} requests, mean batch {g['mean_batch']})" for k, g, b in pairs]
     out = ["One commit per request -> group commit (each pair measured back to back in this run): " + "; ".join(parts)
            + "."]
+    db = result["acceptance"].get("job_db")
+    if db:
+        parts = [f"{b['clients']} thread(s): p50 {b['latency']['p50_ms']} -> {g['latency']['p50_ms']} ms, p99 "
+                 f"{b['latency']['p99_ms']} -> {g['latency']['p99_ms']} ms, {b['throughput_rps']} -> "
+                 f"{g['throughput_rps']} req/s ({g['commits']} COMMITs, mean batch {g['mean_batch']})"
+                 for b, g in ((db[f"commit_each_{n}"], db[f"grouped_{n}"]) for n in sorted({v["clients"] for v in db.values()}))]
+        out.append("The job database alone (JobDB.submit from threads, each request its own job): " + "; ".join(parts)
+                   + ". This is the part group commit changes: one fsync per batch instead of one per request.")
     p = variants.get("worker_paused")
     if p and p["requests"] and p["server_process_cpu_seconds"]:
         cpu_ms = p["server_process_cpu_seconds"] / p["requests"] * 1000
@@ -777,6 +836,21 @@ def markdown(result: dict) -> str:
                            lat["p90_ms"], lat["p99_ms"], lat["max_ms"], v["throughput_rps"], v["jobs_created"],
                            " / ".join(map(str, v["p50_ms_by_quarter"])),
                            v["server_process_cores_busy"]]))
+    if acc.get("job_db"):
+        lines += [
+            "",
+            "The job database alone (measured in this run): threads of the benchmark's process call JobDB.submit, "
+            "each request its own job (merging off), each call timed; no gRPC, validation or merged job.",
+            "",
+            md_row(["commits", "threads x requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s", "COMMITs",
+                    "mean batch"]),
+            md_row(["---"] * 2 + ["---:"] * 7),
+        ]
+        for v in acc["job_db"].values():
+            lat = v["latency"]
+            lines.append(md_row(["grouped" if v["group_commit"] else "one per request",
+                                 f"{v['clients']} x {v['requests_per_client']}", lat["p50_ms"], lat["p90_ms"],
+                                 lat["p99_ms"], lat["max_ms"], v["throughput_rps"], v["commits"], v["mean_batch"]]))
     lines += [
         "",
         f"## {mg['requests']} queued requests (one row each): merged vs one by one",
