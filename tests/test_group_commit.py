@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from eraser.rowhash import RowHasher
-from sidecar.jobs import JobDB, RequestPayload, _merge_edits
+from sidecar.jobs import JobDB, RequestPayload, State, _merge_edits
 
 HASHER = RowHasher(b"k" * 32)
 FAST = {"solver": "cg"}
@@ -288,3 +288,18 @@ def test_kill_9_in_the_middle_of_batches_leaves_whole_submissions(tmp_path, ackn
     db.close()
     stored = assert_whole(path)
     assert set(seen) <= set(stored), "an acknowledged submission was lost"
+
+
+def test_reads_see_each_commit_and_never_hold_back_the_checkpoint(tmp_path):
+    """Queries use a second connection: they see a submission as soon as it returns, and
+    a job's end still truncates the WAL (the replacement text must not stay in it)."""
+    db = JobDB(tmp_path / "jobs.sqlite3", HASHER)
+    job, created, _ = submit(db, {"adapter": "a", "rid": "r", "modify": [["x", "secret new text"]], "options": FAST,
+                                  "fingerprint": "f"})
+    assert created and db.get(job.id).request_ids == ["r"] and db.by_request("r")[0].id == job.id
+    assert db.payloads(job.id)[0].modify_query == (("x", "secret new text"),)
+    assert db.list("a")[0].id == job.id and db.active_count("a")
+    db.finish(job.id, State.SUCCEEDED, report={})
+    assert (tmp_path / "jobs.sqlite3-wal").stat().st_size == 0, "a reader held back the TRUNCATE checkpoint"
+    assert not db.payloads(job.id) and db.get(job.id).state == State.SUCCEEDED
+    db.close()
