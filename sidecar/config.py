@@ -150,6 +150,9 @@ class SidecarConfig:
     keep_versions: int = 2
     # Requests waiting behind a running job for the same adapter join one solve.
     merge_queued: bool = True
+    # Erase requests that arrive together share one transaction and one fsync (group
+    # commit); False commits each alone (slower under concurrency; equally durable).
+    group_commit: bool = True
     max_request_rows: int = 10_000
     # Concurrent solves across adapters (one per adapter at most, always).
     workers: int = 1

@@ -343,7 +343,8 @@ class EraserService:
         self.computes = config.role == "compute"
         # Only the computing sidecar owns the job database; reconcilers read the store.
         self._lock_file = StoreLock(self.store.root) if self.computes else None
-        self.db = JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher) if self.computes else None
+        self.db = (JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher, config.group_commit)
+                   if self.computes else None)
         # Created with the store (like the row-hash key); only the computing sidecar issues receipts.
         self.signer = self.store.receipt_signer if self.computes else None
         self.device = resolve_device(config.device)

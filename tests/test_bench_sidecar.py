@@ -41,9 +41,10 @@ def test_top_level_and_machine(quick_result):
 
 
 def test_acceptance(quick_result):
-    result, _ = quick_result
+    result, markdown = quick_result
     acc = result["acceptance"]
-    assert set(acc["variants"]) == {"one_client", "worker_paused", "solving"}
+    plain = {"one_client", "worker_paused", "solving"}
+    assert set(acc["variants"]) == plain | {f"{k}_commit_each" for k in plain}
     assert acc["clients"] == 50
     for name, v in acc["variants"].items():
         n = v["clients"] * v["requests_per_client"]
@@ -54,11 +55,25 @@ def test_acceptance(quick_result):
         assert v["throughput_rps"] > 0 and v["span_seconds"] > 0 and v["server_process_cpu_seconds"] >= 0
         assert len(v["p50_ms_by_quarter"]) == len(v["ms_per_request_by_quarter"]) == 4
         assert 1 <= v["jobs_created"] <= n and 1 <= v["largest_job_requests"] <= n
+        # Group commit: every request in some COMMIT; the baseline commits each alone.
+        assert v["group_commit"] == (name in plain), name
+        if v["group_commit"]:
+            assert 1 <= v["commits"] <= n and v["mean_batch"] == round(n / v["commits"], 2), name
+        else:
+            assert v["commits"] is None and v["mean_batch"] is None, name
     # With the worker held off, every request joins the one queued job.
-    for name in ("one_client", "worker_paused"):
+    for name in ("one_client", "worker_paused", "one_client_commit_each", "worker_paused_commit_each"):
         v = acc["variants"][name]
         assert v["jobs_created"] == 1 and v["largest_job_requests"] == v["requests"], name
-    assert acc["variants"]["solving"]["clients"] == 50 and not acc["variants"]["solving"]["worker_paused"]
+    db = acc["job_db"]
+    assert set(db) == {"commit_each_1", "grouped_1", "commit_each_50", "grouped_50"}
+    for name, v in db.items():
+        n = v["clients"] * v["requests_per_client"]
+        assert v["latency"]["n"] == n and v["throughput_rps"] > 0 and v["group_commit"] == name.startswith("grouped")
+        assert 1 <= v["commits"] <= n and (v["group_commit"] or v["commits"] == n), name
+    for name in ("solving", "solving_commit_each"):
+        assert acc["variants"][name]["clients"] == 50 and not acc["variants"][name]["worker_paused"]
+    assert "grouped:" in markdown and "one per request" in markdown and "One commit per request -> group commit" in markdown
 
 
 def test_merging(quick_result):
