@@ -124,16 +124,21 @@ class StreamLimitInterceptor(grpc.aio.ServerInterceptor):
         return with_behavior(handler, _capped(behavior_of(handler), slots))
 
 
+async def _admitted(slots: StreamSlots, context) -> str:
+    """The calling client, once a slot is free for it; else the call ends RESOURCE_EXHAUSTED."""
+    client = client_of(context)
+    problem = slots.refusal(client)
+    if problem is not None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+    return client
+
+
 def _capped(behavior: Callable, slots: StreamSlots) -> Callable:
     # Same kind as the behavior: grpc.aio runs an async generator and a coroutine writing
     # with context.write() (the health servicer's Watch) differently.
     if inspect.isasyncgenfunction(behavior):
         async def capped_generator(request, context):
-            client = client_of(context)
-            problem = slots.refusal(client)
-            if problem is not None:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
-            with slots.held(client):
+            with slots.held(await _admitted(slots, context)):
                 async with contextlib.aclosing(behavior(request, context)) as responses:
                     async for response in responses:
                         yield response
@@ -141,11 +146,7 @@ def _capped(behavior: Callable, slots: StreamSlots) -> Callable:
         return capped_generator
 
     async def capped(request, context):
-        client = client_of(context)
-        problem = slots.refusal(client)
-        if problem is not None:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
-        with slots.held(client):
+        with slots.held(await _admitted(slots, context)):
             return await behavior(request, context)
 
     return capped
