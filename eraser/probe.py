@@ -22,6 +22,7 @@ CANDIDATES = 32  # retained rows scored on their full text
 SHORTLIST = 4  # of those, the rows whose greedy answers are generated and compared
 ANSWER_TOKENS = 8
 MAX_TOKENS = 256
+SCORE_BATCH = 16  # candidates scored per forward pass
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ def distinguishing_probe(model, tokenizer, rows: Sequence[Row], params: Sequence
     shortlist = [0]
     if parent is not None:
         sequences = [encode(tokenizer, r.prompt, r.response, MAX_TOKENS).input_ids for r in rows]
-        new = token_logprobs(model, sequences, device)
+        new = token_logprobs(model, sequences, device, batch=SCORE_BATCH)
         with holding(params, parent):
-            old = token_logprobs(model, sequences, device)
+            old = token_logprobs(model, sequences, device, batch=SCORE_BATCH)
         moved = [max(abs(a - b) for a, b in zip(n, o)) for n, o in zip(new, old)]
         shortlist = sorted(range(len(rows)), key=lambda i: -moved[i])[:SHORTLIST]
     best = None
