@@ -64,6 +64,9 @@ class Settings:
     # The first-order +refine rows (today's fallback path, the baseline of the product row):
     # the full size only; the quick smoke run covers refinement through the product row.
     first_order_refine: bool = True
+    # The influence baselines on the exact curvature (paper preset, cg): the full size only,
+    # for the same reason (the quick run is the suite's smoke test and its longest test).
+    exact_influence: bool = True
     refine_max_seconds: float = 240.0
     refine_retain_rows: int = 8
     # The product row runs the product's own config; None keeps its own refinement budget
@@ -91,7 +94,8 @@ class Settings:
                    rc_group_people=2, qm_rows=1, held_out_people=3, calibration_people=4, epochs=8, warm_epochs=1,
                    ga_steps=2, curvature_rows=4, cg_max_iterations=3, refine_max_steps=2, refine_retain_rows=4,
                    product_verify_max_steps=QUICK_PRODUCT_STEPS, product_verify_max_seconds=QUICK_PRODUCT_SECONDS,
-                   relearn_steps=3, relearn_rows=4, first_order_refine=False)
+                   relearn_steps=3, relearn_rows=4, first_order_refine=False,
+                   exact_influence=False)
 
 
 def say(message: str) -> None:
