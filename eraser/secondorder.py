@@ -316,6 +316,15 @@ def _project_out(step: torch.Tensor, retain_grad: torch.Tensor | None, factors, 
     return step - coefficient * along if coefficient < 0 else step
 
 
+def _gauss_newton_scale(phi: float, gradient: torch.Tensor, direction: torch.Tensor) -> float:
+    """Where the line search starts: the scale at which Φ's linear model along the direction
+    reaches zero (Φ is half a mean square of gaps, so that is 2Φ over the slope). The
+    natural direction's length depends on the damping, so a fixed start of 1 can be
+    thousands of halvings from the answer, each a scoring pass over the sampled rows."""
+    slope = -float(gradient.double() @ direction.double())
+    return 2.0 * phi / slope if slope > 0 and phi > 0 else 1.0
+
+
 def refine_natural(model, params, factors, objective: SampledObjective, judge: Judge, retain_pairs: Sequence[Pair],
                    tokenizer, budget: float, config: StepConfig, max_steps: int, max_seconds: float, device,
                    max_length: int, progress: Progress = silent, done=None) -> Refinement:
@@ -348,7 +357,8 @@ def refine_natural(model, params, factors, objective: SampledObjective, judge: J
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
         direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(order), factors, damping)
         theta = parameters_to_vector(params).detach().clone()
-        ls = line_search(params, theta, direction, objective, current, scale, budget, config)
+        start = _gauss_newton_scale(current.phi, g, direction) if stalled == 0 else scale
+        ls = line_search(params, theta, direction, objective, current, start, budget, config)
         result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
         progress("refine", step + 1, max_steps, {"phi": ls.point.phi, "scale": ls.scale})
         if ls.scale == 0.0:

@@ -78,3 +78,21 @@ def test_a_budget_too_small_fails_cleanly_and_writes_nothing(world, tmp_path):
     assert not any(r.response in str(info.value) for r in world["erased"])
     assert listing(tmp_path) == set()
     assert {p: tree_digest(p) for p in inputs} == inputs
+
+
+@pytest.mark.parametrize("length", [1e-3, 1.0, 4096.0])
+def test_the_line_search_starts_where_the_linear_model_of_the_gaps_reaches_zero(length):
+    """Whatever the natural direction's length (set by the damping), the first trial lands
+    on the zero of Φ's Gauss-Newton model, not at scale 1 (thousands of halvings away)."""
+    import torch
+
+    from eraser.secondorder import _gauss_newton_scale
+
+    theta, target = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 3.0, 0.5])
+    gaps = target - theta
+    phi = 0.5 * float(gaps.square().sum())
+    gradient, direction = -gaps, length * gaps
+    start = _gauss_newton_scale(phi, gradient, direction)
+    assert torch.allclose(theta + start * direction, target)
+    assert _gauss_newton_scale(0.0, gradient, direction) == 1.0  # nothing left to forget
+    assert _gauss_newton_scale(phi, gradient, -direction) == 1.0  # not a descent direction: the old start
