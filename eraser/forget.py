@@ -105,8 +105,8 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
 
     refinement = None
     if verify.policy == "enforce" and factors is not None:
-        refinement = refine_natural(model, params, factors, objective, judge, retain_pairs, tokenizer, budget, step,
-                                    verify.max_steps, verify.max_seconds, device, max_length, progress, done)
+        refinement = refine_natural(params, factors, objective, len(retain_pairs), budget, step, verify.max_steps,
+                                    verify.max_seconds, done, progress)
         out.steps.extend(refinement.steps)
         passed, reason = refinement.passed, refinement.reason
     else:

@@ -325,14 +325,13 @@ def _gauss_newton_scale(phi: float, gradient: torch.Tensor, direction: torch.Ten
     return 2.0 * phi / slope if slope > 0 and phi > 0 else 1.0
 
 
-def refine_natural(model, params, factors, objective: SampledObjective, judge: Judge, retain_pairs: Sequence[Pair],
-                   tokenizer, budget: float, config: StepConfig, max_steps: int, max_seconds: float, device,
-                   max_length: int, progress: Progress = silent, done=None) -> Refinement:
+def refine_natural(params, factors, objective: SampledObjective, retained: int, budget: float, config: StepConfig,
+                   max_steps: int, max_seconds: float, done, progress: Progress = silent) -> Refinement:
     """Natural-gradient steps on Φ + the retained rows' rise, each line-searched, until ``done()`` says the
     verdict passes (module docstring). The model is left at the last accepted step."""
     started = time.perf_counter()
     result = Refinement()
-    order = list(range(len(retain_pairs)))
+    order = list(range(retained))
     random.Random(0).shuffle(order)
     scale, stalled = 1.0, 0
     progress("refine", 0, max_steps)
