@@ -102,3 +102,14 @@ def test_a_version_without_a_recorded_probe_gets_one_computed(erased, tiny_base)
     computed = Swapper([], erased, "cpu").probe(bare, str(tiny_base))
     assert list(computed.prompt_ids) == recorded["prompt_ids"]
     assert abs(computed.margin - recorded["margin"]) < 1e-4
+
+
+def test_batched_scoring_equals_one_sequence_at_a_time(tiny_base, tiny_adapter):
+    """The probe ranks candidates by scores taken 16 per forward pass, right-padded; a
+    causal model's real positions must not see the padding."""
+    model = load_adapter(load_base(tiny_base, "cpu"), tiny_adapter, trainable=False)
+    sequences = [[1, 5, 9, 13, 2], [1, 7], [1, 3, 4, 6, 8, 10, 12, 14, 16], [1, 11, 15]]
+    one = token_logprobs(model, sequences, "cpu")
+    batched = token_logprobs(model, sequences, "cpu", batch=3)
+    assert [len(x) for x in batched] == [len(s) - 1 for s in sequences]
+    assert max(abs(a - b) for x, y in zip(one, batched) for a, b in zip(x, y)) < 1e-5

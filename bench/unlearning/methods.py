@@ -353,7 +353,7 @@ def _influence(ctx: Context, solver: SolverConfig, curvature: CurvatureConfig, f
         "20 steps of batch 1, damping = Adam's weight decay 1e-5) on the GGN", family="influence")
 def _llmeraser_paper(ctx: Context) -> Outcome:
     s = ctx.settings
-    _full_size_only(ctx, s.exact_influence)
+    _full_size_only(s.exact_influence)
     return _influence(ctx, _solver("sqm", "paper"),
                       CurvatureConfig("ggn", s.damping, s.curvature_rows, s.batch_size, s.seed))
 
@@ -362,7 +362,7 @@ def _llmeraser_paper(ctx: Context) -> Outcome:
         "(tolerance and iteration cap in settings; the residual is reported)", family="influence")
 def _llmeraser_cg(ctx: Context) -> Outcome:
     s = ctx.settings
-    _full_size_only(ctx, s.exact_influence)
+    _full_size_only(s.exact_influence)
     solver = _solver("cg", None, {"tolerance": s.cg_tolerance, "max_iterations": s.cg_max_iterations})
     return _influence(ctx, solver, CurvatureConfig("ggn", s.damping, s.curvature_rows, s.batch_size, s.seed))
 
@@ -382,7 +382,7 @@ def _llmeraser_ekfac(ctx: Context) -> Outcome:
 FULL_SIZE_ONLY = "full size only (the quick run covers the erase through the product and ekfac rows)"
 
 
-def _full_size_only(ctx: Context, enabled: bool) -> None:
+def _full_size_only(enabled: bool) -> None:
     if not enabled:
         raise Unavailable(FULL_SIZE_ONLY)
 
@@ -396,7 +396,7 @@ def refined(base: str) -> Callable[[Context], Outcome]:
     evaluated (the table shows what was refused and why)."""
 
     def run(ctx: Context) -> Outcome:
-        _full_size_only(ctx, ctx.settings.first_order_refine)
+        _full_size_only(ctx.settings.first_order_refine)
         before = ctx.outcomes.get(base)
         if before is None or before.theta is None:
             raise Unavailable(f"{base} produced no adapter on this task")
