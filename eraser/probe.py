@@ -22,7 +22,7 @@ CANDIDATES = 32  # retained rows scored on their full text
 SHORTLIST = 4  # of those, the rows whose greedy answers are generated and compared
 ANSWER_TOKENS = 8
 MAX_TOKENS = 256
-SCORE_BATCH = 16  # candidates scored per forward pass
+SCORE_BATCH = 16  # candidates per forward pass when ranking them
 
 
 @dataclass(frozen=True)
