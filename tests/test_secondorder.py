@@ -5,6 +5,7 @@ the membership verdict (eraser/membership.py) passes, on all three tasks."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from eraser.curvature import CurvatureConfig
 from eraser.errors import UtilityCheckFailedError, VerificationFailedError
@@ -96,3 +97,31 @@ def test_the_line_search_starts_where_the_linear_model_of_the_gaps_reaches_zero(
     assert torch.allclose(theta + start * direction, target)
     assert _gauss_newton_scale(0.0, gradient, direction) == 1.0  # nothing left to forget
     assert _gauss_newton_scale(phi, gradient, -direction) == 1.0  # not a descent direction: the old start
+
+
+@pytest.mark.parametrize("start", [1e-4, 1e6])  # accepted at once and expanded / backtracked to 0
+def test_the_point_a_line_search_leaves_is_not_scored_again(world, start):
+    """Whatever scale the line search settles on (one it expanded past, a backtracked one,
+    none), the refinement's next evaluate() is at those parameters: it must reuse the point
+    the search scored, not pay another pass over the retained rows."""
+    from torch.nn.utils import parameters_to_vector
+
+    from eraser.secondorder import SampledObjective, line_search
+
+    model, tok = load(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
+                                 512, StepConfig())
+    objective.forget_targets = [8.0] * len(world["erased"])
+    current = objective.evaluate()
+    direction = -objective.gradient()
+    theta = parameters_to_vector(params).detach().clone()
+    scored = []
+    nll = objective._nll
+    objective._nll = lambda data: scored.append(data) or nll(data)
+    ls = line_search(params, theta, direction, objective, current, start, 0.3, StepConfig())
+    assert ls.trials >= 2 and scored  # the search itself scored trial points
+    before = len(scored)
+    point = objective.evaluate()
+    assert len(scored) == before and point == ls.point
+    assert torch.equal(parameters_to_vector(params), theta + ls.scale * direction)
