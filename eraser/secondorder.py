@@ -165,8 +165,9 @@ class SampledObjective:
         self.model.zero_grad(set_to_none=True)
         nll = per_row_nll(self.model, self.retain.batch(list(rows), self.device)).mean()
         nll.backward()
-        parent = sum(self.retain_parent[i] for i in rows) / len(rows) if self.retain_parent else float(nll.detach())
-        return self._take_gradient(), float(nll.detach()) - parent
+        mean = float(nll.detach())
+        parent = sum(self.retain_parent[i] for i in rows) / len(rows) if self.retain_parent else mean
+        return self._take_gradient(), mean - parent
 
     def _take_gradient(self) -> torch.Tensor:
         g = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).detach().clone()

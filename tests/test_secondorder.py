@@ -99,8 +99,10 @@ def test_the_line_search_starts_where_the_linear_model_of_the_gaps_reaches_zero(
     assert _gauss_newton_scale(phi, gradient, -direction) == 1.0  # not a descent direction: the old start
 
 
-@pytest.mark.parametrize("start", [1e-4, 1e6])  # accepted at once and expanded / backtracked to 0
-def test_the_point_a_line_search_leaves_is_not_scored_again(world, start):
+# Accepted and expanded; backtracked to an accepted scale (the last point scored: cached before
+# remember() too); backtracked to nothing.
+@pytest.mark.parametrize("start, outcome", [(1e-2, "expanded"), (1.0, "backtracked"), (1e6, "none")])
+def test_the_point_a_line_search_leaves_is_not_scored_again(world, start, outcome):
     """Whatever scale the line search settles on (one it expanded past, a backtracked one,
     none), the refinement's next evaluate() is at those parameters: it must reuse the point
     the search scored, not pay another pass over the retained rows."""
@@ -121,6 +123,7 @@ def test_the_point_a_line_search_leaves_is_not_scored_again(world, start):
     objective._nll = lambda data: scored.append(data) or nll(data)
     ls = line_search(params, theta, direction, objective, current, start, 0.3, StepConfig())
     assert ls.trials >= 2 and scored  # the search itself scored trial points
+    assert {"expanded": ls.scale > start, "backtracked": 0 < ls.scale < start, "none": ls.scale == 0}[outcome]
     before = len(scored)
     point = objective.evaluate()
     assert len(scored) == before and point == ls.point
