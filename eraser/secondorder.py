@@ -141,8 +141,9 @@ class SampledObjective:
         if point.retain_mean is not None or self.retain is None:
             self._last = (parameters_to_vector(self.params).detach().clone(), point)
 
-    def gradient(self) -> torch.Tensor:
-        """∇Φ over the erased and new rows."""
+    def gradient(self, anchor_rows: Sequence[int] = ()) -> torch.Tensor:
+        """∇Φ plus ``anchor_weight`` × the gradient of the retained rows' NLL rise over their
+        parent values on a batch of them (zero where they did not rise: the merit's term)."""
         self.model.zero_grad(set_to_none=True)
         for data, sign, targets in ((self.forget, 1.0, self.forget_targets), (self.learn, -1.0, None)):
             if data is None:
@@ -155,19 +156,19 @@ class SampledObjective:
                 # Erased rows: a squared gap, which slows down near the target; new rows: the
                 # gap itself, whose pull does not fade before they are learned.
                 (0.5 * gap.square() if targets is not None else gap).sum().div(len(data)).backward()
+        if anchor_rows and self.retain is not None and self.config.anchor_weight > 0:
+            nll = per_row_nll(self.model, self.retain.batch(list(anchor_rows), self.device))
+            ref = sum(self.retain_parent[i] for i in anchor_rows) / len(anchor_rows)
+            (self.config.anchor_weight * torch.relu(nll.mean() - ref)).backward()
         return self._take_gradient()
 
-    def retain_gradient(self, rows: Sequence[int]) -> tuple[torch.Tensor, float] | None:
-        """The gradient of the mean NLL of a batch of retained rows, and how far that mean is
-        above the same rows' mean on the parent."""
+    def retain_gradient(self, rows: Sequence[int]) -> torch.Tensor | None:
+        """The gradient of the mean NLL of a batch of retained rows."""
         if not rows or self.retain is None:
             return None
         self.model.zero_grad(set_to_none=True)
-        nll = per_row_nll(self.model, self.retain.batch(list(rows), self.device)).mean()
-        nll.backward()
-        mean = float(nll.detach())
-        parent = sum(self.retain_parent[i] for i in rows) / len(rows) if self.retain_parent else mean
-        return self._take_gradient(), mean - parent
+        per_row_nll(self.model, self.retain.batch(list(rows), self.device)).mean().backward()
+        return self._take_gradient()
 
     def _take_gradient(self) -> torch.Tensor:
         g = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]).detach().clone()
@@ -351,19 +352,15 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
             break
         current = objective.evaluate()
         chunk = [order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
-        # One batch of retained rows (a different one each step) gives both the anchor, the
-        # merit's penalty while the sample's NLL is above the parent's (below it, pulling
-        # further down would only fight Φ), and the direction to project out.
-        retain = objective.retain_gradient(chunk)
-        g = objective.gradient()
-        if retain is not None and current.rise > 0 and retain[1] > 0:
-            g = g + config.anchor_weight * retain[0]
+        # The retained rows' penalty only while the sample's NLL is above the parent's: the
+        # merit charges nothing below it, so pulling further down would only fight Φ.
+        g = objective.gradient(chunk if current.rise > 0 else [])
         if not float(g.norm()) > 0:
             if not passed:
                 result.reason = f"no gradient left: {why}"
             break
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
-        direction = -_project_out(factors.solve(g, damping), retain[0] if retain else None, factors, damping)
+        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(order), factors, damping)
         theta = parameters_to_vector(params).detach().clone()
         start = _gauss_newton_scale(current.phi, g, direction) if stalled == 0 else scale
         ls = line_search(params, theta, direction, objective, current, start, budget, config)
