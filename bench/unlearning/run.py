@@ -18,7 +18,7 @@ from eraser.cli import passive_openmp_waits
 SCHEMA_VERSION = 1
 # The quick size's product row: the product's config with a smaller refinement budget
 # (labelled "reduced" in the report); the full size uses the product's own.
-QUICK_PRODUCT_STEPS = 3
+QUICK_PRODUCT_STEPS = 1
 # A wall-clock budget would make the quick verdict depend on the machine's load: steps only.
 QUICK_PRODUCT_SECONDS = None
 # Methods whose adapter is also attacked by relearning and re-judged
