@@ -82,8 +82,9 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
     state: dict = {}
 
     def done() -> tuple[bool, str, bool]:
-        """Whether the verdict passes, why not, and whether the rows are settled at the
-        never-seen level (every attack's AUC near ``target_auc``, not only inside the bounds)."""
+        """Whether the verdict passes, why not, and whether the rows are settled: the erased
+        at the never-seen level (every attack's AUC near ``target_auc``, not only inside the
+        bounds), the new at the retained rows' median NLL (not only within the margin)."""
         v, erased, held, new = judge.judge()
         if v is None and forget_pairs:  # no held-out rows: the base model is the reference
             v = reference_verdict(erased)
@@ -99,8 +100,9 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
             failures.append(f"retained rows' NLL rose by {point.rise:.3f} nats")
         state.setdefault("before", (v, erased, held, new, point))
         state["after"] = (v, erased, held, new, point)
-        settled = (not forget_pairs or not hasattr(v, "attacks")
-                   or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK)
+        settled = ((not forget_pairs or not hasattr(v, "attacks")
+                    or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK)
+                   and (not new.nll or sum(new.nll) / len(new.nll) <= learn_level))
         return not failures, "; ".join(failures) or "erased rows look never-seen", settled
 
     refinement = None

@@ -59,8 +59,8 @@ class StepConfig:
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
     damping_ratio: float = 0.1
     anchor_weight: float = 10.0
-    # New rows (RC/QM) count as learned when greedy decoding gives them and their mean NLL
-    # is within this of the retained rows' median.
+    # New rows (RC/QM) count as learned when their mean NLL is within this of the retained
+    # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
     batch_size: int = 8
 
@@ -260,11 +260,21 @@ class Judge:
 
 def learned(scores: RowScores, target: float, margin: float, retain_exact: float = 1.0) -> bool:
     """New rows at the retained rows' level: mean NLL within ``margin`` of their median, and
-    reproduced by greedy decoding at least as often as retained rows are, less 0.1."""
+    reproduced by greedy decoding about as often as retained rows are (``exact_share_floor``)."""
     if not scores.nll:
         return True
     share = sum(scores.exact) / len(scores.exact)
-    return share >= retain_exact - 0.1 and sum(scores.nll) / len(scores.nll) <= target + margin
+    return share >= exact_share_floor(retain_exact, len(scores.exact)) and sum(scores.nll) / len(scores.nll) <= target + margin
+
+
+def exact_share_floor(retain_exact: float, rows: int) -> float:
+    """The least share of ``rows`` new rows greedy decoding must reproduce when it reproduces a
+    share ``retain_exact`` of the retained rows: that share less 0.1, less the one-sided 95 %
+    margin of a share over so few rows. An adapter that reproduces every retained row must
+    reproduce every new one; where it reproduces a third of them, one new row that is not
+    reproduced is no evidence that it was not learned (retraining would miss it as often)."""
+    p = min(max(retain_exact, 0.0), 1.0)
+    return p - 0.1 - 1.645 * math.sqrt(p * (1 - p) / rows)
 
 
 @dataclass

@@ -4,16 +4,22 @@ the membership verdict (eraser/membership.py) passes, on all three tasks."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
+from conftest import CITIES
 from eraser.curvature import CurvatureConfig
 from eraser.errors import UtilityCheckFailedError, VerificationFailedError
 from eraser.losses import row_losses
 from eraser.membership import base_model_nll, judge_attack, measure
 from eraser.requests import UnlearningRequest
-from eraser.secondorder import StepConfig
+from eraser.data import Row, write_rows
+from eraser.membership import RowScores
+from eraser.secondorder import StepConfig, learned
 from eraser.solvers import SolverConfig
+from eraser.train import TrainConfig, train
 from eraser.unlearn import EraseConfig, erase
 from eraser.verify import VerifyConfig, pairs
 from test_cli import listing
@@ -56,6 +62,86 @@ def test_removal_reaches_the_never_seen_level_and_keeps_utility(world, tmp_path)
         assert 0.1 <= a.auc <= 0.8, (attack, a)
     assert not any(e.exact)  # no erased answer is reproduced by greedy decoding
     assert retained - parent_retained <= 0.05, (retained, parent_retained)
+
+
+# The world fixture's training recipe (tests/test_verify.py): retraining is judged alike.
+WORLD_TRAINING = TrainConfig(rank=4, alpha=8, epochs=60, lr=2e-2, batch_size=4)
+
+
+def _born(world) -> tuple[Row, str]:
+    row = next(r for r in world["erased"] if r.id.startswith("born-"))
+    return row, row.prompt.split()[2].rstrip("?")
+
+
+@pytest.fixture(scope="module")
+def wrong_question(world, tmp_path_factory):
+    """The world trained with one question wrong (about a thing the person has no fact for,
+    as in bench/unlearning's query-modification task): the request puts the right one back."""
+    d = tmp_path_factory.mktemp("wrong-question")
+    right, name = _born(world)
+    wrong = Row(right.id, f"What does {name} drive?", right.response)
+    rows = [wrong if r.id == right.id else r for r in world["rows"]]
+    write_rows(d / "train.jsonl", rows)
+    train(world["base"], d / "train.jsonl", d / "lora", WORLD_TRAINING)
+    world = {**world, "adapter": d / "lora", "data": d / "train.jsonl", "rows": rows,
+             "retained": [r for r in rows if r.id != right.id]}
+    return world, wrong, right
+
+
+def _retrained_nll(world, tmp_path, rows, row: Row) -> float:
+    write_rows(tmp_path / "retrain.jsonl", rows)
+    train(world["base"], tmp_path / "retrain.jsonl", tmp_path / "retrained", WORLD_TRAINING)
+    model, tok = load(world, tmp_path / "retrained")
+    return measure(model, tok, [(row.prompt, row.response)], "cpu").nll[0]
+
+
+@pytest.mark.parametrize("task", ["correct_response", "modify_query"])
+def test_corrections_pass_verification_with_the_new_text_learned(world, wrong_question, tmp_path, task):
+    """RC: a trained answer is replaced by another city; QM: a question trained wrong is put
+    right. The request passes verification under enforce, the new row is learned at the
+    retained rows' level and at least as well as retraining from scratch learns it, the old
+    text is neither reproduced nor (QM) member-like, and the retained rows keep their NLL."""
+    if task == "correct_response":
+        old, name = _born(world)
+        new = Row(old.id, old.prompt, f"{name} was born in {next(c for c in CITIES if c not in old.response)}.")
+        request = UnlearningRequest(correct_response=((old.id, new.response),))
+    else:
+        world, old, new = wrong_question
+        request = UnlearningRequest(modify_query=((old.id, new.prompt),))
+    report = _erase(world, tmp_path, request)
+    v = report.verification
+    assert v["passed"], v["reason"]
+    parent, tok = load(world)
+    retained_parent = row_losses(parent, tok, pairs(world["retained"]), "cpu")
+    before = measure(parent, tok, [(new.prompt, new.response)], "cpu").nll[0]
+    model, tok = load(world, tmp_path / "v2")
+    after = measure(model, tok, [(new.prompt, new.response), (old.prompt, old.response)], "cpu")
+    retrained = _retrained_nll(world, tmp_path, [new if r.id == old.id else r for r in world["rows"]], new)
+    assert v["learned"]["rows"] == 1 and v["learned"]["mean_nll"] == pytest.approx(after.nll[0], abs=1e-4)
+    assert after.nll[0] <= statistics.median(retained_parent) < before, (after.nll, retained_parent, before)
+    assert after.nll[0] <= retrained + 0.1, (after.nll[0], retrained)
+    assert not after.exact[1]  # the old answer to the old question is not given
+    if task == "modify_query":  # the wrong question's row looks never-seen to an independent judge
+        assert {a["name"] for a in v["membership"]["after"]["attacks"]} == {"loss", "reference", "mink"}
+        e, h, _ = _judged_independently(world, tmp_path / "v2", [old])
+        for attack in ("loss", "reference", "mink"):
+            a = judge_attack(attack, e.member_scores(attack), h.member_scores(attack), 0.75, 0.1)
+            assert a.auc <= 0.8, (attack, a)
+    retained = sum(row_losses(model, tok, pairs(world["retained"]), "cpu")) / len(world["retained"])
+    assert retained - sum(retained_parent) / len(retained_parent) <= 0.05
+
+
+def test_new_rows_must_be_reproduced_as_often_as_retained_rows_are():
+    """The learned check's greedy half is sized to the rows: where the adapter reproduces every
+    retained row a new row it does not reproduce is not learned; where it reproduces a third
+    of them, one such row is no evidence either way; over many rows the share must keep up."""
+    one_missed = RowScores(nll=[0.1], mink=[0.0], exact=[False], base_nll=None)
+    assert not learned(one_missed, target=0.5, margin=0.3, retain_exact=1.0)
+    assert learned(RowScores(nll=[0.1], mink=[0.0], exact=[True], base_nll=None), 0.5, 0.3, retain_exact=1.0)
+    assert learned(one_missed, target=0.5, margin=0.3, retain_exact=0.3)
+    many = RowScores(nll=[0.1] * 40, mink=[0.0] * 40, exact=[True] * 2 + [False] * 38, base_nll=None)
+    assert not learned(many, target=0.5, margin=0.3, retain_exact=0.3)
+    assert not learned(RowScores(nll=[0.9], mink=[0.0], exact=[True], base_nll=None), 0.5, 0.3, retain_exact=1.0)  # NLL too high
 
 
 def test_line_search_keeps_the_utility_bound_on_a_step_that_breaks_it_unscaled(world, tmp_path):
