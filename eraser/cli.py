@@ -201,7 +201,7 @@ def _verify_config(args):
 
     policy = args.verify or defaults.default_verify_policy(bool(args.holdout), args.solver)
     if policy == "enforce" and not args.holdout and args.solver not in defaults.FACTOR_SOLVERS:
-        raise InvalidRequestError(f"--verify enforce without --holdout needs --solver ekfac or kfac (rows of the same "
+        raise InvalidRequestError("--verify enforce without --holdout needs --solver ekfac or kfac (rows of the same "
                                   "kind the adapter never saw make any solver verifiable)")
     options = {"method": args.verify_method, "max_steps": args.verify_max_steps, "max_seconds": args.verify_max_seconds,
                "max_auc": args.verify_max_auc, "max_retain_rise": args.verify_max_retain_rise}

@@ -30,17 +30,10 @@ import torch
 from .data import EncodedRows, Row, text_sha256
 from .errors import EraserError, InvalidRequestError
 from .kfac import KFAC, KFACConfig
+from .options import DEFAULT_REFIT_FRACTION
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-
-# Refit once this share of the fitted rows has changed through downdates. Measured on the
-# tiny test model (20 rows, 448 LoRA parameters; erases of 2 rows each, EK-FAC solves of a
-# fresh request compared with a full refit at the new parameters): cosine 0.997 (damping
-# 1x the curvature's scale) and 0.988 (0.1x) after 10 % of rows changed, then 0.96 / 0.91
-# at 20 %, 0.94 / 0.86 at 40 %. At 10 % the downdating error stays well below the error of
-# EK-FAC itself against the exact solve (cosine 0.95 at 1x), past it it does not.
-DEFAULT_REFIT_FRACTION = 0.10
 
 
 class FactorMismatchError(EraserError):

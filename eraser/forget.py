@@ -16,7 +16,7 @@ import torch
 from .errors import VerificationFailedError
 from .membership import RowScores, reference_verdict
 from .progress import Progress, silent
-from .secondorder import (Judge, SampledObjective, StepConfig, StepRecord, controlled_influence_step, learned,
+from .secondorder import (Judge, LearnCheck, SampledObjective, StepConfig, StepRecord, controlled_influence_step,
                           refine_natural)
 from .verify import VerificationReport, VerifyConfig, VerifyScores, _scores, verify_and_refine
 
@@ -71,6 +71,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
     objective.forget_targets = judge.targets(holdout0) if erased0 is not None else (
         judge.base_erased or [math.inf] * len(forget_pairs))
     retain_exact = (sum(judge.scores(retain_pairs, None).exact) / len(retain_pairs)) if retain_pairs and learn_pairs else 1.0
+    learn_check = LearnCheck(learn_level, step.learn_margin, retain_exact)
     out = ForgetResult([controlled_influence_step(params, delta, objective, budget, step)])
     if verify.policy == "off":
         return out
@@ -80,6 +81,9 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
         return out
     started = time.perf_counter()
     state: dict = {}
+    success = "; ".join(what for what, rows in (("erased rows look never-seen", forget_pairs),
+                                                ("old answers no longer given", replaced),
+                                                ("new rows learned", learn_pairs)) if rows)
 
     def done() -> tuple[bool, str, bool]:
         """Whether the verdict passes, why not, and whether the rows are settled: the erased
@@ -89,9 +93,8 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
         if v is None and forget_pairs:  # no held-out rows: the base model is the reference
             v = reference_verdict(erased)
         failures = v.failures() if forget_pairs else []
-        if not learned(new, learn_level, step.learn_margin, retain_exact):
-            failures.append(f"corrected rows not learned yet (mean NLL {sum(new.nll) / len(new.nll):.3f}, "
-                            f"target {learn_level:.3f}, {sum(new.exact)}/{len(new.exact)} reproduced)")
+        if not learn_check.passed(new):
+            failures.append(f"corrected rows not learned yet ({learn_check.describe(new)})")
         still = sum(judge.scores(replaced, None).exact) if replaced else 0
         if still:
             failures.append(f"{still} corrected row(s) still give their old answer")
@@ -103,7 +106,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
         settled = ((not forget_pairs or not hasattr(v, "attacks")
                     or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK)
                    and (not new.nll or sum(new.nll) / len(new.nll) <= learn_level))
-        return not failures, "; ".join(failures) or "erased rows look never-seen", settled
+        return not failures, "; ".join(failures) or success, settled
 
     refinement = None
     if verify.policy == "enforce" and factors is not None:
@@ -116,14 +119,14 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
         if verify.policy == "enforce" and not passed:
             reason += " (no curvature factors to refine with: the ekfac or kfac solver)"
     out.verification = _report(verify, state, passed, reason, refinement, objective.retain_reference,
-                               [e.old.id for e in edits], time.perf_counter() - started)
+                               [e.old.id for e in edits], time.perf_counter() - started, learn_check)
     if verify.policy == "enforce" and not passed:
         raise VerificationFailedError(f"verification failed: {reason}; {out.verification.summary()}", out.verification)
     return out
 
 
 def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refinement, retain_reference,
-            ids: list[str], seconds: float) -> VerificationReport:
+            ids: list[str], seconds: float, learn_check: "LearnCheck") -> VerificationReport:
     def scores(key):
         v, erased, held, new, point = state[key]
         return _loss_scores(erased, held, point.retain_mean), v, new
@@ -132,7 +135,7 @@ def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refine
     after, v_after, new = scores("after")
     refined = refinement is not None and refinement.steps
     report = VerificationReport(
-        policy=verify.policy, passed=passed, reason=reason if not passed else "erased rows look never-seen",
+        policy=verify.policy, passed=passed, reason=reason,
         bounds=verify.bounds(), retain_reference=retain_reference,
         before=before.to_json() if before else None,
         after=after.to_json() if after and refined else None,
@@ -140,8 +143,7 @@ def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refine
         erased_ids=ids, seconds=round(seconds, 3))
     report.membership = {"before": v_before.to_json() if v_before else None,
                          "after": v_after.to_json() if v_after else None}
-    report.learned = ({"rows": len(new.nll), "mean_nll": sum(new.nll) / len(new.nll), "reproduced": sum(new.exact)}
-                      if new.nll else None)
+    report.learned = learn_check.to_json(new) if new.nll else None
     return report
 
 

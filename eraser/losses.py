@@ -82,3 +82,8 @@ def row_losses(model, tokenizer, pairs, device, batch_size: int = 8, max_length:
     for _, batch in data.batches(batch_size, device=device):
         out.extend(per_row_nll(model, batch).tolist())
     return out
+
+
+def mean(xs) -> float | None:
+    """The mean of a list of losses, None for none."""
+    return float(sum(xs) / len(xs)) if len(xs) else None

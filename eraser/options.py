@@ -14,6 +14,7 @@ from __future__ import annotations
 SOLVERS = ("direct", "cg", "sqm", "ekfac", "kfac", "datainf")
 FACTOR_SOLVERS = ("ekfac", "kfac")
 DAMPING_SCALES = ("absolute", "relative")
+VERIFY_POLICIES = ("off", "report", "enforce")
 
 DEFAULT_SOLVER = "ekfac"
 DEFAULT_DAMPING_SCALE = "relative"
@@ -22,6 +23,9 @@ DEFAULT_DAMPING = 0.1
 # Where a user picks absolute damping without a value.
 DEFAULT_ABSOLUTE_DAMPING = 0.01
 DEFAULT_MAX_RETAIN_RISE = 0.3
+# Refit the factors in full once this share of the fitted rows has changed through
+# downdates: past it the downdating error outgrows EK-FAC's own (docs/defaults.md).
+DEFAULT_REFIT_FRACTION = 0.10
 
 
 def default_damping(scale: str) -> float:

@@ -6,15 +6,14 @@ removal) enters it; mixed requests sum their terms (brief, section 2).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from .data import Row
-from .errors import DataError, InvalidRequestError, quote_ids
+from .errors import InvalidRequestError, quote_ids
+from .request_file import parse_request, read_request_file
 
 MAX_REQUEST_ROWS = 10_000
 
@@ -79,38 +78,13 @@ class UnlearningRequest:
 
     @classmethod
     def from_json(cls, obj: object) -> "UnlearningRequest":
-        if not isinstance(obj, dict):
-            raise InvalidRequestError("request must be a JSON object")
-        unknown = set(obj) - {"remove", "modify_query", "correct_response"}
-        if unknown:
-            raise InvalidRequestError(f"unknown request field(s): {', '.join(sorted(unknown))}")
-
-        def pairs(key: str, text_key: str) -> tuple[tuple[str, str], ...]:
-            items = obj.get(key, [])
-            if not isinstance(items, list):
-                raise InvalidRequestError(f"{key} must be a list")
-            out = []
-            for item in items:
-                if not isinstance(item, dict) or "id" not in item or text_key not in item:
-                    raise InvalidRequestError(f'{key} entries must be {{"id": ..., "{text_key}": ...}}')
-                out.append((item["id"], item[text_key]))
-            return tuple(out)
-
-        remove = obj.get("remove", [])
-        if not isinstance(remove, list):
-            raise InvalidRequestError("remove must be a list of row ids")
-        return cls(tuple(remove), pairs("modify_query", "prompt"), pairs("correct_response", "response"))
+        remove, modify, correct = parse_request(obj)
+        return cls(tuple(remove), tuple(modify), tuple(correct))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "UnlearningRequest":
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"request file not found: {p}")
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequestError(f"request file {p.name} is not valid JSON: {e}") from None
-        return cls.from_json(obj)
+        remove, modify, correct = read_request_file(path)
+        return cls(tuple(remove), tuple(modify), tuple(correct))
 
     def to_json(self) -> dict:
         return {

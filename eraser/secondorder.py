@@ -258,13 +258,34 @@ class Judge:
         return [b + advantage for b in self.base_erased]
 
 
-def learned(scores: RowScores, target: float, margin: float, retain_exact: float = 1.0) -> bool:
-    """New rows at the retained rows' level: mean NLL within ``margin`` of their median, and
-    reproduced by greedy decoding about as often as retained rows are (``exact_share_floor``)."""
-    if not scores.nll:
-        return True
-    share = sum(scores.exact) / len(scores.exact)
-    return share >= exact_share_floor(retain_exact, len(scores.exact)) and sum(scores.nll) / len(scores.nll) <= target + margin
+@dataclass(frozen=True)
+class LearnCheck:
+    """When the new rows of a correction (RC/QM) count as learned: their mean NLL within
+    ``margin`` of ``target`` (the retained rows' median on the parent), and greedy decoding
+    reproducing them about as often as it reproduces retained rows (``exact_share_floor``)."""
+
+    target: float
+    margin: float
+    retain_exact: float = 1.0
+
+    def required(self, rows: int) -> int:
+        """How many of ``rows`` new rows greedy decoding must reproduce."""
+        return max(0, math.ceil(exact_share_floor(self.retain_exact, rows) * rows - 1e-9)) if rows else 0
+
+    def passed(self, scores: RowScores) -> bool:
+        if not scores.nll:
+            return True
+        return (sum(scores.exact) >= self.required(len(scores.exact))
+                and sum(scores.nll) / len(scores.nll) <= self.target + self.margin)
+
+    def describe(self, scores: RowScores) -> str:
+        return (f"mean NLL {sum(scores.nll) / len(scores.nll):.3f}, target {self.target:.3f} + {self.margin:g}; "
+                f"{sum(scores.exact)}/{len(scores.exact)} reproduced, {self.required(len(scores.exact))} required")
+
+    def to_json(self, scores: RowScores) -> dict:
+        return {"rows": len(scores.nll), "mean_nll": sum(scores.nll) / len(scores.nll), "target_nll": self.target,
+                "margin": self.margin, "reproduced": sum(scores.exact), "required": self.required(len(scores.exact)),
+                "retain_reproduced_share": self.retain_exact, "passed": self.passed(scores)}
 
 
 def exact_share_floor(retain_exact: float, rows: int) -> float:

@@ -18,6 +18,7 @@ import torch
 
 from .curvature import Damped, LinearOperator
 from .errors import InvalidRequestError, NotConvergedError, ProblemTooLargeError
+from .options import SOLVERS
 
 Progress = Callable[[int, int, float | None], None]  # (iteration, max_iterations, residual)
 
@@ -271,7 +272,6 @@ def _largest_eigenvalue(op: LinearOperator, like: torch.Tensor, iterations: int,
 
 
 FACTORED = ("ekfac", "kfac", "datainf")
-SOLVERS = ("direct", "cg", "sqm") + FACTORED
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import math
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
@@ -24,7 +25,7 @@ from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
 from .probe import distinguishing_probe
 from .rowhash import RowHasher
 from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
-from .losses import row_losses
+from .losses import mean, row_losses
 from .options import FACTOR_SOLVERS
 from .model import (
     adapter_fingerprint,
@@ -65,11 +66,7 @@ class EraseConfig:
     step: StepConfig = field(default_factory=StepConfig)
     # The utility check every erase passes before anything is written: the mean NLL of a
     # seeded sample of retained rows may rise by at most this much (nats; None: no check).
-    # Measured in bench/results/unlearning.md on SmolLM2: sound updates moved it by -0.01
-    # to +0.15 (gradient ascent's +0.15 the worst, EK-FAC +0.10 on 10 % removed), while
-    # a converged influence step on a 44 % response correction raised it by +10 nats
-    # (every answer lost) and on a query modification by +0.4 (retained recall 1.0 ->
-    # 0.2). The same bound as verification's max_retain_rise, for the same reason.
+    # Sound updates stay well inside it, broken ones far outside (docs/defaults.md).
     max_retain_rise: float | None = 0.3
     # Retained rows in that sample (with verification on, its own sample is used). The
     # rise is a paired difference on the same rows, so a few rows see a broken update;
@@ -107,10 +104,6 @@ class Update:
     factors: KFAC | None = None  # the factors a K-FAC/EK-FAC solve used (to downdate and keep)
     factor_source: str | None = None  # "given" (a cache) or "fitted" (in this call)
     damping: float | None = None  # the λ the solve used (relative damping resolved)
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return float(sum(xs) / len(xs)) if xs else None
 
 
 @dataclass(frozen=True)
@@ -163,18 +156,7 @@ def compute_update(
 
     t = time.perf_counter()
     progress("gradient", 0, 1)
-    if config.objective == "influence":
-        # b = (1/n) Σ [G(z) − G(z')]: old rows leave (+), edited rows enter (−).
-        pairs = [(e.old.prompt, e.old.response) for e in edits] + [(e.new.prompt, e.new.response) for e in edits if e.new]
-        signs = [1.0] * len(edits) + [-1.0] * sum(1 for e in edits if e.new)
-        affected = EncodedRows(tokenizer, pairs, config.max_length)
-        b = gradient(model, params, affected, list(range(len(pairs))), signs, config.gradient_batch_size, device) / n
-    else:
-        by_id = {e.old.id: e.new for e in edits}
-        kept = [by_id.get(r.id, r) for r in rows]
-        kept = [r for r in kept if r is not None]
-        data_new = EncodedRows.from_rows(tokenizer, kept, config.max_length)
-        b = -gradient(model, params, data_new, list(range(len(kept))), None, config.gradient_batch_size, device) / len(kept)
+    b = _right_hand_side(model, params, tokenizer, rows, edits, config, device)
     seconds["gradient"] = time.perf_counter() - t
     progress("gradient", 1, 1)
 
@@ -205,6 +187,22 @@ def compute_update(
     require_converged(result, solver.name, config.allow_unconverged)
     return Update(result.x, result, len(sample), curvature.products, float(torch.linalg.vector_norm(b)), seconds,
                   damping=op.damping)
+
+
+def _right_hand_side(model, params, tokenizer, rows: Sequence[Row], edits: Sequence[Edit], config: EraseConfig,
+                     device) -> torch.Tensor:
+    """b of (H + λI) Δθ = b for the configured objective."""
+    if config.objective == "influence":
+        # b = (1/n) Σ [G(z) − G(z')]: old rows leave (+), edited rows enter (−).
+        pairs = [(e.old.prompt, e.old.response) for e in edits] + [(e.new.prompt, e.new.response) for e in edits if e.new]
+        signs = [1.0] * len(edits) + [-1.0] * sum(1 for e in edits if e.new)
+        affected = EncodedRows(tokenizer, pairs, config.max_length)
+        return gradient(model, params, affected, list(range(len(pairs))), signs, config.gradient_batch_size,
+                        device) / len(rows)
+    by_id = {e.old.id: e.new for e in edits}
+    kept = [r for r in (by_id.get(r.id, r) for r in rows) if r is not None]
+    data_new = EncodedRows.from_rows(tokenizer, kept, config.max_length)
+    return -gradient(model, params, data_new, list(range(len(kept))), None, config.gradient_batch_size, device) / len(kept)
 
 
 def _factored_update(model, params, curvature_rows, train, op, b, solver: FactoredSolver, config: EraseConfig,
@@ -326,6 +324,171 @@ class EraseReport:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """Every input of an erase, validated before anything is loaded or computed."""
+
+    rows: list[Row]
+    edits: list[Edit]
+    out_dir: Path
+    plan: FactorPlan | None
+    holdout: list[Row]
+    verifying: bool
+
+
+@dataclass
+class _Loaded:
+    base: object  # eraser.model.LoadedBase
+    model: object
+    params: list
+    parent_sha: str
+    cached: object | None  # the factor cache's entry (eraser.factors.CachedFactors)
+
+
+@dataclass(frozen=True)
+class _Before:
+    """The parent adapter's losses: the affected rows', and the retained sample that
+    utility and verification judge against."""
+
+    old_pairs: list
+    new_pairs: list
+    old: list[float]
+    new: list[float]
+    retain_pairs: list
+    retain_losses: list[float]
+
+
+class _Clock:
+    """Wall seconds per stage, for the report."""
+
+    def __init__(self):
+        self.started, self.seconds = time.perf_counter(), {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
+
+
+def _check_inputs(data_path, request: UnlearningRequest, adapter_dir, out_dir, config: EraseConfig, factors_dir,
+                  factors_out, refit_fraction: float, holdout_path) -> _Checked:
+    rows = load_rows(data_path)
+    edits = request.resolve(rows)
+    check_adapter_dir(adapter_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise OutputExistsError(f"output already exists: {out_dir}")
+    plan = FactorPlan.check(config.solver.build(), factors_dir, factors_out, refit_fraction, config.curvature.sample_rows)
+    verifying = config.verify.policy != "off"
+    holdout = load_holdout(holdout_path, rows, config.verify) if verifying and holdout_path is not None else []
+    if verifying and holdout_path is None:
+        check_reference_verdict(config)
+    return _Checked(rows, edits, out_dir, plan, holdout, verifying)
+
+
+def _load(base_dir, adapter_dir, inputs: _Checked, config: EraseConfig, dev, progress: Progress,
+          clock: _Clock) -> _Loaded:
+    with clock.stage("load"):
+        progress("load", 0, 1)
+        base = load_base(base_dir, dev)
+        model = load_adapter(base, adapter_dir, trainable=True)
+    parent_sha = adapter_fingerprint(adapter_dir)
+    params = [p for _, p in trainable_parameters(model)]
+    cached = None
+    if inputs.plan is not None:
+        with clock.stage("factors"):
+            key = inputs.plan.key(base.fingerprint, parent_sha, inputs.rows, config.max_length)
+            cached = inputs.plan.prepare(model, params, base.tokenizer, inputs.rows, key, dev, progress)
+    return _Loaded(base, model, params, parent_sha, cached)
+
+
+def _measure_before(loaded: _Loaded, inputs: _Checked, config: EraseConfig, dev) -> _Before:
+    tok, edits = loaded.base.tokenizer, inputs.edits
+    losses = lambda pairs: row_losses(loaded.model, tok, pairs, dev, max_length=config.max_length)  # noqa: E731
+    old_pairs = [(e.old.prompt, e.old.response) for e in edits]
+    new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
+    retain_pairs: list = []
+    # Utility is judged against the parent adapter, on a seeded sample of retained rows
+    # (verification's own sample when it runs, so that both judge the same rows).
+    if config.max_retain_rise is not None or inputs.verifying:
+        size = config.verify.retain_sample if inputs.verifying else config.utility_rows
+        retain_pairs = [(r.prompt, r.response)
+                        for r in retained_sample(inputs.rows, edits, replace(config.verify, retain_sample=size))]
+    return _Before(old_pairs, new_pairs, losses(old_pairs), losses(new_pairs), retain_pairs, losses(retain_pairs))
+
+
+def _kept_curvature(update: Update, moved, loaded: _Loaded, edits, config: EraseConfig, dev):
+    """The curvature of the rows that stay, which preconditions refinement: the downdated
+    cache (the same object as the cache's, once downdated), else the fitted factors moved."""
+    if moved is not None:
+        return moved.factors
+    if update.factors is not None and config.verify.policy == "enforce":
+        return retained_factors(update.factors, loaded.model, loaded.params, loaded.base.tokenizer, edits,
+                                config.max_length, dev)
+    return None
+
+
+def _check_utility(loaded: _Loaded, before: _Before, config: EraseConfig, dev) -> UtilityCheck | None:
+    """Raises UtilityCheckFailedError before anything is written."""
+    if config.max_retain_rise is None or not before.retain_pairs:
+        return None
+    after = row_losses(loaded.model, loaded.base.tokenizer, before.retain_pairs, dev, max_length=config.max_length)
+    utility = UtilityCheck(len(before.retain_pairs), mean(before.retain_losses), mean(after), config.max_retain_rise)
+    utility.require()
+    return utility
+
+
+def _adapter_meta(loaded: _Loaded, inputs: _Checked, config: EraseConfig, update: Update, forgot, edited_rows,
+                  row_hasher: RowHasher) -> dict:
+    meta = {
+        "base_model_fingerprint": loaded.base.fingerprint,
+        "parent_adapter_sha256": loaded.parent_sha,
+        "produced_by": "eraser erase",
+        "objective": config.objective,
+        "solver": config.solver.name,
+        "preset": config.solver.preset,
+        "curvature": config.curvature.kind,
+        "damping": update.damping if update.damping is not None else config.damping,
+        "steps": [st.to_json() for st in forgot.steps],
+        "residual": update.solve.residual,
+        "converged": update.solve.converged,
+        # Ids and keyed hashes only: the erased text must not survive in anything we write,
+        # and a hash anyone could recompute would confirm a guess of it.
+        "row_hash": row_hasher.describe(),
+        "edits": [{"id": e.old.id, "kind": e.kind, "old_hash": row_hasher.row(e.old)} for e in inputs.edits],
+        "dataset_sha256": text_sha256("\n".join(r.id + "\x00" + r.sha256() for r in edited_rows)),
+    }
+    if forgot.verification is not None:  # numbers and ids only
+        meta["verification"] = forgot.verification.to_json()
+    return meta
+
+
+def _write(loaded: _Loaded, inputs: _Checked, meta: dict, edited_rows, data_out, moved, config: EraseConfig, dev,
+           progress: Progress, clock: _Clock) -> tuple[Path, str]:
+    """The adapter, the edited dataset and the next version's factors, or none of them."""
+    t = time.perf_counter()
+    written = save_adapter_atomically(loaded.model, inputs.out_dir, meta)
+    adapter_sha = adapter_fingerprint(written)
+    data_written = False
+    try:
+        if data_out is not None:
+            write_rows(data_out, edited_rows)
+            data_written = True
+        clock.seconds["write"] = time.perf_counter() - t
+        if inputs.plan is not None:
+            with clock.stage("factors_out"):
+                key = inputs.plan.key(loaded.base.fingerprint, adapter_sha, edited_rows, config.max_length)
+                inputs.plan.write(moved, loaded.model, loaded.params, loaded.base.tokenizer, edited_rows, key, dev,
+                                  progress)
+    except BaseException:
+        shutil.rmtree(written, ignore_errors=True)
+        if data_written:
+            Path(data_out).unlink(missing_ok=True)
+        raise
+    return written, adapter_sha
+
+
 def erase(
     base_dir: str | Path,
     adapter_dir: str | Path,
@@ -357,132 +520,49 @@ def erase(
     run and not kept when none is given). With ``serving_probe`` the report carries the
     probe that tells the new version from its parent on a serving engine (eraser/probe.py).
     """
-    started = time.perf_counter()
+    clock = _Clock()
     row_hasher = row_hasher or RowHasher.draw()
-    seconds: dict[str, float] = {}
-    rows = load_rows(data_path)
-    edits = request.resolve(rows)
-    check_adapter_dir(adapter_dir)
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise OutputExistsError(f"output already exists: {out_dir}")
-    plan = FactorPlan.check(config.solver.build(), factors_dir, factors_out, refit_fraction, config.curvature.sample_rows)
-    verifying = config.verify.policy != "off"
-    holdout = load_holdout(holdout_path, rows, config.verify) if verifying and holdout_path is not None else []
-    if verifying and holdout_path is None:
-        check_reference_verdict(config)
+    inputs = _check_inputs(data_path, request, adapter_dir, out_dir, config, factors_dir, factors_out, refit_fraction,
+                           holdout_path)
     dev = resolve_device(device)
-
-    t = time.perf_counter()
-    progress("load", 0, 1)
-    base = load_base(base_dir, dev)
-    model = load_adapter(base, adapter_dir, trainable=True)
-    seconds["load"] = time.perf_counter() - t
-    parent_sha = adapter_fingerprint(adapter_dir)
-    cached = None
-    if plan is not None:
-        params = [p for _, p in trainable_parameters(model)]
-        t = time.perf_counter()
-        cached = plan.prepare(model, params, base.tokenizer, rows, plan.key(base.fingerprint, parent_sha, rows, config.max_length),
-                              dev, progress)
-        seconds["factors"] = time.perf_counter() - t
-
-    old_pairs = [(e.old.prompt, e.old.response) for e in edits]
-    new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
-    before_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
-    before_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
-    # Utility is judged against the parent adapter, on a seeded sample of retained rows
-    # (verification's own sample when it runs, so that both judge the same rows).
-    checking = config.max_retain_rise is not None or verifying
-    if checking:
-        sample_size = config.verify.retain_sample if verifying else config.utility_rows
-        retain_pairs = [(r.prompt, r.response)
-                        for r in retained_sample(rows, edits, replace(config.verify, retain_sample=sample_size))]
-        retain_losses = row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length)
-        retain_reference = _mean(retain_losses)
-
-    update = compute_update(model, base.tokenizer, rows, edits, config, dev, progress,
-                            factors=cached.factors if cached else None)
-    seconds.update(update.seconds)
-    params = [p for _, p in trainable_parameters(model)]
-    parent_values = [p.detach().clone() for p in params] if serving_probe else None
+    loaded = _load(base_dir, adapter_dir, inputs, config, dev, progress, clock)
+    before = _measure_before(loaded, inputs, config, dev)
+    update = compute_update(loaded.model, loaded.base.tokenizer, inputs.rows, inputs.edits, config, dev, progress,
+                            factors=loaded.cached.factors if loaded.cached else None)
+    clock.seconds.update(update.seconds)
+    parent_values = [p.detach().clone() for p in loaded.params] if serving_probe else None
     moved = None
-    if plan is not None:  # downdate while the model still holds the parent's parameters
-        moved = plan.downdate(cached, model, params, base.tokenizer, [e.old for e in edits],
-                              [e.new for e in edits if e.new], dev)
-
-    t = time.perf_counter()
-    # Refinement steps are preconditioned by the curvature of the rows that stay: the
-    # downdated factors (the same object as the cache's, once downdated).
-    kept_curvature = moved.factors if moved is not None else (
-        retained_factors(update.factors, model, params, base.tokenizer, edits, config.max_length, dev)
-        if update.factors is not None and config.verify.policy == "enforce" else None)
-    # Raises VerificationFailedError (enforce) before anything is written.
-    forgot = forget(model, params, base.tokenizer, update.delta, kept_curvature, edits,
-                    [(r.prompt, r.response) for r in holdout], retain_pairs if checking else [],
-                    retain_losses if checking else [], config.verify, config.step, config.max_retain_rise, dev,
-                    config.max_length, progress)
-    verification = forgot.verification
-    seconds["verify" if verifying else "step_control"] = time.perf_counter() - t
-    t = time.perf_counter()
-    utility = None
-    if config.max_retain_rise is not None and retain_pairs:
-        after = row_losses(model, base.tokenizer, retain_pairs, dev, max_length=config.max_length)
-        utility = UtilityCheck(len(retain_pairs), retain_reference, _mean(after), config.max_retain_rise)
-        utility.require()  # raises before anything is written
-    after_old = row_losses(model, base.tokenizer, old_pairs, dev, max_length=config.max_length)
-    after_new = row_losses(model, base.tokenizer, new_pairs, dev, max_length=config.max_length)
-    seconds["evaluate"] = time.perf_counter() - t
-
-    edited_rows = request.apply_to(rows)
+    if inputs.plan is not None:  # downdate while the model still holds the parent's parameters
+        moved = inputs.plan.downdate(loaded.cached, loaded.model, loaded.params, loaded.base.tokenizer,
+                                     [e.old for e in inputs.edits], [e.new for e in inputs.edits if e.new], dev)
+    with clock.stage("verify" if inputs.verifying else "step_control"):
+        # Raises VerificationFailedError (enforce) before anything is written.
+        forgot = forget(loaded.model, loaded.params, loaded.base.tokenizer, update.delta,
+                        _kept_curvature(update, moved, loaded, inputs.edits, config, dev), inputs.edits,
+                        [(r.prompt, r.response) for r in inputs.holdout], before.retain_pairs, before.retain_losses,
+                        config.verify, config.step, config.max_retain_rise, dev, config.max_length, progress)
+    with clock.stage("evaluate"):
+        utility = _check_utility(loaded, before, config, dev)
+        after_old = row_losses(loaded.model, loaded.base.tokenizer, before.old_pairs, dev, max_length=config.max_length)
+        after_new = row_losses(loaded.model, loaded.base.tokenizer, before.new_pairs, dev, max_length=config.max_length)
+    edited_rows = request.apply_to(inputs.rows)
     probe = None
     if serving_probe:  # before anything is written: a failure here leaves nothing behind
-        t = time.perf_counter()
-        probe = distinguishing_probe(model, base.tokenizer, edited_rows, params, parent_values, dev).to_json()
-        seconds["probe"] = time.perf_counter() - t
-    t = time.perf_counter()
-    meta = {
-        "base_model_fingerprint": base.fingerprint,
-        "parent_adapter_sha256": parent_sha,
-        "produced_by": "eraser erase",
-        "objective": config.objective,
-        "solver": config.solver.name,
-        "preset": config.solver.preset,
-        "curvature": config.curvature.kind,
-        "damping": update.damping if update.damping is not None else config.damping,
-        "steps": [st.to_json() for st in forgot.steps],
-        "residual": update.solve.residual,
-        "converged": update.solve.converged,
-        # Ids and keyed hashes only: the erased text must not survive in anything we write,
-        # and a hash anyone could recompute would confirm a guess of it.
-        "row_hash": row_hasher.describe(),
-        "edits": [{"id": e.old.id, "kind": e.kind, "old_hash": row_hasher.row(e.old)} for e in edits],
-        "dataset_sha256": text_sha256("\n".join(r.id + "\x00" + r.sha256() for r in edited_rows)),
-    }
-    if verification is not None:  # numbers and ids only
-        meta["verification"] = verification.to_json()
-    written = save_adapter_atomically(model, out_dir, meta)
-    adapter_sha = adapter_fingerprint(written)
-    data_written = False
-    try:
-        if data_out is not None:
-            write_rows(data_out, edited_rows)
-            data_written = True
-        seconds["write"] = time.perf_counter() - t
-        if plan is not None:
-            t = time.perf_counter()
-            plan.write(moved, model, params, base.tokenizer, edited_rows,
-                       plan.key(base.fingerprint, adapter_sha, edited_rows, config.max_length), dev, progress)
-            seconds["factors_out"] = time.perf_counter() - t
-    except BaseException:
-        shutil.rmtree(written, ignore_errors=True)
-        if data_written:
-            Path(data_out).unlink(missing_ok=True)
-        raise
-    seconds["total"] = time.perf_counter() - started
+        with clock.stage("probe"):
+            probe = distinguishing_probe(loaded.model, loaded.base.tokenizer, edited_rows, loaded.params,
+                                         parent_values, dev).to_json()
+    meta = _adapter_meta(loaded, inputs, config, update, forgot, edited_rows, row_hasher)
+    written, adapter_sha = _write(loaded, inputs, meta, edited_rows, data_out, moved, config, dev, progress, clock)
+    clock.seconds["total"] = time.perf_counter() - clock.started
     progress("done", 1, 1)
+    return _report(config, update, forgot, utility, before, after_old, after_new, inputs, edited_rows, request, written,
+                   adapter_sha, loaded.parent_sha, probe, clock.seconds)
 
-    solver = config.solver
+
+def _report(config: EraseConfig, update: Update, forgot, utility, before: _Before, after_old, after_new,
+            inputs: _Checked, edited_rows, request: UnlearningRequest, written: Path, adapter_sha: str,
+            parent_sha: str, probe, seconds: dict) -> EraseReport:
+    solver, verification = config.solver, forgot.verification
     return EraseReport(
         solver=solver.name,
         preset=solver.preset,
@@ -494,11 +574,11 @@ def erase(
         converged=update.solve.converged,
         tolerance=update.solve.tolerance,
         seconds={k: round(v, 4) for k, v in seconds.items()},
-        affected_loss_before=_mean(before_old),
-        affected_loss_after=_mean(after_old),
-        edited_loss_before=_mean(before_new),
-        edited_loss_after=_mean(after_new),
-        rows=len(rows),
+        affected_loss_before=mean(before.old),
+        affected_loss_after=mean(after_old),
+        edited_loss_before=mean(before.new),
+        edited_loss_after=mean(after_new),
+        rows=len(inputs.rows),
         rows_after=len(edited_rows),
         counts=request.counts(),
         curvature_rows=update.curvature_rows,
@@ -509,7 +589,7 @@ def erase(
         adapter_sha256=adapter_sha,
         parent_adapter_sha256=parent_sha,
         note=update.solve.note,
-        factors=dict(plan.report) if plan is not None else None,
+        factors=dict(inputs.plan.report) if inputs.plan is not None else None,
         verification=verification.to_json() if verification else None,
         utility=utility.to_json() if utility else None,
         steps=[st.to_json() for st in forgot.steps],

@@ -37,11 +37,12 @@ import torch.nn.functional as F
 
 from .data import EncodedRows, Row, load_rows
 from .errors import InvalidRequestError, VerificationFailedError
-from .losses import per_row_nll, response_logits, row_losses
+from .losses import mean, per_row_nll, response_logits, row_losses
+from .options import VERIFY_POLICIES
 from .model import trainable_parameters
 from .progress import Progress, silent
 
-POLICIES = ("off", "report", "enforce")
+POLICIES = VERIFY_POLICIES
 MAX_BACKTRACKS = 4
 METHODS = ("npo", "ga")
 Pair = tuple[str, str]
@@ -50,60 +51,30 @@ Pair = tuple[str, str]
 @dataclass(frozen=True)
 class VerifyConfig:
     """What "looks never-seen" means, and how much refinement may be spent to get there.
-
-    Measured on two setups (numbers in the field comments):
-    - tiny: tests/test_verify.py's 2-layer Llama (hidden 32), LoRA r=4 trained on 12
-      people x 2 facts to NLL ~0.4-0.9 against ~2.1-2.6 for never-seen people of the same
-      kind; 2 people (4 rows) erased with CG on the damped GGN; 8 random splits;
-    - SmolLM2-135M-Instruct with the demo's LoRA r=8 (8 people x 3 synthetic facts, NLL
-      0.03), 1 person (3 rows) erased (the demo's influence step: NLL 0.04 -> 0.07), 36
-      held-out rows of 12 people from the same generator (NLL 1.26, from 0.07 to 2.7).
-    """
+    docs/defaults.md gives the measurements behind each default."""
 
     policy: str = "off"  # "off" | "report" | "enforce"
-    # Membership-inference AUC of erased vs held-out losses (0.5 = indistinguishable).
-    # With k erased and m held-out rows, exchangeable sets score 0.5 with a standard error
-    # of about sqrt((k+m+1)/(12km)): 0.17 for 4 vs 12 rows, 0.13 for 6 vs 30. Adapters
-    # retrained from scratch without the rows (the gold standard) scored 0.27-0.73 on the
-    # tiny setup (8 splits); trained adapters 1.0, the influence step 0.94-1.0 (SmolLM2:
-    # 0.98). 0.75 accepts every retrain seen and rejects memorisation.
+    # Membership-inference AUC of erased vs held-out rows (0.5 = indistinguishable): above
+    # this the erased rows still look trained. Every retrain from scratch seen passed it.
     max_auc: float = 0.75
-    # What refinement aims at: it stops once the AUC is <= this. 0.5 puts the erased rows
-    # at the held-out median on average, where a retrain lands in expectation. Stopping at
-    # max_auc instead left some rows memorised on the tiny setup (per-row percentiles
-    # [0.5, 0.5, 0.0, 0.0]: two rows pushed to the median, two barely moved).
+    # Where refinement aims: the held-out median, where a retrain lands in expectation.
     target_auc: float = 0.5
-    # Over-forgetting also reveals membership: erased rows far above every held-out row.
-    # Retrains scored >= 0.27 on the tiny setup; a broken update (retained NLL 6-15 on
-    # SmolLM2, brief section 2) scores ~0. Refinement itself undoes any step that lands
-    # below 1 - max_auc (see refine); 0.1 leaves room for the sampling noise of small sets.
+    # Below this the erased rows look over-forgotten, which also reveals membership.
     min_auc: float = 0.1
     # Utility: the retained rows' mean NLL may rise by at most this much (nats) over the
-    # reference (the adapter before the erase when the caller gives it). Influence step
-    # plus refinement raised it by 0.02-0.05 on the tiny setup and by 0.011 on SmolLM2
-    # (0.032 -> 0.044); a broken step (+6 nats on SmolLM2) fails at once.
+    # reference (the adapter before the erase when the caller gives it).
     max_retain_rise: float = 0.3
-    # Refinement budget: 61-154 steps at the default lr on the tiny setup (3-9 s on this
-    # 2-core CPU), 3 steps on SmolLM2 (about 3 s a step on an idle 2-core CPU; 8 s under
-    # load). 200 steps or 10 minutes bound the worst case.
+    # Refinement budget: whichever runs out first.
     max_steps: int = 200
     max_seconds: float = 600.0
     method: str = "npo"  # "npo" (Zhang et al. 2024) or "ga" (gradient ascent)
-    # Adam's step size on the adapter parameters. On SmolLM2 every Adam step moves all
-    # 460,800 LoRA coordinates by about lr, and the erased rows' NLL went 0.07 -> 0.32 ->
-    # 0.76 -> 1.41 at 1e-3 (AUC 0.44, retained +0.011); at 2e-3 0.07 -> 0.54 -> 1.65 (AUC
-    # 0.33, +0.053); at 5e-3 0.07 -> 1.03 -> 2.04 (AUC 0.21, +0.158). Coarser steps
-    # overshoot the held-out level and cost utility; the tiny model only needs more steps.
+    # Adam's step size on the adapter parameters (first-order refinement): coarser steps
+    # overshoot the held-out level and cost utility.
     lr: float = 1e-3
-    # NPO's inverse temperature on the per-token mean log-ratio: a row's weight is
-    # 2·σ(-β·rise) times gradient ascent's, so it halves after a rise of about 1/β = 2
-    # nats, the scale of the gaps to close (1.4-1.9 nats on the tiny setup, 1.2-1.4 on
-    # SmolLM2's synthetic facts, up to 4.5 on the brief's). NPO and GA both reached the
-    # held-out level here, because rows are also gated at the held-out median.
+    # NPO's inverse temperature: a row's weight halves after its NLL rose by about 1/β,
+    # the scale of the gaps to close.
     beta: float = 0.5
-    # Weight of KL(p_ref || p_θ) per response token of retained rows. On the tiny setup
-    # (lr 2e-3-5e-3) weight 1 let the retained NLL rise by 0.24-0.41, 5 by 0.06-0.09, 10 by
-    # 0.03-0.05 while forgetting took 1.5-2x the steps.
+    # Weight of KL(p_ref || p_θ) per response token of retained rows: the price of utility.
     anchor_weight: float = 10.0
     # Retained rows scored for utility and used by the anchor (a seeded sample).
     retain_sample: int = 32
@@ -175,19 +146,15 @@ def _median(xs: Sequence[float]) -> float:
     return float(s[n // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return float(sum(xs) / len(xs))
-
-
 def _scores(erased: Sequence[float], holdout: Sequence[float], retain: Sequence[float]) -> VerifyScores:
     pct = [percentile_within(x, holdout) for x in erased]
     return VerifyScores(
-        auc=1.0 - _mean(pct),
+        auc=1.0 - mean(pct),
         erased_percentiles=pct,
-        erased_mean_nll=_mean(erased),
-        holdout_mean_nll=_mean(holdout),
+        erased_mean_nll=mean(erased),
+        holdout_mean_nll=mean(holdout),
         holdout_median_nll=_median(holdout),
-        retain_mean_nll=_mean(retain) if retain else None,
+        retain_mean_nll=mean(retain) if retain else None,
         erased_rows=len(erased),
         holdout_rows=len(holdout),
         retain_rows=len(retain),
@@ -413,7 +380,7 @@ def refine(
         opt.step()
         steps += 1
         since_rescore += 1
-        progress("refine", steps, config.max_steps, {"auc": auc_now, "erased_nll": _mean(nll_now), "lr": lr})
+        progress("refine", steps, config.max_steps, {"auc": auc_now, "erased_nll": mean(nll_now), "lr": lr})
 
 
 @dataclass
@@ -442,6 +409,16 @@ class VerificationReport:
 
 def summarize(report: dict) -> str:
     """One line of numbers for a ``VerificationReport.to_json()``: logs, CLI output, errors."""
+    text = _summarize_erased(report)
+    n = report.get("learned")
+    if n:
+        text += (f"; new rows {'learned' if n['passed'] else 'not learned'}: mean NLL {n['mean_nll']:.3f} (target "
+                 f"{n['target_nll']:.3f} + {n['margin']:g}), {n['reproduced']}/{n['rows']} reproduced "
+                 f"({n['required']} required)")
+    return text
+
+
+def _summarize_erased(report: dict) -> str:
     s = report["after"] or report["before"]
     if s is None:
         return _summarize_reference(report)
@@ -536,8 +513,6 @@ def verify_and_refine(
         raise VerificationFailedError(f"verification failed: {report.reason}; {report.summary()}", report)
     return report
 
-
-verify = verify_and_refine
 
 
 # ---- helpers for the file-level erase (eraser/unlearn.py)

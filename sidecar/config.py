@@ -25,7 +25,6 @@ class ConfigError(InvalidRequestError):
 
 
 FACTOR_POLICIES = ("wait", "fallback")
-VERIFY_POLICIES = ("off", "report", "enforce")  # eraser.verify.POLICIES (no torch import here)
 VERIFY_MAX_STEPS = 100_000
 VERIFY_MAX_SECONDS = 86_400.0  # a day
 MAX_STREAMS = 100_000  # per stream cap: each open stream holds a little memory, not a thread
@@ -51,10 +50,8 @@ class EraseDefaults:
     # in the background after each publish; a job that finds none either waits for them
     # ("wait") or runs cg at once ("fallback") and leaves the fit for the next request.
     factor_policy: str = "wait"
-    # Refit the factors in full once this share of the rows changed through downdates
-    # (eraser.factors.DEFAULT_REFIT_FRACTION; written out so that this module, which the
-    # client's auth imports, does not import torch).
-    refit_fraction: float = 0.10
+    # Refit the factors in full once this share of the rows changed through downdates.
+    refit_fraction: float = defaults.DEFAULT_REFIT_FRACTION
     # Verified forgetting (eraser/verify.py): the policy of an adapter registered with a
     # held-out set when neither its registration nor a request names one. enforce: refine
     # until the erased rows look never-seen or fail the job; report: score only. Adapters
@@ -72,7 +69,7 @@ class EraseDefaults:
     # The utility check of every erase (eraser.unlearn.EraseConfig.max_retain_rise): the
     # retained rows' mean NLL may rise by at most this many nats, else the job fails and
     # nothing is published; null turns the check off.
-    max_retain_rise: float | None = 0.3
+    max_retain_rise: float | None = defaults.DEFAULT_MAX_RETAIN_RISE
     # Step control (eraser.secondorder.StepConfig): every step of an erase scaled by a line
     # search that keeps the utility bound; off applies the influence update as computed.
     step_control: bool = True
@@ -84,10 +81,8 @@ class EraseDefaults:
     min_tolerance: float = 1e-12
 
     def __post_init__(self):
-        from eraser.solvers import SOLVERS  # torch: only where a config is built
-
-        if self.solver not in SOLVERS:
-            raise ConfigError(f"erase.solver must be one of {', '.join(SOLVERS)}, not {self.solver!r}")
+        if self.solver not in defaults.SOLVERS:
+            raise ConfigError(f"erase.solver must be one of {', '.join(defaults.SOLVERS)}, not {self.solver!r}")
         if self.factor_policy not in FACTOR_POLICIES:
             raise ConfigError(f"erase.factor_policy must be wait or fallback, not {self.factor_policy!r}")
         if not 0 < self.refit_fraction <= 1:
@@ -98,7 +93,7 @@ class EraseDefaults:
             raise ConfigError(f"erase.objective must be influence or newton, not {self.objective!r}")
         if not self.damping >= 0:
             raise ConfigError("erase.damping must be >= 0")
-        if self.damping_scale not in ("absolute", "relative"):
+        if self.damping_scale not in defaults.DAMPING_SCALES:
             raise ConfigError(f"erase.damping_scale must be absolute or relative, not {self.damping_scale!r}")
         if not isinstance(self.step_control, bool):
             raise ConfigError(f"erase.step_control must be true or false, not {self.step_control!r}")
@@ -120,8 +115,8 @@ class EraseDefaults:
             raise ConfigError(f"erase.verify_max_seconds must be in (0, {VERIFY_MAX_SECONDS}]")
         if self.verify is False:  # YAML 1.1 reads a bare `off` as false
             object.__setattr__(self, "verify", "off")
-        if self.verify not in VERIFY_POLICIES:
-            raise ConfigError(f"erase.verify must be one of {', '.join(VERIFY_POLICIES)}, not {self.verify!r}")
+        if self.verify not in defaults.VERIFY_POLICIES:
+            raise ConfigError(f"erase.verify must be one of {', '.join(defaults.VERIFY_POLICIES)}, not {self.verify!r}")
         from eraser.verify import VerifyConfig
 
         try:

@@ -52,6 +52,7 @@ from .config import ADAPTER_NAME
 from .errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from .receipts import ReceiptSigner
 from eraser.errors import InvalidRequestError
+from eraser.options import FACTOR_SOLVERS
 
 ADAPTER_DIR = "adapter"
 DATASET = "train.jsonl"
@@ -299,7 +300,7 @@ class AdapterStore:
     def factors_dir(self, name: str, number: int, method: str) -> Path:
         """Where the factor cache of version ``number`` for ``method`` (ekfac, kfac) lives;
         it may not exist. Not inside the version: published versions are sealed."""
-        if method not in ("ekfac", "kfac"):
+        if method not in FACTOR_SOLVERS:
             raise InvalidRequestError(f"no factor cache for solver {method!r}")
         return self.factors_root / check_adapter_name(name) / str(int(number)) / method
 
@@ -505,6 +506,3 @@ class Deleted:
 
     def __bool__(self) -> bool:
         return bool(self.versions or self.factor_caches)
-
-def now() -> float:
-    return time.time()

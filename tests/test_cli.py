@@ -130,7 +130,7 @@ BAD_REQUESTS = [
     ({"remove": []}, "empty request"),
     ({"modify_query": [{"id": "born-ann", "prompt": "Where was Ann born?"}]}, "changes nothing"),
     ({"remove": "born-ann"}, "must be a list"),
-    ({"delete": ["born-ann"]}, "unknown request field"),
+    ({"delete": ["born-ann"]}, "unknown field(s): delete"),
     ('{"remove": [', "not valid JSON"),
 ]
 

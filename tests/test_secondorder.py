@@ -17,7 +17,7 @@ from eraser.membership import base_model_nll, judge_attack, measure
 from eraser.requests import UnlearningRequest
 from eraser.data import Row, write_rows
 from eraser.membership import RowScores
-from eraser.secondorder import StepConfig, learned
+from eraser.secondorder import LearnCheck, StepConfig
 from eraser.solvers import SolverConfig
 from eraser.train import TrainConfig, train
 from eraser.unlearn import EraseConfig, erase
@@ -135,13 +135,16 @@ def test_new_rows_must_be_reproduced_as_often_as_retained_rows_are():
     """The learned check's greedy half is sized to the rows: where the adapter reproduces every
     retained row a new row it does not reproduce is not learned; where it reproduces a third
     of them, one such row is no evidence either way; over many rows the share must keep up."""
-    one_missed = RowScores(nll=[0.1], mink=[0.0], exact=[False], base_nll=None)
-    assert not learned(one_missed, target=0.5, margin=0.3, retain_exact=1.0)
-    assert learned(RowScores(nll=[0.1], mink=[0.0], exact=[True], base_nll=None), 0.5, 0.3, retain_exact=1.0)
-    assert learned(one_missed, target=0.5, margin=0.3, retain_exact=0.3)
-    many = RowScores(nll=[0.1] * 40, mink=[0.0] * 40, exact=[True] * 2 + [False] * 38, base_nll=None)
-    assert not learned(many, target=0.5, margin=0.3, retain_exact=0.3)
-    assert not learned(RowScores(nll=[0.9], mink=[0.0], exact=[True], base_nll=None), 0.5, 0.3, retain_exact=1.0)  # NLL too high
+    rows = lambda nll, exact: RowScores(nll=nll, mink=[0.0] * len(nll), exact=exact, base_nll=None)  # noqa: E731
+    strict, loose = LearnCheck(0.5, 0.3, retain_exact=1.0), LearnCheck(0.5, 0.3, retain_exact=0.3)
+    assert not strict.passed(rows([0.1], [False])) and strict.required(1) == 1
+    assert strict.passed(rows([0.1], [True]))
+    assert loose.passed(rows([0.1], [False])) and loose.required(1) == 0
+    assert not loose.passed(rows([0.1] * 40, [True] * 2 + [False] * 38)) and loose.required(40) == 4
+    assert not strict.passed(rows([0.9], [True]))  # NLL above target + margin
+    report = strict.to_json(rows([0.1, 0.3], [True, False]))
+    assert report == {"rows": 2, "mean_nll": pytest.approx(0.2), "target_nll": 0.5, "margin": 0.3, "reproduced": 1,
+                      "required": 2, "retain_reproduced_share": 1.0, "passed": False}
 
 
 def test_line_search_keeps_the_utility_bound_on_a_step_that_breaks_it_unscaled(world, tmp_path):

@@ -260,7 +260,7 @@ class UtilityCheck(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., max_rise: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class Verification(_message.Message):
-    __slots__ = ("policy", "passed", "reason", "auc_before", "auc_after", "max_auc", "min_auc", "erased_nll_before", "erased_nll_after", "holdout_nll", "retain_nll_parent", "retain_nll_after", "refine_method", "refine_steps", "refine_seconds", "refine_stopped", "erased_rows", "holdout_rows", "seconds", "basis", "attacks", "rows_ahead_of_base", "rows_recalled")
+    __slots__ = ("policy", "passed", "reason", "auc_before", "auc_after", "max_auc", "min_auc", "erased_nll_before", "erased_nll_after", "holdout_nll", "retain_nll_parent", "retain_nll_after", "refine_method", "refine_steps", "refine_seconds", "refine_stopped", "erased_rows", "holdout_rows", "seconds", "basis", "attacks", "rows_ahead_of_base", "rows_recalled", "new_rows")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class Verification(_message.Message):
     ATTACKS_FIELD_NUMBER: _ClassVar[int]
     ROWS_AHEAD_OF_BASE_FIELD_NUMBER: _ClassVar[int]
     ROWS_RECALLED_FIELD_NUMBER: _ClassVar[int]
+    NEW_ROWS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     passed: bool
     reason: str
@@ -307,7 +308,28 @@ class Verification(_message.Message):
     attacks: _containers.RepeatedCompositeFieldContainer[AttackScore]
     rows_ahead_of_base: int
     rows_recalled: int
-    def __init__(self, policy: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., auc_before: _Optional[float] = ..., auc_after: _Optional[float] = ..., max_auc: _Optional[float] = ..., min_auc: _Optional[float] = ..., erased_nll_before: _Optional[float] = ..., erased_nll_after: _Optional[float] = ..., holdout_nll: _Optional[float] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., refine_method: _Optional[str] = ..., refine_steps: _Optional[int] = ..., refine_seconds: _Optional[float] = ..., refine_stopped: _Optional[str] = ..., erased_rows: _Optional[int] = ..., holdout_rows: _Optional[int] = ..., seconds: _Optional[float] = ..., basis: _Optional[str] = ..., attacks: _Optional[_Iterable[_Union[AttackScore, _Mapping]]] = ..., rows_ahead_of_base: _Optional[int] = ..., rows_recalled: _Optional[int] = ...) -> None: ...
+    new_rows: NewRows
+    def __init__(self, policy: _Optional[str] = ..., passed: _Optional[bool] = ..., reason: _Optional[str] = ..., auc_before: _Optional[float] = ..., auc_after: _Optional[float] = ..., max_auc: _Optional[float] = ..., min_auc: _Optional[float] = ..., erased_nll_before: _Optional[float] = ..., erased_nll_after: _Optional[float] = ..., holdout_nll: _Optional[float] = ..., retain_nll_parent: _Optional[float] = ..., retain_nll_after: _Optional[float] = ..., refine_method: _Optional[str] = ..., refine_steps: _Optional[int] = ..., refine_seconds: _Optional[float] = ..., refine_stopped: _Optional[str] = ..., erased_rows: _Optional[int] = ..., holdout_rows: _Optional[int] = ..., seconds: _Optional[float] = ..., basis: _Optional[str] = ..., attacks: _Optional[_Iterable[_Union[AttackScore, _Mapping]]] = ..., rows_ahead_of_base: _Optional[int] = ..., rows_recalled: _Optional[int] = ..., new_rows: _Optional[_Union[NewRows, _Mapping]] = ...) -> None: ...
+
+class NewRows(_message.Message):
+    __slots__ = ("rows", "mean_nll", "target_nll", "margin", "reproduced", "required", "retain_reproduced_share", "passed")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_NLL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_NLL_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    REPRODUCED_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    RETAIN_REPRODUCED_SHARE_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    mean_nll: float
+    target_nll: float
+    margin: float
+    reproduced: int
+    required: int
+    retain_reproduced_share: float
+    passed: bool
+    def __init__(self, rows: _Optional[int] = ..., mean_nll: _Optional[float] = ..., target_nll: _Optional[float] = ..., margin: _Optional[float] = ..., reproduced: _Optional[int] = ..., required: _Optional[int] = ..., retain_reproduced_share: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class AttackScore(_message.Message):
     __slots__ = ("name", "auc", "auc_low", "auc_high", "max_auc", "min_auc", "rows_flagged", "passed")
