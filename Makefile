@@ -31,10 +31,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m sidecar.demo
+	$(PY) -m devtools.demo
 
 serve: $(STAMP)
-	$(PY) -m sidecar.serve
+	$(PY) -m devtools.serve
 
 bench: $(STAMP)
 	$(PY) -m bench.stages

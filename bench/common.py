@@ -289,7 +289,7 @@ def pretrained_tiny_base(out: Path, texts, pretrain_rows, hidden_size: int = 64,
     model trained ``steps`` AdamW steps (8 rows each) on ``pretrain_rows`` (facts about
     *other* people), so that it knows the sentence patterns and an adapter only has to
     learn the facts. Saved in place under ``out``; returns ``out``."""
-    from eraser.tiny import build_tiny_model, pretrain
+    from devtools.tiny import build_tiny_model, pretrain
 
     build_tiny_model(out, texts, hidden_size=hidden_size, heads=2, kv_heads=1, intermediate_size=intermediate_size,
                      vocab_size=vocab_size, seed=seed)

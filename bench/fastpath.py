@@ -72,7 +72,7 @@ def run(settings: Settings, device_name: str, workdir: Path) -> dict:
     from eraser.pretrained import prepare_smollm2
     from eraser.requests import UnlearningRequest
     from eraser.solvers import SolverConfig
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
     from eraser.train import TrainConfig, fit, train
     from eraser.unlearn import EraseConfig, apply_delta, compute_update
 

@@ -49,9 +49,9 @@ def smoke(device: torch.device, workdir: Path) -> dict:
     from eraser.requests import UnlearningRequest
     from eraser.solvers import SolverConfig
     from eraser.curvature import CurvatureConfig
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
     from eraser.data import Row
-    from eraser.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
     from eraser.train import TrainConfig, train
     from eraser.unlearn import EraseConfig, erase
 
@@ -89,8 +89,8 @@ def timing(device: torch.device, small: bool) -> dict:
     from eraser.requests import UnlearningRequest
     from eraser.solvers import CGSolver, SolverConfig
     from eraser.curvature import CurvatureConfig
-    from eraser.synthetic import facts_to_rows, generate_people
-    from eraser.tiny import build_tokenizer
+    from devtools.synthetic import facts_to_rows, generate_people
+    from devtools.tiny import build_tokenizer
     from eraser.train import TrainConfig, new_adapter
     from eraser.unlearn import EraseConfig, compute_update
 

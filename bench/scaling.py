@@ -89,7 +89,7 @@ def _say(msg: str) -> None:
 
 def _people_rows(n_people: int, facts: int, seed: int):
     from eraser.data import Row
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
 
     return [Row(**r) for r in facts_to_rows(generate_people(n_people, facts, seed))]
 

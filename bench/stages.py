@@ -3,7 +3,7 @@
 ``python -m bench.stages [--quick] [--device cpu|cuda] [--out bench/results]``
 
 On SmolLM2-135M-Instruct with a LoRA (r=8 on q_proj, v_proj) fine-tuned with
-``eraser.train`` on synthetic facts (``eraser.synthetic``), in one process, it times:
+``eraser.train`` on synthetic facts (``devtools.synthetic``), in one process, it times:
 
 - the gradient of the affected rows (one person's rows, and 10 rows);
 - one curvature product (GGN and Hessian) over the whole training set and over a
@@ -101,7 +101,7 @@ def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dic
     from eraser.pretrained import prepare_smollm2
     from eraser.requests import UnlearningRequest
     from eraser.solvers import CGSolver, SolverConfig, SQMSolver
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
     from eraser.train import TrainConfig, train
     from eraser.losses import row_losses
     from eraser.unlearn import EraseConfig, erase

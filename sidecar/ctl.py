@@ -20,15 +20,16 @@ from typing import Any
 
 import grpc
 
+from eraser.errors import DataError, InvalidRequestError
+from eraser.options import SOLVERS, VERIFY_POLICIES
+from eraser.request_file import read_request_file
+
 USAGE_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.OUT_OF_RANGE,
 })
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-# eraser.solvers.SOLVERS, written out: erasectl does not import the engine (or torch).
-SOLVERS = ("direct", "cg", "sqm", "ekfac", "kfac", "datainf")
-VERIFY_POLICIES = ("off", "report", "enforce")
 PROG = "erasectl"
 
 
@@ -159,38 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_request_file(path: str) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
     """The request JSON of ``eraser erase --request``; error messages never quote row text."""
-    p = Path(path)
-    if not p.is_file():
-        raise LocalInputError(f"request file not found: {p}")
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise LocalInputError(f"request file {p.name} is not valid JSON{where}") from None
-    except OSError as e:
-        raise LocalInputError(f"cannot read request file {p}: {e.strerror}") from None
-    if not isinstance(obj, dict):
-        raise LocalInputError(f"request file {p.name}: must hold a JSON object")
-    unknown = sorted(set(obj) - {"remove", "modify_query", "correct_response"})
-    if unknown:
-        raise LocalInputError(f"request file {p.name}: unknown field(s): {', '.join(unknown)}")
-    remove = obj.get("remove", [])
-    if not isinstance(remove, list) or not all(isinstance(i, str) for i in remove):
-        raise LocalInputError(f"request file {p.name}: remove must be a list of row ids")
-
-    def pairs(key: str, text_key: str) -> list[tuple[str, str]]:
-        items = obj.get(key, [])
-        if not isinstance(items, list):
-            raise LocalInputError(f"request file {p.name}: {key} must be a list")
-        out = []
-        for item in items:
-            if (not isinstance(item, dict) or set(item) != {"id", text_key} or not isinstance(item["id"], str)
-                    or not isinstance(item[text_key], str)):
-                raise LocalInputError(f'request file {p.name}: {key} entries must be {{"id": "...", "{text_key}": "..."}}')
-            out.append((item["id"], item[text_key]))
-        return out
-
-    return remove, pairs("modify_query", "prompt"), pairs("correct_response", "response")
+        return read_request_file(path)
+    except (DataError, InvalidRequestError) as e:
+        raise LocalInputError(str(e)) from None
 
 
 def build_request(args) -> dict[str, Any]:
@@ -345,6 +318,10 @@ def format_verification(v) -> str:
     if v.attacks:
         text += "; attacks " + ", ".join(f"{a.name} {a.auc:.2f} [{a.auc_low:.2f}, {a.auc_high:.2f}] (max {a.max_auc:.2f})"
                                          for a in v.attacks)
+    if v.HasField("new_rows"):
+        n = v.new_rows
+        text += (f"; new rows {'learned' if n.passed else 'NOT learned'}: NLL {n.mean_nll:.2f} (target "
+                 f"{n.target_nll:.2f} + {n.margin:g}), {n.reproduced}/{n.rows} reproduced ({n.required} required)")
     if v.refine_method:
         text += f"; refined {v.refine_steps} step(s) ({v.refine_method}, {v.refine_seconds:.1f} s: {v.refine_stopped})"
     return text

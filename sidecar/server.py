@@ -34,7 +34,8 @@ from .jobs import Job, RequestPayload
 from .metrics import Metrics
 from .receipts import ALGORITHM as RECEIPT_ALGORITHM
 from .receipts import SignedReceipt
-from .service import OPTION_FIELDS, EraserService, Hooks, Purge, verify_policy
+from .service import EraserService, Hooks, Purge
+from .solver_choice import OPTION_FIELDS, verify_policy
 from .store import Version
 from .streams import Changes, StreamLimitInterceptor, wait_for
 
@@ -106,6 +107,8 @@ def verification_message(v: dict | None) -> pb.Verification | None:
         msg.rows_recalled = verdict.get("recalled", 0)
     elif before:
         msg.basis = "held-out"
+    if v.get("learned"):
+        msg.new_rows.CopyFrom(pb.NewRows(**v["learned"]))
     return msg
 
 

@@ -15,21 +15,17 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from eraser import factors as engine_factors
 from eraser import options as defaults
-from eraser.curvature import CurvatureConfig
 from eraser.data import load_rows
 from eraser.errors import DataError, EraserError, InvalidRequestError, quote_ids, UtilityCheckFailedError, VerificationFailedError
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
-from eraser.secondorder import StepConfig
-from eraser.solvers import SolverConfig
-from eraser.unlearn import EraseConfig, erase
-from eraser.verify import POLICIES as VERIFY_POLICIES
+from eraser.unlearn import erase
 from eraser.verify import VerifyConfig, load_holdout
 
 from .config import SidecarConfig
@@ -42,11 +38,12 @@ from .errors import (
     ShuttingDown,
     status_of,
 )
-from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, fitted_at, wanted_key
+from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, fitted_at
 from .imports import ImportRoots
 from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
 from .serving import VLLMBackend
+from .solver_choice import SolverChoice, SolverChooser, resolve_options
 from .store import (ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Deleted, StoreLock, Version, check_adapter_name,
                     file_sha256)
 from .swap import SwapCheck, SwapHooks, SwapResult, Swapper
@@ -54,10 +51,6 @@ from .swap import SwapCheck, SwapHooks, SwapResult, Swapper
 log = logging.getLogger("eraser.sidecar")
 
 MAX_LIST_JOBS = 1000  # a longer list could outgrow gRPC's 4 MiB message limit
-
-OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
-                 "allow_unconverged", "curvature_rows", "verify")
-
 
 class Hooks(SwapHooks):
     """What the service tells the outside world (metrics, health)."""
@@ -91,130 +84,6 @@ def check_printable(what: str, ids) -> None:
     bad = sum(1 for i in ids if any(unicodedata.category(c) in _UNPRINTABLE for c in i))
     if bad:
         raise InvalidRequestError(f"{what}: {bad} id(s) contain control or format characters (newlines, tabs, ...)")
-
-
-VERIFY_RANK = {"off": 0, "report": 1, "enforce": 2}
-
-
-def verify_policy(requested: str | None, record: AdapterRecord | None, config: SidecarConfig,
-                  solver: str | None = None) -> str:
-    """The verification policy of a request: its own, else the adapter's (as registered,
-    else the sidecar's ``erase.verify`` when the adapter has a held-out set, else the
-    product's default without one: a reported verdict against the base model on the
-    ekfac/kfac path). The registered policy is a floor: a weaker requested one is refused."""
-    if requested and requested not in VERIFY_POLICIES:
-        raise InvalidRequestError(f"unknown verify policy {requested!r} (choose {', '.join(VERIFY_POLICIES)})")
-    has_holdout = record is not None and record.holdout_sha256 is not None
-    solver = solver or config.erase.solver
-    default = (record.verify if record is not None and record.verify else
-               config.erase.verify if has_holdout else defaults.default_verify_policy(False, solver))
-    policy = requested or default
-    floor = record.verify if record is not None and record.verify else "off"
-    if VERIFY_RANK[policy] < VERIFY_RANK[floor] and not config.erase.verify_allow_lower:
-        raise InvalidRequestError(f"verify {policy} is below the policy adapter {record.name!r} was registered with "
-                                  f"({floor}); a request may raise it, not lower it (erase.verify_allow_lower)")
-    if policy == "enforce" and not has_holdout and solver not in defaults.FACTOR_SOLVERS:
-        name = repr(record.name) if record is not None else "the adapter"
-        raise InvalidRequestError(f"verify enforce needs a held-out set or the ekfac/kfac solver, and adapter {name} was "
-                                  f"registered without one (holdout_path); solver {solver}")
-    return policy
-
-
-def resolve_options(options: dict, config: SidecarConfig, record: AdapterRecord | None = None) -> dict:
-    """A request's options completed with the sidecar's (and the adapter's) defaults,
-    validated, canonical.
-
-    The result is what the job stores and what decides whether two requests may share
-    one solve. Verification settings appear only when the policy is not off (so the
-    options of unverified jobs are what they were before verification existed).
-    """
-    d = config.erase
-    unknown = set(options) - set(OPTION_FIELDS)
-    if unknown:
-        raise InvalidRequestError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    solver = options.get("solver") or d.solver
-    if solver == "datainf" and (options.get("tolerance") is not None or options.get("max_iterations") is not None):
-        raise InvalidRequestError("tolerance and max_iterations do not apply to the datainf solver (a closed form)")
-    out = {
-        "solver": solver,
-        "preset": options.get("preset") or d.preset or None,
-        "curvature": options.get("curvature") or d.curvature,
-        "damping": float(options["damping"]) if options.get("damping") is not None else d.damping,
-        "objective": options.get("objective") or d.objective,
-        "tolerance": options.get("tolerance") if options.get("tolerance") is not None else d.tolerance,
-        "max_iterations": options.get("max_iterations") if options.get("max_iterations") is not None else d.max_iterations,
-        "allow_unconverged": bool(options.get("allow_unconverged", False)),
-        "curvature_rows": options.get("curvature_rows") if options.get("curvature_rows") is not None else d.curvature_rows,
-        "curvature_batch_size": d.curvature_batch_size,
-        "max_length": d.max_length,
-        "max_retain_rise": d.max_retain_rise,
-    }
-    # Written only where they differ from the engine's defaults, so that the options of
-    # jobs stored before these settings existed read the same.
-    if not d.step_control:
-        out["step_control"] = False
-    if d.damping_scale != "absolute":
-        out["damping_scale"] = d.damping_scale
-    for name in ("damping", "tolerance"):  # NaN and infinity pass every comparison below
-        if out[name] is not None and not math.isfinite(out[name]):
-            raise InvalidRequestError(f"{name} must be a finite number")
-    if out["max_iterations"] is not None and out["max_iterations"] > d.max_iterations_limit:
-        raise InvalidRequestError(f"max_iterations {out['max_iterations']} is above this sidecar's limit "
-                                  f"(erase.max_iterations_limit={d.max_iterations_limit})")
-    if out["tolerance"] is not None and 0 < out["tolerance"] < d.min_tolerance:
-        raise InvalidRequestError(f"tolerance {out['tolerance']:g} is below this sidecar's limit "
-                                  f"(erase.min_tolerance={d.min_tolerance:g})")
-    policy = verify_policy(options.get("verify"), record, config, solver)
-    if policy != "off":
-        out["verify"] = policy
-        out.update({f"verify_{k}": v for k, v in d.verify_limits().items()})
-    engine_config(out)  # raises InvalidRequestError on any bad value
-    if solver in FACTOR_METHODS:
-        engine_config(fallback_options(out))  # what a fallback to cg would run must be valid too
-    return out
-
-
-def fallback_options(options: dict) -> dict:
-    """The options of a job's ``cg`` fallback when its EK-FAC/K-FAC factors are missing
-    (``erase.factor_policy: fallback``): the job's own, tolerance, iteration limit and
-    curvature rows included (which ekfac and kfac do not use)."""
-    return {**options, "solver": "cg", "preset": None}
-
-
-def engine_config(options: dict) -> EraseConfig:
-    if options["solver"] in ("ekfac", "kfac", "datainf"):
-        # Closed-form solves: no tolerance or iteration limit; ekfac/kfac read a factor
-        # cache fitted on every row, so a curvature sample applies to a cg fallback only.
-        options = {**options, "tolerance": None, "max_iterations": None}
-        if options["solver"] != "datainf":
-            options["curvature_rows"] = None
-    solver_options = {}
-    if options["tolerance"] is not None:
-        if not options["tolerance"] > 0:
-            raise InvalidRequestError("tolerance must be > 0")
-        solver_options["tolerance"] = float(options["tolerance"])
-    if options["max_iterations"] is not None:
-        if options["solver"] == "direct":
-            raise InvalidRequestError("max_iterations does not apply to the direct solver")
-        if int(options["max_iterations"]) < 1:
-            raise InvalidRequestError("max_iterations must be >= 1")
-        solver_options["max_iterations" if options["solver"] == "cg" else "iterations"] = int(options["max_iterations"])
-    curvature = CurvatureConfig(kind=options["curvature"], damping=options["damping"],
-                                sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"],
-                                relative=options.get("damping_scale") == "relative")
-    return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
-                       step=StepConfig(enabled=options.get("step_control", True)),
-                       objective=options["objective"], allow_unconverged=options["allow_unconverged"],
-                       max_length=options["max_length"], verify=verify_config(options),
-                       # Jobs stored before the utility check existed get the engine's default.
-                       **({"max_retain_rise": options["max_retain_rise"]} if "max_retain_rise" in options else {}))
-
-
-def verify_config(options: dict) -> VerifyConfig:
-    """The engine's verification settings of a job's resolved options (off when absent)."""
-    prefix = "verify_"
-    limits = {k[len(prefix):]: v for k, v in options.items() if k.startswith(prefix)}
-    return VerifyConfig(policy=options.get("verify", "off"), **limits)
 
 
 @contextlib.contextmanager
@@ -272,50 +141,6 @@ def serving_summary(result: SwapResult | None, version: Version, via_reports: bo
     return line
 
 
-@dataclass
-class _SolverChoice:
-    """The solver a job runs and, for ekfac/kfac, its factor cache and how it was obtained."""
-
-    config: EraseConfig
-    requested: str
-    solver: str
-    method: str | None = None  # ekfac/kfac: a cache is read (source) and written for the next version
-    source: Path | None = None
-    # cache | waited (for the background fit) | inline (fitted by the engine) | fallback | plain
-    how: str = "plain"
-    wait_seconds: float = 0.0
-    discarded: str = ""  # why a cache found in the version's place was not used
-    reason: str = ""
-    policy: str = "policy wait"
-
-    def bad_cache(self, error: EraserError) -> bool:
-        """Whether the engine refused the cache it was given (mismatch, or damaged files)."""
-        if self.method is None or self.source is None:
-            return False
-        return isinstance(error, engine_factors.FactorMismatchError) or (
-            isinstance(error, InvalidRequestError) and str(self.source) in str(error))
-
-    def describe(self, number: int, factors: dict | None) -> str:
-        """One line for the job's report: the solver that ran and why."""
-        f = factors or {}
-        if self.how == "cache":
-            age = f.get("age_seconds")
-            why = f"{self.method}: factors of v{number} from cache" + (f" (age {age:.0f} s)" if age is not None else "")
-        elif self.how == "waited":
-            why = (f"{self.method}: factors of v{number} were missing; fitted in the background while the job waited "
-                   f"{self.wait_seconds:.1f} s ({self.policy})")
-        elif self.how == "inline":
-            why = f"{self.method}: factors of v{number} were missing; fitted in the job ({self.policy})"
-        else:
-            why = self.reason
-        if self.discarded:
-            why += f"; the cache found for v{number} was discarded ({self.discarded})"
-        if f.get("out_action") in ("downdated", "refitted"):
-            why += (f"; factors of v{number + 1} {f['out_action']} ({f.get('changed_fraction', 0.0):.0%} of rows "
-                    "changed since the last full fit)")
-        return why
-
-
 @dataclass(frozen=True)
 class Purge:
     """What one PurgeHistory deleted, and when."""
@@ -332,6 +157,20 @@ class _Running:
     job: Job
     cancel: threading.Event
     last_write: float = 0.0
+
+
+@dataclass
+class _Work:
+    """What one run of a job has found and made so far (staging is deleted unless published)."""
+
+    job: Job
+    current: Version | None = None
+    request: UnlearningRequest | None = None
+    already: list[str] = field(default_factory=list)
+    edits: list[dict] = field(default_factory=list)
+    choice: SolverChoice | None = None
+    staged: Path | None = None
+    staged_factors: Path | None = None
 
 
 class EraserService:
@@ -361,6 +200,7 @@ class EraserService:
         # Factor caches for ekfac/kfac, fitted in the background (compute role only).
         self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
                                       on_ready=lambda target: self._report_factor_age(target.adapter))
+        self.solvers = SolverChooser(self.store, self.factors, config, self._report_factor_age)
         self._age_lock = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------
@@ -490,8 +330,8 @@ class EraserService:
         base_dir = self.resolve_base(base_model)
         if not adapter_path or not dataset_path:
             raise InvalidRequestError("adapter_path and dataset_path are required")
-        if verify and verify not in VERIFY_POLICIES:
-            raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(VERIFY_POLICIES)})")
+        if verify and verify not in defaults.VERIFY_POLICIES:
+            raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(defaults.VERIFY_POLICIES)})")
         if verify in ("report", "enforce") and not holdout_path:
             raise InvalidRequestError(f"verify {verify} needs a held-out set (holdout_path)")
         # Confined before anything is read; what is checked below is the staged copy, so
@@ -872,111 +712,140 @@ class EraserService:
                 self._notify()
 
     def _run(self, job: Job) -> None:
+        """One job, stage by stage: its request, the engine, publish, swap; every outcome recorded."""
         running = self._running[job.id]
-        staged: Path | None = None
-        staged_factors: Path | None = None
+        work = _Work(job)
         log.info("job %s started on %s v%d (attempt %d)", job.id, job.adapter, job.from_version, job.attempts)
         try:
             if job.cancel_requested:
                 raise JobCancelled("cancelled by a client")
             self._check_deadline(job)
-            current = self.store.current(job.adapter)
-            rows = self.store.rows(current)
-            request, already = self._merged_request(job, {r.id for r in rows})
-            edits = self._with_old_hashes(job.edits, rows)
-            if request is None:
-                finished = self.db.finish(job.id, State.SUCCEEDED, to_version=current.number, already_erased=already,
-                                          report=None)
-                log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
-                self.hooks.job_finished(finished)
+            if not self._resolve(work):
                 return
-            if not {r.id for r in rows} - set(request.remove):  # queued jobs checked each other; this is the last guard
-                raise InvalidRequestError(_EMPTYING.format(adapter=job.adapter, rows=len(rows)))
-            staged = self.store.new_staging(f"job-{job.id}")
             progress = self._progress_hook(running)
-            for attempt in (1, 2):
-                choice = self._choose_solver(job, current, progress)
-                if choice.method is not None and staged_factors is None:
-                    staged_factors = self.store.new_staging(f"job-{job.id}-factors")
-                factor_args = {} if choice.method is None else {
-                    "factors_dir": choice.source, "factors_out": staged_factors / choice.method,
-                    "refit_fraction": self.config.erase.refit_fraction}
-                if choice.config.verify.policy != "off" and self.store.record(job.adapter).holdout_sha256 is not None:
-                    factor_args["holdout_path"] = self._holdout_for(job.adapter)
-                try:
-                    report = erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
-                                   current.dataset_path, request, staged / ADAPTER_DIR, staged / DATASET, choice.config,
-                                   str(self.device), progress, **factor_args, row_hasher=self.store.row_hasher,
-                                   serving_probe=True)  # reconcilers anywhere confirm the version with it
-                    break
-                except EraserError as e:
-                    if attempt == 2 or not choice.bad_cache(e):
-                        raise
-                    # The cache passed the manifest check but not the load (damaged files, or
-                    # another layout): discard it and decide again, as if it were missing.
-                    log.warning("job %s: the %s factors of %s v%d cannot be used (%s); discarded", job.id, choice.method,
-                                job.adapter, current.number, type(e).__name__)
-                    self.store.discard_factors(job.adapter, current.number, choice.method)
-                    self._report_factor_age(job.adapter)
-            report_json = report.to_json()
-            report_json.pop("adapter_out", None)  # a staging path, meaningless once published
-            self._note_factors(job, current, choice, report_json)
-            if report_json.get("verification"):
-                self.hooks.verification_finished(job.adapter, report_json["verification"])
-            if report_json.get("utility"):
-                self.hooks.utility_checked(job.adapter, report_json["utility"])
+            report = self._compute(work, progress)
+            report_json = self._job_report(work, report)
             progress("publish", 0, 1)
-            with self._publish_lock:
-                if running.cancel.is_set():
-                    raise self._interruption(job)
-                self.store.write_manifest(staged, {
-                    "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
-                    "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
-                    "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
-                    "rows": report.rows_after, "source": "erase", "edits": edits, "already_erased": already,
-                    "report": report_json,
-                })
-                version = self.store.publish(job.adapter, current.number + 1, staged)
-                staged = None
-                self._install_job_factors(job, version, choice, staged_factors)
-                pruned = self._prune(job.adapter)
-            residual = f"{report.residual:.2e}" if report.residual is not None else "not measured"
-            log.info("job %s published %s v%d (%d rows; %s; residual %s; %.1f s)%s", job.id, job.adapter, version.number,
-                     version.rows, report_json["solver_reason"], residual, report.seconds.get("total", 0.0),
-                     f"; deleted versions {pruned.versions} (retention)" if pruned.versions else "")
-            self.hooks.version_published(job.adapter, version)
-            self._prepare_factors(version, choice.requested)
+            version = self._publish(work, running, report, report_json)
+            self._prepare_factors(version, work.choice.requested)
             self._report_factor_age(job.adapter)
             # The version is published: from here the job cannot be cancelled, only served.
-            finished = self._swap_in(job, version, report_json, already, edits)
+            finished = self._swap_in(job, version, report_json, work.already, work.edits)
             if finished is not None:
                 self.hooks.job_finished(finished)
         except ShuttingDown:
             self.db.requeue(job.id)
             log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
         except JobCancelled as e:
-            _discard(staged, staged_factors)  # before the record ends: a client that sees it finds nothing staged
+            _discard(work.staged, work.staged_factors)  # before the record ends: a client that sees it finds nothing staged
             self.hooks.job_finished(self.db.finish(job.id, State.CANCELLED, error_code="CANCELLED", error_message=str(e)))
             log.info("job %s cancelled", job.id)
         except BaseException as e:
-            _discard(staged, staged_factors)
-            code, message = status_of(e)
-            if not isinstance(e, EraserError):
-                log.exception("job %s failed with an internal error", job.id)
-            else:
-                log.info("job %s failed: %s: %s", job.id, code.name, message)
-            report = None
-            if isinstance(e, VerificationFailedError) and e.report is not None:
-                # Nothing was written; the job keeps the numbers of the refused update.
-                report = {"verification": e.report.to_json()}
-                self.hooks.verification_finished(job.adapter, report["verification"])
-            elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
-                report = {"utility": e.check.to_json()}
-                self.hooks.utility_checked(job.adapter, report["utility"])
-            self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
-                                                   report=report))
+            _discard(work.staged, work.staged_factors)
+            self._record_failure(job, e)
         finally:
-            _discard(staged, staged_factors)
+            _discard(work.staged, work.staged_factors)
+
+    def _resolve(self, work: "_Work") -> bool:
+        """The job's merged request against the current version; False (and the job
+        finished) when earlier jobs already erased every row it names."""
+        job = work.job
+        work.current = self.store.current(job.adapter)
+        rows = self.store.rows(work.current)
+        work.request, work.already = self._merged_request(job, {r.id for r in rows})
+        work.edits = self._with_old_hashes(job.edits, rows)
+        if work.request is None:
+            finished = self.db.finish(job.id, State.SUCCEEDED, to_version=work.current.number,
+                                      already_erased=work.already, report=None)
+            log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
+            self.hooks.job_finished(finished)
+            return False
+        if not {r.id for r in rows} - set(work.request.remove):  # queued jobs checked each other; this is the last guard
+            raise InvalidRequestError(_EMPTYING.format(adapter=job.adapter, rows=len(rows)))
+        return True
+
+    def _compute(self, work: "_Work", progress):
+        """The engine's erase into staging, with the chosen solver; a factor cache the engine
+        cannot read is discarded and the choice made again, once."""
+        job, current = work.job, work.current
+        work.staged = self.store.new_staging(f"job-{job.id}")
+        for attempt in (1, 2):
+            work.choice = choice = self.solvers.choose(job, current, progress)
+            if choice.method is not None and work.staged_factors is None:
+                work.staged_factors = self.store.new_staging(f"job-{job.id}-factors")
+            factor_args = {} if choice.method is None else {
+                "factors_dir": choice.source, "factors_out": work.staged_factors / choice.method,
+                "refit_fraction": self.config.erase.refit_fraction}
+            if choice.config.verify.policy != "off" and self.store.record(job.adapter).holdout_sha256 is not None:
+                factor_args["holdout_path"] = self._holdout_for(job.adapter)
+            try:
+                return erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
+                             current.dataset_path, work.request, work.staged / ADAPTER_DIR, work.staged / DATASET,
+                             choice.config, str(self.device), progress, **factor_args, row_hasher=self.store.row_hasher,
+                             serving_probe=True)  # reconcilers anywhere confirm the version with it
+            except EraserError as e:
+                if attempt == 2 or not choice.bad_cache(e):
+                    raise
+                # The cache passed the manifest check but not the load (damaged files, or
+                # another layout): discard it and decide again, as if it were missing.
+                log.warning("job %s: the %s factors of %s v%d cannot be used (%s); discarded", job.id, choice.method,
+                            job.adapter, current.number, type(e).__name__)
+                self.store.discard_factors(job.adapter, current.number, choice.method)
+                self._report_factor_age(job.adapter)
+
+    def _job_report(self, work: "_Work", report) -> dict:
+        """The engine's report as the job records it, with why its solver ran."""
+        report_json = report.to_json()
+        report_json.pop("adapter_out", None)  # a staging path, meaningless once published
+        self._note_factors(work.job, work.current, work.choice, report_json)
+        if report_json.get("verification"):
+            self.hooks.verification_finished(work.job.adapter, report_json["verification"])
+        if report_json.get("utility"):
+            self.hooks.utility_checked(work.job.adapter, report_json["utility"])
+        return report_json
+
+    def _publish(self, work: "_Work", running: _Running, report, report_json: dict) -> Version:
+        """The staged version becomes the adapter's next, with its factors; old versions past
+        the retention are pruned."""
+        job, current = work.job, work.current
+        with self._publish_lock:
+            if running.cancel.is_set():
+                raise self._interruption(job)
+            self.store.write_manifest(work.staged, {
+                "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
+                "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
+                "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
+                "rows": report.rows_after, "source": "erase", "edits": work.edits, "already_erased": work.already,
+                "report": report_json,
+            })
+            version = self.store.publish(job.adapter, current.number + 1, work.staged)
+            work.staged = None
+            self._install_job_factors(job, version, work.choice, work.staged_factors)
+            pruned = self._prune(job.adapter)
+        residual = f"{report.residual:.2e}" if report.residual is not None else "not measured"
+        log.info("job %s published %s v%d (%d rows; %s; residual %s; %.1f s)%s", job.id, job.adapter, version.number,
+                 version.rows, report_json["solver_reason"], residual, report.seconds.get("total", 0.0),
+                 f"; deleted versions {pruned.versions} (retention)" if pruned.versions else "")
+        self.hooks.version_published(job.adapter, version)
+        return version
+
+    def _record_failure(self, job: Job, e: BaseException) -> None:
+        """A failed job's record: its status and, for a refused update, the numbers that refused it."""
+        code, message = status_of(e)
+        if not isinstance(e, EraserError):
+            log.exception("job %s failed with an internal error", job.id)
+        else:
+            log.info("job %s failed: %s: %s", job.id, code.name, message)
+        report = None
+        if isinstance(e, VerificationFailedError) and e.report is not None:
+            # Nothing was written; the job keeps the numbers of the refused update.
+            report = {"verification": e.report.to_json()}
+            self.hooks.verification_finished(job.adapter, report["verification"])
+        elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
+            report = {"utility": e.check.to_json()}
+            self.hooks.utility_checked(job.adapter, report["utility"])
+        self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
+                                               report=report))
 
     def _holdout_for(self, adapter: str) -> Path:
         """The adapter's stored held-out set, checked against its recorded hash: a job
@@ -995,58 +864,7 @@ class EraserService:
         return path
 
     # ---- factors -------------------------------------------------------------------
-    def _choose_solver(self, job: Job, current: Version, progress) -> "_SolverChoice":
-        """Which solver a job runs, and with which factor cache (module docstring of
-        ``sidecar.factors``): the cache of the current version if there is a valid one;
-        else, by ``erase.factor_policy``, wait for its fit (``wait``) or run cg (``fallback``)."""
-        requested = job.options["solver"]
-        if requested not in FACTOR_METHODS:
-            kind = "a closed form without a factor cache" if requested == "datainf" else "no factors needed"
-            return _SolverChoice(engine_config(job.options), requested, requested,
-                                 reason=f"{requested}: as requested (or the sidecar's default); {kind}")
-        method, n = requested, current.number
-        target = FactorTarget(job.adapter, n, method, job.options["max_length"])
-        source = self.store.factors_dir(job.adapter, n, method)
-        choice = _SolverChoice(engine_config(job.options), requested, method, method=method, source=source)
-        problem = cache_problem(source, wanted_key(self.store, current, method, job.options["max_length"]))
-        if problem is not None:
-            # Our own store holds a cache that is not this version's (copied in by hand, or
-            # restored from elsewhere). Using it would give a wrong update and failing would
-            # block the adapter until someone deleted it: discard it and fit anew (a fit in
-            # progress for this version replaces it whole when it saves).
-            log.warning("job %s: the %s factor cache of %s v%d does not belong to it (%s); discarded, refitting",
-                        job.id, method, job.adapter, n, problem)
-            if not self.factors.pending(target):
-                self.store.discard_factors(job.adapter, n, method)
-            self._report_factor_age(job.adapter)
-            choice.discarded = problem
-        if engine_factors.is_cache(source) and problem is None:
-            choice.how = "cache"
-            return choice
-        if self.config.erase.factor_policy == "fallback" and self._cg_can_verify(job):
-            # This version's fit is of no use once the job publishes the next one; the next
-            # version's is asked for after the publish (_prepare_factors).
-            return _SolverChoice(engine_config(fallback_options(job.options)), requested, "cg", method=None,
-                                 how="fallback", discarded=choice.discarded,
-                                 reason=f"cg: {method} requested but factors of v{n} not ready; policy fallback")
-        if self.config.erase.factor_policy == "fallback":
-            choice.policy = "fallback refused: cg cannot enforce the base-model verdict of an adapter without a held-out set"
-        if not self.factors.running:  # no background thread (not started): the engine fits them
-            choice.how = "inline"
-            return choice
-        stage = "waiting for factors"
-        progress(stage, 0, 1000)
-        log.info("job %s waits for the %s factors of %s v%d", job.id, method, job.adapter, n)
-        choice.wait_seconds = self.factors.wait(target, lambda fraction: progress(stage, int(fraction * 1000), 1000))
-        choice.how = "waited"
-        return choice
-
-    def _cg_can_verify(self, job: Job) -> bool:
-        """Whether a cg fallback can run a job's verification: enforce without a held-out
-        set refines toward the base model's level, which needs the curvature factors."""
-        return job.options.get("verify") != "enforce" or self.store.record(job.adapter).holdout_sha256 is not None
-
-    def _note_factors(self, job: Job, current: Version, choice: "_SolverChoice", report: dict) -> None:
+    def _note_factors(self, job: Job, current: Version, choice: SolverChoice, report: dict) -> None:
         """Complete a job's report with why its solver ran and what it did with factors;
         count the fits in the metrics."""
         factors = report.get("factors") or None
@@ -1065,7 +883,7 @@ class EraserService:
         report["requested_solver"] = choice.requested
         report["solver_reason"] = choice.describe(current.number, factors)
 
-    def _install_job_factors(self, job: Job, version: Version, choice: "_SolverChoice", staged: Path | None) -> None:
+    def _install_job_factors(self, job: Job, version: Version, choice: SolverChoice, staged: Path | None) -> None:
         """Move the factors a job wrote for the version it just published into place.
         Never fails the job (it is published): without them, a background fit follows."""
         if choice.method is None or staged is None or not engine_factors.is_cache(staged / choice.method):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from eraser.data import Row, write_rows
-from eraser.tiny import build_tiny_model, pretrain
+from devtools.tiny import build_tiny_model, pretrain
 
 # The service tests exercise the jobs, store and swaps with the converged cg solve and
 # absolute damping (the engine's reference); the product's default path (eraser/options.py)

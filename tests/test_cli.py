@@ -117,7 +117,7 @@ def _request(case, obj) -> Path:
 
 
 def other_base(tmp_path: Path) -> Path:
-    from eraser.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path / "other-base", ["completely different words here"], hidden_size=64, vocab_size=280)
 

@@ -96,7 +96,7 @@ def test_register_get_list(stub, sidecar, tiny_base, tiny_adapter, train_file):
 
 
 def test_register_bad_input_changes_nothing(stub, sidecar, tiny_base, tiny_adapter, train_file, tmp_path):
-    from eraser.tiny import build_tiny_model
+    from devtools.tiny import build_tiny_model
 
     register(stub, "reg-dup", tiny_base, tiny_adapter, train_file)
     before = store_listing(sidecar.config.store)
@@ -334,7 +334,7 @@ def test_removing_every_row_is_refused(stub, sidecar, tiny_base, tiny_adapter, t
 def test_registered_verify_policy_is_a_floor(stub, sidecar, tiny_base, tiny_adapter, train_file, tmp_path):
     from conftest import fact_rows
     from eraser.data import write_rows
-    from sidecar.service import resolve_options
+    from sidecar.solver_choice import resolve_options
 
     holdout = tmp_path / "holdout.jsonl"
     write_rows(holdout, fact_rows(["Quo", "Rex", "Sue", "Tom", "Una"], prefix="h-"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from conftest import CITIES
 from eraser import options
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
@@ -69,3 +70,30 @@ def test_default_erase_without_a_holdout_is_verified_against_the_base_model(stub
                                    options=pb.EraseOptions(solver="cg", verify="enforce")))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "held-out set" in info.value.details()
     assert stub.GetAdapter(pb.GetAdapterRequest(name="dflt-nohold")).version == 2
+
+
+def test_a_response_correction_with_the_defaults_is_learned_and_reported(stub, world):
+    """A correction through the sidecar's default path: the job says whether the new answer
+    was learned (its NLL against the retained rows' level, greedy reproductions against
+    what the retained rows get), erasectl prints it, and the published adapter holds it."""
+    from eraser.membership import measure
+    from test_verify import load
+
+    register(stub, "dflt-rc", world)
+    old = next(r for r in world["rows"] if r.id.startswith("born-") and r not in world["erased"])
+    name = old.prompt.split()[2].rstrip("?")
+    new_response = f"{name} was born in {next(c for c in CITIES if c not in old.response)}."
+    job = stub.Erase(pb.EraseRequest(adapter="dflt-rc", correct_responses=[pb.CorrectResponse(id=old.id, response=new_response)]))
+    for job in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=600):
+        pass
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
+    v = job.report.verification
+    assert v.policy == "enforce" and v.passed and v.reason == "old answers no longer given; new rows learned"
+    n = v.new_rows
+    assert n.passed and n.rows == 1 and n.reproduced >= n.required and n.mean_nll <= n.target_nll + n.margin
+    assert 0 <= n.retain_reproduced_share <= 1
+    line = ctl.format_job(job)
+    assert "new rows learned" in line and new_response not in line
+    published = stub.GetAdapter(pb.GetAdapterRequest(name="dflt-rc"))
+    model, tok = load({"base": world["base"], "adapter": world["adapter"]}, published.path)
+    assert measure(model, tok, [(old.prompt, new_response)], "cpu").nll[0] == pytest.approx(n.mean_nll, abs=1e-4)

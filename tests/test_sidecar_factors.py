@@ -25,7 +25,7 @@ from sidecar import ctl
 from sidecar.config import ConfigError, EraseDefaults, SidecarConfig, load_config
 from sidecar.metrics import Metrics
 from sidecar.server import start
-from sidecar.service import engine_config, resolve_options
+from sidecar.solver_choice import engine_config, resolve_options
 
 EKFAC = pb.EraseOptions(solver="ekfac", damping=0.1)
 

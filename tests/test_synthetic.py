@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from eraser.synthetic import ATTRIBUTES, Fact, facts_to_rows, generate_people, write_jsonl
+from devtools.synthetic import ATTRIBUTES, Fact, facts_to_rows, generate_people, write_jsonl
 
 
 def test_same_seed_same_facts_other_seed_other_facts():

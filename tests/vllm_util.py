@@ -12,7 +12,7 @@ import socket
 import threading
 from pathlib import Path
 
-from sidecar.vllm_process import VLLMProcess, free_port  # noqa: F401 (free_port re-exported for tests)
+from devtools.vllm_process import VLLMProcess, free_port  # noqa: F401 (free_port re-exported for tests)
 
 BLOCK_SIZE = 32
 KV_CACHE_BYTES = 64 * 1024 * 1024

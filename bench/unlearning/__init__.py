@@ -1,7 +1,7 @@
 """Unlearning benchmark in the style of TOFU/MUSE: ``python -m bench.unlearning [--quick] [--out DIR] [--device cpu]``.
 
 SmolLM2-135M-Instruct with a LoRA (r=8 on q_proj, v_proj) is fine-tuned with
-``eraser.train`` on synthetic facts about fictitious people (``eraser.synthetic``) until it
+``eraser.train`` on synthetic facts about fictitious people (``devtools.synthetic``) until it
 answers them. Then, on the same data in one run, every method in the registry
 (``bench.unlearning.methods``: the original, retraining from scratch and warm, gradient
 ascent, LLMEraser with the paper's solver settings, LLMEraser solved to convergence with

@@ -200,7 +200,7 @@ def markdown(result: dict) -> str:
         f"# Unlearning benchmark ({result['mode']}, {dev})",
         "",
         f"{s['model']}, LoRA r={s['rank']} on {', '.join(s['targets'])} ({s['parameters']:,} parameters), fine-tuned "
-        f"{s['epochs']} epochs at lr {s['lr']:g} (batch {s['batch_size']}) on synthetic facts (eraser.synthetic, "
+        f"{s['epochs']} epochs at lr {s['lr']:g} (batch {s['batch_size']}) on synthetic facts (devtools.synthetic, "
         f"{d['facts_per_person']} facts per person, each with a training question and a never-trained paraphrase). "
         f"Clean set: {d['clean_people']} people ({d['clean_rows']} rows); corrupted set: {d['corrupted_people']} people "
         f"({d['corrupted_rows']} rows, {d['corrupted_answers']} wrong answers, {d['corrupted_questions']} wrong "

@@ -29,7 +29,7 @@ PROBED = ("original", "retrain-scratch", "product")
 
 @dataclass(frozen=True)
 class Settings:
-    # ---- data (eraser.synthetic); see bench/unlearning/tasks.py
+    # ---- data (devtools.synthetic); see bench/unlearning/tasks.py
     people: int = 12  # clean training set: the instance-removal tasks forget some of them
     facts: int = 3  # facts per person, each with a training question and a paraphrase
     forget_shares: tuple[float, ...] = (0.01, 0.05, 0.10)  # of the clean people, rounded up, >= 1

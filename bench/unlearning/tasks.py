@@ -1,4 +1,4 @@
-"""The benchmark's data and tasks, generated with ``eraser.synthetic`` (nothing downloaded).
+"""The benchmark's data and tasks, generated with ``devtools.synthetic`` (nothing downloaded).
 
 Four groups of fictitious people, disjoint, all drawn from one ``generate_people`` call:
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from eraser.data import Row
 from eraser.requests import Edit, UnlearningRequest
-from eraser.synthetic import Fact, generate_people
+from devtools.synthetic import Fact, generate_people
 
 IR, RC, QM = "instance_removal", "response_correction", "query_modification"
 
@@ -87,7 +87,7 @@ def build(settings) -> Data:
     held_people = people[held_start : held_start + s.held_out_people]
     cal_people = people[held_start + s.held_out_people :]
     width = max(3, len(str(total)))
-    # Ids as eraser.synthetic.facts_to_rows makes them, with the person's index in the whole
+    # Ids as devtools.synthetic.facts_to_rows makes them, with the person's index in the whole
     # generated list, so the three groups never clash.
     clean = [_rows(p, "p", i, width) for i, p in enumerate(clean_people)]
     edit = [_rows(p, "p", s.people + i, width) for i, p in enumerate(edit_people)]

@@ -20,7 +20,7 @@ from eraser.cli import passive_openmp_waits, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sidecar.serve", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m devtools.serve", description=__doc__.splitlines()[0])
     p.add_argument("--store", type=Path, help="adapter store (default: <cache>/serve/store)")
     p.add_argument("--model", type=Path, help="base model directory (default: SmolLM2-135M-Instruct, prepared once)")
     p.add_argument("--vllm-port", type=int, default=8000)

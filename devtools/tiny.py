@@ -80,8 +80,8 @@ def pretrain(model_dir: str | Path, rows, steps: int, lr: float, seed: int = 0) 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import EncodedRows
-    from .losses import per_row_nll
+    from eraser.data import EncodedRows
+    from eraser.losses import per_row_nll
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")

