@@ -221,7 +221,7 @@ def _watch_until_terminal(stub, pb, job_id: str):
 def run(s: Settings, quick: bool, workdir: Path) -> dict:
     import grpc
 
-    import sidecar.service as service_module
+    import sidecar.runner as runner_module
     from eraser_proto.eraser.v1 import eraser_pb2 as pb
     from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
     from sidecar.config import EraseDefaults, SidecarConfig
@@ -254,8 +254,8 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
         service = running.service
         swapper = service.swapper
         backend = swapper.backends[0]
-        rec.wrap(service_module, "erase", "engine")
-        rec.wrap(service, "_swap_in", "swap_in")
+        rec.wrap(runner_module, "erase", "engine")
+        rec.wrap(service.runner, "_swap_in", "swap_in")
         rec.wrap(service.store, "publish", "store.publish")
         rec.wrap(swapper, "probe", "probe")
         rec.wrap(swapper, "_swap_one", "swap_one")

@@ -345,7 +345,7 @@ def measure_acceptance(s: Settings, model: dict, workdir: Path, variant: str, cl
             raise RuntimeError("the client process did not get ready within 120 s")
         parent_end.recv()
         if paused:
-            held = running.service._publish_lock  # the worker needs it to claim a job
+            held = running.service.runner.publish_lock  # the worker needs it to claim a job
             held.acquire()
         load_before, cpu0, w0 = _loadavg(), _cpu_seconds(), time.perf_counter()
         parent_end.send("go")

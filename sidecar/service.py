@@ -15,38 +15,35 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from eraser import factors as engine_factors
 from eraser import options as defaults
 from eraser.data import load_rows
-from eraser.errors import DataError, EraserError, InvalidRequestError, quote_ids, UtilityCheckFailedError, VerificationFailedError
+from eraser.errors import DataError, EraserError, InvalidRequestError, quote_ids
 from eraser.model import base_fingerprint, check_adapter_dir, load_adapter, load_base, read_adapter_meta, resolve_device
 from eraser.requests import UnlearningRequest
-from eraser.unlearn import erase
 from eraser.verify import VerifyConfig, load_holdout
 
 from .config import SidecarConfig
 from .errors import (
     FailedPreconditionError,
     JobCancelled,
-    JobDeadlineExceeded,
     NotFoundError,
     AlreadyExistsError,
     ShuttingDown,
-    status_of,
 )
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, fitted_at
 from .imports import ImportRoots
 from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
 from .serving import VLLMBackend
-from .solver_choice import SolverChoice, SolverChooser, resolve_options
+from .runner import EMPTYING, JobRunner
+from .solver_choice import SolverChooser, resolve_options
 from .store import (ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Deleted, StoreLock, Version, check_adapter_name,
                     file_sha256)
-from .swap import SwapCheck, SwapHooks, SwapResult, Swapper
+from .swap import SwapHooks, SwapResult, Swapper
 
 log = logging.getLogger("eraser.sidecar")
 
@@ -69,10 +66,6 @@ class Hooks(SwapHooks):
     # An update's utility check ran (eraser.unlearn.UtilityCheck.to_json()), passed or not.
     def utility_checked(self, adapter: str, utility: dict) -> None: ...
 
-
-# An adapter without training rows cannot be erased from, verified or rolled forward.
-_EMPTYING = ("this would remove every row of adapter {adapter!r} ({rows}, counting those queued jobs remove); an "
-             "adapter keeps at least one row: delete the adapter instead")
 
 # Control characters, line and paragraph separators, bidirectional and other format marks.
 _UNPRINTABLE = {"Cc", "Cf", "Zl", "Zp"}
@@ -100,47 +93,6 @@ def _client_paths(paths: dict[Path, str]):
         raise type(e)(message) from None
 
 
-def _discard(*staged: Path | None) -> None:
-    for path in staged:
-        if path is not None:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def result_from_reports(reports: list[dict], version: Version) -> SwapResult:
-    """The swap as the reconcilers saw it: one check per replica that serves ``version``
-    (or a later one) confirmed, the others behind with their last error."""
-    result = SwapResult()
-    published = float(version.manifest.get("created_at") or 0.0)
-    for report in reports:
-        for replica, adapters in sorted(report["replicas"].items()):
-            name = f"{report['instance']} {replica}"
-            state = adapters.get(version.adapter) or {}
-            if state.get("current") and int(state.get("served_version", 0)) >= version.number:
-                served_at = float(state["checked_at"])
-                result.checks.append(SwapCheck(name, state["served_path"], float(state.get("max_logprob_error", 0.0)),
-                                               float(state.get("probe_margin", 0.0)), max(0.0, served_at - published),
-                                               served_at, bool(state.get("weights_confirmed"))))
-            else:
-                result.behind[name] = state.get("error") or (f"serves v{state['served_version']}" if state
-                                                             else "has not reported this adapter yet")
-    return result
-
-
-def serving_summary(result: SwapResult | None, version: Version, via_reports: bool) -> str:
-    """One line for the job's report: how serving took the new version."""
-    if result is None:
-        return "unconfirmed: no serving replica is configured here or reports to the store"
-    total = len(result.checks) + len(result.behind)
-    if result.behind:
-        return f"unconfirmed on {len(result.behind)} of {total} replica(s)"
-    path_only = sum(not c.weights_confirmed for c in result.checks)
-    line = f"confirmed on {total} replica(s)" + (" by their reconcilers" if via_reports else "")
-    if path_only:
-        line += (f"; on {path_only} by the served path only (no probe tells v{version.number} from "
-                 f"v{version.number - 1} beyond the tolerance)")
-    return line
-
-
 @dataclass(frozen=True)
 class Purge:
     """What one PurgeHistory deleted, and when."""
@@ -150,27 +102,6 @@ class Purge:
     payload_rows: int
     purged_at: float
     retained_versions: list[int]
-
-
-@dataclass
-class _Running:
-    job: Job
-    cancel: threading.Event
-    last_write: float = 0.0
-
-
-@dataclass
-class _Work:
-    """What one run of a job has found and made so far (staging is deleted unless published)."""
-
-    job: Job
-    current: Version | None = None
-    request: UnlearningRequest | None = None
-    already: list[str] = field(default_factory=list)
-    edits: list[dict] = field(default_factory=list)
-    choice: SolverChoice | None = None
-    staged: Path | None = None
-    staged_factors: Path | None = None
 
 
 class EraserService:
@@ -187,21 +118,18 @@ class EraserService:
         # Created with the store (like the row-hash key); only the computing sidecar issues receipts.
         self.signer = self.store.receipt_signer if self.computes else None
         self.device = resolve_device(config.device)
-        self._changed = threading.Condition()
+        self.changed = threading.Condition()
         self._listeners: list[Callable[[], None]] = []
-        self._publish_lock = threading.Lock()  # one publisher (job, rollback) at a time
-        self._running: dict[str, _Running] = {}
-        self._stop = threading.Event()
-        self._draining = threading.Event()
         self._workers: list[threading.Thread] = []
         backends = [VLLMBackend(url, api_key=config.vllm_api_key) for url in config.vllm_urls]
         self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks)
         self.instance = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # names this sidecar's serving report
         # Factor caches for ekfac/kfac, fitted in the background (compute role only).
         self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
-                                      on_ready=lambda target: self._report_factor_age(target.adapter))
-        self.solvers = SolverChooser(self.store, self.factors, config, self._report_factor_age)
+                                      on_ready=lambda target: self.report_factor_age(target.adapter))
+        self.solvers = SolverChooser(self.store, self.factors, config, self.report_factor_age)
         self._age_lock = threading.Lock()
+        self.runner = JobRunner(self)  # the job worker (compute role): claims, runs, publishes, swaps
 
     # ---- lifecycle -----------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -251,15 +179,15 @@ class EraserService:
                     self.store.set_current(name, numbers[-1])
                     if rollback:
                         outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
-                        self._prune(name)
+                        self.prune(name)
                         log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
                                  name, manifest.get("rollback_of"), numbers[-1])
             self.hooks.version_published(name, self.store.current(name))
         outcome["factors_swept"] = self.store.sweep_factors()
         for name in self.store.names():  # current versions whose factors were never written
-            outcome["factors_queued"] = outcome.get("factors_queued", 0) + self._prepare_factors(self.store.current(name))
-            self._report_factor_age(name)
-        self._queue_changed()
+            outcome["factors_queued"] = outcome.get("factors_queued", 0) + self.prepare_factors(self.store.current(name))
+            self.report_factor_age(name)
+        self.queue_changed()
         return outcome
 
     def _published_by(self, job: Job) -> Version | None:
@@ -278,25 +206,25 @@ class EraserService:
         if self.computes:
             self.factors.start()
         for i in range(self.config.workers if self.computes else 0):
-            t = threading.Thread(target=self._work, name=f"eraser-worker-{i}", daemon=True)
+            t = threading.Thread(target=self.runner.work, name=f"eraser-worker-{i}", daemon=True)
             t.start()
             self._workers.append(t)
 
     def drain(self, timeout: float) -> None:
         """Stop taking jobs; give running ones ``timeout`` seconds, then interrupt them
         (they go back to the queue and resume on the next start)."""
-        self._draining.set()
-        self._notify()
+        self.runner.draining.set()
+        self.notify()
         deadline = time.monotonic() + timeout
-        while self._running and time.monotonic() < deadline:
+        while self.runner.running and time.monotonic() < deadline:
             time.sleep(0.05)
-        self._stop.set()
+        self.runner.stopping.set()
         self.swapper.stop()
         if self.swapper.backends:
             self.store.withdraw_serving(self.instance)  # its replicas are no longer vouched for
-        for r in list(self._running.values()):
+        for r in list(self.runner.running.values()):
             r.cancel.set()
-        self._notify()
+        self.notify()
         # After the jobs' grace (a job may be waiting for a fit): the fit in progress is
         # abandoned at its next step, and what is queued is queued again by recover().
         self.factors.stop()
@@ -380,8 +308,8 @@ class EraserService:
         log.info("registered adapter %s (%d rows%s) as version 1", name, len(rows),
                  f", held-out set of {len(holdout_rows)} rows" if holdout_rows is not None else "")
         self.hooks.version_published(name, version)
-        self._prepare_factors(version)
-        self._report_factor_age(name)
+        self.prepare_factors(version)
+        self.report_factor_age(name)
         self._serve_now(version)
         return version
 
@@ -405,7 +333,7 @@ class EraserService:
         replica that is behind is left to the reconcile loop and shown in the adapter's
         replica status."""
         result = self.swapper.swap(version, self.base_dir(version.adapter), min(30.0, self.config.swap_timeout_seconds),
-                                   stop=self._draining)
+                                   stop=self.runner.draining)
         for replica, why in result.behind.items():
             log.warning("%s v%d is not served by %s yet (the reconcile loop retries): %s", version.adapter,
                         version.number, replica, why)
@@ -420,7 +348,7 @@ class EraserService:
         """
         self._require_compute()
         self.store.record(name)
-        with self._publish_lock:
+        with self.runner.publish_lock:
             current = self.store.current(name)
             if number == current.number:
                 return current
@@ -449,16 +377,16 @@ class EraserService:
                 except OSError as e:
                     log.warning("could not copy the %s factors of %s v%d to v%d (%s); they will be refitted", method,
                                 name, number, version.number, type(e).__name__)
-            self._prune(name)
+            self.prune(name)
         log.info("adapter %s rolled back to the content of version %d as version %d", name, number, version.number)
         self.hooks.version_published(name, version)
-        self._prepare_factors(version)
-        self._report_factor_age(name)
+        self.prepare_factors(version)
+        self.report_factor_age(name)
         self._serve_now(version)
         return version
 
     # ---- history: retention, purge, receipts ------------------------------------------
-    def _prune(self, name: str) -> Deleted:
+    def prune(self, name: str) -> Deleted:
         """Retention (``keep_versions``), recorded so that receipts say when a version went."""
         deleted = self.store.prune(name, self.config.keep_versions)
         if deleted:
@@ -478,7 +406,7 @@ class EraserService:
         recorded (time, what) so later receipts say when. The current version stays."""
         self._require_compute()
         self.store.record(name)
-        with self._publish_lock:  # no publish, rollback or prune in between
+        with self.runner.publish_lock:  # no publish, rollback or prune in between
             current = self.store.current_number(name)
             if not 1 <= before_version <= current:
                 raise InvalidRequestError(f"before_version must be in [1, {current}] for adapter {name!r} (its current "
@@ -489,10 +417,10 @@ class EraserService:
                                                    purge_payloads=True)
         log.info("purged %s before v%d: versions %s, %d factor cache(s), %d payload row(s)", name, before_version,
                  deleted.versions, len(deleted.factor_caches), payload_rows)
-        self._report_factor_age(name)
+        self.report_factor_age(name)
         return Purge(name, deleted, payload_rows, purged_at, self.store.version_numbers(name))
 
-    def _with_old_hashes(self, edits: list[dict], rows) -> list[dict]:
+    def with_old_hashes(self, edits: list[dict], rows) -> list[dict]:
         """A job's edits with the keyed hash of each row before the job (``old_hash``, as in
         eraser.json): how a receipt names the erased rows. Rows already erased have none."""
         by_id = {r.id: r for r in rows}
@@ -505,7 +433,7 @@ class EraserService:
         if job.state != State.SUCCEEDED:
             raise FailedPreconditionError(f"job {job_id} is {job.state.name.lower()}: receipts are issued for "
                                           "succeeded jobs only")
-        with self._publish_lock:  # a consistent view: no version appears or goes meanwhile
+        with self.runner.publish_lock:  # a consistent view: no version appears or goes meanwhile
             holding = self._versions_holding(job)
             caches = [{"version": n, "method": m} for n, m in self.store.factor_caches(job.adapter) if n in holding]
             current = self.store.current_number(job.adapter)
@@ -580,7 +508,7 @@ class EraserService:
                 return self._same_request(seen, fingerprint, request_id)
         else:
             request_id = uuid.uuid4().hex
-        if self._draining.is_set():
+        if self.runner.draining.is_set():
             raise ShuttingDown("the sidecar is shutting down; retry against the restarted instance")
         current = self.store.current(adapter)
         rows = self.store.rows(current)
@@ -593,7 +521,7 @@ class EraserService:
             UnlearningRequest(pending, payload.modify_query, payload.correct_response).resolve(rows)
         # Counting the removals already queued: jobs that each leave rows can empty it together.
         if pending and not present - set(pending) - self.db.pending_removals(adapter):
-            raise InvalidRequestError(_EMPTYING.format(adapter=adapter, rows=len(present)))
+            raise InvalidRequestError(EMPTYING.format(adapter=adapter, rows=len(present)))
         if not still_wanted():  # the caller gave up (deadline or cancel): do not queue
             raise JobCancelled("the call was cancelled before the request was queued")
         job, created, merged = self.db.submit(adapter, request_id, payload, resolved, fingerprint,
@@ -603,8 +531,8 @@ class EraserService:
         log.info("request %s for %s queued in job %s (%s; %s)", request_id, adapter, job.id,
                  ", ".join(f"{k} {v}" for k, v in request.counts().items() if v), "merged" if merged else "new job")
         self.hooks.job_accepted(job, merged)
-        self._queue_changed()
-        self._notify()
+        self.queue_changed()
+        self.notify()
         return job
 
     @staticmethod
@@ -658,16 +586,16 @@ class EraserService:
                     "solve (it can be retried once the job has ended)")
             log.info("request %s withdrawn from job %s (%d request(s) left)", request_id, job_id,
                      len(withdrawn.request_ids))
-            self._notify()
+            self.notify()
             return withdrawn
         job = self.db.request_cancel(job_id)
-        running = self._running.get(job_id)
+        running = self.runner.running.get(job_id)
         if running is not None:
             running.cancel.set()
         if job.state == State.CANCELLED:
             self.hooks.job_finished(job)
-        self._queue_changed()
-        self._notify()
+        self.queue_changed()
+        self.notify()
         return job
 
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -675,226 +603,21 @@ class EraserService:
         of a job or the queue: WatchJob streams wait for these without a thread each."""
         self._listeners.append(callback)
 
-    def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
         for callback in self._listeners:
             callback()
 
-    def _queue_changed(self) -> None:
+    def queue_changed(self) -> None:
         if self.db is None:
             return
         counts = self.db.active_count()
         self.hooks.queue_changed(counts[State.QUEUED], counts[State.RUNNING])
 
     # ---- the worker ----------------------------------------------------------------
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            job = None
-            if not self._draining.is_set():
-                with self._publish_lock:
-                    job = self.db.claim(self._running.keys(), self.store.current_number)
-                    if job is not None:
-                        self._running[job.id] = _Running(job, threading.Event())
-            if job is None:
-                with self._changed:
-                    self._changed.wait(0.5)
-                continue
-            self._queue_changed()
-            self._notify()
-            try:
-                self._run(job)
-            except Exception:  # the runner records every failure; this is a last resort
-                log.exception("job %s: runner crashed", job.id)
-            finally:
-                self._running.pop(job.id, None)
-                self._queue_changed()
-                self._notify()
-
-    def _run(self, job: Job) -> None:
-        """One job, stage by stage: its request, the engine, publish, swap; every outcome recorded."""
-        running = self._running[job.id]
-        work = _Work(job)
-        log.info("job %s started on %s v%d (attempt %d)", job.id, job.adapter, job.from_version, job.attempts)
-        try:
-            if job.cancel_requested:
-                raise JobCancelled("cancelled by a client")
-            self._check_deadline(job)
-            if not self._resolve(work):
-                return
-            progress = self._progress_hook(running)
-            report = self._compute(work, progress)
-            report_json = self._job_report(work, report)
-            progress("publish", 0, 1)
-            version = self._publish(work, running, report, report_json)
-            self._prepare_factors(version, work.choice.requested)
-            self._report_factor_age(job.adapter)
-            # The version is published: from here the job cannot be cancelled, only served.
-            finished = self._swap_in(job, version, report_json, work.already, work.edits)
-            if finished is not None:
-                self.hooks.job_finished(finished)
-        except ShuttingDown:
-            self.db.requeue(job.id)
-            log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
-        except JobCancelled as e:
-            _discard(work.staged, work.staged_factors)  # before the record ends: a client that sees it finds nothing staged
-            self.hooks.job_finished(self.db.finish(job.id, State.CANCELLED, error_code="CANCELLED", error_message=str(e)))
-            log.info("job %s cancelled", job.id)
-        except BaseException as e:
-            _discard(work.staged, work.staged_factors)
-            self._record_failure(job, e)
-        finally:
-            _discard(work.staged, work.staged_factors)
-
-    def _resolve(self, work: "_Work") -> bool:
-        """The job's merged request against the current version; False (and the job
-        finished) when earlier jobs already erased every row it names."""
-        job = work.job
-        work.current = self.store.current(job.adapter)
-        rows = self.store.rows(work.current)
-        work.request, work.already = self._merged_request(job, {r.id for r in rows})
-        work.edits = self._with_old_hashes(job.edits, rows)
-        if work.request is None:
-            finished = self.db.finish(job.id, State.SUCCEEDED, to_version=work.current.number,
-                                      already_erased=work.already, report=None)
-            log.info("job %s: every row was already erased by earlier jobs; nothing to publish", job.id)
-            self.hooks.job_finished(finished)
-            return False
-        if not {r.id for r in rows} - set(work.request.remove):  # queued jobs checked each other; this is the last guard
-            raise InvalidRequestError(_EMPTYING.format(adapter=job.adapter, rows=len(rows)))
-        return True
-
-    def _compute(self, work: "_Work", progress):
-        """The engine's erase into staging, with the chosen solver; a factor cache the engine
-        cannot read is discarded and the choice made again, once."""
-        job, current = work.job, work.current
-        work.staged = self.store.new_staging(f"job-{job.id}")
-        for attempt in (1, 2):
-            work.choice = choice = self.solvers.choose(job, current, progress)
-            if choice.method is not None and work.staged_factors is None:
-                work.staged_factors = self.store.new_staging(f"job-{job.id}-factors")
-            factor_args = {} if choice.method is None else {
-                "factors_dir": choice.source, "factors_out": work.staged_factors / choice.method,
-                "refit_fraction": self.config.erase.refit_fraction}
-            if choice.config.verify.policy != "off" and self.store.record(job.adapter).holdout_sha256 is not None:
-                factor_args["holdout_path"] = self._holdout_for(job.adapter)
-            try:
-                return erase(self.store.record(job.adapter).base_model_dir, current.adapter_path,
-                             current.dataset_path, work.request, work.staged / ADAPTER_DIR, work.staged / DATASET,
-                             choice.config, str(self.device), progress, **factor_args, row_hasher=self.store.row_hasher,
-                             serving_probe=True)  # reconcilers anywhere confirm the version with it
-            except EraserError as e:
-                if attempt == 2 or not choice.bad_cache(e):
-                    raise
-                # The cache passed the manifest check but not the load (damaged files, or
-                # another layout): discard it and decide again, as if it were missing.
-                log.warning("job %s: the %s factors of %s v%d cannot be used (%s); discarded", job.id, choice.method,
-                            job.adapter, current.number, type(e).__name__)
-                self.store.discard_factors(job.adapter, current.number, choice.method)
-                self._report_factor_age(job.adapter)
-
-    def _job_report(self, work: "_Work", report) -> dict:
-        """The engine's report as the job records it, with why its solver ran."""
-        report_json = report.to_json()
-        report_json.pop("adapter_out", None)  # a staging path, meaningless once published
-        self._note_factors(work.job, work.current, work.choice, report_json)
-        if report_json.get("verification"):
-            self.hooks.verification_finished(work.job.adapter, report_json["verification"])
-        if report_json.get("utility"):
-            self.hooks.utility_checked(work.job.adapter, report_json["utility"])
-        return report_json
-
-    def _publish(self, work: "_Work", running: _Running, report, report_json: dict) -> Version:
-        """The staged version becomes the adapter's next, with its factors; old versions past
-        the retention are pruned."""
-        job, current = work.job, work.current
-        with self._publish_lock:
-            if running.cancel.is_set():
-                raise self._interruption(job)
-            self.store.write_manifest(work.staged, {
-                "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
-                "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
-                "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
-                "rows": report.rows_after, "source": "erase", "edits": work.edits, "already_erased": work.already,
-                "report": report_json,
-            })
-            version = self.store.publish(job.adapter, current.number + 1, work.staged)
-            work.staged = None
-            self._install_job_factors(job, version, work.choice, work.staged_factors)
-            pruned = self._prune(job.adapter)
-        residual = f"{report.residual:.2e}" if report.residual is not None else "not measured"
-        log.info("job %s published %s v%d (%d rows; %s; residual %s; %.1f s)%s", job.id, job.adapter, version.number,
-                 version.rows, report_json["solver_reason"], residual, report.seconds.get("total", 0.0),
-                 f"; deleted versions {pruned.versions} (retention)" if pruned.versions else "")
-        self.hooks.version_published(job.adapter, version)
-        return version
-
-    def _record_failure(self, job: Job, e: BaseException) -> None:
-        """A failed job's record: its status and, for a refused update, the numbers that refused it."""
-        code, message = status_of(e)
-        if not isinstance(e, EraserError):
-            log.exception("job %s failed with an internal error", job.id)
-        else:
-            log.info("job %s failed: %s: %s", job.id, code.name, message)
-        report = None
-        if isinstance(e, VerificationFailedError) and e.report is not None:
-            # Nothing was written; the job keeps the numbers of the refused update.
-            report = {"verification": e.report.to_json()}
-            self.hooks.verification_finished(job.adapter, report["verification"])
-        elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
-            report = {"utility": e.check.to_json()}
-            self.hooks.utility_checked(job.adapter, report["utility"])
-        self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
-                                               report=report))
-
-    def _holdout_for(self, adapter: str) -> Path:
-        """The adapter's stored held-out set, checked against its recorded hash: a job
-        verifies against exactly the rows that were registered."""
-        record = self.store.record(adapter)
-        path = self.store.holdout_path(adapter)
-        if path is None:
-            raise FailedPreconditionError(f"adapter {adapter!r} has no held-out set to verify against")
-        try:
-            intact = file_sha256(path) == record.holdout_sha256
-        except OSError:
-            intact = False
-        if not intact:
-            raise FailedPreconditionError(f"the stored held-out set of adapter {adapter!r} is missing or was changed "
-                                          "since registration")
-        return path
-
     # ---- factors -------------------------------------------------------------------
-    def _note_factors(self, job: Job, current: Version, choice: SolverChoice, report: dict) -> None:
-        """Complete a job's report with why its solver ran and what it did with factors;
-        count the fits in the metrics."""
-        factors = report.get("factors") or None
-        if factors is not None:
-            factors.pop("out", None)  # a staging path
-            factors.update(version=current.number, how=choice.how)
-            if choice.wait_seconds:
-                factors["wait_seconds"] = round(choice.wait_seconds, 3)
-                report["seconds"]["factor_wait"] = round(choice.wait_seconds, 4)
-            if factors.get("source") == "fitted":
-                self.hooks.factors_fitted(job.adapter, "full", float(factors.get("fit_seconds", 0.0)))
-            if factors.get("out_action") == "downdated":
-                self.hooks.factors_fitted(job.adapter, "downdate", float(factors.get("downdate_seconds", 0.0)))
-            elif factors.get("out_action") == "refitted":
-                self.hooks.factors_fitted(job.adapter, "full", float(factors.get("refit_seconds", 0.0)))
-        report["requested_solver"] = choice.requested
-        report["solver_reason"] = choice.describe(current.number, factors)
-
-    def _install_job_factors(self, job: Job, version: Version, choice: SolverChoice, staged: Path | None) -> None:
-        """Move the factors a job wrote for the version it just published into place.
-        Never fails the job (it is published): without them, a background fit follows."""
-        if choice.method is None or staged is None or not engine_factors.is_cache(staged / choice.method):
-            return
-        try:
-            self.store.install_factors(staged / choice.method, job.adapter, version.number, choice.method)
-        except OSError as e:
-            log.warning("job %s: could not install the %s factors of %s v%d (%s); they will be refitted", job.id,
-                        choice.method, job.adapter, version.number, type(e).__name__)
-
-    def _prepare_factors(self, version: Version, method: str | None = None) -> int:
+    def prepare_factors(self, version: Version, method: str | None = None) -> int:
         """Queue background fits for a newly current version: for the configured solver if
         it reads factors, and for ``method`` (a job's own request). Returns how many."""
         if not self.computes:
@@ -909,7 +632,7 @@ class EraserService:
     def _full_fit_done(self, adapter: str, seconds: float) -> None:
         self.hooks.factors_fitted(adapter, "full", seconds)
 
-    def _report_factor_age(self, adapter: str) -> None:
+    def report_factor_age(self, adapter: str) -> None:
         """Tell the metrics when the current version's factors were last fitted in full
         (the configured method's first), or that it has none."""
         with self._age_lock:  # computed and set together: the last call reports the latest state
@@ -922,108 +645,7 @@ class EraserService:
                          if t is not None), None)
             self.hooks.factors_age(adapter, when)
 
-    def _swap_in(self, job: Job, version: Version, report: dict, already: list[str], edits: list[dict]) -> Job | None:
-        """Serve the published version on every replica, confirmed, then end the job.
-        Without replicas of its own, the sidecar waits for the reconcilers' reports.
-
-        Returns None when the sidecar is draining: the job stays RUNNING and the next
-        start finishes it (its version is published) and reconciles the replicas.
-        """
-        started = time.perf_counter()
-
-        def progress(done: int, total: int, behind: list[str]) -> None:
-            self.db.progress(job.id, "swap", done / total if total else 1.0)
-            self.db.set_swap(job.id, [], behind)
-            self._notify()
-
-        if self.swapper.backends:
-            progress(0, len(self.swapper.backends), [])
-            result = self.swapper.swap(version, self.base_dir(job.adapter), self.config.swap_timeout_seconds,
-                                       stop=self._draining, progress=progress)
-        else:
-            result = self._await_reconcilers(version, progress)
-        report = {**report, "seconds": {**report["seconds"], "swap": round(time.perf_counter() - started, 4)},
-                  "serving": serving_summary(result, version, via_reports=not self.swapper.backends)}
-        result = result or SwapResult()
-        self.db.set_swap(job.id, [c.__dict__ for c in result.checks], sorted(result.behind))
-        if result.behind and self._draining.is_set():
-            log.info("job %s: draining during its swap; the next start finishes it", job.id)
-            return None
-        if result.behind:
-            why = "; ".join(f"{r}: {e}" for r, e in sorted(result.behind.items()))
-            log.warning("job %s: %s v%d published but not served everywhere: %s", job.id, job.adapter, version.number, why)
-            return self.db.finish(
-                job.id, State.FAILED, report=report, to_version=version.number, already_erased=already, edits=edits,
-                error_code="UNAVAILABLE",
-                error_message=f"version {version.number} is published and current, but {len(result.behind)} replica(s) "
-                              f"did not confirm it within {self.config.swap_timeout_seconds:g} s "
-                              f"({', '.join(sorted(result.behind))}); the reconcile loop keeps trying")
-        log.info("job %s: %s v%d %s", job.id, job.adapter, version.number, report["serving"])
-        return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already,
-                              edits=edits)
-
-    def _await_reconcilers(self, version: Version, progress) -> SwapResult | None:
-        """Wait, within ``swap_timeout_seconds``, until every live reconciler reports
-        ``version`` (or a later one) served and confirmed; None when none reports."""
-        deadline = time.monotonic() + self.config.swap_timeout_seconds
-        while True:
-            reports = self.store.serving_reports()
-            if not reports:
-                return None
-            result = result_from_reports(reports, version)
-            progress(len(result.checks), len(result.checks) + len(result.behind), sorted(result.behind))
-            if not result.behind or time.monotonic() >= deadline or self._draining.wait(0.5):
-                return result
-
     def report_serving(self) -> None:
         """After each reconcile pass: what this sidecar's replicas serve, for a computing
         sidecar elsewhere that waits on it."""
         self.store.report_serving(self.instance, self.config.reconcile_seconds, self.swapper.serving())
-
-    def _merged_request(self, job: Job, present: set[str]) -> tuple[UnlearningRequest | None, list[str]]:
-        """One request from the job's requests. A removal of a row that an earlier job
-        already erased is done; an edit of such a row cannot be done."""
-        remove: dict[str, None] = {}
-        modify: dict[str, str] = {}
-        correct: dict[str, str] = {}
-        for p in self.db.payloads(job.id):
-            remove.update(dict.fromkeys(p.remove))
-            modify.update(dict(p.modify_query))
-            correct.update(dict(p.correct_response))
-        gone = sorted(i for i in list(modify) + list(correct) if i not in present)
-        if gone:
-            raise InvalidRequestError(f"row(s) {quote_ids(gone)} were removed by an earlier job and cannot be edited")
-        already = sorted(i for i in remove if i not in present)
-        remaining = tuple(i for i in remove if i in present)
-        if not (remaining or modify or correct):
-            return None, already
-        return UnlearningRequest(remaining, tuple(modify.items()), tuple(correct.items())), already
-
-    def _check_deadline(self, job: Job) -> None:
-        if job.deadline_at is not None and time.time() > job.deadline_at:
-            raise JobDeadlineExceeded("the request's deadline passed before the job finished")
-
-    def _interruption(self, job: Job) -> EraserError:
-        """Why the cancel flag is up: a client's CancelJob, or the sidecar draining."""
-        if self.db.get(job.id).cancel_requested:
-            return JobCancelled("cancelled by a client")
-        return ShuttingDown("the sidecar is shutting down")
-
-    def _progress_hook(self, running: _Running):
-        job = running.job
-
-        def progress(stage: str, done: int, total: int, info: dict | None = None) -> None:
-            if running.cancel.is_set():
-                raise self._interruption(job)
-            self._check_deadline(job)
-            if stage == "done":  # the engine is done; the job is not until it has published
-                return
-            fraction = min(1.0, done / total) if total else 0.0
-            now = time.monotonic()
-            # Throttled: a solve reports every iteration, the job table needs a few a second.
-            if stage != job.stage or now - running.last_write > 0.25 or fraction >= 1.0:
-                job.stage, job.fraction, running.last_write = stage, fraction, now
-                self.db.progress(job.id, stage, fraction)
-                self._notify()
-
-        return progress
