@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from bench.common import Recorder, cosine, machine_info, norm, write_outputs
 from bench.common import bench_parser, rendered
@@ -25,6 +25,7 @@ QUICK_PRODUCT_SECONDS = None
 # by the product's own membership verdict on the benchmark's never-trained people (and the
 # product's evaluated in bf16 too).
 PROBED = ("original", "retrain-scratch", "product")
+NOT_SELECTED = "not run: this run measured only the methods given with --methods"
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class Settings:
     # report labels the row "reduced" then.
     product_verify_max_steps: int | None = None
     product_verify_max_seconds: float | None = None
+    # Only these methods run (None: all); the others are reported as not run. For a run
+    # that measures the product row beside its references within a machine's time.
+    methods: tuple[str, ...] | None = None
     # ---- robustness of the product row, retraining from scratch and the original
     # Relearning attack (MUSE-style): AdamW steps at the training lr on retained rows of
     # other people (a seeded sample), then the erased facts are scored again.
@@ -184,6 +188,9 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
         for m in M.METHODS:
             ctx.set_theta(theta_o)
             stage = f"{task.name}/{m.name}"
+            if s.methods is not None and m.name not in s.methods:
+                records[m.name] = {"status": "unavailable", "reason": NOT_SELECTED}
+                continue
             record: dict = {"status": "ok"}
             cpu = time.process_time()
             try:
@@ -400,8 +407,19 @@ TOP_KEYS = ("schema_version", "benchmark", "mode", "device", "machine", "setting
             "tasks", "stages", "plots", "total_seconds", "total_cpu_seconds", "note", "caveats", "reading")
 
 
-def output_stem(device: str, quick: bool) -> str:
-    return common_output_stem("unlearning", device, quick)
+def output_stem(device: str, quick: bool, partial: bool = False) -> str:
+    return common_output_stem("unlearning-partial" if partial else "unlearning", device, quick)
+
+
+def _known_methods(parser, names: tuple[str, ...]) -> tuple[str, ...]:
+    from bench.unlearning.methods import METHODS
+
+    known = [m.name for m in METHODS]
+    unknown = [n for n in names if n not in known]
+    if unknown or "original" not in names:
+        parser.error(f"--methods: {'unknown ' + ', '.join(unknown) if unknown else 'original is needed'} "
+                     f"(choose from {', '.join(known)})")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,14 +430,23 @@ def main(argv: list[str] | None = None) -> int:
 
     p = bench_parser("unlearning", "Unlearning benchmark (TOFU/MUSE style) on SmolLM2-135M-Instruct", "json/md/png",
                      quick_help="the smallest size that still learns: a smoke test")
+    p.add_argument("--methods", type=lambda text: tuple(x.strip() for x in text.split(",") if x.strip()),
+                   help="comma-separated methods to run (default: all); the others are reported as not run and "
+                        "the files are named unlearning-partial*")
     args = p.parse_args(argv)
     if args.render is not None:
         result = rendered(args)
     else:
         settings = Settings.quick() if args.quick else Settings()
+        if args.methods is not None:
+            settings = replace(settings, methods=_known_methods(p, args.methods))
         result = run(settings, args.device, args.quick)
         result["note"] = args.note
-    stem = output_stem(result["device"], result["mode"] == "quick")
+    partial = result["settings"].get("methods") is not None
+    stem = output_stem(result["device"], result["mode"] == "quick", partial)
+    if args.render is None:  # the measurements are kept even if a report step below fails
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     result["plots"] = plots(result, args.out, stem)
     result["caveats"] = caveats(result)
     result["reading"] = reading(result)
