@@ -1,13 +1,12 @@
-"""The sidecar's domain errors, and their mapping to gRPC status codes (the one place).
+"""The sidecar's domain errors, and the status each is answered with.
 
 Engine errors (``eraser.errors``) and these share ``EraserError``: each carries a stable
 ``code`` and a one-line message that never contains row text. Handlers raise them;
-``status_of`` turns any exception into the status a client sees.
+``failure_of`` names the status any exception is answered with (``wire.status_of`` turns
+the name into the gRPC status). No grpc here: jobs record the status by name.
 """
 
 from __future__ import annotations
-
-import grpc
 
 from eraser.errors import EraserError
 
@@ -48,25 +47,26 @@ class ShuttingDown(EraserError):
     code = "unavailable"
 
 
-_STATUS = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "cancelled": grpc.StatusCode.CANCELLED,
-    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "internal": grpc.StatusCode.INTERNAL,
+# Every domain code, and the status it is answered with.
+STATUS_NAMES = {
+    "invalid_argument": "INVALID_ARGUMENT",
+    "not_found": "NOT_FOUND",
+    "already_exists": "ALREADY_EXISTS",
+    "failed_precondition": "FAILED_PRECONDITION",
+    "cancelled": "CANCELLED",
+    "deadline_exceeded": "DEADLINE_EXCEEDED",
+    "unavailable": "UNAVAILABLE",
+    "resource_exhausted": "RESOURCE_EXHAUSTED",
+    "internal": "INTERNAL",
 }
 
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and one-line detail for any exception a handler or job raised.
+def failure_of(error: BaseException) -> tuple[str, str]:
+    """The status name and one-line detail for any exception a handler or job raised.
 
     Unexpected exceptions become INTERNAL with only their type name: their messages come
     from libraries and could quote input text, which must not leave the process.
     """
     if isinstance(error, EraserError):
-        return _STATUS.get(error.code, grpc.StatusCode.INTERNAL), str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the sidecar's log"
+        return STATUS_NAMES.get(error.code, "INTERNAL"), str(error)
+    return "INTERNAL", f"internal error ({type(error).__name__}); see the sidecar's log"

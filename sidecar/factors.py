@@ -34,7 +34,7 @@ from eraser.factors import FactorKey, dataset_hash
 from eraser.model import adapter_fingerprint, base_fingerprint, load_adapter, load_base, trainable_parameters
 from eraser.solvers import SolverConfig
 
-from .errors import FailedPreconditionError, NotFoundError, ShuttingDown, status_of
+from .errors import FailedPreconditionError, NotFoundError, ShuttingDown, failure_of
 from .store import AdapterStore, Version
 
 log = logging.getLogger("eraser.sidecar")
@@ -202,8 +202,8 @@ class FactorPreparer:
                     if self.ready(target):
                         return time.monotonic() - started
                     if failed is not None:
-                        code, message = status_of(failed)
-                        raise FactorFitFailed(f"the factors of v{target.version} could not be fitted ({code.name}: "
+                        code, message = failure_of(failed)
+                        raise FactorFitFailed(f"the factors of v{target.version} could not be fitted ({code}: "
                                               f"{message})")
                     if self._stop.is_set():
                         raise ShuttingDown("the sidecar is shutting down")
@@ -247,9 +247,9 @@ class FactorPreparer:
                 log.info("background fit of the factors of %s skipped: %s", target, e)
             except Exception as e:  # noqa: BLE001 - recorded for the waiters, logged
                 self._record_failure(target, e)
-                code, message = status_of(e)
+                code, message = failure_of(e)
                 if isinstance(e, EraserError):
-                    log.warning("background fit of the factors of %s failed: %s: %s", target, code.name, message)
+                    log.warning("background fit of the factors of %s failed: %s: %s", target, code, message)
                 else:
                     log.exception("background fit of the factors of %s failed", target)
             finally:

@@ -22,7 +22,7 @@ from eraser.requests import UnlearningRequest
 from eraser.unlearn import erase
 
 from .config import SidecarConfig
-from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, ShuttingDown, status_of
+from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, ShuttingDown, failure_of
 from .jobs import Job, JobDB, State
 from .solver_choice import SolverChoice, SolverChooser
 from .store import ADAPTER_DIR, DATASET, AdapterStore, Deleted, Version, file_sha256
@@ -271,11 +271,11 @@ class JobRunner:
 
     def _record_failure(self, job: Job, e: BaseException) -> None:
         """A failed job's record: its status and, for a refused update, the numbers that refused it."""
-        code, message = status_of(e)
+        code, message = failure_of(e)
         if not isinstance(e, EraserError):
             log.exception("job %s failed with an internal error", job.id)
         else:
-            log.info("job %s failed: %s: %s", job.id, code.name, message)
+            log.info("job %s failed: %s: %s", job.id, code, message)
         report = None
         if isinstance(e, VerificationFailedError) and e.report is not None:
             # Nothing was written; the job keeps the numbers of the refused update.
@@ -284,7 +284,7 @@ class JobRunner:
         elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
             report = {"utility": e.check.to_json()}
             self.hooks.utility_checked(job.adapter, report["utility"])
-        self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code.name, error_message=message,
+        self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code, error_message=message,
                                                report=report))
 
     def _holdout_for(self, adapter: str) -> Path:

@@ -20,7 +20,8 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.config import SidecarConfig
 from sidecar.jobs import JobDB, RequestPayload
 from sidecar.receipts import ReceiptInvalid, ReceiptSigner, SignedReceipt, load_public_key, verify_file
-from sidecar.server import start, swap_check_message
+from sidecar.server import start
+from sidecar.wire import swap_check_message
 from test_sidecar import ERASED_TEXT, FAST, SLOW, code_of, register, wait_job
 
 NEW_TEXT = "Bob likes no tea."
