@@ -135,27 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _solver_config(args):
-    from .solvers import SolverConfig
-
-    options = {}
-    if args.tolerance is not None:
-        options["tolerance"] = args.tolerance
-    factored = args.solver in ("ekfac", "kfac", "datainf")
-    if args.max_iterations is not None:
-        options["max_iterations" if args.solver == "cg" else "iterations"] = args.max_iterations
-        if args.solver == "direct" or factored:
-            raise InvalidRequestError(f"--max-iterations does not apply to the {args.solver} solver")
-    if factored and args.tolerance is not None:
-        raise InvalidRequestError(f"--tolerance does not apply to the {args.solver} solver (a closed-form solve)")
-    for flag, name in (("samples", "samples"), ("residual_rows", "residual_rows")):
-        if getattr(args, flag) is not None:
-            if not factored:
-                raise InvalidRequestError(f"--{flag.replace('_', '-')} applies to ekfac, kfac and datainf only")
-            options[name] = getattr(args, flag)
-    if args.curvature_batch_size != 4 and factored:
-        options["batch_size"] = args.curvature_batch_size
-    return SolverConfig(args.solver, args.preset, options)
+def erase_options(args) -> dict:
+    """The options of ``eraser erase``'s flags, for ``eraser.options.erase_config``."""
+    factored = args.solver in defaults.CLOSED_FORM_SOLVERS
+    return {
+        "solver": args.solver, "preset": args.preset, "tolerance": args.tolerance, "max_iterations": args.max_iterations,
+        "samples": args.samples, "residual_rows": args.residual_rows,
+        "factor_batch_size": args.curvature_batch_size if factored and args.curvature_batch_size != 4 else None,
+        "curvature": args.curvature, "damping": args.damping, "damping_scale": args.damping_scale,
+        "curvature_rows": args.curvature_rows, "curvature_batch_size": args.curvature_batch_size,
+        "step_control": args.step_control == "on", "objective": args.objective,
+        "allow_unconverged": args.allow_unconverged, "max_length": args.max_length,
+        "max_retain_rise": args.max_retain_rise, "verify": _verify_policy(args),
+        "verify_method": args.verify_method, "verify_max_steps": args.verify_max_steps,
+        "verify_max_seconds": args.verify_max_seconds, "verify_max_auc": args.verify_max_auc,
+        "verify_max_retain_rise": args.verify_max_retain_rise,
+    }
 
 
 def cmd_train(args, progress) -> dict:
@@ -170,23 +165,12 @@ def cmd_train(args, progress) -> dict:
 
 
 def cmd_erase(args, progress) -> dict:
-    from .curvature import CurvatureConfig
     from .requests import UnlearningRequest
     from .rowhash import RowHasher, default_key_path
-    from .secondorder import StepConfig
-    from .unlearn import EraseConfig, erase
+    from .unlearn import erase
 
     request = UnlearningRequest.load(args.request)
-    curvature = CurvatureConfig(
-        kind=args.curvature, damping=defaults.default_damping(args.damping_scale) if args.damping is None else args.damping,
-        sample_rows=args.curvature_rows, batch_size=args.curvature_batch_size, relative=args.damping_scale == "relative",
-    )
-    config = EraseConfig(
-        step=StepConfig(enabled=args.step_control == "on"),
-        solver=_solver_config(args), curvature=curvature, objective=args.objective,
-        allow_unconverged=args.allow_unconverged, max_length=args.max_length, verify=_verify_config(args),
-        max_retain_rise=args.max_retain_rise,
-    )
+    config = defaults.erase_config(erase_options(args))
     factor_args = {"factors_dir": args.factors, "factors_out": args.factors_out}
     if args.refit_fraction is not None:
         factor_args["refit_fraction"] = args.refit_fraction
@@ -196,16 +180,12 @@ def cmd_erase(args, progress) -> dict:
     return report.to_json()
 
 
-def _verify_config(args):
-    from .verify import VerifyConfig
-
+def _verify_policy(args) -> str:
     policy = args.verify or defaults.default_verify_policy(bool(args.holdout), args.solver)
     if policy == "enforce" and not args.holdout and args.solver not in defaults.FACTOR_SOLVERS:
         raise InvalidRequestError("--verify enforce without --holdout needs --solver ekfac or kfac (rows of the same "
                                   "kind the adapter never saw make any solver verifiable)")
-    options = {"method": args.verify_method, "max_steps": args.verify_max_steps, "max_seconds": args.verify_max_seconds,
-               "max_auc": args.verify_max_auc, "max_retain_rise": args.verify_max_retain_rise}
-    return VerifyConfig(policy=policy, **{k: v for k, v in options.items() if v is not None})
+    return policy
 
 
 def cmd_eval(args, progress) -> dict:

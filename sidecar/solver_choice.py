@@ -15,12 +15,8 @@ from typing import Callable
 
 from eraser import factors as engine_factors
 from eraser import options as defaults
-from eraser.curvature import CurvatureConfig
 from eraser.errors import EraserError, InvalidRequestError
-from eraser.secondorder import StepConfig
-from eraser.solvers import SolverConfig
 from eraser.unlearn import EraseConfig
-from eraser.verify import VerifyConfig
 
 from .config import SidecarConfig
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, wanted_key
@@ -122,39 +118,15 @@ def fallback_options(options: dict) -> dict:
 
 
 def engine_config(options: dict) -> EraseConfig:
-    if options["solver"] in ("ekfac", "kfac", "datainf"):
-        # Closed-form solves: no tolerance or iteration limit; ekfac/kfac read a factor
-        # cache fitted on every row, so a curvature sample applies to a cg fallback only.
+    """The engine config of a job's resolved options (``eraser.options.erase_config``)."""
+    if options["solver"] in defaults.CLOSED_FORM_SOLVERS:
+        # Closed-form solves: no tolerance or iteration limit (the sidecar's defaults are for
+        # cg); ekfac/kfac read a factor cache fitted on every row, so a curvature sample
+        # applies to a cg fallback only.
         options = {**options, "tolerance": None, "max_iterations": None}
         if options["solver"] != "datainf":
             options["curvature_rows"] = None
-    solver_options = {}
-    if options["tolerance"] is not None:
-        if not options["tolerance"] > 0:
-            raise InvalidRequestError("tolerance must be > 0")
-        solver_options["tolerance"] = float(options["tolerance"])
-    if options["max_iterations"] is not None:
-        if options["solver"] == "direct":
-            raise InvalidRequestError("max_iterations does not apply to the direct solver")
-        if int(options["max_iterations"]) < 1:
-            raise InvalidRequestError("max_iterations must be >= 1")
-        solver_options["max_iterations" if options["solver"] == "cg" else "iterations"] = int(options["max_iterations"])
-    curvature = CurvatureConfig(kind=options["curvature"], damping=options["damping"],
-                                sample_rows=options["curvature_rows"], batch_size=options["curvature_batch_size"],
-                                relative=options.get("damping_scale") == "relative")
-    return EraseConfig(solver=SolverConfig(options["solver"], options["preset"], solver_options), curvature=curvature,
-                       step=StepConfig(enabled=options.get("step_control", True)),
-                       objective=options["objective"], allow_unconverged=options["allow_unconverged"],
-                       max_length=options["max_length"], verify=verify_config(options),
-                       # Jobs stored before the utility check existed get the engine's default.
-                       **({"max_retain_rise": options["max_retain_rise"]} if "max_retain_rise" in options else {}))
-
-
-def verify_config(options: dict) -> VerifyConfig:
-    """The engine's verification settings of a job's resolved options (off when absent)."""
-    prefix = "verify_"
-    limits = {k[len(prefix):]: v for k, v in options.items() if k.startswith(prefix)}
-    return VerifyConfig(policy=options.get("verify", "off"), **limits)
+    return defaults.erase_config(options)
 
 
 @dataclass

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from conftest import CITIES, NAMES, OTHERS
-from eraser.cli import _verify_config, build_parser
+from eraser.cli import build_parser, erase_options
+from eraser.options import erase_config
 from eraser.curvature import CurvatureConfig
 from eraser.data import Row, write_rows
 from eraser.errors import InvalidRequestError, VerificationFailedError
@@ -238,6 +239,7 @@ def test_cli_verifies_by_default_with_a_holdout(world, tmp_path):
     # without one on the default (ekfac) path, against the base model; enforce on cg without
     # one is refused before any work (one line, exit status 2).
     parse = lambda *extra: build_parser().parse_args([str(x) for x in [*common, "--out", out / "v2", *extra]])  # noqa: E731
+    _verify_config = lambda args: erase_config(erase_options(args)).verify  # noqa: E731
     assert _verify_config(parse("--solver", "cg")).policy == "off"
     assert _verify_config(parse()).policy == "enforce"
     assert _verify_config(parse("--solver", "cg", "--holdout", world["holdout"])).policy == "enforce"
