@@ -126,7 +126,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
 
 
 def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refinement, retain_reference,
-            ids: list[str], seconds: float, learn_check: "LearnCheck") -> VerificationReport:
+            ids: list[str], seconds: float, learn_check: LearnCheck) -> VerificationReport:
     def scores(key):
         v, erased, held, new, point = state[key]
         return _loss_scores(erased, held, point.retain_mean), v, new
