@@ -27,12 +27,13 @@ def stub(tmp_path_factory):
     running.stop(2.0)
 
 
+def watched_to_the_end(stub, job_id: str) -> pb.Job:
+    """The last state WatchJob streams for a job (its terminal one)."""
+    return list(stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=600))[-1]
+
+
 def erase_with_defaults(stub, adapter, ids) -> pb.Job:
-    job = stub.Erase(pb.EraseRequest(adapter=adapter, remove_ids=ids))
-    last = None
-    for last in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=600):
-        pass
-    return last
+    return watched_to_the_end(stub, stub.Erase(pb.EraseRequest(adapter=adapter, remove_ids=ids)).id)
 
 
 def test_default_erase_is_the_verified_second_order_path(stub, world):
@@ -83,9 +84,8 @@ def test_a_response_correction_with_the_defaults_is_learned_and_reported(stub, w
     old = next(r for r in world["rows"] if r.id.startswith("born-") and r not in world["erased"])
     name = old.prompt.split()[2].rstrip("?")
     new_response = f"{name} was born in {next(c for c in CITIES if c not in old.response)}."
-    job = stub.Erase(pb.EraseRequest(adapter="dflt-rc", correct_responses=[pb.CorrectResponse(id=old.id, response=new_response)]))
-    for job in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=600):
-        pass
+    job = watched_to_the_end(stub, stub.Erase(pb.EraseRequest(
+        adapter="dflt-rc", correct_responses=[pb.CorrectResponse(id=old.id, response=new_response)])).id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
     v = job.report.verification
     assert v.policy == "enforce" and v.passed and v.reason == "old answers no longer given; new rows learned"
