@@ -163,7 +163,7 @@ def verdict_table(task: dict) -> list[str]:
         return []
     lines = [md_row(["adapter", "product verdict (calibration people)", "product AUC loss/ref/mink",
                      "benchmark verdict (never-trained people)", "benchmark AUC loss/ref/mink", "agree",
-                     f"{target} NLL / EM", f"after relearn NLL / EM", "bf16 NLL / EM"]),
+                     f"{target} NLL / EM", "after relearn NLL / EM", "bf16 NLL / EM"]),
              md_row(["---"] + ["---:"] * 8)]
     for name, rec in rows:
         info = rec.get("info") or {}
