@@ -17,6 +17,11 @@ is about sqrt((k+m+1)/(12km)), 0.2 for 3 rows against 9. So the decision is size
 attack fails when its AUC is above ``0.5 + z·se`` (or above ``max_auc``, whichever is
 lower), and a row fails on its own when fewer held-out rows than a Bonferroni-corrected
 share look at least as member-like as it does.
+
+Over-forgetting (an AUC below ``0.5 - z·se``) is judged on the calibrated attack only
+(``reference``; ``loss`` where there is no base model). A row that is hard for every model
+(a rare name) has a high loss after retraining from scratch too, so a low raw-loss or
+Min-K% AUC is no evidence that the erase went too far: retraining fails that bound.
 """
 
 from __future__ import annotations
@@ -71,11 +76,13 @@ class AttackResult:
 
 
 def judge_attack(name: str, erased: Sequence[float], holdout: Sequence[float], max_auc: float, min_auc: float,
-                 z: float = 1.645, alpha: float = 0.05) -> AttackResult:
+                 z: float = 1.645, alpha: float = 0.05, two_sided: bool = True) -> AttackResult:
+    """``two_sided``: whether an AUC below the lower bound fails (over-forgotten); otherwise
+    the lower bound is 0."""
     k, m = len(erased), len(holdout)
     a = auc(erased, holdout)
     se = null_standard_error(k, m)
-    high, low = min(max_auc, 0.5 + z * se), max(min_auc, 0.5 - z * se)
+    high, low = min(max_auc, 0.5 + z * se), max(min_auc, 0.5 - z * se) if two_sided else 0.0
     p_values = [(1 + sum(1 for h in holdout if h >= s)) / (m + 1) for s in erased]
     flagged = sum(1 for p in p_values if p < alpha / k)
     return AttackResult(name, a, hanley_mcneil_interval(a, k, m), high, low, p_values, flagged,
@@ -163,8 +170,15 @@ class MembershipVerdict:
 
 def verdict(erased: RowScores, holdout: RowScores, max_auc: float, min_auc: float, z: float = 1.645) -> MembershipVerdict:
     attacks = [a for a in ATTACKS if a != "reference" or (erased.base_nll is not None and holdout.base_nll is not None)]
-    results = [judge_attack(a, erased.member_scores(a), holdout.member_scores(a), max_auc, min_auc, z) for a in attacks]
+    calibrated = calibrated_attack(attacks)
+    results = [judge_attack(a, erased.member_scores(a), holdout.member_scores(a), max_auc, min_auc, z,
+                            two_sided=a == calibrated) for a in attacks]
     return MembershipVerdict(results, len(erased.nll), len(holdout.nll), sum(erased.exact))
+
+
+def calibrated_attack(attacks: Sequence[str]) -> str:
+    """The attack that accounts for a row's own difficulty: the one over-forgetting is judged by."""
+    return "reference" if "reference" in attacks else "loss"
 
 
 # Nats by which an erased row may still be more likely under the adapter than under the

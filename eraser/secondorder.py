@@ -9,8 +9,10 @@ a *sampled objective*:
   plus the median advantage the adapter gives held-out rows it never saw (without a
   held-out set: the base NLL itself, "no advantage at all");
 - each new row of a correction (RC/QM) has the retained rows' median NLL as its target;
-- Φ(θ) = mean ½·relu(τᵢ − NLLᵢ)² over erased rows + mean relu(NLLⱼ − τ_new) over new rows,
-  zero once every row is at its target;
+- Φ(θ) = mean ½·(relu(τᵢ − NLLᵢ)² + relu(NLLᵢ − τᵢ − b)²) over erased rows + mean
+  relu(NLLⱼ − τ_new) over new rows: zero once every erased row is within a band b above its
+  target (a row pushed far beyond the never-seen level betrays membership too, so it is
+  pulled back) and every new row at its target;
 - a scale is admissible when the retained sample's mean NLL rose by at most a share of the
   utility bound and the erased rows did not overshoot their targets.
 
@@ -54,6 +56,9 @@ class StepConfig:
     # Mean nats the erased rows may end above their never-seen targets (over-forgetting
     # also reveals a row).
     overshoot: float = 0.5
+    # Nats above its never-seen target within which an erased row counts as there; beyond
+    # it the objective pulls the row back.
+    band: float = 0.2
     backtracks: int = 12
     expansions: int = 4
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
@@ -65,7 +70,8 @@ class StepConfig:
     batch_size: int = 8
 
     def __post_init__(self):
-        numbers = (self.max_rise_share, self.overshoot, self.damping_ratio, self.anchor_weight, self.learn_margin)
+        numbers = (self.max_rise_share, self.overshoot, self.band, self.damping_ratio, self.anchor_weight,
+                   self.learn_margin)
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
             raise InvalidRequestError("step settings must be finite numbers >= 0")
         if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
@@ -120,7 +126,8 @@ class SampledObjective:
         if self._last is not None and torch.equal(self._last[0], theta):
             return self._last[1]  # done() and the refinement loop ask at the same parameters
         forget, learn = self._nll(self.forget), self._nll(self.learn)
-        gaps = [max(0.0, t - x) for x, t in zip(forget, self.forget_targets)]
+        band = self.config.band
+        gaps = [max(0.0, t - x) + max(0.0, x - t - band) for x, t in zip(forget, self.forget_targets)]
         over = [max(0.0, x - t) for x, t in zip(forget, self.forget_targets)]
         new_gaps = [max(0.0, x - self.learn_target) for x in learn]
         phi = _half_mean_square(gaps) + (sum(new_gaps) / len(new_gaps) if new_gaps else 0.0)
@@ -153,8 +160,10 @@ class SampledObjective:
                 target = (torch.tensor([targets[i] for i in idx], dtype=nll.dtype, device=nll.device)
                           if targets is not None else torch.full_like(nll, self.learn_target))
                 gap = torch.relu(sign * (target - nll))
-                # Erased rows: a squared gap, which slows down near the target; new rows: the
-                # gap itself, whose pull does not fade before they are learned.
+                # Erased rows: a squared gap (either side of the band), which slows down near
+                # it; new rows: the gap itself, whose pull does not fade before they are learned.
+                if targets is not None:
+                    gap = gap + torch.relu(nll - target - self.config.band)
                 (0.5 * gap.square() if targets is not None else gap).sum().div(len(data)).backward()
         if anchor_rows and self.retain is not None and self.config.anchor_weight > 0:
             nll = per_row_nll(self.model, self.retain.batch(list(anchor_rows), self.device))
@@ -199,8 +208,12 @@ def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective:
             vector_to_parameters(theta + s * direction.to(theta.dtype), params)
         return objective.evaluate(phi_ceiling=current.merit(w))  # merit >= Φ: above it, no need to score more
 
+    # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
+    # refuse the steps that trade a little overshoot for utility on the way.
+    overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
+
     def ok(p: Point) -> bool:
-        return p.admissible(budget, config.overshoot) and p.merit(w) <= current.merit(w) - 1e-4 * abs(current.merit(w))
+        return p.admissible(budget, overshoot) and p.merit(w) <= current.merit(w) - 1e-4 * abs(current.merit(w))
 
     s, trials = start, 1
     point = at(s)

@@ -100,7 +100,7 @@ def test_corrections_pass_verification_with_the_new_text_learned(world, wrong_qu
     """RC: a trained answer is replaced by another city; QM: a question trained wrong is put
     right. The request passes verification under enforce, the new row is learned at the
     retained rows' level and at least as well as retraining from scratch learns it, the old
-    text is neither reproduced nor (QM) member-like, and the retained rows keep their NLL."""
+    text is neither reproduced nor member-like, and the retained rows keep their NLL."""
     if task == "correct_response":
         old, name = _born(world)
         new = Row(old.id, old.prompt, f"{name} was born in {next(c for c in CITIES if c not in old.response)}.")
@@ -121,12 +121,12 @@ def test_corrections_pass_verification_with_the_new_text_learned(world, wrong_qu
     assert after.nll[0] <= statistics.median(retained_parent) < before, (after.nll, retained_parent, before)
     assert after.nll[0] <= retrained + 0.1, (after.nll[0], retrained)
     assert not after.exact[1]  # the old answer to the old question is not given
-    if task == "modify_query":  # the wrong question's row looks never-seen to an independent judge
-        assert {a["name"] for a in v["membership"]["after"]["attacks"]} == {"loss", "reference", "mink"}
-        e, h, _ = _judged_independently(world, tmp_path / "v2", [old])
-        for attack in ("loss", "reference", "mink"):
-            a = judge_attack(attack, e.member_scores(attack), h.member_scores(attack), 0.75, 0.1)
-            assert a.auc <= 0.8, (attack, a)
+    # The old row looks never-seen to an independent judge.
+    assert {a["name"] for a in v["membership"]["after"]["attacks"]} == {"loss", "reference", "mink"}
+    e, h, _ = _judged_independently(world, tmp_path / "v2", [old])
+    for attack in ("loss", "reference", "mink"):
+        a = judge_attack(attack, e.member_scores(attack), h.member_scores(attack), 0.75, 0.1)
+        assert a.auc <= 0.8, (attack, a)
     retained = sum(row_losses(model, tok, pairs(world["retained"]), "cpu")) / len(world["retained"])
     assert retained - sum(retained_parent) / len(retained_parent) <= 0.05
 
@@ -217,3 +217,58 @@ def test_the_point_a_line_search_leaves_is_not_scored_again(world, start, outcom
     point = objective.evaluate()
     assert len(scored) == before and point == ls.point
     assert torch.equal(parameters_to_vector(params), theta + ls.scale * direction)
+
+
+def test_over_forgetting_is_judged_on_the_calibrated_attack_only():
+    """Rows hard for every model (a rare name: high NLL under the base model too) keep a high
+    raw loss after retraining from scratch; only their NLL over the base model's says whether
+    an erase went past the never-seen level."""
+    from eraser.membership import verdict
+
+    held_base = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]
+    advantages = [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]  # the adapter's help on never-seen rows
+    held = RowScores([b - a for b, a in zip(held_base, advantages)], [-2.0] * 9, [False] * 9, held_base)
+    hard_base = [3.0, 3.1, 3.2]
+
+    def erased(above_target: float) -> RowScores:
+        nll = [b - a + above_target for b, a in zip(hard_base, (0.22, 0.32, 0.42))]
+        return RowScores(nll, [-9.0] * 3, [False] * 3, hard_base)
+
+    like_retrained = verdict(erased(0.0), held, 0.75, 0.1)
+    aucs = {a.name: a.auc for a in like_retrained.attacks}
+    assert aucs["loss"] == 0.0 and aucs["mink"] == 0.0  # far below 0.5 - z·se on the raw scores
+    assert like_retrained.passed, like_retrained.failures()
+    pushed_past = verdict(erased(1.0), held, 0.75, 0.1)
+    assert not pushed_past.passed
+    assert pushed_past.failures() == ["erased rows over-forgotten (reference MIA AUC 0.000 < 0.170)"]
+    # Without a base model the loss attack is the calibrated one and keeps its lower bound.
+    plain = lambda s: RowScores(s.nll, s.mink, s.exact, None)  # noqa: E731
+    assert not verdict(plain(erased(0.0)), plain(held), 0.75, 0.1).passed
+
+
+def test_refinement_pulls_rows_pushed_past_the_band_back_to_the_never_seen_level(world):
+    """An erased row far above its never-seen target costs Φ like one below it: the natural
+    steps bring it back into the band (the line search may step back from past the
+    overshoot cap), and a row inside the band costs nothing."""
+    from eraser.data import EncodedRows
+    from eraser.kfac import KFAC
+    from eraser.secondorder import SampledObjective, refine_natural
+
+    model, tok = load(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = StepConfig()
+    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
+                                 512, config)
+    trained = row_losses(model, tok, pairs(world["erased"]), "cpu")
+    objective.retain_parent = row_losses(model, tok, pairs(world["retained"][:8]), "cpu")
+    objective.forget_targets = [x - 0.6 for x in trained]  # every row 0.6 nats past its target
+    start = objective.evaluate()
+    assert start.phi > 0 and start.overshoot == pytest.approx(0.6) and 0.6 > config.overshoot
+    factors = KFAC.fit(model, params, EncodedRows(tok, pairs(world["retained"]), 512), range(len(world["retained"])))
+    done = lambda: (False, "pulled back?", False)  # noqa: E731  (run the step budget)
+    refine_natural(params, factors, objective, 8, 10.0, config, 6, 600.0, done)
+    end = objective.evaluate()
+    assert end.phi < 0.5 * start.phi and end.overshoot < start.overshoot
+    inside = SampledObjective(model, tok, params, pairs(world["erased"]), [], [], "cpu", 512, config)
+    inside.forget_targets = [x - config.band / 2 for x in end.forget]
+    assert inside.evaluate().phi == 0.0

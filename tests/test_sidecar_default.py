@@ -88,7 +88,7 @@ def test_a_response_correction_with_the_defaults_is_learned_and_reported(stub, w
         adapter="dflt-rc", correct_responses=[pb.CorrectResponse(id=old.id, response=new_response)])).id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
     v = job.report.verification
-    assert v.policy == "enforce" and v.passed and v.reason == "old answers no longer given; new rows learned"
+    assert v.policy == "enforce" and v.passed and v.reason == "old rows look never-seen; new rows learned"
     n = v.new_rows
     assert n.passed and n.rows == 1 and n.reproduced >= n.required and n.mean_nll <= n.target_nll + n.margin
     assert 0 <= n.retain_reproduced_share <= 1
