@@ -107,17 +107,15 @@ class EraserServicer(pb_grpc.EraserServicer):
     def RegisterAdapter(self, request, context):
         version = self.service.register(request.name, request.base_model, request.adapter_path, request.dataset_path,
                                         request.holdout_path, request.verify)
-        return adapter_message(self.service, version)
+        return adapter_message(self.service.view(version))
 
     @_guarded
     def GetAdapter(self, request, context):
-        self.service.store.record(request.name)
-        return adapter_message(self.service, self.service.store.current(request.name))
+        return adapter_message(self.service.adapter(request.name))
 
     @_guarded
     def ListAdapters(self, request, context):
-        store = self.service.store
-        return pb.ListAdaptersResponse(adapters=[adapter_message(self.service, store.current(n)) for n in store.names()])
+        return pb.ListAdaptersResponse(adapters=[adapter_message(v) for v in self.service.adapters()])
 
     @_guarded
     def Erase(self, request, context):
@@ -159,7 +157,7 @@ class EraserServicer(pb_grpc.EraserServicer):
 
     @_guarded
     def Rollback(self, request, context):
-        return adapter_message(self.service, self.service.rollback(request.adapter, request.version))
+        return adapter_message(self.service.view(self.service.rollback(request.adapter, request.version)))
 
     @_guarded
     def GetErasureReceipt(self, request, context):

@@ -40,7 +40,7 @@ from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
 from .serving import VLLMBackend
 from .runner import EMPTYING, JobRunner
-from .solver_choice import SolverChooser, resolve_options
+from .solver_choice import SolverChooser, resolve_options, verify_policy
 from .store import (ADAPTER_DIR, DATASET, AdapterRecord, AdapterStore, Deleted, StoreLock, Version, check_adapter_name,
                     file_sha256)
 from .swap import SwapHooks, SwapResult, Swapper
@@ -48,6 +48,18 @@ from .swap import SwapHooks, SwapResult, Swapper
 log = logging.getLogger("eraser.sidecar")
 
 MAX_LIST_JOBS = 1000  # a longer list could outgrow gRPC's 4 MiB message limit
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    """What a client is told of an adapter: its current (or given) version, its record, the
+    versions still kept, where each replica serves it, and its verification policy."""
+
+    version: Version
+    record: AdapterRecord
+    retained_versions: list[int]
+    replicas: list
+    verify: str
 
 class Hooks(SwapHooks):
     """What the service tells the outside world (metrics, health)."""
@@ -196,6 +208,19 @@ class EraserService:
         except NotFoundError:
             return None
         return version if version.manifest.get("job_id") == job.id else None
+
+    def view(self, version: Version) -> AdapterView:
+        record = self.store.record(version.adapter)
+        return AdapterView(version, record, self.store.version_numbers(version.adapter),
+                           self.swapper.states(version.adapter), verify_policy(None, record, self.config))
+
+    def adapter(self, name: str) -> AdapterView:
+        """The adapter's current version as a client sees it (NotFoundError: none of that name)."""
+        self.store.record(name)
+        return self.view(self.store.current(name))
+
+    def adapters(self) -> list[AdapterView]:
+        return [self.view(self.store.current(n)) for n in self.store.names()]
 
     def base_dir(self, adapter: str) -> str:
         return self.store.record(adapter).base_model_dir

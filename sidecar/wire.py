@@ -14,8 +14,8 @@ from .errors import failure_of
 from .jobs import Job
 from .receipts import ALGORITHM as RECEIPT_ALGORITHM
 from .receipts import SignedReceipt
-from .service import EraserService, Purge
-from .solver_choice import OPTION_FIELDS, verify_policy
+from .service import AdapterView, Purge
+from .solver_choice import OPTION_FIELDS
 from .store import Version
 
 
@@ -34,19 +34,17 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
     return ts
 
 
-def adapter_message(service: EraserService, version: Version) -> pb.Adapter:
-    record = service.store.record(version.adapter)
+def adapter_message(view: AdapterView) -> pb.Adapter:
+    version, record = view.version, view.record
     return pb.Adapter(
         name=version.adapter, version=version.number, base_model=record.base_model, path=str(version.adapter_path),
-        rows=version.rows, dataset_path=str(version.dataset_path),
-        retained_versions=service.store.version_numbers(version.adapter),
+        rows=version.rows, dataset_path=str(version.dataset_path), retained_versions=view.retained_versions,
         adapter_sha256=version.manifest.get("adapter_sha256", ""), base_model_fingerprint=record.base_model_fingerprint,
         updated_at=_timestamp(version.manifest.get("created_at")),
         replicas=[pb.ReplicaStatus(replica=r.replica, served_path=r.served_path, served_version=r.served_version,
                                    current=r.current and r.served_version == version.number, error=r.error)
-                  for r in service.swapper.states(version.adapter)],
-        holdout_rows=record.holdout_rows, holdout_sha256=record.holdout_sha256 or "",
-        verify=verify_policy(None, record, service.config),
+                  for r in view.replicas],
+        holdout_rows=record.holdout_rows, holdout_sha256=record.holdout_sha256 or "", verify=view.verify,
     )
 
 
