@@ -21,9 +21,9 @@ from .secondorder import (Judge, LearnCheck, SampledObjective, StepConfig, StepR
 from .verify import VerificationReport, VerifyConfig, VerifyScores, _scores, verify_and_refine
 
 Pair = tuple[str, str]
-# Refinement goes on past the bounds until every attack's AUC is within this of the target
-# (the held-out median), while the budget lasts: a row just inside a bound is still likely
-# more member-like than a retrained model's.
+# Refinement goes on past the bounds until the calibrated attack's AUC is within this of the
+# target (the held-out median), while the budget lasts: a row just inside a bound is still
+# likely more member-like than a retrained model's.
 SETTLED_SLACK = 0.1
 
 
@@ -88,8 +88,9 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
 
     def done() -> tuple[bool, str, bool]:
         """Whether the verdict passes, why not, and whether the rows are settled: the erased
-        at the never-seen level (every attack's AUC near ``target_auc``, not only inside the
-        bounds), the new at the retained rows' median NLL (not only within the margin)."""
+        at the never-seen level (the calibrated attack's AUC near ``target_auc``, not only
+        inside the bounds), the new at the retained rows' median NLL (not only within the
+        margin)."""
         v, erased, held, new = judge.judge()
         if v is None and forget_pairs:  # no held-out rows: the base model is the reference
             v = reference_verdict(erased)
@@ -102,7 +103,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
         state.setdefault("before", (v, erased, held, new, point))
         state["after"] = (v, erased, held, new, point)
         settled = ((not forget_pairs or not hasattr(v, "attacks")
-                    or max(a.auc for a in v.attacks) <= verify.target_auc + SETTLED_SLACK)
+                    or v.calibrated.auc <= verify.target_auc + SETTLED_SLACK)
                    and (not new.nll or sum(new.nll) / len(new.nll) <= learn_level))
         return not failures, "; ".join(failures) or success, settled
 

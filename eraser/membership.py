@@ -151,6 +151,11 @@ class MembershipVerdict:
     def passed(self) -> bool:
         return all(a.passed for a in self.attacks) and self.recalled == 0
 
+    @property
+    def calibrated(self) -> AttackResult:
+        name = calibrated_attack([a.name for a in self.attacks])
+        return next(a for a in self.attacks if a.name == name)
+
     def failures(self) -> list[str]:
         out = []
         for a in self.attacks:
