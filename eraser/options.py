@@ -15,6 +15,10 @@ SOLVERS = ("direct", "cg", "sqm", "ekfac", "kfac", "datainf")
 FACTOR_SOLVERS = ("ekfac", "kfac")
 DAMPING_SCALES = ("absolute", "relative")
 VERIFY_POLICIES = ("off", "report", "enforce")
+# A request's engine options (the proto's EraseOptions, less its deadline): what a client
+# may set per request and the sidecar resolves against its defaults.
+REQUEST_OPTIONS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
+                   "allow_unconverged", "curvature_rows", "verify")
 
 DEFAULT_SOLVER = "ekfac"
 DEFAULT_DAMPING_SCALE = "relative"

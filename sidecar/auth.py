@@ -22,6 +22,8 @@ import grpc
 
 from sidecar.aioserver import handler_factory
 from sidecar.config import ConfigError
+from sidecar.errors import Unauthenticated
+from sidecar.wire import abort
 
 HEALTH_METHODS = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 # Visible ASCII without spaces: anything else could not be sent as a metadata value, or
@@ -80,7 +82,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     # (unary or streaming) call that ends with UNAUTHENTICATED. No deserializer: the
     # request is never looked at.
     async def refuse(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, Unauthenticated(message))
 
     return handler_factory(handler)(refuse)
 

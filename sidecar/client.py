@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import grpc
 
+from eraser.options import REQUEST_OPTIONS
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc
 
@@ -24,10 +25,7 @@ TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB
 
 # EraseOptions fields accepted in a Mapping; the ones with presence (``optional``) are
 # left unset when the value is None, so the sidecar's configured default applies.
-OPTION_FIELDS = (
-    "solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
-    "allow_unconverged", "curvature_rows", "deadline_seconds", "verify",
-)
+OPTION_FIELDS = (*REQUEST_OPTIONS, "deadline_seconds")
 
 
 class SidecarError(Exception):

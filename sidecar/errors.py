@@ -41,6 +41,18 @@ class JobDeadlineExceeded(EraserError):
     code = "deadline_exceeded"
 
 
+class Unauthenticated(EraserError):
+    """A call without valid credentials."""
+
+    code = "unauthenticated"
+
+
+class TooManyStreams(EraserError):
+    """A client holds as many open streams as it may."""
+
+    code = "resource_exhausted"
+
+
 class ShuttingDown(EraserError):
     """Raised inside a running job when the sidecar drains; the job is resumed on restart."""
 
@@ -57,6 +69,7 @@ STATUS_NAMES = {
     "deadline_exceeded": "DEADLINE_EXCEEDED",
     "unavailable": "UNAVAILABLE",
     "resource_exhausted": "RESOURCE_EXHAUSTED",
+    "unauthenticated": "UNAUTHENTICATED",
     "internal": "INTERNAL",
 }
 

@@ -25,8 +25,7 @@ from .store import AdapterRecord, AdapterStore, Version
 
 log = logging.getLogger("eraser.sidecar")
 
-OPTION_FIELDS = ("solver", "preset", "curvature", "damping", "objective", "tolerance", "max_iterations",
-                 "allow_unconverged", "curvature_rows", "verify")
+OPTION_FIELDS = defaults.REQUEST_OPTIONS
 
 
 VERIFY_RANK = {"off": 0, "report": 1, "enforce": 2}

@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import grpc
 
 from .aioserver import LoopThread, behavior_of, with_behavior
+from .errors import TooManyStreams
+from .wire import abort
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
@@ -129,7 +131,7 @@ async def _admitted(slots: StreamSlots, context) -> str:
     client = client_of(context)
     problem = slots.refusal(client)
     if problem is not None:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
+        await abort(context, TooManyStreams(problem))
     return client
 
 

@@ -5,18 +5,21 @@ and the one table from a domain error to the gRPC status a client sees (``status
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from eraser.options import REQUEST_OPTIONS
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 
 from .errors import failure_of
-from .jobs import Job
 from .receipts import ALGORITHM as RECEIPT_ALGORITHM
-from .receipts import SignedReceipt
-from .service import AdapterView, Purge
-from .solver_choice import OPTION_FIELDS
-from .store import Version
+
+if TYPE_CHECKING:  # no torch at import time: the auth and stream interceptors import this module
+    from .jobs import Job
+    from .receipts import SignedReceipt
+    from .service import AdapterView, Purge
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -24,6 +27,11 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     (``errors.failure_of`` names it)."""
     name, message = failure_of(error)
     return grpc.StatusCode[name], message
+
+
+async def abort(context, error: BaseException) -> None:
+    """End an asyncio call with ``error``'s status (raises, as ``context.abort`` does)."""
+    await context.abort(*status_of(error))
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -166,7 +174,7 @@ def purge_message(purge: Purge) -> pb.PurgeHistoryResponse:
 def options_dict(options: pb.EraseOptions) -> dict:
     """The options a client set (proto3 optional fields: only those present)."""
     out = {}
-    for name in OPTION_FIELDS:
+    for name in REQUEST_OPTIONS:
         if options.HasField(name) if name in ("damping", "tolerance", "max_iterations", "curvature_rows") else getattr(options, name):
             out[name] = getattr(options, name)
     return out
