@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable
 
 from eraser.rowhash import RowHasher
 
+from .report import JobReport
+
 log = logging.getLogger("eraser.sidecar")
 
 
@@ -102,7 +104,7 @@ class Job:
     to_version: int = 0
     stage: str = ""
     fraction: float = 0.0
-    report: dict | None = None
+    report: JobReport | None = None
     error_code: str = ""
     error_message: str = ""
     started_at: float | None = None
@@ -258,6 +260,7 @@ class JobDB:
         for k in _JSON_COLUMNS:
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["state"] = State(d["state"])
+        d["report"] = JobReport.from_json(d["report"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         job = Job(**d)
         # A request id retried after its job failed or was cancelled moved to past_requests:
@@ -453,12 +456,12 @@ class JobDB:
             self._conn.execute("UPDATE jobs SET swap_checks = ?, replicas_behind = ? WHERE id = ?",
                                (json.dumps(checks), json.dumps(behind), job_id))
 
-    def finish(self, job_id: str, state: State, *, report: dict | None = None, error_code: str = "",
+    def finish(self, job_id: str, state: State, *, report: JobReport | None = None, error_code: str = "",
                error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None,
                edits: list[dict] | None = None) -> Job:
         with self._tx() as c:
             sets = "state = ?, finished_at = ?, report = ?, error_code = ?, error_message = ?, stage = ?, fraction = ?"
-            args: list = [int(state), time.time(), json.dumps(report) if report is not None else None, error_code,
+            args: list = [int(state), time.time(), json.dumps(report.to_json()) if report is not None else None, error_code,
                           error_message, "done" if state == State.SUCCEEDED else state.name.lower(),
                           1.0 if state == State.SUCCEEDED else 0.0]
             if to_version is not None:

@@ -141,7 +141,9 @@ def build_receipt(job: "Job", *, row_hash: dict, current_version: int, holding_v
     ``deleted``: versions published before the job's (which held the erased rows unless an
     earlier erase had taken them out) that are gone, with when and how (purge, retention).
     """
-    report = job.report or {}
+    from .report import JobReport, as_json
+
+    report = job.report or JobReport()
     return finite({
         "format": FORMAT,
         "issued_at": timestamp(issued_at),
@@ -154,12 +156,12 @@ def build_receipt(job: "Job", *, row_hash: dict, current_version: int, holding_v
         "from_version": job.from_version,
         "to_version": job.to_version,
         "current_version": current_version,
-        "adapter_sha256": report.get("adapter_sha256"),
+        "adapter_sha256": report.engine.adapter_sha256 if report.engine else None,
         "edits": [{k: e[k] for k in ("id", "kind", "old_hash", "new_hash") if k in e} for e in job.edits],
         "already_erased_ids": list(job.already_erased),
         "row_hash": row_hash,
-        "verification": report.get("verification"),
-        "utility": report.get("utility"),
+        "verification": as_json(report.verification),
+        "utility": as_json(report.utility),
         "serving": serving_record(job, replicas_configured),
         "still_holding": {"versions": holding_versions, "factor_caches": holding_factors, "payload_rows": payload_rows},
         "deleted": deleted,

@@ -12,7 +12,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +24,7 @@ from eraser.unlearn import erase
 from .config import SidecarConfig
 from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, ShuttingDown, failure_of
 from .jobs import Job, JobDB, State
+from .report import JobReport, utility_of, verification_of
 from .solver_choice import SolverChoice, SolverChooser
 from .store import ADAPTER_DIR, DATASET, AdapterStore, Deleted, Version, file_sha256
 from .swap import SwapCheck, SwapResult, Swapper
@@ -163,14 +164,13 @@ class JobRunner:
             if not self._resolve(work):
                 return
             progress = self._progress_hook(running)
-            report = self._compute(work, progress)
-            report_json = self._job_report(work, report)
+            report = self._job_report(work, self._compute(work, progress))
             progress("publish", 0, 1)
-            version = self._publish(work, running, report, report_json)
+            version = self._publish(work, running, report)
             self.host.prepare_factors(version, work.choice.requested)
             self.host.report_factor_age(job.adapter)
             # The version is published: from here the job cannot be cancelled, only served.
-            finished = self._swap_in(job, version, report_json, work.already, work.edits)
+            finished = self._swap_in(job, version, report, work.already, work.edits)
             if finished is not None:
                 self.hooks.job_finished(finished)
         except ShuttingDown:
@@ -233,18 +233,17 @@ class JobRunner:
                 self.store.discard_factors(job.adapter, current.number, choice.method)
                 self.host.report_factor_age(job.adapter)
 
-    def _job_report(self, work: _Work, report) -> dict:
+    def _job_report(self, work: _Work, engine_report) -> JobReport:
         """The engine's report as the job records it, with why its solver ran."""
-        report_json = report.to_json()
-        report_json.pop("adapter_out", None)  # a staging path, meaningless once published
-        self._note_factors(work.job, work.current, work.choice, report_json)
-        if report_json.get("verification"):
-            self.hooks.verification_finished(work.job.adapter, report_json["verification"])
-        if report_json.get("utility"):
-            self.hooks.utility_checked(work.job.adapter, report_json["utility"])
-        return report_json
+        report = JobReport.from_json(engine_report.to_json())
+        report = self._note_factors(work.job, work.current, work.choice, report)
+        if report.verification is not None:
+            self.hooks.verification_finished(work.job.adapter, report.verification)
+        if report.utility is not None:
+            self.hooks.utility_checked(work.job.adapter, report.utility)
+        return report
 
-    def _publish(self, work: _Work, running: Running, report, report_json: dict) -> Version:
+    def _publish(self, work: _Work, running: Running, report: JobReport) -> Version:
         """The staged version becomes the adapter's next, with its factors; old versions past
         the retention are pruned."""
         job, current = work.job, work.current
@@ -255,16 +254,16 @@ class JobRunner:
                 "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
                 "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
                 "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
-                "rows": report.rows_after, "source": "erase", "edits": work.edits, "already_erased": work.already,
-                "report": report_json,
+                "rows": report.engine.rows_after, "source": "erase", "edits": work.edits,
+                "already_erased": work.already, "report": report.to_json(),
             })
             version = self.store.publish(job.adapter, current.number + 1, work.staged)
             work.staged = None
             self._install_job_factors(job, version, work.choice, work.staged_factors)
             pruned = self.host.prune(job.adapter)
-        residual = f"{report.residual:.2e}" if report.residual is not None else "not measured"
+        residual = f"{report.engine.residual:.2e}" if report.engine.residual is not None else "not measured"
         log.info("job %s published %s v%d (%d rows; %s; residual %s; %.1f s)%s", job.id, job.adapter, version.number,
-                 version.rows, report_json["solver_reason"], residual, report.seconds.get("total", 0.0),
+                 version.rows, report.solver_reason, residual, report.seconds.get("total", 0.0),
                  f"; deleted versions {pruned.versions} (retention)" if pruned.versions else "")
         self.hooks.version_published(job.adapter, version)
         return version
@@ -279,11 +278,11 @@ class JobRunner:
         report = None
         if isinstance(e, VerificationFailedError) and e.report is not None:
             # Nothing was written; the job keeps the numbers of the refused update.
-            report = {"verification": e.report.to_json()}
-            self.hooks.verification_finished(job.adapter, report["verification"])
+            report = JobReport(verification=verification_of(e.report.to_json()))
+            self.hooks.verification_finished(job.adapter, report.verification)
         elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
-            report = {"utility": e.check.to_json()}
-            self.hooks.utility_checked(job.adapter, report["utility"])
+            report = JobReport(utility=utility_of(e.check.to_json()))
+            self.hooks.utility_checked(job.adapter, report.utility)
         self.hooks.job_finished(self.db.finish(job.id, State.FAILED, error_code=code, error_message=message,
                                                report=report))
 
@@ -303,24 +302,23 @@ class JobRunner:
                                           "since registration")
         return path
 
-    def _note_factors(self, job: Job, current: Version, choice: SolverChoice, report: dict) -> None:
+    def _note_factors(self, job: Job, current: Version, choice: SolverChoice, report: JobReport) -> JobReport:
         """Complete a job's report with why its solver ran and what it did with factors;
         count the fits in the metrics."""
-        factors = report.get("factors") or None
+        factors, seconds = report.factors, report.seconds
         if factors is not None:
-            factors.pop("out", None)  # a staging path
-            factors.update(version=current.number, how=choice.how)
+            factors = replace(factors, version=current.number, how=choice.how)
             if choice.wait_seconds:
-                factors["wait_seconds"] = round(choice.wait_seconds, 3)
-                report["seconds"]["factor_wait"] = round(choice.wait_seconds, 4)
-            if factors.get("source") == "fitted":
-                self.hooks.factors_fitted(job.adapter, "full", float(factors.get("fit_seconds", 0.0)))
-            if factors.get("out_action") == "downdated":
-                self.hooks.factors_fitted(job.adapter, "downdate", float(factors.get("downdate_seconds", 0.0)))
-            elif factors.get("out_action") == "refitted":
-                self.hooks.factors_fitted(job.adapter, "full", float(factors.get("refit_seconds", 0.0)))
-        report["requested_solver"] = choice.requested
-        report["solver_reason"] = choice.describe(current.number, factors)
+                factors = replace(factors, wait_seconds=round(choice.wait_seconds, 3))
+                seconds = {**seconds, "factor_wait": round(choice.wait_seconds, 4)}
+            if factors.source == "fitted":
+                self.hooks.factors_fitted(job.adapter, "full", factors.fit_seconds or 0.0)
+            if factors.out_action == "downdated":
+                self.hooks.factors_fitted(job.adapter, "downdate", factors.downdate_seconds or 0.0)
+            elif factors.out_action == "refitted":
+                self.hooks.factors_fitted(job.adapter, "full", factors.refit_seconds or 0.0)
+        return report.with_(factors=factors, seconds=seconds, requested_solver=choice.requested,
+                            solver_reason=choice.describe(current.number, factors))
 
     def _install_job_factors(self, job: Job, version: Version, choice: SolverChoice, staged: Path | None) -> None:
         """Move the factors a job wrote for the version it just published into place.
@@ -333,7 +331,8 @@ class JobRunner:
             log.warning("job %s: could not install the %s factors of %s v%d (%s); they will be refitted", job.id,
                         choice.method, job.adapter, version.number, type(e).__name__)
 
-    def _swap_in(self, job: Job, version: Version, report: dict, already: list[str], edits: list[dict]) -> Job | None:
+    def _swap_in(self, job: Job, version: Version, report: JobReport, already: list[str],
+                 edits: list[dict]) -> Job | None:
         """Serve the published version on every replica, confirmed, then end the job.
         Without replicas of its own, the sidecar waits for the reconcilers' reports.
 
@@ -353,8 +352,8 @@ class JobRunner:
                                        stop=self.draining, progress=progress)
         else:
             result = self._await_reconcilers(version, progress)
-        report = {**report, "seconds": {**report["seconds"], "swap": round(time.perf_counter() - started, 4)},
-                  "serving": serving_summary(result, version, via_reports=not self.swapper.backends)}
+        report = report.with_(seconds={**report.seconds, "swap": round(time.perf_counter() - started, 4)},
+                              serving=serving_summary(result, version, via_reports=not self.swapper.backends))
         result = result or SwapResult()
         self.db.set_swap(job.id, [c.__dict__ for c in result.checks], sorted(result.behind))
         if result.behind and self.draining.is_set():
@@ -369,7 +368,7 @@ class JobRunner:
                 error_message=f"version {version.number} is published and current, but {len(result.behind)} replica(s) "
                               f"did not confirm it within {self.config.swap_timeout_seconds:g} s "
                               f"({', '.join(sorted(result.behind))}); the reconcile loop keeps trying")
-        log.info("job %s: %s v%d %s", job.id, job.adapter, version.number, report["serving"])
+        log.info("job %s: %s v%d %s", job.id, job.adapter, version.number, report.serving)
         return self.db.finish(job.id, State.SUCCEEDED, report=report, to_version=version.number, already_erased=already,
                               edits=edits)
 

@@ -31,6 +31,7 @@ from .config import SidecarConfig
 from .errors import failure_of
 from .jobs import Job, RequestPayload
 from .metrics import Metrics
+from .report import JobReport, Utility, Verification
 from .service import EraserService, Hooks
 from .store import Version
 from .streams import Changes, StreamLimitInterceptor, wait_for
@@ -215,11 +216,12 @@ class MetricsHooks(Hooks):
 
     @_never_raises
     def job_finished(self, job: Job) -> None:
-        report = job.report or {}
+        report = job.report or JobReport()
         total = (job.finished_at or time.time()) - job.created_at
         self.metrics.job_finished(task=job.task, outcome=job.state.name.lower(),
-                                  stage_seconds={k: v for k, v in report.get("seconds", {}).items() if k != "total"},
-                                  total_seconds=total, residual=report.get("residual"), rows=job.counts)
+                                  stage_seconds={k: v for k, v in report.seconds.items() if k != "total"},
+                                  total_seconds=total, residual=report.engine.residual if report.engine else None,
+                                  rows=job.counts)
 
     @_never_raises
     def version_published(self, adapter: str, version: Version) -> None:
@@ -238,22 +240,16 @@ class MetricsHooks(Hooks):
         self.metrics.set_factors_fitted_at(adapter, fitted_at)
 
     @_never_raises
-    def verification_finished(self, adapter: str, verification: dict) -> None:
-        before, after, refinement = verification.get("before"), verification.get("after"), verification.get("refinement")
-        if verification["policy"] == "report":
-            outcome = "reported"
-        elif not verification["passed"]:
-            outcome = "failed"
-        else:
-            outcome = "refined" if refinement and refinement.get("steps") else "passed"
-        final = after or before
+    def verification_finished(self, adapter: str, verification: Verification) -> None:
+        v = verification
         self.metrics.verification(
-            adapter, outcome, auc_before=before["auc"] if before else None, auc_after=final["auc"] if final else None,
-            refine_seconds=float(refinement["seconds"]) if refinement else None)
+            adapter, v.outcome, auc_before=v.before.auc if v.before else None,
+            auc_after=v.final.auc if v.final else None,
+            refine_seconds=v.refinement.seconds if v.refinement else None)
 
     @_never_raises
-    def utility_checked(self, adapter: str, utility: dict) -> None:
-        self.metrics.utility_checked(adapter, float(utility["rise"]), bool(utility["passed"]))
+    def utility_checked(self, adapter: str, utility: Utility) -> None:
+        self.metrics.utility_checked(adapter, utility.rise, utility.passed)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .errors import (
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, fitted_at
 from .imports import ImportRoots
 from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
+from .report import JobReport, Utility, Verification
 from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
 from .serving import VLLMBackend
 from .runner import EMPTYING, JobRunner
@@ -72,11 +73,10 @@ class Hooks(SwapHooks):
     def factors_fitted(self, adapter: str, kind: str, seconds: float) -> None: ...
     # The last full fit of the current version's factors (None: it has none).
     def factors_age(self, adapter: str, fitted_at: float | None) -> None: ...
-    # A job's erased rows were verified (eraser.verify.VerificationReport.to_json()),
-    # whether the job then published or failed.
-    def verification_finished(self, adapter: str, verification: dict) -> None: ...
-    # An update's utility check ran (eraser.unlearn.UtilityCheck.to_json()), passed or not.
-    def utility_checked(self, adapter: str, utility: dict) -> None: ...
+    # A job's erased rows were verified, whether the job then published or failed.
+    def verification_finished(self, adapter: str, verification: Verification) -> None: ...
+    # An update's utility check ran, passed or not.
+    def utility_checked(self, adapter: str, utility: Utility) -> None: ...
 
 
 # Control characters, line and paragraph separators, bidirectional and other format marks.
@@ -164,7 +164,7 @@ class EraserService:
             if version is not None:
                 if self.store.current_number(job.adapter) < version.number:
                     self.store.set_current(job.adapter, version.number)
-                self.db.finish(job.id, State.SUCCEEDED, report=version.manifest.get("report"), to_version=version.number,
+                self.db.finish(job.id, State.SUCCEEDED, report=JobReport.from_json(version.manifest.get("report")), to_version=version.number,
                                already_erased=version.manifest.get("already_erased", []),
                                edits=version.manifest.get("edits"))
                 outcome["finished"] += 1

@@ -21,6 +21,7 @@ from eraser.unlearn import EraseConfig
 from .config import SidecarConfig
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, wanted_key
 from .jobs import Job
+from .report import Factors
 from .store import AdapterRecord, AdapterStore, Version
 
 log = logging.getLogger("eraser.sidecar")
@@ -151,11 +152,11 @@ class SolverChoice:
         return isinstance(error, engine_factors.FactorMismatchError) or (
             isinstance(error, InvalidRequestError) and str(self.source) in str(error))
 
-    def describe(self, number: int, factors: dict | None) -> str:
+    def describe(self, number: int, factors: Factors | None) -> str:
         """One line for the job's report: the solver that ran and why."""
-        f = factors or {}
+        f = factors or Factors()
         if self.how == "cache":
-            age = f.get("age_seconds")
+            age = f.age_seconds
             why = f"{self.method}: factors of v{number} from cache" + (f" (age {age:.0f} s)" if age is not None else "")
         elif self.how == "waited":
             why = (f"{self.method}: factors of v{number} were missing; fitted in the background while the job waited "
@@ -166,8 +167,8 @@ class SolverChoice:
             why = self.reason
         if self.discarded:
             why += f"; the cache found for v{number} was discarded ({self.discarded})"
-        if f.get("out_action") in ("downdated", "refitted"):
-            why += (f"; factors of v{number + 1} {f['out_action']} ({f.get('changed_fraction', 0.0):.0%} of rows "
+        if f.out_action in ("downdated", "refitted"):
+            why += (f"; factors of v{number + 1} {f.out_action} ({f.changed_fraction or 0.0:.0%} of rows "
                     "changed since the last full fit)")
         return why
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 from eraser.model import load_adapter, load_base, trainable_parameters
 from eraser.probe import VersionProbe, distinguishing_probe
 
+from .report import JobReport
 from .serving import ReplicaError, ServingBackend
 from .store import AdapterStore, Version
 
@@ -122,8 +123,9 @@ class Swapper:
         recorded), against the parent version where it is retained."""
         key = (version.adapter, version.number)
         if key not in self._probes:
-            stored = (version.manifest.get("report") or {}).get("probe")
-            self._probes[key] = VersionProbe.from_json(stored) if stored else self._compute_probe(version, base_dir)
+            report = JobReport.from_json(version.manifest.get("report"))
+            stored = report.engine.probe if report is not None and report.engine is not None else None
+            self._probes[key] = stored or self._compute_probe(version, base_dir)
         for stale in [k for k in self._probes if k[0] == version.adapter and k[1] < version.number - 2]:
             self._probes.pop(stale, None)
         return self._probes[key]

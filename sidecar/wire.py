@@ -18,6 +18,7 @@ from .receipts import ALGORITHM as RECEIPT_ALGORITHM
 
 if TYPE_CHECKING:  # no torch at import time: the auth and stream interceptors import this module
     from .jobs import Job
+    from .report import JobReport, Utility, Verification
     from .receipts import SignedReceipt
     from .service import AdapterView, Purge
 
@@ -56,84 +57,75 @@ def adapter_message(view: AdapterView) -> pb.Adapter:
     )
 
 
-def verification_message(v: dict | None) -> pb.Verification | None:
-    """A ``VerificationReport.to_json()`` (eraser/verify.py) as the proto's numbers."""
-    if not v:
+def verification_message(v: Verification | None) -> pb.Verification | None:
+    """A job's verification as the proto's numbers."""
+    if v is None:
         return None
-    before, after, refinement = v.get("before"), v.get("after"), v.get("refinement")
-    final = after or before
-    msg = pb.Verification(policy=v["policy"], passed=bool(v["passed"]), reason=v.get("reason", ""),
-                          max_auc=v["bounds"]["max_auc"], min_auc=v["bounds"]["min_auc"],
-                          seconds=float(v.get("seconds") or 0.0))
-    if before:
-        msg.auc_before, msg.erased_nll_before = before["auc"], before["erased_mean_nll"]
-        msg.erased_rows, msg.holdout_rows = before["erased_rows"], before["holdout_rows"]
-    if final:
-        msg.auc_after, msg.erased_nll_after, msg.holdout_nll = final["auc"], final["erased_mean_nll"], final["holdout_mean_nll"]
-        if final.get("retain_mean_nll") is not None:
-            msg.retain_nll_after = final["retain_mean_nll"]
-    if v.get("retain_reference") is not None:
-        msg.retain_nll_parent = v["retain_reference"]
-    if refinement:
-        msg.refine_method, msg.refine_steps = refinement["method"], int(refinement["steps"])
-        msg.refine_seconds, msg.refine_stopped = float(refinement["seconds"]), refinement.get("stopped", "")
-    membership = v.get("membership") or {}
-    verdict = membership.get("after") or membership.get("before")
-    if verdict:
-        msg.basis = verdict["basis"]
-        msg.attacks.extend(pb.AttackScore(name=a["name"], auc=a["auc"], auc_low=a["interval"][0], auc_high=a["interval"][1],
-                                          max_auc=a["high"], min_auc=a["low"], rows_flagged=a["rows_flagged"],
-                                          passed=a["passed"]) for a in verdict.get("attacks", ()))
-        msg.rows_ahead_of_base = verdict.get("ahead", 0)
-        msg.rows_recalled = verdict.get("recalled", 0)
-    elif before:
+    msg = pb.Verification(policy=v.policy, passed=v.passed, reason=v.reason, max_auc=v.bounds.max_auc,
+                          min_auc=v.bounds.min_auc, seconds=v.seconds)
+    if v.before is not None:
+        msg.auc_before, msg.erased_nll_before = v.before.auc, v.before.erased_mean_nll
+        msg.erased_rows, msg.holdout_rows = v.before.erased_rows, v.before.holdout_rows
+    final = v.final
+    if final is not None:
+        msg.auc_after, msg.erased_nll_after, msg.holdout_nll = final.auc, final.erased_mean_nll, final.holdout_mean_nll
+        if final.retain_mean_nll is not None:
+            msg.retain_nll_after = final.retain_mean_nll
+    if v.retain_reference is not None:
+        msg.retain_nll_parent = v.retain_reference
+    if v.refinement is not None:
+        r = v.refinement
+        msg.refine_method, msg.refine_steps, msg.refine_seconds, msg.refine_stopped = r.method, r.steps, r.seconds, r.stopped
+    verdict = v.verdict
+    if verdict is not None:
+        msg.basis = verdict.basis
+        msg.attacks.extend(pb.AttackScore(name=a.name, auc=a.auc, auc_low=a.interval[0], auc_high=a.interval[1],
+                                          max_auc=a.high, min_auc=a.low, rows_flagged=a.rows_flagged, passed=a.passed)
+                           for a in verdict.attacks)
+        msg.rows_ahead_of_base, msg.rows_recalled = verdict.ahead, verdict.recalled
+    elif v.before is not None:
         msg.basis = "held-out"
-    if v.get("learned"):
-        msg.new_rows.CopyFrom(pb.NewRows(**v["learned"]))
+    if v.learned is not None:
+        n = v.learned
+        msg.new_rows.CopyFrom(pb.NewRows(rows=n.rows, mean_nll=n.mean_nll, target_nll=n.target_nll, margin=n.margin,
+                                         reproduced=n.reproduced, required=n.required,
+                                         retain_reproduced_share=n.retain_reproduced_share, passed=n.passed))
     return msg
 
 
-def utility_message(u: dict | None) -> pb.UtilityCheck | None:
-    """A ``UtilityCheck.to_json()`` (eraser/unlearn.py) as the proto's numbers."""
-    if not u:
+def utility_message(u: Utility | None) -> pb.UtilityCheck | None:
+    if u is None:
         return None
-    return pb.UtilityCheck(rows=u["rows"], retain_nll_parent=u["before"], retain_nll_after=u["after"],
-                           max_rise=u["max_rise"], passed=bool(u["passed"]))
+    return pb.UtilityCheck(rows=u.rows, retain_nll_parent=u.before, retain_nll_after=u.after, max_rise=u.max_rise,
+                           passed=u.passed)
 
 
-def report_message(report: dict | None) -> pb.EraseReport | None:
-    if not report:
+def report_message(report: JobReport | None) -> pb.EraseReport | None:
+    if report is None:
         return None
-    if "solver" not in report:  # a job refused by verification or the utility check: only its numbers
-        return pb.EraseReport(verification=verification_message(report.get("verification")),
-                              utility=utility_message(report.get("utility")))
-    msg = pb.EraseReport(
-        solver=report["solver"], preset=report.get("preset") or "", curvature=report["curvature"],
-        damping=report["damping"], objective=report["objective"], iterations=report["iterations"],
-        residual=report["residual"], converged=report["converged"], tolerance=report["tolerance"],
-        seconds=report["seconds"], affected_loss_before=report["affected_loss_before"] or 0.0,
-        affected_loss_after=report["affected_loss_after"] or 0.0, rows_before=report["rows"],
-        rows_after=report["rows_after"], counts=report["counts"], update_norm=report["update_norm"],
-        adapter_sha256=report["adapter_sha256"], note=report.get("note", ""),
-        curvature_rows=report.get("curvature_rows", 0), curvature_products=report.get("curvature_products", 0),
-        parameters=report.get("parameters", 0), solver_reason=report.get("solver_reason", ""),
-        requested_solver=report.get("requested_solver", ""),
-        verification=verification_message(report.get("verification")),
-        utility=utility_message(report.get("utility")),
-        serving=report.get("serving", ""),
-    )
-    factors = report.get("factors") or {}
-    if factors:
-        msg.factor_source = factors.get("source", "")
-        msg.factor_out_action = factors.get("out_action", "")
-        msg.factor_version = int(factors.get("version", 0))
-        if factors.get("age_seconds") is not None:
-            msg.factor_age_seconds = float(factors["age_seconds"])
-        if factors.get("changed_fraction") is not None:
-            msg.factor_changed_fraction = float(factors["changed_fraction"])
-    if report.get("edited_loss_before") is not None:
-        msg.edited_loss_before = report["edited_loss_before"]
-        msg.edited_loss_after = report["edited_loss_after"]
+    msg = pb.EraseReport(verification=verification_message(report.verification),
+                         utility=utility_message(report.utility))
+    e = report.engine
+    if e is None:  # a job refused by verification or the utility check: only its numbers
+        return msg
+    msg.MergeFrom(pb.EraseReport(
+        solver=e.solver, preset=e.preset or "", curvature=e.curvature, damping=e.damping, objective=e.objective,
+        iterations=e.iterations, residual=e.residual, converged=e.converged, tolerance=e.tolerance,
+        seconds=report.seconds, affected_loss_before=e.affected_loss_before or 0.0,
+        affected_loss_after=e.affected_loss_after or 0.0, rows_before=e.rows, rows_after=e.rows_after,
+        counts=e.counts, update_norm=e.update_norm, adapter_sha256=e.adapter_sha256, note=e.note,
+        curvature_rows=e.curvature_rows, curvature_products=e.curvature_products, parameters=e.parameters,
+        solver_reason=report.solver_reason, requested_solver=report.requested_solver, serving=report.serving,
+    ))
+    f = report.factors
+    if f is not None:
+        msg.factor_source, msg.factor_out_action, msg.factor_version = f.source, f.out_action, f.version
+        if f.age_seconds is not None:
+            msg.factor_age_seconds = f.age_seconds
+        if f.changed_fraction is not None:
+            msg.factor_changed_fraction = f.changed_fraction
+    if e.edited_loss_before is not None:
+        msg.edited_loss_before, msg.edited_loss_after = e.edited_loss_before, e.edited_loss_after
     return msg
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from eraser.rowhash import RowHasher
 from sidecar.jobs import JobDB, RequestPayload, State, _merge_edits
+from sidecar.report import JobReport
 
 HASHER = RowHasher(b"k" * 32)
 FAST = {"solver": "cg"}
@@ -299,7 +300,7 @@ def test_reads_see_each_commit_and_never_hold_back_the_checkpoint(tmp_path):
     assert created and db.get(job.id).request_ids == ["r"] and db.by_request("r")[0].id == job.id
     assert db.payloads(job.id)[0].modify_query == (("x", "secret new text"),)
     assert db.list("a")[0].id == job.id and db.active_count("a")
-    db.finish(job.id, State.SUCCEEDED, report={})
+    db.finish(job.id, State.SUCCEEDED, report=JobReport())
     assert (tmp_path / "jobs.sqlite3-wal").stat().st_size == 0, "a reader held back the TRUNCATE checkpoint"
     assert not db.payloads(job.id) and db.get(job.id).state == State.SUCCEEDED
     db.close()
