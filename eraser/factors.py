@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -71,6 +71,7 @@ class FactorHistory:
     changed_rows: int = 0  # removed + added since the full fit
     downdates: int = 0
     fit_seconds: float = 0.0
+    ranks: int = 1  # processes that shared the full fit (eraser.distributed); the factors are the same
 
     @property
     def changed_fraction(self) -> float:
@@ -110,7 +111,7 @@ def downdate(cached: CachedFactors, model, params, tokenizer, removed: Sequence[
     cached.factors.downdate(model, params, enc(removed), row_keys(removed), enc(added), row_keys(added), device)
     h = cached.history
     history = FactorHistory(h.fitted_at, h.fitted_rows, h.changed_rows + len(removed) + len(added), h.downdates + 1,
-                            h.fit_seconds)
+                            h.fit_seconds, h.ranks)
     return CachedFactors(cached.factors, new_key, history)
 
 
@@ -124,7 +125,7 @@ def save(cached: CachedFactors, directory: str | os.PathLike) -> Path:
         h = cached.history
         manifest = {"key": cached.key.to_json(), "history": {
             "fitted_at": h.fitted_at, "fitted_rows": h.fitted_rows, "changed_rows": h.changed_rows,
-            "downdates": h.downdates, "fit_seconds": h.fit_seconds}}
+            "downdates": h.downdates, "fit_seconds": h.fit_seconds, "ranks": h.ranks}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():
             with f.open("rb") as fh:
@@ -179,7 +180,8 @@ def load(directory: str | os.PathLike, wanted: FactorKey, device="cpu") -> Cache
     except Exception as e:  # safetensors raises its own error type for a corrupt file
         raise InvalidRequestError(f"factor cache {directory} is damaged ({type(e).__name__}); delete it to refit") from None
     h = manifest.get("history", {})
-    return CachedFactors(factors, wanted, FactorHistory(**h))
+    known = {f.name for f in fields(FactorHistory)}  # a newer writer may record more
+    return CachedFactors(factors, wanted, FactorHistory(**{k: v for k, v in h.items() if k in known}))
 
 
 def age_seconds(directory: str | os.PathLike) -> float | None:

@@ -17,6 +17,8 @@ labels are sampled from a generator keyed by the row's content hash. So a row's
 contribution can be recomputed exactly at the same parameters and subtracted: after an
 erase the factors are *downdated* (removed rows out, edited rows in) in one
 forward/backward pass over the affected rows, instead of refitted over the whole set.
+Being sums, they also shard: processes fit disjoint rows and add their sums after each
+pass (``KFAC.fit``'s ``reduce``; ``eraser.distributed`` runs it over torch.distributed).
 EK-FAC keeps its eigenbasis through downdates (the refitted diagonal stays exact for the
 new row set in that basis); the basis and the parameters grow stale, which is why a full
 refit follows once enough rows have changed (``eraser.factors``).
@@ -28,7 +30,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
@@ -94,6 +96,48 @@ def linear_maps(model: nn.Module, params: Sequence[nn.Parameter]) -> list[tuple[
     return out
 
 
+class Reducer(Protocol):
+    """How processes that each fitted a shard of the rows combine them (``eraser.distributed``).
+
+    Both act in place on a tensor that every process passes in the same order and shape."""
+
+    def sum_(self, t: torch.Tensor) -> None: ...  # the sum over all processes
+
+    def broadcast_(self, t: torch.Tensor) -> None: ...  # the first process's value
+
+
+def _sum_blocks(blocks: Sequence["_Block"], reduce: Reducer, kronecker: bool) -> None:
+    """All blocks' sums of one pass in one reduction: A, G, tokens and rows, or the eigenvalue sums."""
+    if kronecker:
+        parts = [t for b in blocks for t in (b.A, b.G, torch.tensor([b.tokens, b.rows], dtype=torch.float64,
+                                                                        device=b.A.device))]
+    else:
+        parts = [b.eigen_sum for b in blocks]
+    flat = torch.cat([t.reshape(-1) for t in parts]) if parts else torch.zeros(0, dtype=torch.float64)
+    reduce.sum_(flat)
+    _unpack(flat, parts)
+    if kronecker:
+        for b, counts in zip(blocks, parts[2::3]):
+            b.tokens, b.rows = float(counts[0]), float(counts[1])
+
+
+def _same_basis(blocks: Sequence["_Block"], reduce: Reducer) -> None:
+    """The first process's eigenbasis everywhere, so that every shard's eigenvalue refit is in
+    one basis even where eigh could rotate (near-)equal eigenvalues differently."""
+    parts = [t for b in blocks for t in (b.QA, b.QG, b.eigen)]
+    if parts:
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        reduce.broadcast_(flat)
+        _unpack(flat, parts)
+
+
+def _unpack(flat: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for t in parts:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _row_generator(seed: int, key: str, sample: int) -> torch.Generator:
     digest = hashlib.sha256(f"eraser.kfac:{seed}:{sample}:{key}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
@@ -114,11 +158,17 @@ class KFAC:
     @classmethod
     def fit(cls, model, params: Sequence[nn.Parameter], data: EncodedRows, rows: Sequence[int],
             config: KFACConfig = KFACConfig(), device: torch.device | str = "cpu",
-            keys: Sequence[str] | None = None, progress: Progress = silent) -> "KFAC":
+            keys: Sequence[str] | None = None, progress: Progress = silent,
+            reduce: Reducer | None = None) -> "KFAC":
         """Two streaming passes over ``rows``: the Kronecker sums, then (EK-FAC) the
         eigenvalues refitted in their eigenbasis. ``keys`` (default: the row's position)
-        seed each row's sampled labels, so its contribution can later be recomputed."""
-        if not rows:
+        seed each row's sampled labels, so its contribution can later be recomputed.
+
+        ``reduce``: this process fits one shard of the rows (``rows`` and ``keys`` are its
+        own, possibly none) and the sums of every pass are added over all processes
+        before the eigendecomposition and before the eigenvalue mean, so each process
+        ends with the factors of all the rows (``eraser.distributed``)."""
+        if not rows and reduce is None:
             raise InvalidRequestError("K-FAC needs at least one row")
         keys = [str(i) for i in range(len(rows))] if keys is None else list(keys)
         if len(keys) != len(rows):
@@ -137,12 +187,18 @@ class KFAC:
 
         progress("factor fit", 0, total)
         cls._accumulate(model, blocks, data, rows, keys, config, device, sign=1.0, kronecker=True, eigen=False, step=step)
+        if reduce is not None:
+            _sum_blocks(blocks, reduce, kronecker=True)
         for b in blocks:
             b.rebase()
+        if reduce is not None:
+            _same_basis(blocks, reduce)
         if config.eigen_correction:
             for b in blocks:
                 b.eigen_sum = torch.zeros_like(b.eigen)
             cls._accumulate(model, blocks, data, rows, keys, config, device, sign=1.0, kronecker=False, eigen=True, step=step)
+            if reduce is not None:
+                _sum_blocks(blocks, reduce, kronecker=False)
             for b in blocks:
                 b.eigen = b.eigen_sum / max(b.rows, 1.0)
         return cls(blocks, params, config)
