@@ -45,34 +45,46 @@ def _loss_scores(erased: RowScores, holdout: RowScores | None, retain_mean: floa
     return s
 
 
+@dataclass(frozen=True)
+class _Rows:
+    """The request's rows as the objective and the verdict see them. A corrected row's old
+    text must look never-seen too: retraining from scratch on the corrected set leaves a
+    replaced answer at that level."""
+
+    removed: list[Pair]
+    replaced: list[Pair]
+    learn: list[Pair]
+
+    @classmethod
+    def of(cls, edits) -> "_Rows":
+        return cls([(e.old.prompt, e.old.response) for e in edits if e.new is None],
+                   [(e.old.prompt, e.old.response) for e in edits if e.new is not None],
+                   [(e.new.prompt, e.new.response) for e in edits if e.new is not None])
+
+    @property
+    def forget(self) -> list[Pair]:
+        return self.removed + self.replaced
+
+    def success(self) -> str:
+        return "; ".join(what for what, rows in (("erased rows look never-seen", self.removed),
+                                                 ("old rows look never-seen", self.replaced),
+                                                 ("new rows learned", self.learn)) if rows)
+
+
 def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdout: Sequence[Pair],
            retain_pairs: Sequence[Pair], retain_losses: Sequence[float], verify: VerifyConfig, step: StepConfig,
            max_retain_rise: float | None, device, max_length: int, progress: Progress = silent) -> ForgetResult:
     """Apply ``delta`` at a controlled scale, then verify (and under enforce refine) per
     ``verify.policy``. Raises VerificationFailedError (enforce) with the model discarded."""
-    # A corrected row's old text must look never-seen too: retraining from scratch on the
-    # corrected set leaves a replaced answer at that level.
-    removed = [(e.old.prompt, e.old.response) for e in edits if e.new is None]
-    replaced = [(e.old.prompt, e.old.response) for e in edits if e.new is not None]
-    forget_pairs = removed + replaced
-    learn_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new is not None]
+    rows = _Rows.of(edits)
     bounds = [b for b in (max_retain_rise, verify.max_retain_rise if verify.policy != "off" else None) if b is not None]
     budget = step.max_rise_share * min(bounds) if bounds else math.inf
-    judge = Judge(model, tokenizer, forget_pairs, holdout if verify.policy != "off" else [], learn_pairs, device,
+    judge = Judge(model, tokenizer, rows.forget, holdout if verify.policy != "off" else [], rows.learn, device,
                   max_length, step.batch_size, verify.max_auc, verify.min_auc)
-    objective = SampledObjective(model, tokenizer, params, forget_pairs, learn_pairs, retain_pairs, device,
-                                 max_length, step)
-    objective.retain_reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
-    objective.retain_parent = list(retain_losses)
-    # New rows are pulled all the way down (their term never fades) and count as learned
-    # at the retained rows' level.
-    objective.learn_target = 0.0
-    learn_level = statistics.median(retain_losses) if retain_losses else 0.0
-    _, erased0, holdout0, _ = judge.judge() if verify.policy != "off" else (None, None, None, None)
-    objective.forget_targets = judge.targets(holdout0) if erased0 is not None else (
-        judge.base_erased or [math.inf] * len(forget_pairs))
-    retain_exact = (sum(judge.scores(retain_pairs, None).exact) / len(retain_pairs)) if retain_pairs and learn_pairs else 1.0
-    learn_check = LearnCheck(learn_level, step.learn_margin, retain_exact)
+    objective = _objective(model, tokenizer, params, rows, retain_pairs, retain_losses, judge, verify, step,
+                           device, max_length)
+    # Built on the parent: how often greedy decoding reproduces retained rows sizes the learned check.
+    checks = _Checks(judge, objective, rows, retain_pairs, retain_losses, verify, step, min(bounds) if bounds else math.inf)
     out = ForgetResult([controlled_influence_step(params, delta, objective, budget, step)])
     if verify.policy == "off":
         return out
@@ -81,47 +93,70 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
                                         device, progress, max_length)
         return out
     started = time.perf_counter()
-    state: dict = {}
-    success = "; ".join(what for what, rows in (("erased rows look never-seen", removed),
-                                                ("old rows look never-seen", replaced),
-                                                ("new rows learned", learn_pairs)) if rows)
-
-    def done() -> tuple[bool, str, bool]:
-        """Whether the verdict passes, why not, and whether the rows are settled: the erased
-        at the never-seen level (the calibrated attack's AUC near ``target_auc``, not only
-        inside the bounds), the new at the retained rows' median NLL (not only within the
-        margin)."""
-        v, erased, held, new = judge.judge()
-        if v is None and forget_pairs:  # no held-out rows: the base model is the reference
-            v = reference_verdict(erased)
-        failures = v.failures() if forget_pairs else []
-        if not learn_check.passed(new):
-            failures.append(f"corrected rows not learned yet ({learn_check.describe(new)})")
-        point = objective.evaluate()
-        if point.rise > (min(bounds) if bounds else math.inf):
-            failures.append(f"retained rows' NLL rose by {point.rise:.3f} nats")
-        state.setdefault("before", (v, erased, held, new, point))
-        state["after"] = (v, erased, held, new, point)
-        settled = ((not forget_pairs or not hasattr(v, "attacks")
-                    or v.calibrated.auc <= verify.target_auc + SETTLED_SLACK)
-                   and (not new.nll or sum(new.nll) / len(new.nll) <= learn_level))
-        return not failures, "; ".join(failures) or success, settled
-
     refinement = None
     if verify.policy == "enforce" and factors is not None:
         refinement = refine_natural(params, factors, objective, len(retain_pairs), budget, step, verify.max_steps,
-                                    verify.max_seconds, done, progress)
+                                    verify.max_seconds, checks, progress)
         out.steps.extend(refinement.steps)
         passed, reason = refinement.passed, refinement.reason
     else:
-        passed, reason, _ = done()
+        passed, reason, _ = checks()
         if verify.policy == "enforce" and not passed:
             reason += " (no curvature factors to refine with: the ekfac or kfac solver)"
-    out.verification = _report(verify, state, passed, reason, refinement, objective.retain_reference,
-                               [e.old.id for e in edits], time.perf_counter() - started, learn_check)
+    out.verification = _report(verify, checks.state, passed, reason, refinement, objective.retain_reference,
+                               [e.old.id for e in edits], time.perf_counter() - started, checks.learn_check)
     if verify.policy == "enforce" and not passed:
         raise VerificationFailedError(f"verification failed: {reason}; {out.verification.summary()}", out.verification)
     return out
+
+
+def _objective(model, tokenizer, params, rows: _Rows, retain_pairs, retain_losses, judge: Judge, verify: VerifyConfig,
+               step: StepConfig, device, max_length: int) -> SampledObjective:
+    """The sampled objective: each erased row toward its never-seen target, new rows pulled
+    all the way down (their term never fades), the retained rows' rise over the parent."""
+    objective = SampledObjective(model, tokenizer, params, rows.forget, rows.learn, retain_pairs, device,
+                                 max_length, step)
+    objective.retain_reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
+    objective.retain_parent = list(retain_losses)
+    objective.learn_target = 0.0
+    _, erased0, holdout0, _ = judge.judge() if verify.policy != "off" else (None, None, None, None)
+    objective.forget_targets = judge.targets(holdout0) if erased0 is not None else (
+        judge.base_erased or [math.inf] * len(rows.forget))
+    return objective
+
+
+class _Checks:
+    """What stops refinement: ``checks()`` says whether the verdict passes, why not, and
+    whether the rows are settled (the erased at the never-seen level: the calibrated attack's
+    AUC near ``target_auc``, not only inside the bounds; the new at the retained rows' median
+    NLL, not only within the margin). ``state`` keeps the first and the last verdict."""
+
+    def __init__(self, judge: Judge, objective: SampledObjective, rows: _Rows, retain_pairs, retain_losses,
+                 verify: VerifyConfig, step: StepConfig, max_rise: float):
+        self.judge, self.objective, self.rows, self.verify, self.max_rise = judge, objective, rows, verify, max_rise
+        # New rows count as learned at the retained rows' level.
+        self.learn_level = statistics.median(retain_losses) if retain_losses else 0.0
+        retain_exact = (sum(judge.scores(retain_pairs, None).exact) / len(retain_pairs)
+                        if retain_pairs and rows.learn else 1.0)
+        self.learn_check = LearnCheck(self.learn_level, step.learn_margin, retain_exact)
+        self.state: dict = {}
+
+    def __call__(self) -> tuple[bool, str, bool]:
+        v, erased, held, new = self.judge.judge()
+        if v is None and self.rows.forget:  # no held-out rows: the base model is the reference
+            v = reference_verdict(erased)
+        failures = v.failures() if self.rows.forget else []
+        if not self.learn_check.passed(new):
+            failures.append(f"corrected rows not learned yet ({self.learn_check.describe(new)})")
+        point = self.objective.evaluate()
+        if point.rise > self.max_rise:
+            failures.append(f"retained rows' NLL rose by {point.rise:.3f} nats")
+        self.state.setdefault("before", (v, erased, held, new, point))
+        self.state["after"] = (v, erased, held, new, point)
+        settled = ((not self.rows.forget or not hasattr(v, "attacks")
+                    or v.calibrated.auc <= self.verify.target_auc + SETTLED_SLACK)
+                   and (not new.nll or sum(new.nll) / len(new.nll) <= self.learn_level))
+        return not failures, "; ".join(failures) or self.rows.success(), settled
 
 
 def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refinement, retain_reference,
