@@ -159,7 +159,7 @@ def _agree(key, reduce: GroupReducer, world: int) -> None:
 def check(job: FitJob, nproc: int | None = 1):
     """Validate before any process starts or anything is loaded; return the rows."""
     from .data import load_rows
-    from .model import check_adapter_dir
+    from .model import check_adapter_dir, resolve_device
 
     if nproc is not None and (isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1):
         raise InvalidRequestError(f"--nproc must be a whole number >= 1 (got {nproc})")
@@ -172,6 +172,7 @@ def check(job: FitJob, nproc: int | None = 1):
     if not Path(job.base).is_dir():
         raise BaseModelError(f"base model not found: {job.base}")
     check_adapter_dir(job.adapter)
+    resolve_device(job.device)  # CUDA asked for where there is none: refused here, not in every rank
     return load_rows(job.data)
 
 

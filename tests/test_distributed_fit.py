@@ -289,6 +289,8 @@ def test_bad_inputs_are_refused_before_any_rank_starts(tiny_base, tiny_adapter, 
         (["--out", str(tmp_path / "f"), "--samples", "0"], "samples and batch_size"),
         (["--out", str(tmp_path / "f"), "--timeout", "0"], "--timeout must be > 0"),
     ]
+    if not torch.cuda.is_available():  # asked for CUDA where there is none: refused before the ranks start
+        cases.append((["--out", str(tmp_path / "f"), "--device", "cuda"], "CUDA is not available"))
     for extra, words in cases:
         assert main(args + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
