@@ -256,7 +256,7 @@ def fit_launched(job: FitJob, nproc: int | None = None, progress: Progress = sil
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                             timeout=timedelta(seconds=job.timeout))
     report = _fit_rank(job, rank, world, dev, GroupReducer(wire), progress if rank == 0 else silent)
-    dist.destroy_process_group()  # only after success: a failed rank just exits, the launcher ends the rest
+    _leave_group()  # only after success: a failed rank just exits, the launcher ends the rest
     return report if rank == 0 else None
 
 
@@ -303,6 +303,13 @@ def _spawned_rank(rank: int, world: int, port: int, job: FitJob, rundir: str, qu
         sys.stderr.flush()
         os._exit(1)  # no teardown: a peer may be gone, and the parent ends the rest
     queue.cancel_join_thread()
+    _leave_group()
+
+
+def _leave_group() -> None:
+    """Wait for every rank, then tear the group down: a rank that destroyed its gloo group while
+    a peer was still in its last collective aborted at exit (std::terminate in a joinable thread)."""
+    dist.barrier()
     dist.destroy_process_group()
 
 
