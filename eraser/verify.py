@@ -281,106 +281,152 @@ def refine(
     the response length. On failure the model is left as refined: callers discard it
     (``erase`` writes nothing).
     """
-    started = time.perf_counter()
-    params = [p for _, p in trainable_parameters(model)]
+    run = _FirstOrderRefinement(model, tokenizer, erased_pairs, retain_pairs, holdout_pairs, config, device,
+                                max_length, retain_reference, before)
+    return run.until_done(progress)
 
-    def measure() -> tuple[VerifyScores, list[float]]:
-        return _measure(model, tokenizer, erased_pairs, holdout_pairs, retain_pairs, device, max_length, config.batch_size)
 
-    if before is None:
-        scores, holdout = measure()
-    else:
-        scores, holdout = before, row_losses(model, tokenizer, holdout_pairs, device, config.batch_size, max_length)
-    first = scores
-    reference = first.retain_mean_nll if retain_reference is None else retain_reference
-    forget = EncodedRows(tokenizer, erased_pairs, max_length)
-    anchor = EncodedRows(tokenizer, retain_pairs, max_length) if retain_pairs and config.anchor_weight > 0 else None
-    snapshot = _Snapshot(params)
-    with torch.no_grad():
-        ref_nll = torch.cat([per_row_nll(model, b) for _, b in forget.batches(config.batch_size, device=device)])
-    order = list(range(len(anchor))) if anchor else []
-    random.Random(config.seed).shuffle(order)
-    opt = torch.optim.Adam(params, lr=config.lr)
+class _FirstOrderRefinement:
+    """One ``refine`` call: the encoded rows, Adam and its step size, the last held-out
+    losses and scores, and the states a trust-region backtrack returns to."""
 
-    def finish(reason: str, steps: int, final: VerifyScores) -> RefineResult:
-        for p in params:
-            p.grad = None
-        passed = not judge(final, config, reference)
-        return RefineResult(first, final, steps, time.perf_counter() - started, config.method, passed, reason,
-                            backtracks, lr)
-
-    # Trust region: a step after which the erased rows sit as far above the held-out rows
-    # as memorised rows sit below them (AUC < 1 - max_auc) is undone; a re-score that finds
-    # the utility bound broken, or the rows over-forgotten, returns to the last state whose
-    # re-score was sound. Either way the step size is halved, at most MAX_BACKTRACKS times.
-    overshoot, lr, backtracks, steps, since_rescore = 1.0 - config.max_auc, config.lr, 0, 0, 0
-
-    def save() -> tuple:
-        return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()), list(holdout), scores
-
-    def restore(state: tuple) -> None:
-        nonlocal lr, backtracks, holdout, scores
+    def __init__(self, model, tokenizer, erased_pairs, retain_pairs, holdout_pairs, config: VerifyConfig, device,
+                 max_length: int, retain_reference: float | None, before: VerifyScores | None):
+        self.started = time.perf_counter()
+        self.model, self.config, self.device = model, config, device
+        self.params = [p for _, p in trainable_parameters(model)]
+        self._rows = (tokenizer, erased_pairs, holdout_pairs, retain_pairs, device, max_length, config.batch_size)
+        if before is None:
+            self.scores, self.holdout = self.measure()
+        else:
+            self.scores = before
+            self.holdout = row_losses(model, tokenizer, holdout_pairs, device, config.batch_size, max_length)
+        self.first = self.scores
+        self.reference = self.first.retain_mean_nll if retain_reference is None else retain_reference
+        self.forget = EncodedRows(tokenizer, erased_pairs, max_length)
+        self.anchor = (EncodedRows(tokenizer, retain_pairs, max_length)
+                       if retain_pairs and config.anchor_weight > 0 else None)
+        self.snapshot = _Snapshot(self.params)
         with torch.no_grad():
-            for p, saved in zip(params, state[0]):
-                p.copy_(saved)
-        opt.load_state_dict(state[1])
-        holdout, scores = list(state[2]), state[3]
-        lr, backtracks = lr / 2, backtracks + 1
-        for group in opt.param_groups:
-            group["lr"] = lr
+            self.ref_nll = torch.cat([per_row_nll(model, b)
+                                      for _, b in self.forget.batches(config.batch_size, device=device)])
+        self.order = list(range(len(self.anchor))) if self.anchor else []
+        random.Random(config.seed).shuffle(self.order)
+        self.opt = torch.optim.Adam(self.params, lr=config.lr)
+        self.lr, self.backtracks, self.steps, self.since_rescore = config.lr, 0, 0, 0
 
-    previous, sound = None, save()
-    progress("refine", 0, config.max_steps, {"auc": scores.auc})
-    while True:
-        # One pass over the erased rows gives their current losses and the gradient.
-        opt.zero_grad(set_to_none=True)
+    def until_done(self, progress: Progress) -> RefineResult:
+        """Step until a full re-score passes, or a budget or the backtracks run out.
+
+        Trust region: a step after which the erased rows sit as far above the held-out rows
+        as memorised rows sit below them (AUC < 1 - max_auc) is undone; a re-score that finds
+        the utility bound broken, or the rows over-forgotten, returns to the last state whose
+        re-score was sound. Either way the step size is halved, at most MAX_BACKTRACKS times."""
+        config = self.config
+        previous, sound = None, self.save()
+        progress("refine", 0, config.max_steps, {"auc": self.scores.auc})
+        while True:
+            nll_now = self.forget_pass()
+            auc_now = mia_auc(nll_now, self.holdout)
+            if auc_now < 1.0 - config.max_auc and previous is not None and self.backtracks < MAX_BACKTRACKS:
+                self.restore(previous)
+                previous = None
+                continue
+            if auc_now <= config.target_auc or self.since_rescore >= config.rescore_every:
+                self.scores, self.holdout = self.measure()
+                self.since_rescore = 0
+                if self.scores.auc <= config.target_auc and not judge(self.scores, config, self.reference):
+                    return self.finish("reached the held-out level" if self.steps else "already at the held-out level",
+                                       self.scores)
+                broken = self.broken()
+                if broken and self.backtracks >= MAX_BACKTRACKS:
+                    return self.finish(broken, self.scores)
+                if broken:
+                    self.restore(sound)
+                    previous = None
+                    continue
+                sound = self.save()
+            out_of = self.out_of_budget()
+            if out_of:
+                return self.finish(f"{out_of} budget exhausted", self.measure()[0] if self.since_rescore else self.scores)
+            previous = self.step()
+            progress("refine", self.steps, config.max_steps,
+                     {"auc": auc_now, "erased_nll": mean(nll_now), "lr": self.lr})
+
+    def measure(self) -> tuple[VerifyScores, list[float]]:
+        return _measure(self.model, *self._rows)
+
+    def forget_pass(self) -> list[float]:
+        """One pass over the erased rows: their current losses, and the forgetting gradient of
+        the rows still below the held-out median."""
+        config = self.config
+        self.opt.zero_grad(set_to_none=True)
         nll_now = []
-        target = _median(holdout)
-        for idx, batch in forget.batches(config.batch_size, device=device):
-            nll = per_row_nll(model, batch)
+        target = _median(self.holdout)
+        for idx, batch in self.forget.batches(config.batch_size, device=self.device):
+            nll = per_row_nll(self.model, batch)
             nll_now.extend(nll.detach().tolist())
             active = (nll.detach() < target).to(nll.dtype)
             if config.method == "npo":
-                rise = nll - ref_nll[idx]
-                loss_rows = -(2.0 / config.beta) * F.logsigmoid(config.beta * rise)
+                loss_rows = -(2.0 / config.beta) * F.logsigmoid(config.beta * (nll - self.ref_nll[idx]))
             else:
                 loss_rows = -nll
-            loss = (loss_rows * active).sum() / len(forget)
+            loss = (loss_rows * active).sum() / len(self.forget)
             if active.any():
                 loss.backward()
-        auc_now = mia_auc(nll_now, holdout)
-        if auc_now < overshoot and previous is not None and backtracks < MAX_BACKTRACKS:
-            restore(previous)
-            previous = None
-            continue
-        if auc_now <= config.target_auc or since_rescore >= config.rescore_every:
-            scores, holdout = measure()
-            since_rescore = 0
-            if scores.auc <= config.target_auc and not judge(scores, config, reference):
-                return finish("reached the held-out level" if steps else "already at the held-out level", steps, scores)
-            broken = ("over-forgotten" if scores.auc < config.min_auc else
-                      "utility bound exceeded" if reference is not None and scores.retain_mean_nll is not None
-                      and not scores.retain_mean_nll - reference <= config.max_retain_rise else None)
-            if broken and backtracks >= MAX_BACKTRACKS:
-                return finish(broken, steps, scores)
-            if broken:
-                restore(sound)
-                previous = None
-                continue
-            sound = save()
-        out_of = "step" if steps >= config.max_steps else "time" if time.perf_counter() - started >= config.max_seconds else None
-        if out_of:
-            return finish(f"{out_of} budget exhausted", steps, measure()[0] if since_rescore else scores)
-        if anchor is not None:
-            chunk = [order[(steps * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
-            batch = anchor.batch(chunk, device)
-            ref_logp = _reference_logp(model, batch, snapshot)
-            (config.anchor_weight * _kl_to_reference(model, batch, ref_logp)).backward()
-        previous = save()
-        opt.step()
-        steps += 1
-        since_rescore += 1
-        progress("refine", steps, config.max_steps, {"auc": auc_now, "erased_nll": mean(nll_now), "lr": lr})
+        return nll_now
+
+    def step(self) -> tuple:
+        """Add the anchor's gradient, take one Adam step; the state before it."""
+        config = self.config
+        if self.anchor is not None:
+            n = min(config.batch_size, len(self.order))
+            chunk = [self.order[(self.steps * config.batch_size + k) % len(self.order)] for k in range(n)]
+            batch = self.anchor.batch(chunk, self.device)
+            ref_logp = _reference_logp(self.model, batch, self.snapshot)
+            (config.anchor_weight * _kl_to_reference(self.model, batch, ref_logp)).backward()
+        before = self.save()
+        self.opt.step()
+        self.steps += 1
+        self.since_rescore += 1
+        return before
+
+    def broken(self) -> str | None:
+        """Why the last re-score is not a state to keep, if it is not."""
+        s, config = self.scores, self.config
+        if s.auc < config.min_auc:
+            return "over-forgotten"
+        if (self.reference is not None and s.retain_mean_nll is not None
+                and not s.retain_mean_nll - self.reference <= config.max_retain_rise):
+            return "utility bound exceeded"
+        return None
+
+    def out_of_budget(self) -> str | None:
+        if self.steps >= self.config.max_steps:
+            return "step"
+        return "time" if time.perf_counter() - self.started >= self.config.max_seconds else None
+
+    def save(self) -> tuple:
+        return ([p.detach().clone() for p in self.params], copy.deepcopy(self.opt.state_dict()), list(self.holdout),
+                self.scores)
+
+    def restore(self, state: tuple) -> None:
+        """Return to ``state`` with half the step size."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, state[0]):
+                p.copy_(saved)
+        self.opt.load_state_dict(state[1])
+        self.holdout, self.scores = list(state[2]), state[3]
+        self.lr, self.backtracks = self.lr / 2, self.backtracks + 1
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr
+
+    def finish(self, reason: str, final: VerifyScores) -> RefineResult:
+        for p in self.params:
+            p.grad = None
+        passed = not judge(final, self.config, self.reference)
+        return RefineResult(self.first, final, self.steps, time.perf_counter() - self.started, self.config.method,
+                            passed, reason, self.backtracks, self.lr)
 
 
 @dataclass
