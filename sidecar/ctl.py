@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last stdout line")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_adapter_commands, _add_erase, _add_job_commands):
+        add(sub)
+    return parser
 
+
+def _add_adapter_commands(sub) -> None:
+    """register and adapters."""
     r = sub.add_parser("register", help="copy a PEFT adapter and its training set into the store as version 1")
     r.add_argument("name")
     r.add_argument("--base", required=True, help="base model directory, or a name from the sidecar's base_models")
@@ -86,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapters", help="list the adapters, or show one")
     a.add_argument("name", nargs="?")
 
+
+def _add_erase(sub) -> None:
+    """erase: the request and how to follow it."""
     e = sub.add_parser("erase", help="queue an unlearning request (and with --wait follow it to the end)")
     e.add_argument("adapter")
     e.add_argument("--remove", metavar="ID", nargs="+", action="extend", default=[], help="row id(s) to remove")
@@ -96,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--request", metavar="FILE",
                    help='JSON {"remove": [...], "modify_query": [...], "correct_response": [...]}, added to the flags')
     e.add_argument("--request-id", help="idempotency key: the same id returns the same job")
+    _add_erase_solver_flags(e)
+    e.add_argument("--verify", choices=VERIFY_POLICIES,
+                   help="verified forgetting: enforce refines until the erased rows look never-seen against the "
+                        "adapter's held-out set, or fails and publishes nothing; report only scores them "
+                        "(default: the adapter's policy)")
+    e.add_argument("--deadline", type=_number(float, 0), metavar="SECONDS",
+                   help="fail the job if it has not finished this long after it was accepted")
+    e.add_argument("--wait", action="store_true", help="follow the job (progress bar on stderr) and print the final job")
+
+
+def _add_erase_solver_flags(e) -> None:
+    """The solver options a request may set (the sidecar caps them)."""
     e.add_argument("--solver", choices=SOLVERS,
                    help="ekfac/kfac read the adapter's factor cache (the sidecar's factor_policy decides what happens "
                         "while it is not ready: wait, or cg)")
@@ -107,14 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-iterations", type=_number(int, 1), help="iteration limit (cg, sqm)")
     e.add_argument("--allow-unconverged", action="store_true", help="publish the update even if the solve did not converge")
     e.add_argument("--curvature-rows", type=_number(int, 1), help="estimate the curvature on a sample of this many rows")
-    e.add_argument("--verify", choices=VERIFY_POLICIES,
-                   help="verified forgetting: enforce refines until the erased rows look never-seen against the "
-                        "adapter's held-out set, or fails and publishes nothing; report only scores them "
-                        "(default: the adapter's policy)")
-    e.add_argument("--deadline", type=_number(float, 0), metavar="SECONDS",
-                   help="fail the job if it has not finished this long after it was accepted")
-    e.add_argument("--wait", action="store_true", help="follow the job (progress bar on stderr) and print the final job")
 
+
+def _add_job_commands(sub) -> None:
+    """Jobs, versions and receipts."""
     j = sub.add_parser("job", help="show one job")
     j.add_argument("id")
 
@@ -152,7 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(exit 0: valid, 1: it does not verify)")
     vr.add_argument("file")
     vr.add_argument("--public-key", required=True, metavar="FILE", help="the PEM from erasectl receipt-key")
-    return parser
 
 
 # -- local input -----------------------------------------------------------------------
