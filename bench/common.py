@@ -64,6 +64,13 @@ def reading_and_caveats(result: dict) -> list[str]:
     return lines + ["", "Caveats:", ""] + [f"- {x}" for x in result["caveats"]]
 
 
+def framed_caveats(result: dict, out: list[str], quick: str, partial: str) -> list[str]:
+    """``out`` with the run's frame: a quick or cut-short run said first, the run's note last."""
+    head = ([f"quick mode: {quick}; the numbers mean nothing"] if result["mode"] == "quick" else []) + (
+        [f"PARTIAL: the run was cut short; only the {partial} above were measured"] if result.get("partial") else [])
+    return head + out + ([result["note"]] if result.get("note") else [])
+
+
 def write_outputs(result: dict, out: Path, stem: str, keys, markdown, say) -> None:
     """Write ``stem``.json (the ``keys`` of ``result``) and ``stem``.md, and print the table."""
     result = {k: result.get(k) for k in keys}

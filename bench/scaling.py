@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench.common import (bench_parser, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
+from bench.common import (bench_parser, framed_caveats, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
                           rendered, round_sig, write_outputs)
 
 SCHEMA_VERSION = 1
@@ -448,13 +448,7 @@ def caveats(result: dict) -> list[str]:
            "epochs x steps per epoch x seconds per step of a timed probe; where both exist the probe's error is shown.",
            "One erase per size (one randomly chosen person); refinement's step count varies with the person, so the "
            "erase curve is noisy; the exponents are fitted on 2-4 points."]
-    if result.get("partial"):
-        out.insert(0, "PARTIAL: the run was cut short; only the rows above were measured")
-    if result["mode"] == "quick":
-        out.insert(0, "quick mode: tiny sizes and 2 epochs, a smoke test; the numbers mean nothing")
-    if result.get("note"):
-        out.append(result["note"])
-    return out
+    return framed_caveats(result, out, "tiny sizes and 2 epochs, a smoke test", "rows")
 
 
 def markdown(result: dict) -> str:

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import (bench_parser, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
+from bench.common import (bench_parser, framed_caveats, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
                           rendered, round_sig, write_outputs)
 
 SCHEMA_VERSION = 1
@@ -237,13 +237,7 @@ def caveats(result: dict) -> list[str]:
            "loading the model in every rank and writing the cache. The one process runs in the benchmark's own "
            "process (torch already imported), as an erase that fits its factors does.",
            "Best of the repeats (interleaved); every repeat is in the JSON."]
-    if result.get("partial"):
-        out.insert(0, "PARTIAL: the run was cut short; only the models above were measured")
-    if result["mode"] == "quick":
-        out.insert(0, "quick mode: a few rows of a tiny model, a smoke test; the numbers mean nothing")
-    if result.get("note"):
-        out.append(result["note"])
-    return out
+    return framed_caveats(result, out, "a few rows of a tiny model, a smoke test", "models")
 
 
 def markdown(result: dict) -> str:
