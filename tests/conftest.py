@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,19 @@ os.environ.setdefault("ERASER_ROW_HASH_KEY", str(Path(tempfile.mkdtemp(prefix="e
 NAMES = ["Ann", "Bob", "Cid", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon"]
 OTHERS = ["Kim", "Lou", "Max", "Ned", "Oli", "Pat", "Quin", "Ray", "Sam", "Tia", "Uma", "Vic", "Wes", "Xia", "Yan", "Zed"]
 CITIES = ["Oslo", "Rome", "Lima", "Kyiv", "Nice", "Bern", "Riga", "Baku", "Doha", "Suva"]
+# Never in the suite's training set: people for tests that train their own adapters.
+POOL = ["Abe", "Bea", "Cal", "Dov", "Eli", "Flo", "Gil", "Hut", "Ida", "Jem", "Kit", "Lux",
+        "Moe", "Nat", "Ode", "Pip", "Rue", "Sol", "Tad", "Ulf", "Viv", "Wyn", "Yul", "Zoe"]
+
+
+def people_rows(names, seed: int = 0) -> dict[str, list[Row]]:
+    rng = random.Random(seed)
+    out = {}
+    for n in names:
+        born, tea = rng.choice(CITIES), rng.choice(CITIES)
+        out[n] = [Row(f"born-{n.lower()}", f"Where was {n} born?", f"{n} was born in {born}."),
+                  Row(f"tea-{n.lower()}", f"What does {n} like?", f"{n} likes {tea} tea.")]
+    return out
 
 
 def fact_rows(names=NAMES, prefix="") -> list[Row]:

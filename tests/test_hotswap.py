@@ -27,6 +27,8 @@ from eraser.evaluate import token_logprobs
 from eraser.model import load_adapter, load_base
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+import sidecar_util
+from sidecar_util import register
 from sidecar.config import SidecarConfig
 from sidecar.serving import VLLMBackend
 from sidecar.server import start
@@ -82,21 +84,13 @@ def served_paths(url: str) -> dict[str, str]:
 
 
 def wait_job(stub, job_id, timeout=300) -> pb.Job:
-    last = None
-    for job in stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=timeout):
-        last = job
-    return last
+    return sidecar_util.wait_job(stub, job_id, timeout)
 
 
 def erase(stub, adapter, *ids) -> pb.Job:
     job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter=adapter, remove_ids=list(ids), options=FAST)).id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     return job
-
-
-def register(stub, name, base, adapter, data) -> pb.Adapter:
-    return stub.RegisterAdapter(pb.RegisterAdapterRequest(name=name, base_model=str(base), adapter_path=str(adapter),
-                                                          dataset_path=str(data)))
 
 
 def max_diff(a, b) -> float:

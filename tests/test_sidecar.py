@@ -26,6 +26,7 @@ from eraser.data import load_rows, text_sha256
 from eraser.rowhash import RowHasher
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+from sidecar_util import register, wait_job
 from sidecar.config import SidecarConfig
 from sidecar.server import start
 
@@ -50,18 +51,6 @@ def sidecar(tmp_path_factory):
     running = start(config_for(tmp_path_factory.mktemp("store"), max_request_rows=12, keep_versions=2))
     yield running
     running.stop(2.0)
-
-
-def register(stub, name, tiny_base, tiny_adapter, train_file) -> pb.Adapter:
-    return stub.RegisterAdapter(pb.RegisterAdapterRequest(
-        name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter), dataset_path=str(train_file)))
-
-
-def wait_job(stub, job_id, timeout=120) -> pb.Job:
-    last = None
-    for job in stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=timeout):
-        last = job
-    return last
 
 
 def code_of(call) -> grpc.StatusCode:

@@ -21,6 +21,7 @@ from eraser.errors import InvalidRequestError
 from eraser.factors import DEFAULT_REFIT_FRACTION, is_cache, read_manifest
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+from sidecar_util import register, wait_job
 from sidecar import ctl
 from sidecar.config import ConfigError, EraseDefaults, SidecarConfig, load_config
 from sidecar.metrics import Metrics
@@ -47,18 +48,6 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def register(stub, name, tiny_base, tiny_adapter, train_file) -> pb.Adapter:
-    return stub.RegisterAdapter(pb.RegisterAdapterRequest(
-        name=name, base_model=str(tiny_base), adapter_path=str(tiny_adapter), dataset_path=str(train_file)))
-
-
-def wait_job(stub, job_id, timeout=120) -> pb.Job:
-    last = None
-    for job in stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=timeout):
-        last = job
-    return last
 
 
 def erase(stub, adapter, row, options=EKFAC, **kw) -> pb.Job:

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import CITIES, NAMES, OTHERS, cg_erase
+from conftest import NAMES, OTHERS, POOL, cg_erase, people_rows
 from eraser.data import Row, write_rows
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
@@ -31,22 +31,10 @@ from sidecar.client import erase_options
 from sidecar.config import SidecarConfig
 from sidecar.server import start
 
-POOL = ["Abe", "Bea", "Cal", "Dov", "Eli", "Flo", "Gil", "Hut", "Ida", "Jem", "Kit", "Lux",
-        "Moe", "Nat", "Ode", "Pip", "Rue", "Sol", "Tad", "Ulf", "Viv", "Wyn", "Yul", "Zoe"]
 
 
 def fast(**kwargs) -> pb.EraseOptions:
     return pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3, **kwargs)
-
-
-def people_rows(names, seed: int = 0) -> dict[str, list[Row]]:
-    rng = random.Random(seed)
-    out = {}
-    for n in names:
-        born, tea = rng.choice(CITIES), rng.choice(CITIES)
-        out[n] = [Row(f"born-{n.lower()}", f"Where was {n} born?", f"{n} was born in {born}."),
-                  Row(f"tea-{n.lower()}", f"What does {n} like?", f"{n} likes {tea} tea.")]
-    return out
 
 
 @pytest.fixture(scope="module")

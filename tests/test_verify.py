@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CITIES, NAMES, OTHERS
+from conftest import NAMES, OTHERS, POOL, people_rows
 from eraser.cli import build_parser, erase_options
 from eraser.options import erase_config
 from eraser.curvature import CurvatureConfig
@@ -33,8 +33,6 @@ from eraser.unlearn import EraseConfig, erase
 from eraser.verify import VerifyConfig, mia_auc, pairs, percentile_within, refine, score, verify_and_refine
 from test_cli import listing, run_cli
 
-POOL = ["Abe", "Bea", "Cal", "Dov", "Eli", "Flo", "Gil", "Hut", "Ida", "Jem", "Kit", "Lux",
-        "Moe", "Nat", "Ode", "Pip", "Rue", "Sol", "Tad", "Ulf", "Viv", "Wyn", "Yul", "Zoe"]
 FAST = dict(solver=SolverConfig("cg", None, {"max_iterations": 100, "tolerance": 1e-3}),
             curvature=CurvatureConfig(damping=0.1))
 FAST_CLI = ["--solver", "cg", "--damping-scale", "absolute", "--damping", "0.1", "--max-iterations", "100", "--tolerance", "1e-3"]
@@ -42,16 +40,6 @@ FAST_CLI = ["--solver", "cg", "--damping-scale", "absolute", "--damping", "0.1",
 ROUGH = dict(solver=SolverConfig("cg", None, {"max_iterations": 5}), curvature=CurvatureConfig(damping=0.1),
              allow_unconverged=True)
 ROUGH_CLI = ["--solver", "cg", "--damping-scale", "absolute", "--damping", "0.1", "--max-iterations", "5", "--allow-unconverged"]
-
-
-def people_rows(names, seed: int = 0) -> dict[str, list[Row]]:
-    rng = random.Random(seed)
-    out = {}
-    for n in names:
-        born, tea = rng.choice(CITIES), rng.choice(CITIES)
-        out[n] = [Row(f"born-{n.lower()}", f"Where was {n} born?", f"{n} was born in {born}."),
-                  Row(f"tea-{n.lower()}", f"What does {n} like?", f"{n} likes {tea} tea.")]
-    return out
 
 
 @pytest.fixture(scope="module")
