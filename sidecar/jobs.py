@@ -460,19 +460,7 @@ class JobDB:
                error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None,
                edits: list[dict] | None = None) -> Job:
         with self._tx() as c:
-            sets = "state = ?, finished_at = ?, report = ?, error_code = ?, error_message = ?, stage = ?, fraction = ?"
-            args: list = [int(state), time.time(), json.dumps(report.to_json()) if report is not None else None, error_code,
-                          error_message, "done" if state == State.SUCCEEDED else state.name.lower(),
-                          1.0 if state == State.SUCCEEDED else 0.0]
-            if to_version is not None:
-                sets += ", to_version = ?"
-                args.append(to_version)
-            if already_erased is not None:
-                sets += ", already_erased = ?"
-                args.append(json.dumps(already_erased))
-            if edits is not None:  # with the keyed hashes of the rows the job replaced (old_hash)
-                sets += ", edits = ?"
-                args.append(json.dumps(edits))
+            sets, args = finish_assignments(state, report, error_code, error_message, to_version, already_erased, edits)
             c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
             # The replacement text is not needed any more: drop it (zeroed: secure_delete).
             c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
@@ -540,6 +528,22 @@ class JobDB:
         if job.state == State.CANCELLED:
             self._checkpoint()
         return job
+
+
+def finish_assignments(state: State, report: JobReport | None, error_code: str, error_message: str,
+                       to_version: int | None, already_erased: list[str] | None, edits: list[dict] | None,
+                       mark: str = "?") -> tuple[str, list]:
+    """The SET clause and its arguments that end a job (``mark``: the driver's placeholder)."""
+    columns = ["state", "finished_at", "report", "error_code", "error_message", "stage", "fraction"]
+    args: list = [int(state), time.time(), json.dumps(report.to_json()) if report is not None else None, error_code,
+                  error_message, "done" if state == State.SUCCEEDED else state.name.lower(),
+                  1.0 if state == State.SUCCEEDED else 0.0]
+    # edits: with the keyed hashes of the rows the job replaced (old_hash)
+    for column, value in (("to_version", to_version), ("already_erased", already_erased), ("edits", edits)):
+        if value is not None:
+            columns.append(column)
+            args.append(value if column == "to_version" else json.dumps(value))
+    return ", ".join(f"{col} = {mark}" for col in columns), args
 
 
 class _Submission:

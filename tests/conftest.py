@@ -104,6 +104,15 @@ def vllm_server(tmp_path_factory, serving_base, serving_adapter):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for the session (tests/pg_util.py); ``new_database()`` per test."""
+    from pg_util import PostgresCluster
+
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
 def _pretrained_base(out: Path, hidden_size: int, intermediate_size: int) -> Path:
     build_tiny_model(out, _all_texts(), hidden_size=hidden_size, heads=2, kv_heads=1,
                      intermediate_size=intermediate_size, vocab_size=300)

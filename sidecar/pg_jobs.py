@@ -1,0 +1,480 @@
+"""Durable jobs in PostgreSQL: ``sidecar.jobs.JobDB``'s store, shareable by several sidecars.
+
+Same tables, methods and semantics as the SQLite store (``sidecar/jobs.py``): ids, counts,
+keyed hashes and reports are kept; the replacement text of a request sits in ``payloads``
+only until its job ends. Erased text is never stored.
+
+Concurrency. SQLite has one writer; here transactions run side by side (several connections
+of this object, several processes), so every transaction that changes an adapter's queued or
+running jobs first takes that adapter's transaction-scoped advisory lock: submissions, merges,
+claims, cancels, withdrawals, requeues and finishes of one adapter are serialised exactly as
+by SQLite's writer lock, and those of different adapters run in parallel. A submission also
+takes the lock of its request id first (always in that order: no deadlock), so one request id
+is accepted once even when sent for two adapters at the same time. The statements after a
+lock run in READ COMMITTED, so they see every commit made before it. A partial unique index
+(one ``state = 2`` row per adapter) backs the one-running-job rule in the database itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Iterable, Iterator
+
+import psycopg
+from psycopg.rows import dict_row
+
+from eraser.rowhash import RowHasher
+
+from .jobs import RETRYABLE, Job, RequestPayload, State, _counts, _merge_edits, finish_assignments
+from .report import JobReport
+
+log = logging.getLogger("eraser.sidecar")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT UNIQUE NOT NULL,
+    adapter TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    options TEXT NOT NULL,
+    options_key TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    edits TEXT NOT NULL,
+    from_version INTEGER NOT NULL DEFAULT 0,
+    to_version INTEGER NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    fraction DOUBLE PRECISION NOT NULL DEFAULT 0,
+    report TEXT,
+    error_code TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION,
+    deadline_at DOUBLE PRECISION,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    already_erased TEXT NOT NULL DEFAULT '[]',
+    cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+    replicas_behind TEXT NOT NULL DEFAULT '[]',
+    swap_checks TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running ON jobs (adapter) WHERE state = 2;
+CREATE TABLE IF NOT EXISTS requests (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id TEXT UNIQUE NOT NULL,
+    job_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id);
+CREATE TABLE IF NOT EXISTS past_requests (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS past_requests_job ON past_requests (job_id);
+CREATE TABLE IF NOT EXISTS payloads (
+    request_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
+CREATE TABLE IF NOT EXISTS deletions (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    adapter TEXT NOT NULL,
+    deleted_at DOUBLE PRECISION NOT NULL,
+    how TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    factor_caches TEXT NOT NULL,
+    payload_rows INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
+"""
+
+_JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
+# Advisory lock spaces (pg_advisory_xact_lock(space, hashtext(key))). A hash collision only
+# serialises two keys that did not need it.
+_SCHEMA_LOCK, _REQUEST_LOCK, _ADAPTER_LOCK = 0x45520000, 0x45520001, 0x45520002
+# A job row with its request ids (also those retried since: past_requests), in one statement,
+# so one snapshot.
+_JOB = ("SELECT j.*, ARRAY(SELECT r.request_id FROM (SELECT request_id, created_at FROM requests WHERE job_id = j.id "
+        "UNION ALL SELECT request_id, created_at FROM past_requests WHERE job_id = j.id) r ORDER BY r.created_at) "
+        "AS request_ids FROM jobs j")
+
+
+class _Pool:
+    """A few connections, each used by one thread at a time (psycopg_pool would do; this
+    avoids a dependency). A connection that broke or was left inside a transaction is closed."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection], size: int):
+        self._connect = connect
+        self._idle: list[psycopg.Connection] = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        self._slots.acquire()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the job store is closed")
+                conn = self._idle.pop() if self._idle else None
+            if conn is None or conn.closed:
+                conn = self._connect()
+            try:
+                yield conn
+            finally:
+                reusable = (not conn.closed and not conn.broken
+                            and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE)
+                with self._lock:
+                    if reusable and not self._closed:
+                        self._idle.append(conn)
+                        conn = None
+                if conn is not None:
+                    conn.close()
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class PostgresJobDB:
+    """``JobDB`` on PostgreSQL. ``dsn``: a libpq connection string or URI (the database must
+    exist; the tables are created on first use). Connections: up to ``pool_size``, opened on
+    demand, each transaction on one of them."""
+
+    def __init__(self, dsn: str, hasher: RowHasher, pool_size: int = 8):
+        self.dsn = dsn
+        self.hasher = hasher
+        # JobDB's GroupCommit batches submissions into one SQLite transaction to share its
+        # fsync; PostgreSQL already flushes the WAL of concurrent commits together.
+        self.group = None
+        self._pool = _Pool(self._connect, pool_size)
+        with self._tx() as c:
+            c.execute("SELECT pg_advisory_xact_lock(%s::int4, 0)", (_SCHEMA_LOCK,))  # two stores starting at once
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                c.execute(statement)
+        self._scrub()  # a stop between a deletion and its scrub left the text in the table's file
+
+    def _connect(self) -> psycopg.Connection:
+        conn = psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row)
+        # JobDB's synchronous=FULL: a COMMIT returns once its WAL is flushed, whatever the
+        # server's default says.
+        conn.execute("SET synchronous_commit = on")
+        return conn
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # ---- helpers -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self, read_only: bool = False) -> Iterator[psycopg.Connection]:
+        """One transaction on a connection of the pool: COMMIT on success, ROLLBACK on error.
+        Read-only ones are REPEATABLE READ: all their statements see one commit."""
+        with self._pool.connection() as conn, conn.transaction():
+            if read_only:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
+    @staticmethod
+    def _lock_adapter(c: psycopg.Connection, adapter: str) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (_ADAPTER_LOCK, adapter))
+
+    def _lock_job(self, c: psycopg.Connection, job_id: str) -> bool:
+        """Take the lock of the job's adapter (a job never changes adapter); False: no such job."""
+        row = c.execute("SELECT adapter FROM jobs WHERE id = %s", (job_id,)).fetchone()
+        if row is None:
+            return False
+        self._lock_adapter(c, row["adapter"])
+        return True
+
+    @staticmethod
+    def _job(row: dict) -> Job:
+        d = dict(row)
+        d.pop("seq")
+        d.pop("options_key")
+        for k in _JSON_COLUMNS:
+            d[k] = json.loads(d[k]) if d[k] is not None else None
+        d["state"] = State(d["state"])
+        d["report"] = JobReport.from_json(d["report"])
+        d["cancel_requested"] = bool(d["cancel_requested"])
+        d["request_ids"] = list(d["request_ids"] or [])
+        return Job(**d)
+
+    def _get(self, c: psycopg.Connection, job_id: str) -> Job | None:
+        row = c.execute(_JOB + " WHERE j.id = %s", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def _scrub(self) -> None:
+        """After payloads are deleted. SQLite zeroes their pages (secure_delete) and truncates
+        its WAL; PostgreSQL zeroes nothing, so ``VACUUM FULL`` rewrites the (small) table into a
+        new file and truncates the old one. Its WAL keeps the text until the segment is recycled."""
+        try:
+            with self._pool.connection() as conn:
+                conn.execute("SET lock_timeout = '5s'")
+                try:
+                    conn.execute("VACUUM FULL payloads")
+                finally:
+                    conn.execute("RESET lock_timeout")
+        except psycopg.errors.LockNotAvailable:  # busy: the next deletion's scrub catches up
+            log.warning("the job database's payload table was busy; its scrub is retried on the next deletion")
+        except psycopg.Error as e:  # the deletion is committed: report, do not undo the caller's success
+            log.error("the job database's payload table could not be scrubbed (%s); retried on the next deletion", e)
+
+    # ---- queries -------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._tx(read_only=True) as c:
+            return self._get(c, job_id)
+
+    def list(self, adapter: str | None = None, state: State | None = None, limit: int = 100) -> list[Job]:
+        sql, args = _JOB + " WHERE TRUE", []
+        if adapter:
+            sql += " AND j.adapter = %s"
+            args.append(adapter)
+        if state:
+            sql += " AND j.state = %s"
+            args.append(int(state))
+        sql += " ORDER BY j.seq DESC LIMIT %s"
+        args.append(limit)
+        with self._tx(read_only=True) as c:
+            return [self._job(r) for r in c.execute(sql, args).fetchall()]
+
+    def by_request(self, request_id: str) -> tuple[Job, str] | None:
+        with self._tx(read_only=True) as c:
+            row = c.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = %s", (request_id,)).fetchone()
+            return (self._get(c, row["job_id"]), row["fingerprint"]) if row else None
+
+    def active_count(self, adapter: str | None = None) -> dict[State, int]:
+        sql = ("SELECT state, COUNT(*) AS n FROM jobs WHERE state IN (1, 2)" + (" AND adapter = %s" if adapter else "")
+               + " GROUP BY state")
+        with self._tx(read_only=True) as c:
+            counts = {r["state"]: r["n"] for r in c.execute(sql, (adapter,) if adapter else ()).fetchall()}
+        return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
+
+    def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
+        """Those of ``ids`` that a succeeded job of ``adapter`` removed."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        with self._tx(read_only=True) as c:
+            rows = c.execute(
+                "SELECT DISTINCT e ->> 'id' AS id FROM jobs j, jsonb_array_elements(j.edits::jsonb) e "
+                "WHERE j.adapter = %s AND j.state = 3 AND e ->> 'kind' = 'remove' AND e ->> 'id' = ANY(%s)",
+                (adapter, ids)).fetchall()
+        return {r["id"] for r in rows}
+
+    def pending_removals(self, adapter: str) -> set[str]:
+        """Row ids that queued or running jobs of ``adapter`` are to remove."""
+        with self._tx(read_only=True) as c:
+            rows = c.execute(
+                "SELECT DISTINCT e ->> 'id' AS id FROM jobs j, jsonb_array_elements(j.edits::jsonb) e "
+                "WHERE j.adapter = %s AND j.state IN (1, 2) AND e ->> 'kind' = 'remove'", (adapter,)).fetchall()
+        return {r["id"] for r in rows}
+
+    def payload_rows(self, job_id: str) -> int:
+        with self._tx(read_only=True) as c:
+            return c.execute("SELECT COUNT(*) AS n FROM payloads WHERE job_id = %s", (job_id,)).fetchone()["n"]
+
+    def deletions(self, adapter: str) -> list[dict]:
+        """What was deleted of an adapter's history, oldest first: {deleted_at, how (purge |
+        retention), versions, factor_caches [[version, method]], payload_rows}."""
+        with self._tx(read_only=True) as c:
+            rows = c.execute("SELECT deleted_at, how, versions, factor_caches, payload_rows FROM deletions "
+                             "WHERE adapter = %s ORDER BY seq", (adapter,)).fetchall()
+        return [{"deleted_at": r["deleted_at"], "how": r["how"], "versions": json.loads(r["versions"]),
+                 "factor_caches": json.loads(r["factor_caches"]), "payload_rows": r["payload_rows"]} for r in rows]
+
+    def payloads(self, job_id: str) -> list[RequestPayload]:
+        with self._tx(read_only=True) as c:
+            rows = c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
+                             "WHERE p.job_id = %s ORDER BY r.seq", (job_id,)).fetchall()
+        return [RequestPayload.from_json(json.loads(r["body"])) for r in rows]
+
+    # ---- transitions ---------------------------------------------------------------
+    def submit(self, adapter: str, request_id: str, payload: RequestPayload, options: dict, fingerprint: str,
+               merge: bool, max_rows: int, deadline_seconds: float = 0.0) -> tuple[Job, bool, bool]:
+        """Queue a request: join a compatible queued job or start a new one.
+
+        Returns (job, created, merged) once the transaction that queued it is committed
+        (its WAL flushed). A request id seen before returns its job unchanged (created False);
+        the caller checks the fingerprint first and re-checks it here.
+        """
+        now = time.time()
+        options_key = json.dumps(options, sort_keys=True)
+        with self._tx() as c:
+            c.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (_REQUEST_LOCK, request_id))
+            self._lock_adapter(c, adapter)
+            seen = c.execute("SELECT r.job_id, j.state FROM requests r JOIN jobs j ON j.id = r.job_id "
+                             "WHERE r.request_id = %s", (request_id,)).fetchone()
+            if seen and seen["state"] in RETRYABLE:  # it ended without effect: the id is free for a new submission
+                c.execute("INSERT INTO past_requests (request_id, job_id, fingerprint, created_at) SELECT request_id, "
+                          "job_id, fingerprint, created_at FROM requests WHERE request_id = %s", (request_id,))
+                c.execute("DELETE FROM requests WHERE request_id = %s", (request_id,))
+            elif seen:
+                return self._get(c, seen["job_id"]), False, False
+            target = None  # the queued job this request joins: (id, edits)
+            if merge:
+                # The adapter's lock is held: no other transaction claims, cancels or edits it meanwhile.
+                row = c.execute(
+                    "SELECT id, edits FROM jobs WHERE adapter = %s AND state = 1 AND options_key = %s "
+                    "AND NOT cancel_requested AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1",
+                    (adapter, options_key)).fetchone()
+                if row is not None:
+                    job_edits = json.loads(row["edits"])
+                    ids = {e["id"] for e in job_edits}
+                    edited = {e["id"] for e in job_edits if e["kind"] != "remove"}
+                    # Two edits of one row cannot be summed into one solve; removals can.
+                    conflict = (payload.edited_ids & ids) or (payload.ids & edited)
+                    if not conflict and len(ids | payload.ids) <= max_rows and not deadline_seconds:
+                        target = (row["id"], job_edits)
+            edits = payload.public_edits(self.hasher)
+            if target is not None:
+                job_id, job_edits = target
+                merged_edits = _merge_edits(job_edits, edits)
+                c.execute("UPDATE jobs SET edits = %s, counts = %s WHERE id = %s",
+                          (json.dumps(merged_edits), json.dumps(_counts(merged_edits)), job_id))
+            else:
+                job_id = uuid.uuid4().hex
+                c.execute(
+                    "INSERT INTO jobs (id, adapter, state, options, options_key, counts, edits, created_at, deadline_at) "
+                    "VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s)",
+                    (job_id, adapter, json.dumps(options), options_key, json.dumps(_counts(edits)), json.dumps(edits),
+                     now, now + deadline_seconds if deadline_seconds else None))
+            c.execute("INSERT INTO requests (request_id, job_id, fingerprint, created_at) VALUES (%s, %s, %s, %s)",
+                      (request_id, job_id, fingerprint, now))
+            c.execute("INSERT INTO payloads (request_id, job_id, body) VALUES (%s, %s, %s)",
+                      (request_id, job_id, json.dumps(payload.to_json())))
+            return self._get(c, job_id), True, target is not None
+
+    def claim(self, busy_adapters: Iterable[str], current_version) -> Job | None:
+        """Take the oldest queued job whose adapter has no running job; mark it running. An
+        adapter whose lock another transaction holds is skipped (like SKIP LOCKED): its jobs
+        are taken by a later claim."""
+        busy = set(busy_adapters)
+        with self._tx() as c:
+            running = {r["adapter"] for r in c.execute("SELECT adapter FROM jobs WHERE state = 2")}
+            tried: set[str] = set()
+            for row in c.execute("SELECT id, adapter FROM jobs WHERE state = 1 ORDER BY seq").fetchall():
+                adapter = row["adapter"]
+                if adapter in running or adapter in busy or adapter in tried:
+                    continue
+                tried.add(adapter)
+                if not c.execute("SELECT pg_try_advisory_xact_lock(%s::int4, hashtext(%s)) AS ok",
+                                 (_ADAPTER_LOCK, adapter)).fetchone()["ok"]:
+                    continue
+                # Under the lock, a fresh look: the list above may predate a claim or a cancel.
+                first = c.execute("SELECT id, state FROM jobs WHERE adapter = %s AND state IN (1, 2) "
+                                  "ORDER BY state DESC, seq LIMIT 1", (adapter,)).fetchone()
+                if first is None or first["state"] == State.RUNNING:
+                    continue
+                start = current_version(adapter)
+                c.execute(
+                    "UPDATE jobs SET state = 2, started_at = %s, attempts = attempts + 1, from_version = %s, "
+                    "to_version = %s, stage = 'queued', fraction = 0 WHERE id = %s",
+                    (time.time(), start, start + 1, first["id"]))
+                return self._get(c, first["id"])
+        return None
+
+    def progress(self, job_id: str, stage: str, fraction: float) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET stage = %s, fraction = %s WHERE id = %s AND state = 2", (stage, fraction, job_id))
+
+    def set_swap(self, job_id: str, checks: list[dict], behind: list[str]) -> None:
+        with self._tx() as c:
+            c.execute("UPDATE jobs SET swap_checks = %s, replicas_behind = %s WHERE id = %s",
+                      (json.dumps(checks), json.dumps(behind), job_id))
+
+    def finish(self, job_id: str, state: State, *, report: JobReport | None = None, error_code: str = "",
+               error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None,
+               edits: list[dict] | None = None) -> Job:
+        with self._tx() as c:
+            if not self._lock_job(c, job_id):
+                raise KeyError(job_id)
+            sets, args = finish_assignments(state, report, error_code, error_message, to_version, already_erased, edits,
+                                            mark="%s")
+            c.execute(f"UPDATE jobs SET {sets} WHERE id = %s", (*args, job_id))
+            # The replacement text is not needed any more: drop it (then scrubbed).
+            c.execute("DELETE FROM payloads WHERE job_id = %s", (job_id,))
+            job = self._get(c, job_id)
+        self._scrub()
+        return job
+
+    def record_deletion(self, adapter: str, how: str, versions: list[int], factor_caches: list[tuple[int, str]],
+                        deleted_at: float, purge_payloads: bool = False) -> int:
+        """Record that versions and factor caches of ``adapter`` were deleted (``how``: purge
+        or retention); with ``purge_payloads``, delete the payloads ended jobs left, in the same
+        transaction. Returns the payload rows deleted."""
+        with self._tx() as c:
+            self._lock_adapter(c, adapter)
+            payload_rows = 0
+            if purge_payloads:
+                payload_rows = c.execute("DELETE FROM payloads WHERE job_id IN (SELECT id FROM jobs WHERE adapter = %s "
+                                         "AND state IN (3, 4, 5))", (adapter,)).rowcount
+            if not (versions or factor_caches or payload_rows):
+                return 0
+            c.execute("INSERT INTO deletions (adapter, deleted_at, how, versions, factor_caches, payload_rows) "
+                      "VALUES (%s, %s, %s, %s, %s, %s)", (adapter, deleted_at, how, json.dumps(versions),
+                                                          json.dumps([list(fc) for fc in factor_caches]), payload_rows))
+        if payload_rows:
+            self._scrub()
+        return payload_rows
+
+    def requeue(self, job_id: str) -> None:
+        """Back to the queue (drain or crash): it starts again from its adapter's current version."""
+        with self._tx() as c:
+            if self._lock_job(c, job_id):
+                c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL WHERE id = %s",
+                          (job_id,))
+
+    def withdraw(self, job_id: str, request_id: str) -> Job | None:
+        """Take one request out of a queued job that serves others too; the job's edits are
+        those of the requests left. None when the job is no longer queued."""
+        with self._tx() as c:
+            if not self._lock_job(c, job_id):
+                return None
+            row = c.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
+            if row["state"] != State.QUEUED:
+                return None
+            c.execute("DELETE FROM requests WHERE request_id = %s AND job_id = %s", (request_id, job_id))
+            c.execute("DELETE FROM payloads WHERE request_id = %s AND job_id = %s", (request_id, job_id))
+            edits: list[dict] = []
+            for r in c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
+                               "WHERE p.job_id = %s ORDER BY r.seq", (job_id,)).fetchall():
+                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(r["body"])).public_edits(self.hasher))
+            c.execute("UPDATE jobs SET edits = %s, counts = %s WHERE id = %s",
+                      (json.dumps(edits), json.dumps(_counts(edits)), job_id))
+            job = self._get(c, job_id)
+        self._scrub()
+        return job
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job now; flag a running one (its runner stops at the next step)."""
+        with self._tx() as c:
+            if not self._lock_job(c, job_id):
+                return None
+            row = c.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
+            if row["state"] == State.QUEUED:
+                c.execute("UPDATE jobs SET state = 5, finished_at = %s, stage = 'cancelled', cancel_requested = TRUE, "
+                          "error_code = 'CANCELLED', error_message = 'cancelled by a client before it started' "
+                          "WHERE id = %s", (time.time(), job_id))
+                c.execute("DELETE FROM payloads WHERE job_id = %s", (job_id,))
+            elif row["state"] == State.RUNNING:
+                c.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s", (job_id,))
+            job = self._get(c, job_id)
+        if job.state == State.CANCELLED:
+            self._scrub()
+        return job
