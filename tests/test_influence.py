@@ -25,6 +25,10 @@ from eraser.unlearn import EraseConfig, compute_update
 from eraser.curvature import CurvatureConfig
 
 L2 = 1e-2
+# L-BFGS stalls near a gradient norm of 1e-4 here, on either side of it as rounding moves its
+# path; 1e-3 puts the optimum within about g / l2 = 0.1 of the true one, under 5% of the
+# retraining change measured (norm 2.2-3.2).
+GNORM = 1e-3
 
 
 class Problem:
@@ -73,7 +77,7 @@ def problem(tiny_base, train_rows):
     torch.manual_seed(0)
     p = Problem(tiny_base, train_rows)
     gnorm = p.minimise(list(range(len(train_rows))))
-    assert gnorm < 1e-4, f"the reference optimum was not reached (gradient norm {gnorm:.2e})"
+    assert gnorm < GNORM, f"the reference optimum was not reached (gradient norm {gnorm:.2e})"
     p.theta_hat = p.theta()
     return p
 
@@ -93,7 +97,7 @@ def test_removal_points_like_retraining_and_raises_the_loss(problem, forget):
     before = sum(problem.losses(forget_pairs))
 
     problem.set_theta(problem.theta_hat)
-    assert problem.minimise(keep) < 1e-4
+    assert problem.minimise(keep) < GNORM
     retrain_delta = problem.theta() - problem.theta_hat
     retrained = sum(problem.losses(forget_pairs))
 
