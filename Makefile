@@ -39,6 +39,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.stages
 	$(PY) -m bench.fastpath
+	$(PY) -m bench.output_layer
 	$(PY) -m bench.factor_fit
 	$(PY) -m bench.sidecar
 	$(PY) -m bench.serving

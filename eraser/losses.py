@@ -14,11 +14,17 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     Weights are 1/T_i on the T_i response tokens of row i and 0 elsewhere, so
     ``(weights * token_ce).sum(1)`` is each row's mean response NLL.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1, :]
+    # Only from the first position that predicts a response token on: the output layer over
+    # the prompt's positions (a large vocabulary times every token) would be thrown away.
+    targets = batch["labels"][:, 1:]
+    scored = (targets != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(scored[0]) if len(scored) else 0
+    width = batch["input_ids"].shape[1] - first
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=width)
+    logits = out.logits[:, -width:-1, :]
     if logits.dtype in (torch.float16, torch.bfloat16):  # the loss needs full precision
         logits = logits.float()
-    targets = batch["labels"][:, 1:]
+    targets = targets[:, first:]
     mask = (targets != IGNORE_INDEX).to(logits.dtype)
     weights = mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return logits, targets, weights
