@@ -6,6 +6,7 @@ real SQLite files. Then PostgreSQL alone under concurrency: threads and two stor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -42,10 +43,8 @@ class Backend:
 
     def close_all(self) -> None:
         for db in self.opened:
-            try:
+            with contextlib.suppress(Exception):  # a test may have closed it already
                 db.close()
-            except Exception:
-                pass
 
     def query(self, sql: str) -> list[tuple]:
         if self.kind == "sqlite":
