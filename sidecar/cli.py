@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "still hold erased data, so this is a privacy setting")
     p.add_argument("--role", choices=["compute", "reconcile"],
                    help="compute (default): run erase jobs; reconcile: only keep the replicas at the current versions")
+    p.add_argument("--jobs", help="job database: empty for SQLite in the store (default), or a postgresql:// URI "
+                   "shared by a pool of compute sidecars (env ERASER_JOBS)")
+    p.add_argument("--lease-seconds", type=float, help="a pool worker's lease on its job (default 30 s)")
     p.add_argument("--vllm-url", dest="vllm_urls", action="append", metavar="URL",
                    help="a vLLM replica's base URL, e.g. http://127.0.0.1:8000 (repeat for several; env ERASER_VLLM_URLS, "
                         "comma-separated)")

@@ -166,6 +166,12 @@ class SidecarConfig:
     # shared store). "reconcile": runs no jobs and only keeps its replicas (its own pod's
     # vLLM) at each adapter's current version, read from the shared store (deploy/README.md).
     role: str = "compute"
+    # The job database. Empty: SQLite in the store (one compute sidecar per store). A
+    # postgresql:// URI: PostgreSQL, shared by a pool of compute sidecars on one store, each
+    # job held under a lease of lease_seconds that its worker renews; a job whose worker
+    # stopped renewing is taken over once its lease expires (deploy/README.md, Scaling).
+    jobs: str = field(default="", repr=False)
+    lease_seconds: float = 30.0
     # Serving replicas (vLLM base URLs) that get every adapter's current version.
     vllm_urls: tuple[str, ...] = ()
     vllm_api_key: str | None = field(default=None, repr=False)
@@ -223,6 +229,10 @@ class SidecarConfig:
             object.__setattr__(self, "token", token)
         if self.token is not None and not self.token.strip():
             raise ConfigError("the token is empty")
+        if self.jobs and not re.match(r"postgres(ql)?://", self.jobs):
+            raise ConfigError("jobs must be empty (SQLite in the store) or a postgresql:// URI")
+        if not 1 <= self.lease_seconds <= 3600:
+            raise ConfigError(f"lease_seconds must be in [1, 3600], not {self.lease_seconds!r}")
         if self.role not in ("compute", "reconcile"):
             raise ConfigError(f"role must be compute or reconcile, not {self.role!r}")
         urls = self.vllm_urls

@@ -59,6 +59,13 @@ class ShuttingDown(EraserError):
     code = "unavailable"
 
 
+class LeaseLost(EraserError):
+    """Raised inside a running job whose lease another worker took over (its worker paused or
+    lost the database past the lease): it must not publish or record anything."""
+
+    code = "aborted"
+
+
 # Every domain code, and the status it is answered with.
 STATUS_NAMES = {
     "invalid_argument": "INVALID_ARGUMENT",
@@ -70,6 +77,7 @@ STATUS_NAMES = {
     "unavailable": "UNAVAILABLE",
     "resource_exhausted": "RESOURCE_EXHAUSTED",
     "unauthenticated": "UNAUTHENTICATED",
+    "aborted": "ABORTED",
     "internal": "INTERNAL",
 }
 

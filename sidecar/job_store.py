@@ -7,7 +7,7 @@ counts, keyed hashes and reports; the replacement text of a request only until i
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Callable, ContextManager, Iterable, Protocol, runtime_checkable
 
 from .jobs import Job, RequestPayload, State
 from .report import JobReport
@@ -15,6 +15,9 @@ from .report import JobReport
 
 @runtime_checkable
 class JobStore(Protocol):
+    # True: several workers share the store, each job held under a lease (PostgreSQL).
+    leases: bool
+
     # ---- queries
     def get(self, job_id: str) -> Job | None: ...
 
@@ -39,6 +42,14 @@ class JobStore(Protocol):
                merge: bool, max_rows: int, deadline_seconds: float = 0.0) -> tuple[Job, bool, bool]: ...
 
     def claim(self, busy_adapters: Iterable[str], current_version: Callable[[str], int]) -> Job | None: ...
+
+    def renew(self, job_id: str) -> str: ...  # "held", "cancel" or "lost"
+
+    def release(self, job_id: str) -> None: ...
+
+    def fenced(self, job_id: str, adapter: str, number: int) -> ContextManager[None]: ...
+
+    def live_jobs(self) -> set[str]: ...
 
     def progress(self, job_id: str, stage: str, fraction: float) -> None: ...
 

@@ -115,6 +115,7 @@ class Job:
     cancel_requested: bool = False
     replicas_behind: list[str] = field(default_factory=list)
     swap_checks: list[dict] = field(default_factory=list)
+    worker: str = ""  # the worker that holds it (a pool on PostgreSQL); empty on SQLite
 
     @property
     def size(self) -> int:
@@ -200,6 +201,9 @@ class JobDB:
     """All access goes through one connection under one lock: simple, and SQLite
     serialises writers anyway. Claims and merges run in ``BEGIN IMMEDIATE`` transactions
     so they stay correct even if a second process opens the same file."""
+
+    # One compute sidecar per store (sidecar.store.StoreLock): no leases, nothing to fence.
+    leases = False
 
     def __init__(self, path: str | Path, hasher: RowHasher, group_commit: bool = True):
         self.path = Path(path)
@@ -446,6 +450,18 @@ class JobDB:
                 )
                 return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
         return None
+
+    def renew(self, job_id: str) -> str:
+        return "held"
+
+    def release(self, job_id: str) -> None:
+        pass
+
+    def fenced(self, job_id: str, adapter: str, number: int):
+        return contextlib.nullcontext()
+
+    def live_jobs(self) -> set[str]:
+        return set()
 
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
         with self._lock:

@@ -13,6 +13,15 @@ takes the lock of its request id first (always in that order: no deadlock), so o
 is accepted once even when sent for two adapters at the same time. The statements after a
 lock run in READ COMMITTED, so they see every commit made before it. A partial unique index
 (one ``state = 2`` row per adapter) backs the one-running-job rule in the database itself.
+
+Leases (a pool of workers). A claim gives the job to this store's ``worker`` with a fencing
+token (a sequence: every claim a larger one) and a lease of ``lease_seconds`` on the
+database's clock; the worker renews it while it works. A RUNNING job whose lease expired (its
+worker died, paused or lost the database) is claimed again by any worker, with a new token.
+Every write a worker makes for a job it holds names its token, so a worker that lost the
+lease changes nothing; publishing runs inside ``fenced``: one transaction that checks the
+token and the lease under the job's row lock and records the version number (unique per
+adapter) while the caller renames the version into place.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from psycopg.rows import dict_row
 
 from eraser.rowhash import RowHasher
 
+from .errors import LeaseLost
 from .jobs import RETRYABLE, Job, RequestPayload, State, _counts, _merge_edits, finish_assignments
 from .report import JobReport
 
@@ -60,7 +70,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     already_erased TEXT NOT NULL DEFAULT '[]',
     cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
     replicas_behind TEXT NOT NULL DEFAULT '[]',
-    swap_checks TEXT NOT NULL DEFAULT '[]'
+    swap_checks TEXT NOT NULL DEFAULT '[]',
+    worker TEXT NOT NULL DEFAULT '',
+    lease_token BIGINT NOT NULL DEFAULT 0,
+    lease_until DOUBLE PRECISION
 );
 CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running ON jobs (adapter) WHERE state = 2;
@@ -96,7 +109,18 @@ CREATE TABLE IF NOT EXISTS deletions (
     payload_rows INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
+CREATE SEQUENCE IF NOT EXISTS lease_tokens;
+CREATE TABLE IF NOT EXISTS versions (
+    adapter TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    lease_token BIGINT NOT NULL,
+    published_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (adapter, number)
+);
 """
+# The database's clock, the one every worker's lease is measured on.
+_NOW = "extract(epoch from clock_timestamp())"
 
 _JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
 # Advisory lock spaces (pg_advisory_xact_lock(space, hashtext(key))). A hash collision only
@@ -157,9 +181,15 @@ class PostgresJobDB:
     exist; the tables are created on first use). Connections: up to ``pool_size``, opened on
     demand, each transaction on one of them."""
 
-    def __init__(self, dsn: str, hasher: RowHasher, pool_size: int = 8):
+    leases = True
+
+    def __init__(self, dsn: str, hasher: RowHasher, pool_size: int = 8, worker: str = "",
+                 lease_seconds: float = 30.0):
         self.dsn = dsn
         self.hasher = hasher
+        self.worker = worker or uuid.uuid4().hex[:12]
+        self.lease_seconds = float(lease_seconds)
+        self._held: dict[str, int] = {}  # job id -> the fencing token of this worker's claim
         # JobDB's GroupCommit batches submissions into one SQLite transaction to share its
         # fsync; PostgreSQL already flushes the WAL of concurrent commits together.
         self.group = None
@@ -205,8 +235,8 @@ class PostgresJobDB:
     @staticmethod
     def _job(row: dict) -> Job:
         d = dict(row)
-        d.pop("seq")
-        d.pop("options_key")
+        for k in ("seq", "options_key", "lease_token", "lease_until"):
+            d.pop(k)
         for k in _JSON_COLUMNS:
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["state"] = State(d["state"])
@@ -214,6 +244,12 @@ class PostgresJobDB:
         d["cancel_requested"] = bool(d["cancel_requested"])
         d["request_ids"] = list(d["request_ids"] or [])
         return Job(**d)
+
+    def _fence(self, job_id: str) -> tuple[str, tuple]:
+        """A WHERE clause (and its arguments) that matches the job only while this worker
+        holds it, when it does; for jobs it never claimed (a client's cancel), any row."""
+        token = self._held.get(job_id)
+        return ("id = %s", (job_id,)) if token is None else ("id = %s AND lease_token = %s", (job_id, token))
 
     def _get(self, c: psycopg.Connection, job_id: str) -> Job | None:
         row = c.execute(_JOB + " WHERE j.id = %s", (job_id,)).fetchone()
@@ -361,55 +397,125 @@ class PostgresJobDB:
             return self._get(c, job_id), True, target is not None
 
     def claim(self, busy_adapters: Iterable[str], current_version) -> Job | None:
-        """Take the oldest queued job whose adapter has no running job; mark it running. An
-        adapter whose lock another transaction holds is skipped (like SKIP LOCKED): its jobs
-        are taken by a later claim."""
+        """Take the oldest queued job whose adapter has no running job, or a running job whose
+        lease expired (its worker is gone: taken over); mark it running under this worker's
+        lease. An adapter whose lock another transaction holds is skipped (like SKIP LOCKED):
+        its jobs are taken by a later claim."""
         busy = set(busy_adapters)
         with self._tx() as c:
-            running = {r["adapter"] for r in c.execute("SELECT adapter FROM jobs WHERE state = 2")}
+            live = {r["adapter"] for r in c.execute(f"SELECT adapter FROM jobs WHERE state = 2 AND lease_until >= {_NOW}")}
             tried: set[str] = set()
-            for row in c.execute("SELECT id, adapter FROM jobs WHERE state = 1 ORDER BY seq").fetchall():
+            for row in c.execute(f"SELECT id, adapter FROM jobs WHERE state = 1 OR (state = 2 AND lease_until < {_NOW}) "
+                                 "ORDER BY state DESC, seq").fetchall():
                 adapter = row["adapter"]
-                if adapter in running or adapter in busy or adapter in tried:
+                if adapter in live or adapter in busy or adapter in tried:
                     continue
                 tried.add(adapter)
                 if not c.execute("SELECT pg_try_advisory_xact_lock(%s::int4, hashtext(%s)) AS ok",
                                  (_ADAPTER_LOCK, adapter)).fetchone()["ok"]:
                     continue
-                # Under the lock, a fresh look: the list above may predate a claim or a cancel.
-                first = c.execute("SELECT id, state FROM jobs WHERE adapter = %s AND state IN (1, 2) "
-                                  "ORDER BY state DESC, seq LIMIT 1", (adapter,)).fetchone()
-                if first is None or first["state"] == State.RUNNING:
+                # Under the lock, a fresh look: the list above may predate a claim, a renewal or a cancel.
+                first = c.execute(f"SELECT id, state, lease_until < {_NOW} AS expired FROM jobs WHERE adapter = %s "
+                                  "AND state IN (1, 2) ORDER BY state DESC, seq LIMIT 1", (adapter,)).fetchone()
+                if first is None or (first["state"] == State.RUNNING and not first["expired"]):
                     continue
+                if first["state"] == State.RUNNING:
+                    log.warning("job %s: its worker's lease expired; taken over by %s", first["id"], self.worker)
                 start = current_version(adapter)
-                c.execute(
-                    "UPDATE jobs SET state = 2, started_at = %s, attempts = attempts + 1, from_version = %s, "
-                    "to_version = %s, stage = 'queued', fraction = 0 WHERE id = %s",
-                    (time.time(), start, start + 1, first["id"]))
+                token = c.execute(
+                    f"UPDATE jobs SET state = 2, started_at = {_NOW}, attempts = attempts + 1, from_version = %s, "
+                    "to_version = %s, stage = 'queued', fraction = 0, worker = %s, lease_token = nextval('lease_tokens'), "
+                    f"lease_until = {_NOW} + %s WHERE id = %s RETURNING lease_token",
+                    (start, start + 1, self.worker, self.lease_seconds, first["id"])).fetchone()["lease_token"]
+                self._held[first["id"]] = token
                 return self._get(c, first["id"])
         return None
 
-    def progress(self, job_id: str, stage: str, fraction: float) -> None:
+    def renew(self, job_id: str) -> str:
+        """Extend this worker's lease on a job it holds. Returns "held", "cancel" (held, and a
+        client asked to cancel it, possibly through another sidecar) or "lost" (another worker
+        took the job over, or it ended): the worker must stop it."""
+        token = self._held.get(job_id)
+        if token is None:
+            return "lost"
         with self._tx() as c:
-            c.execute("UPDATE jobs SET stage = %s, fraction = %s WHERE id = %s AND state = 2", (stage, fraction, job_id))
+            row = c.execute(f"UPDATE jobs SET lease_until = {_NOW} + %s WHERE id = %s AND state = 2 "
+                            "AND lease_token = %s RETURNING cancel_requested",
+                            (self.lease_seconds, job_id, token)).fetchone()
+        return "lost" if row is None else "cancel" if row["cancel_requested"] else "held"
+
+    def release(self, job_id: str) -> None:
+        """This worker is done with the job (ended, requeued or lost): forget its token."""
+        self._held.pop(job_id, None)
+
+    @contextlib.contextmanager
+    def fenced(self, job_id: str, adapter: str, number: int) -> Iterator[None]:
+        """Publish ``number`` of ``adapter`` for a job this worker holds: the body (the rename
+        into place) runs inside one transaction that holds the adapter's lock and the job's
+        row, has checked the token and the lease, and records the version; the commit is the
+        fence. LeaseLost: another worker holds the job (nothing was recorded).
+
+        A worker paused inside the body keeps the row locked: the server ends its session
+        after ``lease_seconds`` idle, so the job can be taken over and this commit fails."""
+        token = self._held.get(job_id)
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(self.lease_seconds * 1000))}")
+            self._lock_adapter(conn, adapter)
+            row = conn.execute(f"SELECT lease_token, state, lease_until >= {_NOW} AS live FROM jobs WHERE id = %s "
+                               "FOR UPDATE", (job_id,)).fetchone()
+            if token is None or row is None or row["state"] != State.RUNNING or row["lease_token"] != token \
+                    or not row["live"]:
+                raise LeaseLost(f"job {job_id}: this worker's lease was lost; another worker holds the job")
+            try:
+                conn.execute(f"INSERT INTO versions (adapter, number, job_id, lease_token, published_at) "
+                             f"VALUES (%s, %s, %s, %s, {_NOW})", (adapter, number, job_id, token))
+            except psycopg.errors.UniqueViolation:
+                raise LeaseLost(f"version {number} of {adapter!r} was published by another job") from None
+            yield
+
+    def published_versions(self, adapter: str) -> list[tuple[int, str]]:
+        """The versions recorded at publish, oldest first: (number, job id)."""
+        with self._tx(read_only=True) as c:
+            return [(r["number"], r["job_id"]) for r in c.execute(
+                "SELECT number, job_id FROM versions WHERE adapter = %s ORDER BY number", (adapter,))]
+
+    def live_jobs(self) -> set[str]:
+        """Ids of running jobs whose lease has not expired (their staging is in use)."""
+        with self._tx(read_only=True) as c:
+            return {r["id"] for r in c.execute(f"SELECT id FROM jobs WHERE state = 2 AND lease_until >= {_NOW}")}
+
+    def progress(self, job_id: str, stage: str, fraction: float) -> None:
+        """Best effort: a database that is away for a moment does not stop the job (its
+        lease and the fence at publish decide whether its work counts)."""
+        where, args = self._fence(job_id)
+        try:
+            with self._tx() as c:
+                c.execute(f"UPDATE jobs SET stage = %s, fraction = %s WHERE {where} AND state = 2", (stage, fraction, *args))
+        except psycopg.OperationalError as e:
+            log.warning("job %s: progress not recorded (%s)", job_id, type(e).__name__)
 
     def set_swap(self, job_id: str, checks: list[dict], behind: list[str]) -> None:
+        where, args = self._fence(job_id)
         with self._tx() as c:
-            c.execute("UPDATE jobs SET swap_checks = %s, replicas_behind = %s WHERE id = %s",
-                      (json.dumps(checks), json.dumps(behind), job_id))
+            c.execute(f"UPDATE jobs SET swap_checks = %s, replicas_behind = %s WHERE {where}",
+                      (json.dumps(checks), json.dumps(behind), *args))
 
     def finish(self, job_id: str, state: State, *, report: JobReport | None = None, error_code: str = "",
                error_message: str = "", to_version: int | None = None, already_erased: list[str] | None = None,
                edits: list[dict] | None = None) -> Job:
+        where, fence = self._fence(job_id)
         with self._tx() as c:
             if not self._lock_job(c, job_id):
                 raise KeyError(job_id)
             sets, args = finish_assignments(state, report, error_code, error_message, to_version, already_erased, edits,
                                             mark="%s")
-            c.execute(f"UPDATE jobs SET {sets} WHERE id = %s", (*args, job_id))
+            if c.execute(f"UPDATE jobs SET {sets}, lease_until = NULL WHERE {where}", (*args, *fence)).rowcount != 1:
+                self.release(job_id)
+                raise LeaseLost(f"job {job_id}: this worker's lease was lost; another worker holds the job")
             # The replacement text is not needed any more: drop it (then scrubbed).
             c.execute("DELETE FROM payloads WHERE job_id = %s", (job_id,))
             job = self._get(c, job_id)
+        self.release(job_id)
         self._scrub()
         return job
 
@@ -435,10 +541,12 @@ class PostgresJobDB:
 
     def requeue(self, job_id: str) -> None:
         """Back to the queue (drain or crash): it starts again from its adapter's current version."""
+        where, args = self._fence(job_id)
         with self._tx() as c:
             if self._lock_job(c, job_id):
-                c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL WHERE id = %s",
-                          (job_id,))
+                c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL, "
+                          f"lease_until = NULL WHERE {where} AND state = 2", args)
+        self.release(job_id)
 
     def withdraw(self, job_id: str, request_id: str) -> Job | None:
         """Take one request out of a queued job that serves others too; the job's edits are

@@ -22,8 +22,9 @@ from eraser.requests import UnlearningRequest
 from eraser.unlearn import erase
 
 from .config import SidecarConfig
-from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, ShuttingDown, failure_of
-from .jobs import Job, JobDB, State
+from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, LeaseLost, ShuttingDown, failure_of
+from .job_store import JobStore
+from .jobs import Job, State
 from .report import JobReport, utility_of, verification_of
 from .solver_choice import SolverChoice, SolverChooser
 from .store import ADAPTER_DIR, DATASET, AdapterStore, Deleted, Version, file_sha256
@@ -81,7 +82,7 @@ class RunnerHost(Protocol):
     """What the runner needs of the service it works for."""
 
     store: AdapterStore
-    db: JobDB
+    db: JobStore
     hooks: object  # sidecar.service.Hooks
     config: SidecarConfig
     device: object
@@ -103,6 +104,7 @@ class Running:
     job: Job
     cancel: threading.Event
     last_write: float = 0.0
+    lost: bool = False  # its lease was taken over: stop without recording anything
 
 
 @dataclass
@@ -134,7 +136,7 @@ class JobRunner:
             job = None
             if not self.draining.is_set():
                 with self.publish_lock:
-                    job = self.db.claim(self.running.keys(), self.store.current_number)
+                    job = self._claim()
                     if job is not None:
                         self.running[job.id] = Running(job, threading.Event())
             if job is None:
@@ -149,8 +151,35 @@ class JobRunner:
                 log.exception("job %s: runner crashed", job.id)
             finally:
                 self.running.pop(job.id, None)
+                self.db.release(job.id)
                 self.host.queue_changed()
                 self.host.notify()
+
+    def _claim(self) -> Job | None:
+        try:
+            return self.db.claim(self.running.keys(), self.store.current_number)
+        except Exception as e:  # a job database that is away (PostgreSQL restarting): try again shortly
+            if not self.db.leases:
+                raise
+            log.warning("no job claimed: the job database is unavailable (%s)", type(e).__name__)
+            self.stopping.wait(1.0)
+            return None
+
+    def renew_leases(self) -> None:
+        """A pool's lease keeper: renew every running job's lease a few times per lease; a job
+        whose lease was lost, or that a client cancelled through another sidecar, is stopped."""
+        every = self.config.lease_seconds / 3
+        while not self.stopping.wait(every):
+            for running in list(self.running.values()):
+                try:
+                    status = self.db.renew(running.job.id)
+                except Exception as e:  # the database is away: the lease runs on; the fence decides
+                    log.warning("job %s: lease not renewed (%s)", running.job.id, type(e).__name__)
+                    continue
+                if status == "lost":
+                    running.lost = True
+                if status != "held":
+                    running.cancel.set()
 
     def _run(self, job: Job) -> None:
         """One job, stage by stage: its request, the engine, publish, swap; every outcome recorded."""
@@ -161,6 +190,8 @@ class JobRunner:
             if job.cancel_requested:
                 raise JobCancelled("cancelled by a client")
             self._check_deadline(job)
+            if self.db.leases and job.attempts > 1 and not self._take_over(job):
+                return
             if not self._resolve(work):
                 return
             progress = self._progress_hook(running)
@@ -173,6 +204,9 @@ class JobRunner:
             finished = self._swap_in(job, version, report, work.already, work.edits)
             if finished is not None:
                 self.hooks.job_finished(finished)
+        except LeaseLost as e:
+            _discard(work.staged, work.staged_factors)
+            log.warning("job %s stopped: %s", job.id, e)
         except ShuttingDown:
             self.db.requeue(job.id)
             log.info("job %s interrupted by shutdown; it resumes on the next start", job.id)
@@ -185,6 +219,29 @@ class JobRunner:
             self._record_failure(job, e)
         finally:
             _discard(work.staged, work.staged_factors)
+
+    def _take_over(self, job: Job) -> bool:
+        """A job claimed again after its worker's lease expired: clean what that worker staged;
+        finish the job if it had published its version; fail it once it was interrupted
+        ``max_attempts`` times. True: run it."""
+        cleared = self.store.clear_staging(prefix=f"job-{job.id}")
+        current = self.store.current(job.adapter)
+        if current.manifest.get("job_id") == job.id:
+            self.hooks.job_finished(self.db.finish(
+                job.id, State.SUCCEEDED, report=JobReport.from_json(current.manifest.get("report")),
+                to_version=current.number, already_erased=current.manifest.get("already_erased", []),
+                edits=current.manifest.get("edits")))
+            log.info("job %s taken over: v%d of %s was published before its worker stopped", job.id, current.number,
+                     job.adapter)
+            return False
+        if job.attempts > self.config.max_attempts:
+            self.hooks.job_finished(self.db.finish(
+                job.id, State.FAILED, error_code="ABORTED",
+                error_message=f"interrupted {job.attempts - 1} times (a worker died or lost its lease) before it could finish"))
+            return False
+        log.info("job %s taken over (attempt %d; %d staged folder(s) of its last worker deleted)", job.id, job.attempts,
+                 cleared)
+        return True
 
     def _resolve(self, work: _Work) -> bool:
         """The job's merged request against the current version; False (and the job
@@ -246,19 +303,11 @@ class JobRunner:
     def _publish(self, work: _Work, running: Running, report: JobReport) -> Version:
         """The staged version becomes the adapter's next, with its factors; old versions past
         the retention are pruned."""
-        job, current = work.job, work.current
+        job = work.job
         with self.publish_lock:
             if running.cancel.is_set():
-                raise self._interruption(job)
-            self.store.write_manifest(work.staged, {
-                "adapter": job.adapter, "version": current.number + 1, "parent_version": current.number,
-                "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
-                "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
-                "rows": report.engine.rows_after, "source": "erase", "edits": work.edits,
-                "already_erased": work.already, "report": report.to_json(),
-            })
-            version = self.store.publish(job.adapter, current.number + 1, work.staged)
-            work.staged = None
+                raise self._interruption(running)
+            version = self._publish_fenced(work, report)
             self._install_job_factors(job, version, work.choice, work.staged_factors)
             pruned = self.host.prune(job.adapter)
         residual = f"{report.engine.residual:.2e}" if report.engine.residual is not None else "not measured"
@@ -266,6 +315,29 @@ class JobRunner:
                  version.rows, report.solver_reason, residual, report.seconds.get("total", 0.0),
                  f"; deleted versions {pruned.versions} (retention)" if pruned.versions else "")
         self.hooks.version_published(job.adapter, version)
+        return version
+
+    def _publish_fenced(self, work: _Work, report: JobReport) -> Version:
+        """Rename the staged version into place inside the job store's fence: a worker that
+        lost its lease publishes nothing, and a rename whose fence did not commit is undone."""
+        job, current = work.job, work.current
+        number = current.number + 1
+        version = None
+        try:
+            with self.db.fenced(job.id, job.adapter, number):
+                self.store.write_manifest(work.staged, {
+                    "adapter": job.adapter, "version": number, "parent_version": current.number,
+                    "job_id": job.id, "request_ids": job.request_ids, "base_model": current.manifest.get("base_model"),
+                    "base_model_fingerprint": current.manifest.get("base_model_fingerprint"), "created_at": time.time(),
+                    "rows": report.engine.rows_after, "source": "erase", "edits": work.edits,
+                    "already_erased": work.already, "report": report.to_json(),
+                })
+                version = self.store.publish(job.adapter, number, work.staged)
+                work.staged = None
+        except BaseException:
+            if version is not None:
+                self.store.unpublish(job.adapter, number)
+            raise
         return version
 
     def _record_failure(self, job: Job, e: BaseException) -> None:
@@ -408,8 +480,11 @@ class JobRunner:
         if job.deadline_at is not None and time.time() > job.deadline_at:
             raise JobDeadlineExceeded("the request's deadline passed before the job finished")
 
-    def _interruption(self, job: Job) -> EraserError:
-        """Why the cancel flag is up: a client's CancelJob, or the sidecar draining."""
+    def _interruption(self, running: Running) -> EraserError:
+        """Why the cancel flag is up: the lease lost, a client's CancelJob, or the sidecar draining."""
+        job = running.job
+        if running.lost:
+            return LeaseLost(f"job {job.id}: another worker took it over after this worker's lease expired")
         if self.db.get(job.id).cancel_requested:
             return JobCancelled("cancelled by a client")
         return ShuttingDown("the sidecar is shutting down")
@@ -419,7 +494,7 @@ class JobRunner:
 
         def progress(stage: str, done: int, total: int, info: dict | None = None) -> None:
             if running.cancel.is_set():
-                raise self._interruption(job)
+                raise self._interruption(running)
             self._check_deadline(job)
             if stage == "done":  # the engine is done; the job is not until it has published
                 return

@@ -36,6 +36,7 @@ from .errors import (
 )
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, fitted_at
 from .imports import ImportRoots
+from .job_store import JobStore
 from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
 from .report import JobReport, Utility, Verification
 from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
@@ -123,10 +124,11 @@ class EraserService:
         self.store = AdapterStore(config.store)
         self.imports = ImportRoots(config.import_roots, config.store)
         self.computes = config.role == "compute"
-        # Only the computing sidecar owns the job database; reconcilers read the store.
-        self._lock_file = StoreLock(self.store.root) if self.computes else None
-        self.db = (JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher, config.group_commit)
-                   if self.computes else None)
+        self.instance = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # names this sidecar's serving report and leases
+        # Only computing sidecars use the job database; reconcilers read the store. On SQLite
+        # one of them owns the store; on PostgreSQL a pool shares it.
+        self._lock_file = StoreLock(self.store.root) if self.computes and not config.jobs else None
+        self.db: JobStore | None = self._open_jobs(config) if self.computes else None
         # Created with the store (like the row-hash key); only the computing sidecar issues receipts.
         self.signer = self.store.receipt_signer if self.computes else None
         self.device = resolve_device(config.device)
@@ -135,13 +137,26 @@ class EraserService:
         self._workers: list[threading.Thread] = []
         backends = [VLLMBackend(url, api_key=config.vllm_api_key) for url in config.vllm_urls]
         self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks)
-        self.instance = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"  # names this sidecar's serving report
         # Factor caches for ekfac/kfac, fitted in the background (compute role only).
         self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
                                       on_ready=lambda target: self.report_factor_age(target.adapter))
         self.solvers = SolverChooser(self.store, self.factors, config, self.report_factor_age)
         self._age_lock = threading.Lock()
         self.runner = JobRunner(self)  # the job worker (compute role): claims, runs, publishes, swaps
+
+    def _open_jobs(self, config: SidecarConfig) -> JobStore:
+        if not config.jobs:
+            return JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher, config.group_commit)
+        import psycopg
+
+        from .pg_jobs import PostgresJobDB
+
+        try:
+            return PostgresJobDB(config.jobs, self.store.row_hasher, worker=self.instance,
+                                 lease_seconds=config.lease_seconds)
+        except psycopg.Error as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise FailedPreconditionError(f"the job database cannot be used ({type(e).__name__}: {first})") from None
 
     # ---- lifecycle -----------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -158,8 +173,13 @@ class EraserService:
                 except EraserError as e:  # that adapter's fault: its reconcile pass records it
                     log.error("adapter %s: %s", name, e)
             return {}
-        outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self.store.clear_staging()}
-        for job in self.db.list(state=State.RUNNING, limit=1_000_000):
+        if self.db.leases:  # a pool: running jobs are other workers' until their leases expire
+            live = self.db.live_jobs()
+            cleared = self.store.clear_staging(prefix="job-", keep=lambda name: name[4:].split("-")[0].split(".")[0] in live)
+            outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": cleared}
+        else:
+            outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self.store.clear_staging()}
+        for job in [] if self.db.leases else self.db.list(state=State.RUNNING, limit=1_000_000):
             version = self._published_by(job)
             if version is not None:
                 if self.store.current_number(job.adapter) < version.number:
@@ -232,6 +252,10 @@ class EraserService:
             self.factors.start()
         for i in range(self.config.workers if self.computes else 0):
             t = threading.Thread(target=self.runner.work, name=f"eraser-worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        if self.computes and self.db.leases:
+            t = threading.Thread(target=self.runner.renew_leases, name="eraser-leases", daemon=True)
             t.start()
             self._workers.append(t)
 

@@ -43,6 +43,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from eraser.data import Row, load_rows
 from eraser.model import adapter_fingerprint
@@ -368,10 +369,13 @@ class AdapterStore:
         path.mkdir(parents=True)
         return path
 
-    def clear_staging(self) -> int:
-        """Remove versions whose assembly was interrupted (called before serving)."""
+    def clear_staging(self, prefix: str = "", keep: Callable[[str], bool] = lambda name: False) -> int:
+        """Remove versions whose assembly was interrupted (called before serving): those whose
+        label starts with ``prefix`` (a job's: ``job-<id>``), except those ``keep`` names."""
         n = 0
         for p in self.staging_dir.iterdir():
+            if not p.name.startswith(prefix) or keep(p.name):
+                continue
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             n += 1
         return n
@@ -437,6 +441,16 @@ class AdapterStore:
         _fsync_dir(target.parent)
         self.set_current(name, number)
         return self.version(name, number)
+
+    def unpublish(self, name: str, number: int) -> None:
+        """Undo ``publish`` of the latest version (its commit elsewhere failed): the previous
+        one is current again and the directory goes."""
+        self.set_current(name, number - 1)
+        target = self._dir(name) / "versions" / str(number)
+        trash = self.new_staging(f"unpublished-{name}-v{number}")
+        os.rename(target, trash / "version")
+        _fsync_dir(target.parent)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def set_current(self, name: str, number: int) -> None:
         _write_atomically(self._dir(name) / "current", f"{number}\n")

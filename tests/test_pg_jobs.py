@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from eraser.rowhash import RowHasher
+from sidecar.errors import LeaseLost
 from sidecar.job_store import JobStore
 from sidecar.jobs import JobDB, RequestPayload, State, _merge_edits
 from sidecar.pg_jobs import PostgresJobDB
@@ -377,3 +378,71 @@ def test_pg_concurrent_claims_and_submissions_lose_nothing(pg):
     assert pg.query("SELECT COUNT(*) FROM payloads")[0][0] == 0
     assert pg.query("SELECT COUNT(*) FROM jobs WHERE state <> 3")[0][0] == 0
     assert pg.query("SELECT COUNT(*) FROM requests")[0][0] == total
+
+
+# ---- PostgreSQL: leases, takeover and the publish fence (a pool of workers) -------------
+
+def _workers(pg, lease: float = 1.0):
+    return (PostgresJobDB(pg.dsn, HASHER, worker="a", lease_seconds=lease),
+            PostgresJobDB(pg.dsn, HASHER, worker="b", lease_seconds=lease))
+
+
+def test_pg_expired_lease_is_taken_over_and_the_old_worker_is_fenced(pg):
+    a, b = _workers(pg)
+    pg.opened += [a, b]
+    job, _, _ = submit(a, "x", "r1", remove=["row1"])
+    held = a.claim([], lambda _: 3)
+    assert (held.id, held.worker, held.attempts, held.from_version) == (job.id, "a", 1, 3)
+    assert b.claim([], lambda _: 3) is None, "a live lease is not taken"
+    assert a.renew(job.id) == "held"
+    time.sleep(1.3)  # a's lease runs out without renewal (its worker paused or died)
+    taken = b.claim([], lambda _: 3)
+    assert (taken.id, taken.worker, taken.attempts) == (job.id, "b", 2)
+    # a lost the lease: nothing it does counts.
+    assert a.renew(job.id) == "lost"
+    a.progress(job.id, "solve", 0.5)
+    assert a.get(job.id).stage == "queued"
+    with pytest.raises(LeaseLost):
+        a.finish(job.id, State.SUCCEEDED, to_version=4)
+    ran = []
+    with pytest.raises(LeaseLost):
+        with a.fenced(job.id, "x", 4):
+            ran.append("a")
+    assert ran == [] and a.published_versions("x") == []
+    # b publishes once; a second publish of the same number is refused.
+    with b.fenced(job.id, "x", 4):
+        ran.append("b")
+    with pytest.raises(LeaseLost):
+        with b.fenced(job.id, "x", 4):
+            ran.append("again")
+    assert ran == ["b"] and a.published_versions("x") == [(4, job.id)]
+    done = b.finish(job.id, State.SUCCEEDED, to_version=4)
+    assert done.state == State.SUCCEEDED and done.worker == "b"
+    assert b.renew(job.id) == "lost"
+
+
+def test_pg_renewal_reports_a_cancel_sent_through_another_sidecar(pg):
+    a, b = _workers(pg, lease=30)
+    pg.opened += [a, b]
+    job, _, _ = submit(a, "x", "r1", remove=["row1"])
+    a.claim([], lambda _: 1)
+    assert a.renew(job.id) == "held"
+    b.request_cancel(job.id)  # a client's CancelJob reached the other sidecar
+    assert a.renew(job.id) == "cancel"
+
+
+def test_pg_a_worker_paused_inside_its_publish_cannot_commit(pg):
+    """The fence's transaction outlives the lease (a worker stopped between its check and its
+    commit): the server ends the session, the job is taken over, the version is not recorded."""
+    a, b = _workers(pg)
+    pg.opened += [a, b]
+    job, _, _ = submit(a, "x", "r1", remove=["row1"])
+    a.claim([], lambda _: 1)
+    with pytest.raises(psycopg.Error):
+        with a.fenced(job.id, "x", 2):
+            time.sleep(2.5)  # idle in its transaction past the lease
+            assert b.claim([], lambda _: 1).worker == "b", "taken over while a sat in its fence"
+    assert a.published_versions("x") == []
+    with b.fenced(job.id, "x", 2):
+        pass
+    assert b.published_versions("x") == [(2, job.id)]
