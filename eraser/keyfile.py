@@ -4,21 +4,33 @@ or hashed with a key must stay checkable with it)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
 def create_once(path: str | os.PathLike, content: bytes) -> None:
-    """Write ``content`` to ``path`` unless the file exists (another process may create it
-    at the same moment: its key wins, and both read the same one afterwards)."""
+    """Write ``content`` to ``path`` unless the file exists. The content is written to a
+    temporary file first and hard-linked into place (atomic, fails if the name exists): a
+    process starting at the same moment never reads a created but still empty key, and
+    whichever link lands first is the key both use."""
     path = Path(path)
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # owner-only (0600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        os.unlink(tmp)

@@ -59,6 +59,12 @@ class ShuttingDown(EraserError):
     code = "unavailable"
 
 
+class JobStoreUnavailable(EraserError):
+    """The job database cannot be reached (PostgreSQL restarting, the network away); retry."""
+
+    code = "unavailable"
+
+
 class LeaseLost(EraserError):
     """Raised inside a running job whose lease another worker took over (its worker paused or
     lost the database past the lease): it must not publish or record anything."""

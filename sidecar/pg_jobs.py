@@ -39,7 +39,7 @@ from psycopg.rows import dict_row
 
 from eraser.rowhash import RowHasher
 
-from .errors import LeaseLost
+from .errors import JobStoreUnavailable, LeaseLost
 from .jobs import RETRYABLE, Job, RequestPayload, State, _counts, _merge_edits, finish_assignments
 from .report import JobReport
 
@@ -133,6 +133,15 @@ _JOB = ("SELECT j.*, ARRAY(SELECT r.request_id FROM (SELECT request_id, created_
         "AS request_ids FROM jobs j")
 
 
+@contextlib.contextmanager
+def _available() -> Iterator[None]:
+    """The server or the network went away: a domain error (UNAVAILABLE), no driver detail."""
+    try:
+        yield
+    except psycopg.OperationalError as e:
+        raise JobStoreUnavailable(f"the job database is unavailable ({type(e).__name__})") from None
+
+
 class _Pool:
     """A few connections, each used by one thread at a time (psycopg_pool would do; this
     avoids a dependency). A connection that broke or was left inside a transaction is closed."""
@@ -152,7 +161,10 @@ class _Pool:
                 if self._closed:
                     raise RuntimeError("the job store is closed")
                 conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.closed:
+            if conn is not None and not self._alive(conn):
+                conn.close()
+                conn = None
+            if conn is None:
                 conn = self._connect()
             try:
                 yield conn
@@ -167,6 +179,17 @@ class _Pool:
                     conn.close()
         finally:
             self._slots.release()
+
+    @staticmethod
+    def _alive(conn: psycopg.Connection) -> bool:
+        """A pooled connection still works (the server may have restarted since its last use)."""
+        if conn.closed or conn.broken:
+            return False
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
 
     def close(self) -> None:
         with self._lock:
@@ -215,7 +238,7 @@ class PostgresJobDB:
     def _tx(self, read_only: bool = False) -> Iterator[psycopg.Connection]:
         """One transaction on a connection of the pool: COMMIT on success, ROLLBACK on error.
         Read-only ones are REPEATABLE READ: all their statements see one commit."""
-        with self._pool.connection() as conn, conn.transaction():
+        with _available(), self._pool.connection() as conn, conn.transaction():
             if read_only:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield conn
@@ -458,7 +481,7 @@ class PostgresJobDB:
         A worker paused inside the body keeps the row locked: the server ends its session
         after ``lease_seconds`` idle, so the job can be taken over and this commit fails."""
         token = self._held.get(job_id)
-        with self._pool.connection() as conn, conn.transaction():
+        with _available(), self._pool.connection() as conn, conn.transaction():
             conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(self.lease_seconds * 1000))}")
             self._lock_adapter(conn, adapter)
             row = conn.execute(f"SELECT lease_token, state, lease_until >= {_NOW} AS live FROM jobs WHERE id = %s "
@@ -491,8 +514,8 @@ class PostgresJobDB:
         try:
             with self._tx() as c:
                 c.execute(f"UPDATE jobs SET stage = %s, fraction = %s WHERE {where} AND state = 2", (stage, fraction, *args))
-        except psycopg.OperationalError as e:
-            log.warning("job %s: progress not recorded (%s)", job_id, type(e).__name__)
+        except JobStoreUnavailable:
+            log.warning("job %s: progress not recorded (the job database is unavailable)", job_id)
 
     def set_swap(self, job_id: str, checks: list[dict], behind: list[str]) -> None:
         where, args = self._fence(job_id)

@@ -76,14 +76,19 @@ class PostgresCluster:
                   "--locale=C", "--no-sync")
         for attempt in range(3):  # the free port may be taken between the probe and the start
             self.port = _free_port()
-            opts = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir}"
+            self.opts = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.dir}"
             try:
-                self._run(self.bin / "pg_ctl", "start", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", opts)
+                self._run(self.bin / "pg_ctl", "start", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", self.opts)
                 return self
             except RuntimeError:
                 if attempt == 2:
                     raise
         return self
+
+    def restart(self) -> None:
+        """Stop (fast: every session is ended) and start again on the same port and data."""
+        self._run(self.bin / "pg_ctl", "restart", "-D", self.data, "-l", self.log, "-m", "fast", "-w", "-t", "60",
+                  "-o", self.opts)
 
     def stop(self) -> None:
         try:
@@ -95,13 +100,15 @@ class PostgresCluster:
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
 
-    def new_database(self) -> str:
+    def new_database(self, uri: bool = False) -> str:
+        """A fresh database: its key=value connection string, or its postgresql:// URI (the
+        form the sidecar's --jobs takes)."""
         import psycopg
 
         name = "t_" + uuid.uuid4().hex[:16]
         with psycopg.connect(self.dsn(), autocommit=True) as c:
             c.execute(f"CREATE DATABASE {name}")
-        return self.dsn(name)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}" if uri else self.dsn(name)
 
     def __enter__(self) -> "PostgresCluster":
         return self.start()

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from eraser.rowhash import RowHasher
-from sidecar.errors import LeaseLost
+from sidecar.errors import JobStoreUnavailable, LeaseLost
 from sidecar.job_store import JobStore
 from sidecar.jobs import JobDB, RequestPayload, State, _merge_edits
 from sidecar.pg_jobs import PostgresJobDB
@@ -438,7 +438,7 @@ def test_pg_a_worker_paused_inside_its_publish_cannot_commit(pg):
     pg.opened += [a, b]
     job, _, _ = submit(a, "x", "r1", remove=["row1"])
     a.claim([], lambda _: 1)
-    with pytest.raises(psycopg.Error):
+    with pytest.raises(JobStoreUnavailable):
         with a.fenced(job.id, "x", 2):
             time.sleep(2.5)  # idle in its transaction past the lease
             assert b.claim([], lambda _: 1).worker == "b", "taken over while a sat in its fence"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,26 @@ def test_register_and_publish_fsync_everything(tmp_path, fsynced):
     store.publish("dur", 2, _stage(store, 2))
     v2 = root / "versions" / "2"
     assert not _unsynced(root, [root / "versions", root / "current", v2, *v2.rglob("*")], fsynced)
+
+
+def _read_key_at(args) -> bytes:
+    from eraser.rowhash import RowHasher
+
+    path, start = args
+    while time.time() < start:  # every process at once
+        pass
+    return RowHasher.load_or_create(path).key
+
+
+def test_a_key_created_by_processes_starting_together_is_one_key(tmp_path):
+    """Sidecars of a pool start together on one store: each either creates the row-hash key or
+    reads the one another created, never a created but still empty file."""
+    import multiprocessing
+
+    paths = [tmp_path / f"store-{i}" / "secrets" / "row-hash.key" for i in range(12)]
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        for path in paths:
+            keys = pool.map(_read_key_at, [(path, time.time() + 0.2)] * 6)
+            assert len(set(keys)) == 1 and len(keys[0]) >= 16
+            assert path.read_bytes() == keys[0] and oct(path.stat().st_mode & 0o777) == "0o600"
+    assert not [p for p in tmp_path.rglob(".row-hash.key.*")], "no temporary file left"
