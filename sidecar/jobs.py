@@ -463,6 +463,9 @@ class JobDB:
     def live_jobs(self) -> set[str]:
         return set()
 
+    def announce_version(self, adapter: str, number: int) -> None:
+        pass  # reconcilers read the store's directories
+
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
         with self._lock:
             self._conn.execute("UPDATE jobs SET stage = ?, fraction = ? WHERE id = ? AND state = 2", (stage, fraction, job_id))

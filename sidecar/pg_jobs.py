@@ -118,7 +118,13 @@ CREATE TABLE IF NOT EXISTS versions (
     published_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (adapter, number)
 );
+CREATE TABLE IF NOT EXISTS current_versions (
+    adapter TEXT PRIMARY KEY,
+    number INTEGER NOT NULL
+);
 """
+# Reconcilers LISTEN here; the payload is the adapter's name.
+CHANNEL = "eraser_versions"
 # The database's clock, the one every worker's lease is measured on.
 _NOW = "extract(epoch from clock_timestamp())"
 
@@ -494,7 +500,21 @@ class PostgresJobDB:
                              f"VALUES (%s, %s, %s, %s, {_NOW})", (adapter, number, job_id, token))
             except psycopg.errors.UniqueViolation:
                 raise LeaseLost(f"version {number} of {adapter!r} was published by another job") from None
+            self._announce(conn, adapter, number)  # delivered at the commit, with the version
             yield
+
+    @staticmethod
+    def _announce(c: psycopg.Connection, adapter: str, number: int) -> None:
+        c.execute("INSERT INTO current_versions (adapter, number) VALUES (%s, %s) ON CONFLICT (adapter) DO UPDATE "
+                  "SET number = EXCLUDED.number", (adapter, number))
+        c.execute("SELECT pg_notify(%s, %s)", (CHANNEL, adapter))
+
+    def announce_version(self, adapter: str, number: int) -> None:
+        """``number`` is ``adapter``'s current version (a registration, a rollback, a recovery):
+        recorded for the reconcilers, who are notified."""
+        with self._tx() as c:
+            self._lock_adapter(c, adapter)
+            self._announce(c, adapter, number)
 
     def published_versions(self, adapter: str) -> list[tuple[int, str]]:
         """The versions recorded at publish, oldest first: (number, job id)."""
@@ -609,3 +629,53 @@ class PostgresJobDB:
         if job.state == State.CANCELLED:
             self._scrub()
         return job
+
+
+class VersionFeed:
+    """The adapters' current versions as a reconciler reads them from the job database, and a
+    wake-up whenever one changes (LISTEN/NOTIFY): no polling of the store's directories across
+    a network filesystem. Same reading interface as ``AdapterStore`` (names, current_number)."""
+
+    def __init__(self, dsn: str):
+        self.dsn = dsn
+        self._pool = _Pool(lambda: psycopg.connect(dsn, autocommit=True, row_factory=dict_row), 2)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def names(self) -> list[str]:
+        with _available(), self._pool.connection() as c:
+            return [r["adapter"] for r in c.execute("SELECT adapter FROM current_versions ORDER BY adapter")]
+
+    def current_number(self, name: str) -> int:
+        with _available(), self._pool.connection() as c:
+            row = c.execute("SELECT number FROM current_versions WHERE adapter = %s", (name,)).fetchone()
+        if row is None:
+            from .errors import NotFoundError
+
+            raise NotFoundError(f"no adapter named {name!r}")
+        return row["number"]
+
+    def listen(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` on every change, from a thread; reconnect (and wake, as changes may
+        have been missed) after the database was away."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    with psycopg.connect(self.dsn, autocommit=True) as conn:
+                        conn.execute(f"LISTEN {CHANNEL}")
+                        wake()
+                        while not self._stop.is_set():
+                            for _ in conn.notifies(timeout=1.0, stop_after=1):
+                                wake()
+                except psycopg.Error as e:
+                    log.warning("version notifications interrupted (%s); reconnecting", type(e).__name__)
+                    self._stop.wait(1.0)
+
+        self._thread = threading.Thread(target=loop, name="eraser-version-feed", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._pool.close()

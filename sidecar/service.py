@@ -136,7 +136,10 @@ class EraserService:
         self._listeners: list[Callable[[], None]] = []
         self._workers: list[threading.Thread] = []
         backends = [VLLMBackend(url, api_key=config.vllm_api_key) for url in config.vllm_urls]
-        self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks)
+        # A reconciler of a pool reads current versions from the job database, told of each change.
+        self.versions = self._version_feed(config) if not self.computes and config.jobs else None
+        self.swapper = Swapper(backends, self.store, str(self.device), config.probe_tolerance, self.hooks,
+                               versions=self.versions)
         # Factor caches for ekfac/kfac, fitted in the background (compute role only).
         self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
                                       on_ready=lambda target: self.report_factor_age(target.adapter))
@@ -157,6 +160,17 @@ class EraserService:
         except psycopg.Error as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise FailedPreconditionError(f"the job database cannot be used ({type(e).__name__}: {first})") from None
+
+    @staticmethod
+    def _version_feed(config: SidecarConfig):
+        from .pg_jobs import VersionFeed
+
+        return VersionFeed(config.jobs)
+
+    def announce(self, name: str, version: Version) -> None:
+        """``version`` is ``name``'s current one: recorded for the pool's reconcilers, counted."""
+        self.db.announce_version(name, version.number)
+        self.hooks.version_published(name, version)
 
     # ---- lifecycle -----------------------------------------------------------------
     def recover(self) -> dict[str, int]:
@@ -214,7 +228,7 @@ class EraserService:
                         self.prune(name)
                         log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
                                  name, manifest.get("rollback_of"), numbers[-1])
-            self.hooks.version_published(name, self.store.current(name))
+            self.announce(name, self.store.current(name))
         outcome["factors_swept"] = self.store.sweep_factors()
         for name in self.store.names():  # current versions whose factors were never written
             outcome["factors_queued"] = outcome.get("factors_queued", 0) + self.prepare_factors(self.store.current(name))
@@ -248,6 +262,8 @@ class EraserService:
     def start(self) -> None:
         if self.swapper.backends:
             self.swapper.start(self.config.reconcile_seconds, self.base_dir, self.report_serving)
+            if self.versions is not None:
+                self.versions.listen(self.swapper.wake)
         if self.computes:
             self.factors.start()
         for i in range(self.config.workers if self.computes else 0):
@@ -269,6 +285,8 @@ class EraserService:
             time.sleep(0.05)
         self.runner.stopping.set()
         self.swapper.stop()
+        if self.versions is not None:
+            self.versions.close()
         if self.swapper.backends:
             self.store.withdraw_serving(self.instance)  # its replicas are no longer vouched for
         for r in list(self.runner.running.values()):
@@ -356,7 +374,7 @@ class EraserService:
                 shutil.rmtree(holdout.parent, ignore_errors=True)
         log.info("registered adapter %s (%d rows%s) as version 1", name, len(rows),
                  f", held-out set of {len(holdout_rows)} rows" if holdout_rows is not None else "")
-        self.hooks.version_published(name, version)
+        self.announce(name, version)
         self.prepare_factors(version)
         self.report_factor_age(name)
         self._serve_now(version)
@@ -428,7 +446,7 @@ class EraserService:
                                 name, number, version.number, type(e).__name__)
             self.prune(name)
         log.info("adapter %s rolled back to the content of version %d as version %d", name, number, version.number)
-        self.hooks.version_published(name, version)
+        self.announce(name, version)
         self.prepare_factors(version)
         self.report_factor_age(name)
         self._serve_now(version)

@@ -78,9 +78,13 @@ def _version_of(path: str) -> int:
 
 class Swapper:
     def __init__(self, backends: Sequence[ServingBackend], store: AdapterStore, device: str = "cpu",
-                 tolerance: float = 0.02, hooks: SwapHooks | None = None):
+                 tolerance: float = 0.02, hooks: SwapHooks | None = None, versions=None):
         self.backends = list(backends)
         self.store = store
+        # Where the adapters and their current versions are read: the store's directories, or
+        # the job database (sidecar.pg_jobs.VersionFeed), which also wakes the loop on a change.
+        self.versions = versions or store
+        self._wake = threading.Event()
         self.device = device
         self.tolerance = tolerance
         self.hooks = hooks or SwapHooks()
@@ -219,7 +223,7 @@ class Swapper:
         """Make every replica serve every adapter's current version; return adapter ->
         replicas still behind. Adapters being swapped by a job right now are skipped."""
         behind: dict[str, list[str]] = {}
-        for name in self.store.names():
+        for name in self.versions.names():
             lock = self.lock(name)
             if not lock.acquire(blocking=False):
                 continue
@@ -236,7 +240,7 @@ class Swapper:
 
     def _reconcile_adapter(self, name: str, base_dir_of: Callable[[str], str], behind: dict[str, list[str]]) -> None:
         """Bring every replica to ``name``'s current version; record who stays behind."""
-        version = self.store.current(name)
+        version = self.store.version(name, self.versions.current_number(name))
         probe = None
         for backend in self.backends:
             state = next((s for s in self.states(name) if s.replica == backend.replica), None)
@@ -266,12 +270,18 @@ class Swapper:
                     after_pass()
                 except Exception:
                     log.exception("reconcile failed")
-                self._stop.wait(every)
+                if self._wake.wait(every):  # a new version was announced, or the period passed
+                    self._wake.clear()
 
         self._thread = threading.Thread(target=loop, name="eraser-reconcile", daemon=True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Start the next reconcile pass now (a version changed)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -368,3 +368,33 @@ def test_a_computing_sidecar_without_replicas_waits_for_the_reconcilers(tmp_path
             assert gone.report.serving.startswith("unconfirmed: no serving replica"), gone.report.serving
     finally:
         compute.stop(2.0)
+
+
+def test_a_pool_reconciler_reads_versions_from_postgresql_and_is_told_of_each(tmp_path, postgres, vllm_server,
+                                                                               serving_base, serving_adapter, train_file):
+    """On a pool's PostgreSQL, a reconciler reads each adapter's current version from the job
+    database and is woken by its notification: with an hour between its periodic passes, a
+    registration and an erase still reach its replica within seconds."""
+    store, jobs = tmp_path / "store", postgres.new_database(uri=True)
+    compute = start(SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=2.0, jobs=jobs,
+                                  swap_timeout_seconds=120.0, erase=cg_erase()))
+    reconciler = start(SidecarConfig(store=store, grpc_port=0, metrics_port=0, role="reconcile", jobs=jobs,
+                                     vllm_urls=(vllm_server.url,), reconcile_seconds=3600.0, probe_tolerance=TOLERANCE))
+    try:
+        with grpc.insecure_channel(compute.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            time.sleep(2.0)  # the reconciler's first pass (at start) found nothing to serve
+            registered = register(stub, "pooled", serving_base, serving_adapter, train_file)
+            deadline = time.monotonic() + 60
+            while served_paths(vllm_server.url).get("pooled") != registered.path:
+                assert time.monotonic() < deadline, "the registration was not served within 60 s"
+                time.sleep(0.2)
+            started = time.monotonic()
+            job = erase(stub, "pooled", "born-ann")
+            assert time.monotonic() - started < 120
+            assert job.report.serving == "confirmed on 1 replica(s) by their reconcilers", job.report.serving
+            version = stub.GetAdapter(pb.GetAdapterRequest(name="pooled"))
+            assert version.version == 2 and served_paths(vllm_server.url)["pooled"] == version.path
+    finally:
+        reconciler.stop(2.0)
+        compute.stop(2.0)
