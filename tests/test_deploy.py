@@ -21,7 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-TARGETS = {"base": K8S / "base", "cpu-dev": K8S / "overlays" / "cpu-dev", "gpu-prod": K8S / "overlays" / "gpu-prod"}
+TARGETS = {"base": K8S / "base", "cpu-dev": K8S / "overlays" / "cpu-dev", "gpu-prod": K8S / "overlays" / "gpu-prod",
+           "gpu-prod-pool": K8S / "overlays" / "gpu-prod-pool"}
 # Native sidecar containers (init containers with restartPolicy Always) are on by default
 # from Kubernetes 1.29; validate against a version that has them.
 K8S_VERSION = "1.31.0"
@@ -81,7 +82,8 @@ def test_renders_and_validates_against_kubernetes_schemas(target, tmp_path):
     except ImportError:
         pytest.fail(f"kubernetes-validate is not installed; {INSTALL}")
     docs = render(target)
-    crds = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
+    crds = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+            ("postgresql.cnpg.io/v1", "Cluster")}
     for doc in docs:
         if (doc["apiVersion"], doc["kind"]) in crds:
             continue
@@ -233,6 +235,40 @@ def test_one_computing_sidecar_per_store():
     # TLS in production, and the placeholder Secrets are not applied over the real ones.
     assert env_of(c)["ERASER_TLS_CERT"] and env_of(reconciler)["ERASER_TLS_CERT"]
     assert not [d for d in prod if d["kind"] == "Secret"]
+
+
+def _secret_env(container, name: str) -> dict:
+    (entry,) = [e for e in container.get("env", []) if e["name"] == name]
+    return entry["valueFrom"]["secretKeyRef"]
+
+
+def test_a_pool_of_computing_sidecars_on_postgresql(tmp_path):
+    """gpu-prod-pool: N computing sidecars at once (a rolling Deployment, no longer Recreate),
+    all and every reconciler on one PostgreSQL job database from the Secret the CloudNativePG
+    Cluster writes; the rest as gpu-prod."""
+    from sidecar.config import load_config
+
+    pool = render("gpu-prod-pool")
+    compute = find(pool, "Deployment", "eraser-compute")[0]
+    assert compute["spec"]["replicas"] >= 2 and compute["spec"]["strategy"]["type"] == "RollingUpdate"
+    (c,) = compute["spec"]["template"]["spec"]["containers"]
+    reconciler = next(x for x in find(pool, "Deployment", "vllm")[0]["spec"]["template"]["spec"]["initContainers"]
+                      if x["name"] == "eraser")
+    cluster = find(pool, "Cluster", "eraser-jobs")[0]
+    assert cluster["apiVersion"] == "postgresql.cnpg.io/v1" and cluster["spec"]["instances"] >= 2
+    # CloudNativePG names the application user's Secret <cluster>-app, its URI under `uri`.
+    assert _secret_env(c, "ERASER_JOBS") == _secret_env(reconciler, "ERASER_JOBS") == {
+        "name": f"{cluster['metadata']['name']}-app", "key": "uri"}
+    lease = float(env_of(c)["ERASER_LEASE_SECONDS"])
+    environ = {"ERASER_JOBS": "postgresql://eraser:secret@eraser-jobs-rw:5432/eraser",
+               "ERASER_LEASE_SECONDS": str(lease), "ERASER_STORE": str(tmp_path)}
+    config = load_config({}, environ=environ)
+    assert config.jobs.startswith("postgresql://") and config.lease_seconds == lease
+    assert "secret" not in repr(config), "the database password never reaches a log line"
+    # Everything else is gpu-prod's: the same serving pods, the same store.
+    prod = render("gpu-prod")
+    assert find(pool, "Deployment", "vllm")[0]["spec"]["replicas"] == find(prod, "Deployment", "vllm")[0]["spec"]["replicas"]
+    assert find(pool, "PersistentVolumeClaim", "eraser-store") == find(prod, "PersistentVolumeClaim", "eraser-store")
 
 
 def test_sidecar_config_file_is_valid(tmp_path):
