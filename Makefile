@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m bench.output_layer
 	$(PY) -m bench.factor_fit
 	$(PY) -m bench.sidecar
+	$(PY) -m bench.worker_pool
 	$(PY) -m bench.serving
 	$(PY) -m bench.unlearning
 

@@ -172,6 +172,11 @@ class SidecarConfig:
     # stopped renewing is taken over once its lease expires (deploy/README.md, Scaling).
     jobs: str = field(default="", repr=False)
     lease_seconds: float = 30.0
+    # Factor fits of large training sets over torch.distributed ranks on this machine (gloo on
+    # the CPU, NCCL with one GPU each): up to factor_fit_processes ranks, one per
+    # factor_fit_min_rows rows; 1 fits in the sidecar's process.
+    factor_fit_processes: int = 1
+    factor_fit_min_rows: int = 100_000
     # Serving replicas (vLLM base URLs) that get every adapter's current version.
     vllm_urls: tuple[str, ...] = ()
     vllm_api_key: str | None = field(default=None, repr=False)
@@ -208,6 +213,8 @@ class SidecarConfig:
             raise ConfigError("keep_versions must be at least 1 (the current version)")
         if self.workers < 1 or self.max_attempts < 1 or self.max_request_rows < 1:
             raise ConfigError("workers, max_attempts and max_request_rows must be at least 1")
+        if self.factor_fit_processes < 1 or self.factor_fit_min_rows < 1:
+            raise ConfigError("factor_fit_processes and factor_fit_min_rows must be at least 1")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds must be >= 0")
         if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -116,9 +117,14 @@ class FactorPreparer:
     POLL_SECONDS = 0.25
 
     def __init__(self, store: AdapterStore, device, on_fitted: Callable[[str, float], None] = lambda a, s: None,
-                 on_ready: Callable[[FactorTarget], None] = lambda t: None):
+                 on_ready: Callable[[FactorTarget], None] = lambda t: None, processes: int = 1,
+                 min_rows_per_process: int = 100_000):
         self.store = store
         self.device = device
+        # A training set of at least processes x min_rows_per_process rows is fitted over that
+        # many torch.distributed ranks on this machine (eraser.distributed); smaller ones here.
+        self.processes = processes
+        self.min_rows_per_process = min_rows_per_process
         self.on_fitted = on_fitted
         self.on_ready = on_ready
         self._cond = threading.Condition()
@@ -296,8 +302,25 @@ class FactorPreparer:
                     raise _Obsolete("a newer version became current during the fit")
 
         record = self.store.record(target.adapter)
-        log.info("fitting the factors of %s in the background", target)
         started = time.perf_counter()
+        ranks = self._ranks(len(self.store.rows(version)))
+        log.info("fitting the factors of %s in the background%s", target, f" over {ranks} processes" if ranks > 1 else "")
+        if ranks > 1:
+            seconds, rows = self._fit_over_ranks(target, version, record, ranks, progress)
+        else:
+            seconds, rows = self._fit_here(target, version, record, directory, progress)
+        if target.version not in self.store.version_numbers(target.adapter):  # pruned during the fit
+            self.store.discard_factors(target.adapter, target.version)
+            raise _Obsolete("the version was deleted during the fit")
+        log.info("factors of %s fitted in %.1f s (%d rows; %.1f s with loading)", target, seconds, rows,
+                 time.perf_counter() - started)
+        self.on_fitted(target.adapter, seconds)
+        self.on_ready(target)
+
+    def _ranks(self, rows: int) -> int:
+        return max(1, min(self.processes, rows // max(1, self.min_rows_per_process)))
+
+    def _fit_here(self, target: FactorTarget, version: Version, record, directory: Path, progress) -> tuple[float, int]:
         base = load_base(record.base_model_dir, self.device)
         model = load_adapter(base, version.adapter_path, trainable=True)
         params = [p for _, p in trainable_parameters(model)]
@@ -309,11 +332,21 @@ class FactorPreparer:
         if self._stop.is_set():
             raise _Stopped()
         engine_factors.save(cached, directory)
-        if target.version not in self.store.version_numbers(target.adapter):  # pruned during the fit
-            self.store.discard_factors(target.adapter, target.version)
-            raise _Obsolete("the version was deleted during the fit")
-        seconds = cached.history.fit_seconds
-        log.info("factors of %s fitted in %.1f s (%d rows; %.1f s with loading)", target, seconds, len(rows),
-                 time.perf_counter() - started)
-        self.on_fitted(target.adapter, seconds)
-        self.on_ready(target)
+        return cached.history.fit_seconds, len(rows)
+
+    def _fit_over_ranks(self, target: FactorTarget, version: Version, record, ranks: int, progress) -> tuple[float, int]:
+        """The same fit sharded over ``ranks`` processes (gloo on the CPU, NCCL on GPUs), its
+        cache written under staging/ and moved into place whole."""
+        from eraser.distributed import FitJob, fit_factors
+
+        staged = self.store.new_staging(f"factors-{target.adapter}-v{target.version}-ranks")
+        try:
+            job = FitJob(record.base_model_dir, str(version.adapter_path), str(version.dataset_path),
+                         str(staged / target.method), kfac_config(target.method), target.max_length, str(self.device))
+            report = fit_factors(job, nproc=ranks, progress=progress)
+            if self._stop.is_set():
+                raise _Stopped()
+            self.store.install_factors(staged / target.method, target.adapter, target.version, target.method)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return float(report["fit_seconds"]), int(report["rows"])

@@ -142,7 +142,9 @@ class EraserService:
                                versions=self.versions)
         # Factor caches for ekfac/kfac, fitted in the background (compute role only).
         self.factors = FactorPreparer(self.store, self.device, on_fitted=self._full_fit_done,
-                                      on_ready=lambda target: self.report_factor_age(target.adapter))
+                                      on_ready=lambda target: self.report_factor_age(target.adapter),
+                                      processes=config.factor_fit_processes,
+                                      min_rows_per_process=config.factor_fit_min_rows)
         self.solvers = SolverChooser(self.store, self.factors, config, self.report_factor_age)
         self._age_lock = threading.Lock()
         self.runner = JobRunner(self)  # the job worker (compute role): claims, runs, publishes, swaps

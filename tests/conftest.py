@@ -106,8 +106,8 @@ def vllm_server(tmp_path_factory, serving_base, serving_adapter):
 
 @pytest.fixture(scope="session")
 def postgres():
-    """A throwaway PostgreSQL cluster for the session (tests/pg_util.py); ``new_database()`` per test."""
-    from pg_util import PostgresCluster
+    """A throwaway PostgreSQL cluster for the session (devtools/pg.py); ``new_database()`` per test."""
+    from devtools.pg import PostgresCluster
 
     with PostgresCluster() as cluster:
         yield cluster

@@ -327,3 +327,42 @@ def test_bench_factor_fit_quick(tmp_path):
     for c in s["against_one_process"].values():
         assert c["counts_equal"] and c["A_max_rel_diff"] < 1e-9 and c["solve_max_rel_diff"] < 1e-6
     assert "| 2 ranks |" in md and "ideal on 2 cores: 2x" in md and "under load" in md
+
+
+# --------------------------------------------------------------------------- in the sidecar
+
+def test_the_sidecar_fits_a_large_training_set_over_ranks(tmp_path, tiny_base, tiny_adapter, train_file, caplog):
+    """factor_fit_processes: a training set of at least 2 x factor_fit_min_rows rows is fitted
+    in the background over 2 gloo ranks; the cache equals the one-process fit to rounding and
+    erases read it as any other."""
+    from eraser_proto.eraser.v1 import eraser_pb2 as pb
+    from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+    from sidecar.config import SidecarConfig
+    from sidecar.factors import kfac_config
+    from sidecar.server import start
+    from sidecar_util import register, wait_job
+
+    import grpc
+
+    caplog.set_level("INFO", logger="eraser.sidecar")
+    running = start(SidecarConfig(store=tmp_path / "store", grpc_port=0, metrics_port=0, drain_seconds=2.0,
+                                  factor_fit_processes=2, factor_fit_min_rows=10))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "ranked", tiny_base, tiny_adapter, train_file)  # 20 rows: 2 ranks
+            cache = tmp_path / "store" / "factors" / "ranked" / "1" / "ekfac"
+            deadline = time.monotonic() + 300
+            while not (cache / "manifest.json").is_file():
+                assert time.monotonic() < deadline, "no factors within 300 s"
+                time.sleep(0.2)
+            assert "fitting the factors of ranked v1 (ekfac) in the background over 2 processes" in caplog.text
+            dd.fit_factors(_job(tiny_base, tiny_adapter, train_file, tmp_path / "one", config=kfac_config("ekfac")))
+            assert_same_factors(KFAC.load(tmp_path / "one"), KFAC.load(cache))
+            job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="ranked", remove_ids=["born-ann"],
+                                                            options=pb.EraseOptions(solver="ekfac", verify="off"))).id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+            assert job.report.factor_source == "cache" and job.report.factor_version == 1
+    finally:
+        running.stop(2.0)
+    assert not list((tmp_path / "store" / "staging").iterdir()), "the ranks' staging was moved or removed"

@@ -1,6 +1,6 @@
 """The job stores, SQLite (sidecar.jobs.JobDB) and PostgreSQL (sidecar.pg_jobs.PostgresJobDB),
 through the same behavioural checks on real databases: a real PostgreSQL server
-(tests/pg_util.py, a throwaway cluster for the session, a fresh database per test) and
+(devtools/pg.py, a throwaway cluster for the session, a fresh database per test) and
 real SQLite files. Then PostgreSQL alone under concurrency: threads and two store objects
 (as two sidecars) submitting, merging, claiming and finishing at once."""
 

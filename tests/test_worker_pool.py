@@ -1,5 +1,5 @@
 """A pool of compute sidecars on one PostgreSQL job database and one shared store: real
-sidecar processes (python -m sidecar.cli), a real PostgreSQL (tests/pg_util.py), the tiny
+sidecar processes (python -m sidecar.cli), a real PostgreSQL (devtools/pg.py), the tiny
 model. Every request is served exactly once, versions stay sequential per adapter, adapters
 run in parallel on different workers; a killed worker's job is taken over after its lease;
 a paused worker cannot publish once its lease is gone."""

@@ -3,7 +3,7 @@
 # (initdb + pg_ctl; Debian's postgresql package). Idempotent, quick when it is there. Run as
 # root (apt) from anywhere; deploy/tools/install-tools.sh calls it (`make install`).
 # Debian keeps the binaries in /usr/lib/postgresql/<version>/bin, not on PATH: this script
-# prints that directory; tests/pg_util.py finds it the same way.
+# prints that directory; devtools/pg.py finds it the same way.
 set -euo pipefail
 
 pg_bindir() {
