@@ -25,17 +25,15 @@ The factor fit over torch.distributed ranks is measured by ``bench.factor_fit``
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from devtools.pool import PoolWorker, running_on
 from bench.common import (bench_parser, framed_caveats, machine_info, md_row, reading_and_caveats, rendered,
                           write_outputs)
 
@@ -67,12 +65,6 @@ def _say(msg: str) -> None:
     print(f"[worker_pool] {msg}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------- the model
 
 
@@ -95,54 +87,18 @@ def build_model(s: Settings, workdir: Path) -> dict:
 # --------------------------------------------------------------------------- a pool
 
 
-class Worker:
-    """One computing sidecar process of the pool."""
-
-    def __init__(self, store: Path, jobs: str, config: Path, log: Path, lease: float):
-        import grpc
-
-        from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
-
-        self.port, self.log = _free_port(), log
-        env = {**os.environ, "ERASER_STORE": str(store), "ERASER_GRPC_PORT": str(self.port), "ERASER_METRICS_PORT": "0",
-               "ERASER_JOBS": jobs, "ERASER_LEASE_SECONDS": str(lease), "ERASER_CONFIG": str(config),
-               "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli"], env=env, stderr=log.open("ab"),
-                                     stdout=subprocess.DEVNULL)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.EraserStub(self.channel)
-
-    def ready(self) -> "Worker":
-        import grpc
-
-        future = grpc.channel_ready_future(self.channel)
-        deadline = time.monotonic() + 300
-        while not future.done():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"a worker did not start: {self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        return self
-
-    def ran(self, job_id: str) -> bool:
-        return f"job {job_id} started" in self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+def _worker(root: Path, jobs: str, name: str, lease: float) -> PoolWorker:
+    # One torch thread per worker: a worker stands for one GPU (see the module's docstring).
+    return PoolWorker(root / "store", jobs, root / f"{name}.log", lease, ERASER_CONFIG=str(root / "sidecar.yaml"),
+                      OMP_NUM_THREADS="1")
 
 
-def _pool(cluster, root: Path, n: int, lease: float) -> tuple[list[Worker], str]:
+def _pool(cluster, root: Path, n: int, lease: float) -> tuple[list[PoolWorker], str]:
     jobs = cluster.new_database(uri=True)
     config = root / "sidecar.yaml"
     config.write_text("erase:\n  solver: cg\n  damping: 0.1\n  damping_scale: absolute\n")
-    workers = [Worker(root / "store", jobs, config, root / f"worker-{i}.log", lease) for i in range(n)]
-    return [w.ready() for w in workers], jobs
+    workers = [_worker(root, jobs, f"worker-{i}", lease) for i in range(n)]
+    return [w.ready(300) for w in workers], jobs
 
 
 def _options(values: dict):
@@ -222,10 +178,7 @@ def measure_takeover(cluster, model: dict, s: Settings, root: Path) -> dict:
             _register(workers[0].stub, name, model)
             job_id = workers[0].stub.Erase(pb.EraseRequest(adapter=name, remove_ids=[model["ids"][0]],
                                                            options=_options(SLOW))).id
-            for job in workers[0].stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=300):
-                if job.stage.startswith("solve") and job.fraction > 0:
-                    break
-            victim = next(w for w in workers if w.ran(job_id))
+            victim = running_on(workers, job_id, workers[0].stub)
             survivor = next(w for w in workers if w is not victim)
             victim.proc.send_signal(signal.SIGKILL)
             killed = time.perf_counter()
@@ -238,8 +191,7 @@ def measure_takeover(cluster, model: dict, s: Settings, root: Path) -> dict:
             survivor.stub.CancelJob(pb.CancelJobRequest(id=job_id))
             workers.remove(victim)
             victim.channel.close()
-            workers.append(Worker(root / "store", jobs, root / "sidecar.yaml", root / f"worker-r{k}.log",
-                                  s.lease_seconds).ready())
+            workers.append(_worker(root, jobs, f"worker-r{k}", s.lease_seconds).ready(300))
         return {"lease_seconds": s.lease_seconds, "seconds": seconds, "status": "measured"}
     finally:
         for w in workers:

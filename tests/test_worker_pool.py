@@ -6,21 +6,14 @@ a paused worker cannot publish once its lease is gone."""
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-import grpc
 import psycopg
 import pytest
 
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
-from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
+from devtools.pool import PoolWorker, running_on
 from sidecar_util import register, wait_job
 
 CG = pb.EraseOptions(solver="cg", damping=0.1, max_iterations=100, tolerance=1e-3)
@@ -33,56 +26,21 @@ def slow(iterations: int) -> pb.EraseOptions:
                            allow_unconverged=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Worker:
-    def __init__(self, store: Path, jobs: str, log: Path):
-        self.port, self.log = _free_port(), log
-        env = {**os.environ, "ERASER_STORE": str(store), "ERASER_GRPC_PORT": str(self.port),
-               "ERASER_METRICS_PORT": "0", "ERASER_JOBS": jobs, "ERASER_LEASE_SECONDS": str(LEASE)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar.cli"], env=env, stderr=log.open("ab"),
-                                     stdout=subprocess.DEVNULL)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.EraserStub(self.channel)
-
-    def ready(self) -> "Worker":
-        future = grpc.channel_ready_future(self.channel)
-        deadline = time.monotonic() + 180
-        while not future.done():
-            assert self.proc.poll() is None, f"a worker exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "a worker did not start within 180 s"
-            time.sleep(0.2)
-        return self
-
-    def ran(self, job_id: str) -> bool:
-        return f"job {job_id} started" in self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(30)
-
-
 @pytest.fixture
 def pool(tmp_path, postgres):
     jobs = postgres.new_database(uri=True)
-    started: list[Worker] = []
+    started: list[PoolWorker] = []
 
-    def spawn(n: int) -> list[Worker]:
-        new = [Worker(tmp_path / "store", jobs, tmp_path / f"worker-{len(started) + i}.log") for i in range(n)]
+    def spawn(n: int) -> list[PoolWorker]:
+        new = [PoolWorker(tmp_path / "store", jobs, tmp_path / f"worker-{len(started) + i}.log", LEASE)
+               for i in range(n)]
         started.extend(new)
         return [w.ready() for w in new]
 
     spawn.jobs = jobs
     yield spawn
     for w in started:
-        w.stop()
+        w.stop(graceful=False)
     for w in started:
         assert b"Traceback" not in w.log.read_bytes(), w.log.read_text()[-3000:]
 
@@ -97,14 +55,6 @@ def _versions(jobs: str) -> dict[str, list[tuple[int, str]]]:
         for adapter, number, job in c.execute("SELECT adapter, number, job_id FROM versions ORDER BY adapter, number"):
             out.setdefault(adapter, []).append((number, job))
         return out
-
-
-def _running_on(workers: list[Worker], job_id: str, stub, timeout: float = 120) -> Worker:
-    """Wait until the job solves (fraction > 0); the worker whose log says it started it."""
-    for job in stub.WatchJob(pb.GetJobRequest(id=job_id), timeout=timeout):
-        if job.stage.startswith("solve") and job.fraction > 0:
-            break
-    return next(w for w in workers if w.ran(job_id))
 
 
 def test_three_workers_serve_thirty_requests_over_six_adapters(pool, tiny_base, tiny_adapter, train_file):
@@ -142,13 +92,17 @@ def test_three_workers_serve_thirty_requests_over_six_adapters(pool, tiny_base, 
     assert len(set(ran_by.values())) >= 2
 
 
+def _slow_job(workers, name: str, iterations: int, base, adapter, data):
+    """Register ``name``, start a long solve on it; (job id, the worker solving it, the other)."""
+    register(workers[0].stub, name, base, adapter, data)
+    job_id = workers[0].stub.Erase(pb.EraseRequest(adapter=name, request_id=f"{name}-1", remove_ids=["born-ann"],
+                                                   options=slow(iterations))).id
+    holder = running_on(workers, job_id, workers[0].stub)
+    return job_id, holder, next(w for w in workers if w is not holder)
+
+
 def test_a_killed_workers_job_is_taken_over_after_its_lease(pool, tiny_base, tiny_adapter, train_file, tmp_path):
-    workers = pool(2)
-    register(workers[0].stub, "killed", tiny_base, tiny_adapter, train_file)
-    job_id = workers[0].stub.Erase(pb.EraseRequest(adapter="killed", request_id="k1", remove_ids=["born-ann"],
-                                                   options=slow(400))).id
-    victim = _running_on(workers, job_id, workers[0].stub)
-    survivor = next(w for w in workers if w is not victim)
+    job_id, victim, survivor = _slow_job(pool(2), "killed", 400, tiny_base, tiny_adapter, train_file)
     assert list((tmp_path / "store" / "staging").glob(f"job-{job_id}*")), "the victim staged its version"
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(30)
@@ -167,12 +121,7 @@ def test_a_killed_workers_job_is_taken_over_after_its_lease(pool, tiny_base, tin
 
 
 def test_a_paused_worker_cannot_publish_after_its_lease(pool, tiny_base, tiny_adapter, train_file):
-    workers = pool(2)
-    register(workers[0].stub, "paused", tiny_base, tiny_adapter, train_file)
-    job_id = workers[0].stub.Erase(pb.EraseRequest(adapter="paused", request_id="p1", remove_ids=["born-ann"],
-                                                   options=slow(150))).id
-    sleeper = _running_on(workers, job_id, workers[0].stub)
-    other = next(w for w in workers if w is not sleeper)
+    job_id, sleeper, other = _slow_job(pool(2), "paused", 150, tiny_base, tiny_adapter, train_file)
     sleeper.proc.send_signal(signal.SIGSTOP)
     try:
         done = wait_job(other.stub, job_id, timeout=600)  # taken over after the lease, run to the end
@@ -199,7 +148,7 @@ def test_postgresql_restarted_during_a_job(pool, postgres, tiny_base, tiny_adapt
     register(workers[0].stub, "restarted", tiny_base, tiny_adapter, train_file)
     first = workers[0].stub.Erase(pb.EraseRequest(adapter="restarted", request_id="pr1", remove_ids=["born-ann"],
                                                   options=slow(150))).id
-    _running_on(workers, first, workers[0].stub)
+    running_on(workers, first, workers[0].stub)
     behind = workers[1].stub.Erase(pb.EraseRequest(adapter="restarted", request_id="pr2", remove_ids=["born-bob"],
                                                    options=CG)).id
     postgres.restart()
