@@ -16,13 +16,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from eraser.errors import DataError, InvalidRequestError
 from eraser.options import SOLVERS, VERIFY_POLICIES
 from eraser.request_file import read_request_file
+
+if TYPE_CHECKING:
+    from .report import JobReport, Verification
 
 USAGE_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
@@ -263,16 +266,20 @@ def state_name(state: int) -> str:
     return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower() if state in pb.JobState.values() else str(state)
 
 
-def _seconds(job) -> float | None:
-    if job.HasField("report") and "total" in job.report.seconds:
-        return job.report.seconds["total"]
+def _seconds(job, report: JobReport | None) -> float | None:
+    if report is not None and "total" in report.seconds:
+        return report.seconds["total"]
     if job.HasField("started_at") and job.HasField("finished_at"):
         return (job.finished_at.ToNanoseconds() - job.started_at.ToNanoseconds()) / 1e9
     return None
 
 
 def format_job(job) -> str:
-    """One line; a Job holds ids, counts and numbers only, never row text."""
+    """One line; a Job holds ids, counts and numbers only, never row text. Its report is read
+    as the sidecar's typed report (``wire.report_of_message``)."""
+    from .wire import report_of_message
+
+    report = report_of_message(job.report) if job.HasField("report") else None
     state = state_name(job.state)
     parts = [f"job {job.id} {state}"]
     versions = f"v{job.from_version}" if job.from_version else ""
@@ -287,59 +294,68 @@ def format_job(job) -> str:
         parts.append(f"stage {job.stage} {job.fraction:.0%}")
     if job.already_erased_ids:
         parts.append("already erased " + ",".join(job.already_erased_ids))
-    if job.HasField("report") and state == "succeeded":
-        if job.report.solver in ("ekfac", "kfac", "datainf") and not job.report.residual:
-            parts.append("residual not measured (closed form)")
-        else:
-            parts.append(f"residual {job.report.residual:.1e}" + ("" if job.report.converged else " (not converged)"))
-        if job.report.solver_reason:  # which solver ran and why (a fallback, the factors it used)
-            parts.append(f"solver {job.report.solver_reason}")
-    if job.HasField("report") and job.report.HasField("verification"):
-        parts.append(format_verification(job.report.verification))
-    if job.HasField("report") and job.report.HasField("utility"):
-        u = job.report.utility
-        parts.append(f"utility {'ok' if u.passed else 'FAILED'}: retained NLL {u.retain_nll_parent:.2f} -> "
-                     f"{u.retain_nll_after:.2f} ({u.retain_nll_after - u.retain_nll_parent:+.2f}, max +{u.max_rise:g}, "
-                     f"{u.rows} rows)")
-    if job.HasField("report") and job.report.serving:
-        parts.append(f"serving {job.report.serving}")
+    if report is not None:
+        parts += _report_parts(report, succeeded=state == "succeeded")
     if job.HasField("error") and (job.error.code or job.error.message):
         parts.append(f"error {job.error.code or 'UNKNOWN'}: {job.error.message}")
     if job.attempts > 1:
         parts.append(f"attempts {job.attempts}")
-    seconds = _seconds(job)
+    seconds = _seconds(job, report)
     if seconds is not None and state in ("succeeded", "failed", "cancelled"):
         parts.append(f"{seconds:.1f} s")
     return "  ".join(parts)
 
 
-def format_verification(v) -> str:
+def _report_parts(report: JobReport, succeeded: bool) -> list[str]:
+    parts = []
+    e = report.engine
+    if e is not None and succeeded:
+        if e.solver in ("ekfac", "kfac", "datainf") and not e.residual:
+            parts.append("residual not measured (closed form)")
+        else:
+            parts.append(f"residual {e.residual or 0.0:.1e}" + ("" if e.converged else " (not converged)"))
+        if report.solver_reason:  # which solver ran and why (a fallback, the factors it used)
+            parts.append(f"solver {report.solver_reason}")
+    if report.verification is not None:
+        parts.append(format_verification(report.verification))
+    u = report.utility
+    if u is not None:
+        parts.append(f"utility {'ok' if u.passed else 'FAILED'}: retained NLL {u.before:.2f} -> {u.after:.2f} "
+                     f"({u.after - u.before:+.2f}, max +{u.max_rise:g}, {u.rows} rows)")
+    if report.serving:
+        parts.append(f"serving {report.serving}")
+    return parts
+
+
+def format_verification(v: Verification) -> str:
     """One line of numbers: the policy, the verdict, the membership AUC before and after
     refinement against its bound, the losses, and the refinement's cost."""
     verdict = "passed" if v.passed else ("not passed" if v.policy == "report" else "FAILED")
     text = f"verify {v.policy} {verdict}"
-    if v.HasField("auc_after"):
-        auc = f"{v.auc_before:.3f} -> {v.auc_after:.3f}" if v.refine_method else f"{v.auc_after:.3f}"
-        text += f": MIA AUC {auc} (max {v.max_auc:g})"
-        text += f", erased NLL {v.erased_nll_after:.2f} vs held-out {v.holdout_nll:.2f}"
-        if v.HasField("retain_nll_after"):
-            text += f", retained NLL {v.retain_nll_after:.2f}"
-            if v.HasField("retain_nll_parent"):
-                text += f" ({v.retain_nll_after - v.retain_nll_parent:+.2f})"
-    elif v.basis == "base-model reference":
-        text += (f": no held-out set, judged against the base model: {v.rows_ahead_of_base} erased row(s) still more "
-                 f"likely under the adapter, {v.rows_recalled} reproduced")
+    final, judged = v.final, v.verdict
+    if final is not None:
+        auc = f"{v.before.auc:.3f} -> {final.auc:.3f}" if v.refinement is not None else f"{final.auc:.3f}"
+        text += f": MIA AUC {auc} (max {v.bounds.max_auc:g})"
+        text += f", erased NLL {final.erased_mean_nll:.2f} vs held-out {final.holdout_mean_nll:.2f}"
+        if final.retain_mean_nll is not None:
+            text += f", retained NLL {final.retain_mean_nll:.2f}"
+            if v.retain_reference is not None:
+                text += f" ({final.retain_mean_nll - v.retain_reference:+.2f})"
+    elif judged is not None and judged.basis == "base-model reference":
+        text += (f": no held-out set, judged against the base model: {judged.ahead} erased row(s) still more "
+                 f"likely under the adapter, {judged.recalled} reproduced")
     else:
         text += f": {v.reason}"
-    if v.attacks:
-        text += "; attacks " + ", ".join(f"{a.name} {a.auc:.2f} [{a.auc_low:.2f}, {a.auc_high:.2f}] (max {a.max_auc:.2f})"
-                                         for a in v.attacks)
-    if v.HasField("new_rows"):
-        n = v.new_rows
+    if judged is not None and judged.attacks:
+        text += "; attacks " + ", ".join(f"{a.name} {a.auc:.2f} [{a.interval[0]:.2f}, {a.interval[1]:.2f}] "
+                                         f"(max {a.high:.2f})" for a in judged.attacks)
+    if v.learned is not None:
+        n = v.learned
         text += (f"; new rows {'learned' if n.passed else 'NOT learned'}: NLL {n.mean_nll:.2f} (target "
                  f"{n.target_nll:.2f} + {n.margin:g}), {n.reproduced}/{n.rows} reproduced ({n.required} required)")
-    if v.refine_method:
-        text += f"; refined {v.refine_steps} step(s) ({v.refine_method}, {v.refine_seconds:.1f} s: {v.refine_stopped})"
+    r = v.refinement
+    if r is not None:
+        text += f"; refined {r.steps} step(s) ({r.method}, {r.seconds:.1f} s: {r.stopped})"
     return text
 
 

@@ -129,6 +129,75 @@ def report_message(report: JobReport | None) -> pb.EraseReport | None:
     return msg
 
 
+def report_of_message(msg: pb.EraseReport) -> JobReport:
+    """A report as a client reads it back (``erasectl``): the typed report with what the proto
+    carries; the parts it leaves out (per-row scores, the refinement's trace) stay empty."""
+    from .report import EngineReport, Factors, JobReport, Utility
+
+    engine = None
+    if msg.solver or msg.residual or msg.iterations or msg.converged or msg.rows_after:
+        engine = EngineReport(
+            solver=msg.solver, curvature=msg.curvature, damping=msg.damping, objective=msg.objective,
+            iterations=msg.iterations, converged=msg.converged, rows=msg.rows_before, rows_after=msg.rows_after,
+            counts=dict(msg.counts), update_norm=msg.update_norm, adapter_sha256=msg.adapter_sha256,
+            preset=msg.preset or None, residual=msg.residual, tolerance=msg.tolerance,
+            affected_loss_before=msg.affected_loss_before, affected_loss_after=msg.affected_loss_after,
+            edited_loss_before=msg.edited_loss_before if msg.HasField("edited_loss_before") else None,
+            edited_loss_after=msg.edited_loss_after if msg.HasField("edited_loss_after") else None,
+            curvature_rows=msg.curvature_rows, curvature_products=msg.curvature_products, parameters=msg.parameters,
+            note=msg.note)
+    utility = None
+    if msg.HasField("utility"):
+        u = msg.utility
+        utility = Utility(rows=u.rows, before=u.retain_nll_parent, after=u.retain_nll_after,
+                          rise=u.retain_nll_after - u.retain_nll_parent, max_rise=u.max_rise, passed=u.passed)
+    factors = None
+    if msg.factor_source or msg.factor_out_action:
+        factors = Factors(source=msg.factor_source, out_action=msg.factor_out_action, version=msg.factor_version,
+                          age_seconds=msg.factor_age_seconds if msg.HasField("factor_age_seconds") else None,
+                          changed_fraction=(msg.factor_changed_fraction if msg.HasField("factor_changed_fraction")
+                                            else None))
+    verification = (_verification_of_message(msg.verification, utility.max_rise if utility else 0.0)
+                    if msg.HasField("verification") else None)
+    return JobReport(engine=engine, seconds=dict(msg.seconds), verification=verification, utility=utility,
+                     factors=factors, requested_solver=msg.requested_solver, solver_reason=msg.solver_reason,
+                     serving=msg.serving)
+
+
+def _verification_of_message(v: pb.Verification, max_rise: float) -> Verification:
+    from .report import Attack, Bounds, LossScores, Membership, NewRows, Refinement, Verdict, Verification
+
+    def scores(auc: str, nll: str) -> LossScores | None:
+        if not v.HasField(auc):
+            return None
+        return LossScores(auc=getattr(v, auc), erased_mean_nll=getattr(v, nll) if v.HasField(nll) else 0.0,
+                          holdout_mean_nll=v.holdout_nll, erased_rows=v.erased_rows, holdout_rows=v.holdout_rows,
+                          retain_mean_nll=v.retain_nll_after if v.HasField("retain_nll_after") else None)
+
+    refinement = (Refinement(method=v.refine_method, steps=v.refine_steps, seconds=v.refine_seconds,
+                             stopped=v.refine_stopped) if v.refine_method else None)
+    final = scores("auc_after", "erased_nll_after")  # after refinement, else the only score there is
+    before = scores("auc_before", "erased_nll_before") if refinement is not None else final
+    membership = None
+    if v.basis:
+        attacks = tuple(Attack(name=a.name, auc=a.auc, interval=(a.auc_low, a.auc_high), high=a.max_auc, low=a.min_auc,
+                               rows_flagged=a.rows_flagged, passed=a.passed) for a in v.attacks)
+        membership = Membership(after=Verdict(basis=v.basis, passed=v.passed, erased_rows=v.erased_rows,
+                                              recalled=v.rows_recalled, holdout_rows=v.holdout_rows, attacks=attacks,
+                                              ahead=v.rows_ahead_of_base))
+    learned = None
+    if v.HasField("new_rows"):
+        n = v.new_rows
+        learned = NewRows(rows=n.rows, mean_nll=n.mean_nll, target_nll=n.target_nll, margin=n.margin,
+                          reproduced=n.reproduced, required=n.required,
+                          retain_reproduced_share=n.retain_reproduced_share, passed=n.passed)
+    return Verification(policy=v.policy, passed=v.passed, reason=v.reason,
+                        bounds=Bounds(max_auc=v.max_auc, min_auc=v.min_auc, max_retain_rise=max_rise),
+                        retain_reference=v.retain_nll_parent if v.HasField("retain_nll_parent") else None,
+                        before=before, after=final if refinement is not None else None, refinement=refinement,
+                        seconds=v.seconds, membership=membership, learned=learned)
+
+
 def job_message(job: Job) -> pb.Job:
     return pb.Job(
         id=job.id, adapter=job.adapter, state=int(job.state), from_version=job.from_version, to_version=job.to_version,

@@ -89,3 +89,31 @@ def _subset(expected, actual) -> bool:
         return isinstance(actual, (list, tuple)) and len(expected) == len(actual) and all(
             _subset(e, a) for e, a in zip(expected, actual))
     return expected == actual
+
+
+def test_erasectl_reads_a_job_message_back_as_the_same_typed_report():
+    """What a client gets (the proto, mapped once in wire) reads back, in erasectl, into the
+    report type the sidecar keeps: every number the proto carries is the one the sidecar had,
+    and erasectl formats it from the type (the same line as from the sidecar's own report)."""
+    from sidecar.ctl import _report_parts
+    from sidecar.wire import report_message, report_of_message
+
+    for basis in ("held-out", "base-model reference"):
+        report = JobReport.from_json(_engine(_verification(basis))).with_(solver_reason="ekfac: factors of v1",
+                                                                           serving="confirmed on 1 replica(s)")
+        back = report_of_message(report_message(report))
+        assert (back.engine.solver, back.engine.rows, back.engine.rows_after, back.engine.counts) == ("ekfac", 24, 22,
+                                                                                                   {"remove": 2})
+        assert back.utility == report.utility and back.seconds == report.seconds
+        assert (back.factors.source, back.factors.out_action, back.factors.changed_fraction) == ("cache", "downdated",
+                                                                                              0.08)
+        v, w = report.verification, back.verification
+        assert (w.policy, w.passed, w.bounds, w.retain_reference) == (v.policy, v.passed, v.bounds, v.retain_reference)
+        assert (w.before.auc, w.final.auc, w.final.erased_mean_nll) == (v.before.auc, v.final.auc, v.final.erased_mean_nll)
+        assert (w.refinement.steps, w.refinement.method) == (v.refinement.steps, v.refinement.method)
+        assert w.verdict.basis == basis and [a.auc for a in w.verdict.attacks] == [a.auc for a in v.verdict.attacks]
+        assert w.learned == v.learned
+        assert _report_parts(back, succeeded=True) == _report_parts(report, succeeded=True)
+        # A refused update: only its verdict travels, and reads back so.
+        refused = report_of_message(report_message(JobReport(verification=v)))
+        assert refused.engine is None and refused.verification.passed == v.passed
