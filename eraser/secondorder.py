@@ -61,6 +61,15 @@ class StepConfig:
     band: float = 0.2
     backtracks: int = 12
     expansions: int = 4
+    # How a natural step's line search goes past its first trial: "model" tries once more at
+    # the scale where the quadratic model of Φ along the step (its value and slope at 0 and
+    # at the first trial) is least, within the utility bound's quadratic model; "doubling"
+    # doubles (or halves) blind, one scoring pass per trial.
+    search: str = "model"
+    # The retained rows' gradient (what a natural step is projected against) is recomputed
+    # every this many steps (and after a step found nothing): the parameters move little
+    # per step and it is the costliest pass of a step (the whole retained sample, backward).
+    retain_gradient_every: int = 3
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
     damping_ratio: float = 0.1
     anchor_weight: float = 10.0
@@ -78,6 +87,8 @@ class StepConfig:
             raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
         if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
             raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
+        if self.search not in ("model", "doubling") or self.retain_gradient_every < 1:
+            raise InvalidRequestError("search must be model or doubling, retain_gradient_every >= 1")
 
 
 @dataclass
@@ -197,9 +208,12 @@ class LineSearch:
 
 
 def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective: SampledObjective, current: Point,
-                start: float, budget: float, config: StepConfig, expand: bool = True) -> LineSearch:
-    """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
-    that does not raise Φ; the parameters are left at it (s = 0: unchanged)."""
+                start: float, budget: float, config: StepConfig, expand: bool = True,
+                slope: float | None = None) -> LineSearch:
+    """The largest admissible scale s of θ + s·d found from ``start`` that does not raise Φ;
+    the parameters are left at it (s = 0: unchanged). With ``slope`` (dΦ/ds at 0) and
+    ``config.search == "model"``, the second trial is the scale the quadratic models predict
+    (``_modelled_scale``); otherwise the scale is doubled or halved."""
 
     w = config.anchor_weight
 
@@ -215,11 +229,28 @@ def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective:
     def ok(p: Point) -> bool:
         return p.admissible(budget, overshoot) and p.merit(w) <= current.merit(w) - 1e-4 * abs(current.merit(w))
 
+    modelled = slope is not None and config.search == "model"
+    trials = 0
+
+    def polish(best: tuple[float, Point], grow: bool) -> tuple[float, Point]:
+        """One more trial where the merit's model through the admissible point is least,
+        when that is far enough from it (beyond it only if ``grow``); the better one."""
+        nonlocal trials
+        s, point = best
+        guess = min(_modelled_scale(current, s, point, slope, budget, w), 2.0 ** config.expansions * s)
+        if not (guess > 1.25 * s and grow) and not 0 < guess < 0.8 * s:
+            return best
+        trial = at(guess)
+        trials += 1
+        return (guess, trial) if ok(trial) and trial.merit(w) < point.merit(w) else best
+
     s, trials = start, 1
     point = at(s)
     if ok(point):
         best = (s, point)
-        for _ in range(config.expansions if expand else 0):
+        if modelled and expand:
+            best = polish(best, grow=True)
+        for _ in range(0 if modelled else config.expansions if expand else 0):
             trial = at(2 * best[0])
             trials += 1
             if not (ok(trial) and trial.merit(w) < best[1].merit(w)):
@@ -227,17 +258,37 @@ def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective:
             best = (2 * best[0], trial)
     else:
         best = (0.0, current)
+        guess = _modelled_scale(current, s, point, slope, budget, w) if modelled else 0.0
         for _ in range(config.backtracks):
-            s /= 2
+            s = guess if 0 < guess < s / 2 else s / 2  # the model's guess once, when it cuts deeper
+            guess = 0.0
             point = at(s)
             trials += 1
             if ok(point):
-                best = (s, point)
+                best = polish((s, point), grow=False) if modelled else (s, point)
                 break
     with torch.no_grad():
         vector_to_parameters(theta + best[0] * direction.to(theta.dtype), params)
     objective.remember(best[1])  # the next evaluate() is at these parameters: no rescoring
     return LineSearch(best[0], trials, best[1])
+
+
+def _modelled_scale(current: Point, s: float, point: Point, slope: float, budget: float, weight: float) -> float:
+    """The scale a second trial should take, from one trial at ``s``: the minimum of the
+    merit's quadratic through its value at 0, its slope there (``slope``: the refinement's
+    gradient holds the retained rows' penalty where it applies) and its value at ``s`` (Φ's
+    alone where the trial's retained rows were not scored); capped where the retained rows'
+    rise, modelled as quadratic in the scale, would reach 0.9 of ``budget``. 0 when neither
+    model says anything."""
+    if not (math.isfinite(point.phi) and s > 0):
+        return 0.0
+    scored = math.isfinite(point.rise)
+    start, end = (current.merit(weight), point.merit(weight)) if scored else (current.phi, point.phi)
+    curvature = (end - start - slope * s) / (s * s)
+    best = -slope / (2 * curvature) if curvature > 0 and slope < 0 else math.inf
+    if scored and point.rise > current.rise and budget > current.rise:
+        best = min(best, s * math.sqrt(0.9 * (budget - current.rise) / (point.rise - current.rise)))
+    return best if math.isfinite(best) else 0.0
 
 
 class Judge:
@@ -384,6 +435,7 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
     order = list(range(retained))
     random.Random(0).shuffle(order)
     scale, stalled = 1.0, 0
+    retain_grad, since = None, 0  # the retained rows' gradient, and the steps since it was taken
     progress("refine", 0, max_steps)
     for step in range(max_steps + 1):
         passed, why, settled = done()
@@ -404,10 +456,14 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
                 result.reason = f"no gradient left: {why}"
             break
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
-        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(order), factors, damping)
+        if retain_grad is None or since >= config.retain_gradient_every or stalled:
+            retain_grad, since = objective.retain_gradient(order), 0
+        since += 1
+        direction = -_project_out(factors.solve(g, damping), retain_grad, factors, damping)
         theta = parameters_to_vector(params).detach().clone()
         start = _gauss_newton_scale(current.phi, g, direction) if stalled == 0 else scale
-        ls = line_search(params, theta, direction, objective, current, start, budget, config)
+        ls = line_search(params, theta, direction, objective, current, start, budget, config,
+                         slope=float(g.double() @ direction.double()))
         result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
         progress("refine", step + 1, max_steps, {"phi": ls.point.phi, "scale": ls.scale})
         if ls.scale == 0.0:

@@ -246,12 +246,15 @@ def test_usage_errors_exit_nonzero(case):
     assert listing(case["out"]) == set()
 
 
-@pytest.mark.parametrize("peft_type", ["ia3", "lokr"])
-def test_other_peft_types_erase(tmp_path, tiny_base, train_file, train_rows, peft_type):
+# IA³ only rescales activations (a few hundred parameters here): at LoKr's schedule it barely
+# learns the facts (erased rows' NLL 2.8), and step control then rightly finds no step worth its
+# cost in retained NLL; trained longer it holds them (2.25) and the erase moves them.
+@pytest.mark.parametrize("peft_type, epochs, lr", [("ia3", "40", "5e-2"), ("lokr", "15", "2e-2")])
+def test_other_peft_types_erase(tmp_path, tiny_base, train_file, train_rows, peft_type, epochs, lr):
     """Any adapter whose trainable parameters PEFT exposes: IA³ and LoKr, beside LoRA."""
     adapter = tmp_path / peft_type
     res = run_cli("train", "--base", tiny_base, "--data", train_file, "--out", adapter, "--peft", peft_type,
-                  "--rank", "2", "--epochs", "15", "--lr", "2e-2", "--json")
+                  "--rank", "2", "--epochs", epochs, "--lr", lr, "--json")
     assert res.returncode == 0, res.stderr
     request = tmp_path / "r.json"
     request.write_text(json.dumps({"remove": [train_rows[1].id, train_rows[11].id]}))

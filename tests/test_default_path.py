@@ -53,15 +53,12 @@ def test_cli_default_without_a_holdout_enforces_the_base_model_level(world, tmp_
     assert all(0.1 <= aucs[a] <= 0.8 for a in ("loss", "reference", "mink")), aucs
 
 
-def test_base_model_level_is_stricter_than_the_held_out_one(world, tmp_path):
-    """The adapter learned the rows' format, so never-seen people are more likely under it than
-    under the base model too: "no advantage over the base model" is a stricter target than
-    "never seen". A budget too small to reach it fails with one line and writes nothing."""
-    model, tok = load(world)
-    held = pairs(world["holdout_rows"])
-    h = measure(model, tok, held, "cpu", base_nll=base_model_nll(model, tok, held, "cpu"))
-    advantage = sorted(b - x for x, b in zip(h.nll, h.base_nll))
-    assert advantage[len(advantage) // 2] > 0.1, advantage
+def test_a_budget_too_small_for_the_base_model_level_fails_cleanly(world, tmp_path):
+    """Without a held-out set the erased rows must show no advantage over the base model; a
+    refinement budget too small to reach it fails with one line and writes nothing. (Whether
+    that target is stricter than the held-out one depends on how well the adapter generalises
+    its format to never-seen people: on this fixture the median never-seen row's advantage was
+    +0.1 nats or more on one CPU and -0.07 on another.)"""
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"remove": [r.id for r in world["erased"]]}))
     res = run_cli("erase", "--base", world["base"], "--adapter", world["adapter"], "--data", world["data"],
