@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, ContextManager, Iterable, Protocol, runtime_checkable
 
-from .jobs import Job, RequestPayload, State
+from .job_model import Job, RequestPayload, State
 from .report import JobReport
 
 

@@ -18,113 +18,16 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from eraser.rowhash import RowHasher
 
+from .job_model import Job, RequestPayload, State
+from .job_sql import SharedSQL
 from .report import JobReport
 
 log = logging.getLogger("eraser.sidecar")
-
-
-class State(IntEnum):  # same numbers as eraser.v1.JobState
-    QUEUED = 1
-    RUNNING = 2
-    SUCCEEDED = 3
-    FAILED = 4
-    CANCELLED = 5
-
-    @property
-    def terminal(self) -> bool:
-        return self in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
-
-
-# A request whose job failed or was cancelled may be submitted again under its id (a retry).
-RETRYABLE = (4, 5)  # State.FAILED, State.CANCELLED
-
-
-@dataclass(frozen=True)
-class RequestPayload:
-    """One Erase request as the job runner needs it (holds replacement text)."""
-
-    remove: tuple[str, ...] = ()
-    modify_query: tuple[tuple[str, str], ...] = ()
-    correct_response: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def edited_ids(self) -> set[str]:
-        return {i for i, _ in self.modify_query} | {i for i, _ in self.correct_response}
-
-    @property
-    def ids(self) -> set[str]:
-        return set(self.remove) | self.edited_ids
-
-    def to_json(self) -> dict:
-        return {"remove": list(self.remove), "modify_query": [list(p) for p in self.modify_query],
-                "correct_response": [list(p) for p in self.correct_response]}
-
-    @classmethod
-    def from_json(cls, obj: dict) -> "RequestPayload":
-        return cls(tuple(obj["remove"]), tuple(map(tuple, obj["modify_query"])), tuple(map(tuple, obj["correct_response"])))
-
-    def fingerprint(self, adapter: str, options: dict, hasher: RowHasher) -> str:
-        """Identity of a request for idempotency: ids and keyed hashes of the new text."""
-        canonical = {
-            "adapter": adapter,
-            "remove": sorted(self.remove),
-            "modify_query": sorted((i, hasher.text(t)) for i, t in self.modify_query),
-            "correct_response": sorted((i, hasher.text(t)) for i, t in self.correct_response),
-            "options": options,
-        }
-        return hasher.text(json.dumps(canonical, sort_keys=True))
-
-    def public_edits(self, hasher: RowHasher) -> list[dict]:
-        """What a job record may keep: ids, kinds and keyed hashes of the new text."""
-        out = [{"id": i, "kind": "remove"} for i in self.remove]
-        out += [{"id": i, "kind": "modify_query", "new_hash": hasher.text(t)} for i, t in self.modify_query]
-        out += [{"id": i, "kind": "correct_response", "new_hash": hasher.text(t)} for i, t in self.correct_response]
-        return out
-
-
-@dataclass
-class Job:
-    id: str
-    adapter: str
-    state: State
-    options: dict
-    created_at: float
-    request_ids: list[str] = field(default_factory=list)
-    counts: dict = field(default_factory=dict)
-    edits: list[dict] = field(default_factory=list)
-    from_version: int = 0
-    to_version: int = 0
-    stage: str = ""
-    fraction: float = 0.0
-    report: JobReport | None = None
-    error_code: str = ""
-    error_message: str = ""
-    started_at: float | None = None
-    finished_at: float | None = None
-    deadline_at: float | None = None
-    attempts: int = 0
-    already_erased: list[str] = field(default_factory=list)
-    cancel_requested: bool = False
-    replicas_behind: list[str] = field(default_factory=list)
-    swap_checks: list[dict] = field(default_factory=list)
-    worker: str = ""  # the worker that holds it (a pool on PostgreSQL); empty on SQLite
-
-    @property
-    def size(self) -> int:
-        return len({e["id"] for e in self.edits})
-
-    @property
-    def task(self) -> str:
-        kinds = {k for k, v in self.counts.items() if v}
-        return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 _SCHEMA = """
@@ -197,7 +100,7 @@ _ADDED_COLUMNS = {
 }
 
 
-class JobDB:
+class JobDB(SharedSQL):
     """All access goes through one connection under one lock: simple, and SQLite
     serialises writers anyway. Claims and merges run in ``BEGIN IMMEDIATE`` transactions
     so they stay correct even if a second process opens the same file."""
@@ -239,6 +142,21 @@ class JobDB:
             self._conn.close()
 
     # ---- helpers -------------------------------------------------------------------
+    def _write(self):
+        return self._tx()
+
+    def _read(self):
+        return self._reading()
+
+    def _lock_adapter(self, c: sqlite3.Connection, adapter: str) -> None:
+        pass  # BEGIN IMMEDIATE: one writer at a time
+
+    def _lock_job(self, c: sqlite3.Connection, job_id: str) -> bool:
+        return True
+
+    def _wipe(self) -> None:
+        self._checkpoint()
+
     def _tx(self):
         db = self
 
@@ -314,17 +232,6 @@ class JobDB:
         with self._reading() as c:
             return [self._job(r, c) for r in c.execute(sql, args).fetchall()]
 
-    def by_request(self, request_id: str) -> tuple[Job, str] | None:
-        with self._reading() as c:
-            row = c.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-            return (self._get(c, row[0]), row[1]) if row else None
-
-    def active_count(self, adapter: str | None = None) -> dict[State, int]:
-        sql = "SELECT state, COUNT(*) FROM jobs WHERE state IN (1, 2)" + (" AND adapter = ?" if adapter else "") + " GROUP BY state"
-        with self._reading() as c:
-            counts = dict(c.execute(sql, (adapter,) if adapter else ()).fetchall())
-        return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
-
     def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
         """Those of ``ids`` that a succeeded job of ``adapter`` removed."""
         ids = list(ids)
@@ -345,26 +252,6 @@ class JobDB:
                 "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove'", (adapter,)).fetchall()
         return {r[0] for r in rows}
 
-    def payload_rows(self, job_id: str) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM payloads WHERE job_id = ?", (job_id,)).fetchone()[0]
-
-    def deletions(self, adapter: str) -> list[dict]:
-        """What was deleted of an adapter's history, oldest first: {deleted_at, how (purge |
-        retention), versions, factor_caches [[version, method]], payload_rows}."""
-        with self._lock:
-            rows = self._conn.execute("SELECT deleted_at, how, versions, factor_caches, payload_rows FROM deletions "
-                                      "WHERE adapter = ? ORDER BY seq", (adapter,)).fetchall()
-        return [{"deleted_at": r[0], "how": r[1], "versions": json.loads(r[2]), "factor_caches": json.loads(r[3]),
-                 "payload_rows": r[4]} for r in rows]
-
-    def payloads(self, job_id: str) -> list[RequestPayload]:
-        with self._reading() as c:
-            rows = c.execute(
-                "SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id WHERE p.job_id = ? ORDER BY r.seq",
-                (job_id,)).fetchall()
-        return [RequestPayload.from_json(json.loads(r[0])) for r in rows]
-
     # ---- transitions ---------------------------------------------------------------
     def submit(self, adapter: str, request_id: str, payload: RequestPayload, options: dict, fingerprint: str,
                merge: bool, max_rows: int, deadline_seconds: float = 0.0) -> tuple[Job, bool, bool]:
@@ -384,55 +271,6 @@ class JobDB:
             return self.group.run(work)
         with self._tx() as c:
             return work(c)
-
-    def _submit_tx(self, c: sqlite3.Connection, adapter: str, request_id: str, payload: RequestPayload, options: dict,
-                   fingerprint: str, merge: bool, max_rows: int, deadline_seconds: float, now: float) -> tuple[Job, bool, bool]:
-        """``submit``'s writes, inside a transaction the caller owns."""
-        options_key = json.dumps(options, sort_keys=True)
-        seen = c.execute("SELECT r.job_id, j.state FROM requests r JOIN jobs j ON j.id = r.job_id "
-                         "WHERE r.request_id = ?", (request_id,)).fetchone()
-        if seen and seen[1] in RETRYABLE:  # it ended without effect: the id is free for a new submission
-            c.execute("INSERT INTO past_requests (request_id, job_id, fingerprint, created_at) SELECT request_id, "
-                      "job_id, fingerprint, created_at FROM requests WHERE request_id = ?", (request_id,))
-            c.execute("DELETE FROM requests WHERE request_id = ?", (request_id,))
-        elif seen:
-            return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (seen[0],)).fetchone()), False, False
-        target = None  # the queued job this request joins: (id, edits)
-        if merge:
-            # Only its edits are read: a whole Job would also read every merged request id.
-            row = c.execute(
-                "SELECT id, edits FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? AND cancel_requested = 0 "
-                "AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1",
-                (adapter, options_key),
-            ).fetchone()
-            if row is not None:
-                job_edits = json.loads(row["edits"])
-                ids = {e["id"] for e in job_edits}
-                edited = {e["id"] for e in job_edits if e["kind"] != "remove"}
-                # Two edits of one row cannot be summed into one solve; removals can.
-                conflict = (payload.edited_ids & ids) or (payload.ids & edited)
-                if not conflict and len(ids | payload.ids) <= max_rows and not deadline_seconds:
-                    target = (row["id"], job_edits)
-        edits = payload.public_edits(self.hasher)
-        if target is not None:
-            job_id, job_edits = target
-            merged_edits = _merge_edits(job_edits, edits)
-            counts = _counts(merged_edits)
-            c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(merged_edits), json.dumps(counts), job_id))
-        else:
-            job_id = uuid.uuid4().hex
-            c.execute(
-                "INSERT INTO jobs (id, adapter, state, options, options_key, counts, edits, created_at, deadline_at) "
-                "VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)",
-                (job_id, adapter, json.dumps(options), options_key, json.dumps(_counts(edits)), json.dumps(edits), now,
-                 now + deadline_seconds if deadline_seconds else None),
-            )
-        c.execute("INSERT INTO requests (request_id, job_id, fingerprint, created_at) VALUES (?, ?, ?, ?)",
-                  (request_id, job_id, fingerprint, now))
-        c.execute("INSERT INTO payloads (request_id, job_id, body) VALUES (?, ?, ?)",
-                  (request_id, job_id, json.dumps(payload.to_json())))
-        job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-        return job, True, target is not None
 
     def claim(self, busy_adapters: Iterable[str], current_version) -> Job | None:
         """Take the oldest queued job whose adapter has no running job; mark it running."""
@@ -487,66 +325,10 @@ class JobDB:
         self._checkpoint()
         return job
 
-    def record_deletion(self, adapter: str, how: str, versions: list[int], factor_caches: list[tuple[int, str]],
-                        deleted_at: float, purge_payloads: bool = False) -> int:
-        """Record that versions and factor caches of ``adapter`` were deleted (``how``: purge
-        or retention); with ``purge_payloads``, delete the payloads ended jobs left, in the same
-        transaction. Returns the payload rows deleted."""
-        with self._tx() as c:
-            payload_rows = 0
-            if purge_payloads:
-                payload_rows = c.execute("DELETE FROM payloads WHERE job_id IN (SELECT id FROM jobs WHERE adapter = ? "
-                                         "AND state IN (3, 4, 5))", (adapter,)).rowcount
-            if not (versions or factor_caches or payload_rows):
-                return 0
-            c.execute("INSERT INTO deletions (adapter, deleted_at, how, versions, factor_caches, payload_rows) "
-                      "VALUES (?, ?, ?, ?, ?, ?)", (adapter, deleted_at, how, json.dumps(versions),
-                                                    json.dumps([list(fc) for fc in factor_caches]), payload_rows))
-        if payload_rows:
-            self._checkpoint()
-        return payload_rows
-
     def requeue(self, job_id: str) -> None:
         """Back to the queue (drain or crash): it starts again from its adapter's current version."""
         with self._tx() as c:
             c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL WHERE id = ?", (job_id,))
-
-    def withdraw(self, job_id: str, request_id: str) -> Job | None:
-        """Take one request out of a queued job that serves others too; the job's edits are
-        those of the requests left. None when the job is no longer queued."""
-        with self._tx() as c:
-            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row[0] != State.QUEUED:
-                return None
-            c.execute("DELETE FROM requests WHERE request_id = ? AND job_id = ?", (request_id, job_id))
-            c.execute("DELETE FROM payloads WHERE request_id = ? AND job_id = ?", (request_id, job_id))
-            edits: list[dict] = []
-            for (body,) in c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
-                                     "WHERE p.job_id = ? ORDER BY r.seq", (job_id,)).fetchall():
-                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(body)).public_edits(self.hasher))
-            c.execute("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?", (json.dumps(edits), json.dumps(_counts(edits)),
-                                                                            job_id))
-            job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-        self._checkpoint()
-        return job
-
-    def request_cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued job now; flag a running one (its runner stops at the next step)."""
-        with self._tx() as c:
-            row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            if row[0] == State.QUEUED:
-                c.execute("UPDATE jobs SET state = 5, finished_at = ?, stage = 'cancelled', cancel_requested = 1, "
-                          "error_code = 'CANCELLED', error_message = 'cancelled by a client before it started' WHERE id = ?",
-                          (time.time(), job_id))
-                c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
-            elif row[0] == State.RUNNING:
-                c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-            job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-        if job.state == State.CANCELLED:
-            self._checkpoint()
-        return job
 
 
 def finish_assignments(state: State, report: JobReport | None, error_code: str, error_message: str,
@@ -649,16 +431,3 @@ class GroupCommit:
         finally:
             for s in batch:
                 s.done = True
-
-
-def _merge_edits(edits: list[dict], more: list[dict]) -> list[dict]:
-    """A job's edits with another request's: a row removed by both is listed once."""
-    removed = {e["id"] for e in edits}
-    return edits + [e for e in more if not (e["kind"] == "remove" and e["id"] in removed)]
-
-
-def _counts(edits: list[dict]) -> dict[str, int]:
-    counts = {"remove": 0, "modify_query": 0, "correct_response": 0}
-    for e in edits:
-        counts[e["kind"]] += 1
-    return counts

@@ -40,7 +40,9 @@ from psycopg.rows import dict_row
 from eraser.rowhash import RowHasher
 
 from .errors import JobStoreUnavailable, LeaseLost
-from .jobs import RETRYABLE, Job, RequestPayload, State, _counts, _merge_edits, finish_assignments
+from .job_model import Job, RequestPayload, State
+from .job_sql import SharedSQL
+from .jobs import finish_assignments
 from .report import JobReport
 
 log = logging.getLogger("eraser.sidecar")
@@ -205,12 +207,13 @@ class _Pool:
             conn.close()
 
 
-class PostgresJobDB:
+class PostgresJobDB(SharedSQL):
     """``JobDB`` on PostgreSQL. ``dsn``: a libpq connection string or URI (the database must
     exist; the tables are created on first use). Connections: up to ``pool_size``, opened on
     demand, each transaction on one of them."""
 
     leases = True
+    MARK = "%s"
 
     def __init__(self, dsn: str, hasher: RowHasher, pool_size: int = 8, worker: str = "",
                  lease_seconds: float = 30.0):
@@ -248,6 +251,15 @@ class PostgresJobDB:
             if read_only:
                 conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield conn
+
+    def _write(self):
+        return self._tx()
+
+    def _read(self):
+        return self._tx(read_only=True)
+
+    def _wipe(self) -> None:
+        self._scrub()
 
     @staticmethod
     def _lock_adapter(c: psycopg.Connection, adapter: str) -> None:
@@ -318,18 +330,6 @@ class PostgresJobDB:
         with self._tx(read_only=True) as c:
             return [self._job(r) for r in c.execute(sql, args).fetchall()]
 
-    def by_request(self, request_id: str) -> tuple[Job, str] | None:
-        with self._tx(read_only=True) as c:
-            row = c.execute("SELECT job_id, fingerprint FROM requests WHERE request_id = %s", (request_id,)).fetchone()
-            return (self._get(c, row["job_id"]), row["fingerprint"]) if row else None
-
-    def active_count(self, adapter: str | None = None) -> dict[State, int]:
-        sql = ("SELECT state, COUNT(*) AS n FROM jobs WHERE state IN (1, 2)" + (" AND adapter = %s" if adapter else "")
-               + " GROUP BY state")
-        with self._tx(read_only=True) as c:
-            counts = {r["state"]: r["n"] for r in c.execute(sql, (adapter,) if adapter else ()).fetchall()}
-        return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
-
     def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
         """Those of ``ids`` that a succeeded job of ``adapter`` removed."""
         ids = list(ids)
@@ -350,25 +350,6 @@ class PostgresJobDB:
                 "WHERE j.adapter = %s AND j.state IN (1, 2) AND e ->> 'kind' = 'remove'", (adapter,)).fetchall()
         return {r["id"] for r in rows}
 
-    def payload_rows(self, job_id: str) -> int:
-        with self._tx(read_only=True) as c:
-            return c.execute("SELECT COUNT(*) AS n FROM payloads WHERE job_id = %s", (job_id,)).fetchone()["n"]
-
-    def deletions(self, adapter: str) -> list[dict]:
-        """What was deleted of an adapter's history, oldest first: {deleted_at, how (purge |
-        retention), versions, factor_caches [[version, method]], payload_rows}."""
-        with self._tx(read_only=True) as c:
-            rows = c.execute("SELECT deleted_at, how, versions, factor_caches, payload_rows FROM deletions "
-                             "WHERE adapter = %s ORDER BY seq", (adapter,)).fetchall()
-        return [{"deleted_at": r["deleted_at"], "how": r["how"], "versions": json.loads(r["versions"]),
-                 "factor_caches": json.loads(r["factor_caches"]), "payload_rows": r["payload_rows"]} for r in rows]
-
-    def payloads(self, job_id: str) -> list[RequestPayload]:
-        with self._tx(read_only=True) as c:
-            rows = c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
-                             "WHERE p.job_id = %s ORDER BY r.seq", (job_id,)).fetchall()
-        return [RequestPayload.from_json(json.loads(r["body"])) for r in rows]
-
     # ---- transitions ---------------------------------------------------------------
     def submit(self, adapter: str, request_id: str, payload: RequestPayload, options: dict, fingerprint: str,
                merge: bool, max_rows: int, deadline_seconds: float = 0.0) -> tuple[Job, bool, bool]:
@@ -379,51 +360,11 @@ class PostgresJobDB:
         the caller checks the fingerprint first and re-checks it here.
         """
         now = time.time()
-        options_key = json.dumps(options, sort_keys=True)
         with self._tx() as c:
             c.execute("SELECT pg_advisory_xact_lock(%s::int4, hashtext(%s))", (_REQUEST_LOCK, request_id))
             self._lock_adapter(c, adapter)
-            seen = c.execute("SELECT r.job_id, j.state FROM requests r JOIN jobs j ON j.id = r.job_id "
-                             "WHERE r.request_id = %s", (request_id,)).fetchone()
-            if seen and seen["state"] in RETRYABLE:  # it ended without effect: the id is free for a new submission
-                c.execute("INSERT INTO past_requests (request_id, job_id, fingerprint, created_at) SELECT request_id, "
-                          "job_id, fingerprint, created_at FROM requests WHERE request_id = %s", (request_id,))
-                c.execute("DELETE FROM requests WHERE request_id = %s", (request_id,))
-            elif seen:
-                return self._get(c, seen["job_id"]), False, False
-            target = None  # the queued job this request joins: (id, edits)
-            if merge:
-                # The adapter's lock is held: no other transaction claims, cancels or edits it meanwhile.
-                row = c.execute(
-                    "SELECT id, edits FROM jobs WHERE adapter = %s AND state = 1 AND options_key = %s "
-                    "AND NOT cancel_requested AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1",
-                    (adapter, options_key)).fetchone()
-                if row is not None:
-                    job_edits = json.loads(row["edits"])
-                    ids = {e["id"] for e in job_edits}
-                    edited = {e["id"] for e in job_edits if e["kind"] != "remove"}
-                    # Two edits of one row cannot be summed into one solve; removals can.
-                    conflict = (payload.edited_ids & ids) or (payload.ids & edited)
-                    if not conflict and len(ids | payload.ids) <= max_rows and not deadline_seconds:
-                        target = (row["id"], job_edits)
-            edits = payload.public_edits(self.hasher)
-            if target is not None:
-                job_id, job_edits = target
-                merged_edits = _merge_edits(job_edits, edits)
-                c.execute("UPDATE jobs SET edits = %s, counts = %s WHERE id = %s",
-                          (json.dumps(merged_edits), json.dumps(_counts(merged_edits)), job_id))
-            else:
-                job_id = uuid.uuid4().hex
-                c.execute(
-                    "INSERT INTO jobs (id, adapter, state, options, options_key, counts, edits, created_at, deadline_at) "
-                    "VALUES (%s, %s, 1, %s, %s, %s, %s, %s, %s)",
-                    (job_id, adapter, json.dumps(options), options_key, json.dumps(_counts(edits)), json.dumps(edits),
-                     now, now + deadline_seconds if deadline_seconds else None))
-            c.execute("INSERT INTO requests (request_id, job_id, fingerprint, created_at) VALUES (%s, %s, %s, %s)",
-                      (request_id, job_id, fingerprint, now))
-            c.execute("INSERT INTO payloads (request_id, job_id, body) VALUES (%s, %s, %s)",
-                      (request_id, job_id, json.dumps(payload.to_json())))
-            return self._get(c, job_id), True, target is not None
+            return self._submit_tx(c, adapter, request_id, payload, options, fingerprint, merge, max_rows,
+                                   deadline_seconds, now)
 
     def claim(self, busy_adapters: Iterable[str], current_version) -> Job | None:
         """Take the oldest queued job whose adapter has no running job, or a running job whose
@@ -562,26 +503,6 @@ class PostgresJobDB:
         self._scrub()
         return job
 
-    def record_deletion(self, adapter: str, how: str, versions: list[int], factor_caches: list[tuple[int, str]],
-                        deleted_at: float, purge_payloads: bool = False) -> int:
-        """Record that versions and factor caches of ``adapter`` were deleted (``how``: purge
-        or retention); with ``purge_payloads``, delete the payloads ended jobs left, in the same
-        transaction. Returns the payload rows deleted."""
-        with self._tx() as c:
-            self._lock_adapter(c, adapter)
-            payload_rows = 0
-            if purge_payloads:
-                payload_rows = c.execute("DELETE FROM payloads WHERE job_id IN (SELECT id FROM jobs WHERE adapter = %s "
-                                         "AND state IN (3, 4, 5))", (adapter,)).rowcount
-            if not (versions or factor_caches or payload_rows):
-                return 0
-            c.execute("INSERT INTO deletions (adapter, deleted_at, how, versions, factor_caches, payload_rows) "
-                      "VALUES (%s, %s, %s, %s, %s, %s)", (adapter, deleted_at, how, json.dumps(versions),
-                                                          json.dumps([list(fc) for fc in factor_caches]), payload_rows))
-        if payload_rows:
-            self._scrub()
-        return payload_rows
-
     def requeue(self, job_id: str) -> None:
         """Back to the queue (drain or crash): it starts again from its adapter's current version."""
         where, args = self._fence(job_id)
@@ -590,45 +511,6 @@ class PostgresJobDB:
                 c.execute("UPDATE jobs SET state = 1, stage = 'queued', fraction = 0, started_at = NULL, "
                           f"lease_until = NULL WHERE {where} AND state = 2", args)
         self.release(job_id)
-
-    def withdraw(self, job_id: str, request_id: str) -> Job | None:
-        """Take one request out of a queued job that serves others too; the job's edits are
-        those of the requests left. None when the job is no longer queued."""
-        with self._tx() as c:
-            if not self._lock_job(c, job_id):
-                return None
-            row = c.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
-            if row["state"] != State.QUEUED:
-                return None
-            c.execute("DELETE FROM requests WHERE request_id = %s AND job_id = %s", (request_id, job_id))
-            c.execute("DELETE FROM payloads WHERE request_id = %s AND job_id = %s", (request_id, job_id))
-            edits: list[dict] = []
-            for r in c.execute("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
-                               "WHERE p.job_id = %s ORDER BY r.seq", (job_id,)).fetchall():
-                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(r["body"])).public_edits(self.hasher))
-            c.execute("UPDATE jobs SET edits = %s, counts = %s WHERE id = %s",
-                      (json.dumps(edits), json.dumps(_counts(edits)), job_id))
-            job = self._get(c, job_id)
-        self._scrub()
-        return job
-
-    def request_cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued job now; flag a running one (its runner stops at the next step)."""
-        with self._tx() as c:
-            if not self._lock_job(c, job_id):
-                return None
-            row = c.execute("SELECT state FROM jobs WHERE id = %s", (job_id,)).fetchone()
-            if row["state"] == State.QUEUED:
-                c.execute("UPDATE jobs SET state = 5, finished_at = %s, stage = 'cancelled', cancel_requested = TRUE, "
-                          "error_code = 'CANCELLED', error_message = 'cancelled by a client before it started' "
-                          "WHERE id = %s", (time.time(), job_id))
-                c.execute("DELETE FROM payloads WHERE job_id = %s", (job_id,))
-            elif row["state"] == State.RUNNING:
-                c.execute("UPDATE jobs SET cancel_requested = TRUE WHERE id = %s", (job_id,))
-            job = self._get(c, job_id)
-        if job.state == State.CANCELLED:
-            self._scrub()
-        return job
 
 
 class VersionFeed:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from eraser.keyfile import create_once
 
 if TYPE_CHECKING:
-    from .jobs import Job
+    from .job_model import Job
 
 FORMAT = "eraser.erasure-receipt/v1"
 ALGORITHM = "ed25519"

@@ -24,7 +24,7 @@ from eraser.unlearn import erase
 from .config import SidecarConfig
 from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, LeaseLost, ShuttingDown, failure_of
 from .job_store import JobStore
-from .jobs import Job, State
+from .job_model import Job, State
 from .report import JobReport, utility_of, verification_of
 from .solver_choice import SolverChoice, SolverChooser
 from .store import ADAPTER_DIR, DATASET, AdapterStore, Deleted, Version, file_sha256

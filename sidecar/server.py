@@ -29,7 +29,7 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from .aioserver import HealthStatus, LoopThread
 from .config import SidecarConfig
 from .errors import failure_of
-from .jobs import Job, RequestPayload
+from .job_model import Job, RequestPayload
 from .metrics import Metrics
 from .report import JobReport, Utility, Verification
 from .service import EraserService, Hooks

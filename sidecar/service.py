@@ -37,7 +37,8 @@ from .errors import (
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, fitted_at
 from .imports import ImportRoots
 from .job_store import JobStore
-from .jobs import RETRYABLE, Job, JobDB, RequestPayload, State
+from .job_model import RETRYABLE, Job, RequestPayload, State
+from .jobs import JobDB
 from .report import JobReport, Utility, Verification
 from .receipts import ReceiptSigner, SignedReceipt, build_receipt, timestamp
 from .serving import VLLMBackend

@@ -20,7 +20,7 @@ from eraser.unlearn import EraseConfig
 
 from .config import SidecarConfig
 from .factors import FACTOR_METHODS, FactorPreparer, FactorTarget, cache_problem, wanted_key
-from .jobs import Job
+from .job_model import Job
 from .report import Factors
 from .store import AdapterRecord, AdapterStore, Version
 

@@ -17,7 +17,7 @@ from .errors import failure_of
 from .receipts import ALGORITHM as RECEIPT_ALGORITHM
 
 if TYPE_CHECKING:  # no torch at import time: the auth and stream interceptors import this module
-    from .jobs import Job
+    from .job_model import Job
     from .report import JobReport, Utility, Verification
     from .receipts import SignedReceipt
     from .service import AdapterView, Purge

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from eraser.rowhash import RowHasher
-from sidecar.jobs import JobDB, RequestPayload, State, _merge_edits
+from sidecar.job_model import RequestPayload, State, _merge_edits
+from sidecar.jobs import JobDB
 from sidecar.report import JobReport
 
 HASHER = RowHasher(b"k" * 32)

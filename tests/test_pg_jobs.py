@@ -19,7 +19,8 @@ import pytest
 from eraser.rowhash import RowHasher
 from sidecar.errors import JobStoreUnavailable, LeaseLost
 from sidecar.job_store import JobStore
-from sidecar.jobs import JobDB, RequestPayload, State, _merge_edits
+from sidecar.job_model import RequestPayload, State, _merge_edits
+from sidecar.jobs import JobDB
 from sidecar.pg_jobs import PostgresJobDB
 
 HASHER = RowHasher(b"k" * 32)

@@ -218,7 +218,7 @@ def test_purge_deletes_payloads_that_ended_jobs_left(tmp_path):
 
 
 def test_serving_is_confirmed_only_with_a_served_time_for_every_replica():
-    from sidecar.jobs import Job, State
+    from sidecar.job_model import Job, State
     from sidecar.receipts import serving_record
 
     check = {"replica": "http://a", "served_path": "/s/v2/adapter", "max_logprob_error": 0.001, "probe_margin": 1.0,

@@ -1,0 +1,177 @@
+"""The statements both job stores run the same way (SQLite in ``sidecar.jobs``, PostgreSQL in
+``sidecar.pg_jobs``), written once.
+
+A store mixes ``SharedSQL`` in and gives it: ``MARK`` (its driver's placeholder), ``_write()``
+and ``_read()`` (a connection inside a write or a read transaction; rows readable by column
+name), ``_get(c, job_id)``, ``_lock_adapter(c, adapter)`` and ``_lock_job(c, job_id)`` (what
+serialises an adapter's transitions across processes: nothing more on SQLite, whose writer
+lock already does), and ``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
+PostgreSQL's table rewrite). What differs stays in each store: the schema, claims and leases,
+the JSON queries, finishing a job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from .job_model import RETRYABLE, Job, RequestPayload, State, _counts, _merge_edits
+
+# One request's payload rows in submission order (its requests' sequence).
+_PAYLOAD_BODIES = ("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
+                   "WHERE p.job_id = ? ORDER BY r.seq")
+
+
+class SharedSQL:
+    MARK = "?"
+
+    def _q(self, sql: str) -> str:
+        return sql if self.MARK == "?" else sql.replace("?", self.MARK)
+
+    # ---- queries -------------------------------------------------------------------
+    def by_request(self, request_id: str) -> tuple[Job, str] | None:
+        with self._read() as c:
+            row = c.execute(self._q("SELECT job_id, fingerprint FROM requests WHERE request_id = ?"),
+                            (request_id,)).fetchone()
+            return (self._get(c, row["job_id"]), row["fingerprint"]) if row else None
+
+    def active_count(self, adapter: str | None = None) -> dict[State, int]:
+        sql = ("SELECT state, COUNT(*) AS n FROM jobs WHERE state IN (1, 2)" + (" AND adapter = ?" if adapter else "")
+               + " GROUP BY state")
+        with self._read() as c:
+            counts = {r["state"]: r["n"] for r in c.execute(self._q(sql), (adapter,) if adapter else ()).fetchall()}
+        return {State.QUEUED: counts.get(1, 0), State.RUNNING: counts.get(2, 0)}
+
+    def payload_rows(self, job_id: str) -> int:
+        with self._read() as c:
+            return c.execute(self._q("SELECT COUNT(*) AS n FROM payloads WHERE job_id = ?"), (job_id,)).fetchone()["n"]
+
+    def deletions(self, adapter: str) -> list[dict]:
+        """What was deleted of an adapter's history, oldest first: {deleted_at, how (purge |
+        retention), versions, factor_caches [[version, method]], payload_rows}."""
+        with self._read() as c:
+            rows = c.execute(self._q("SELECT deleted_at, how, versions, factor_caches, payload_rows FROM deletions "
+                                     "WHERE adapter = ? ORDER BY seq"), (adapter,)).fetchall()
+        return [{"deleted_at": r["deleted_at"], "how": r["how"], "versions": json.loads(r["versions"]),
+                 "factor_caches": json.loads(r["factor_caches"]), "payload_rows": r["payload_rows"]} for r in rows]
+
+    def payloads(self, job_id: str) -> list[RequestPayload]:
+        with self._read() as c:
+            rows = c.execute(self._q(_PAYLOAD_BODIES), (job_id,)).fetchall()
+        return [RequestPayload.from_json(json.loads(r["body"])) for r in rows]
+
+    # ---- transitions ---------------------------------------------------------------
+    def _submit_tx(self, c, adapter: str, request_id: str, payload: RequestPayload, options: dict, fingerprint: str,
+                   merge: bool, max_rows: int, deadline_seconds: float, now: float) -> tuple[Job, bool, bool]:
+        """``submit``'s writes, inside a transaction the caller owns (holding what the store
+        needs held): join a compatible queued job or start one. Returns (job, created, merged);
+        a request id seen before returns its job unchanged (created False)."""
+        q = self._q
+        options_key = json.dumps(options, sort_keys=True)
+        seen = c.execute(q("SELECT r.job_id, j.state FROM requests r JOIN jobs j ON j.id = r.job_id "
+                           "WHERE r.request_id = ?"), (request_id,)).fetchone()
+        if seen and seen["state"] in RETRYABLE:  # it ended without effect: the id is free for a new submission
+            c.execute(q("INSERT INTO past_requests (request_id, job_id, fingerprint, created_at) SELECT request_id, "
+                        "job_id, fingerprint, created_at FROM requests WHERE request_id = ?"), (request_id,))
+            c.execute(q("DELETE FROM requests WHERE request_id = ?"), (request_id,))
+        elif seen:
+            return self._get(c, seen["job_id"]), False, False
+        target = self._merge_target(c, adapter, options_key, payload, max_rows, deadline_seconds) if merge else None
+        edits = payload.public_edits(self.hasher)
+        if target is not None:
+            job_id, job_edits = target
+            merged_edits = _merge_edits(job_edits, edits)
+            c.execute(q("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?"),
+                      (json.dumps(merged_edits), json.dumps(_counts(merged_edits)), job_id))
+        else:
+            job_id = uuid.uuid4().hex
+            c.execute(q("INSERT INTO jobs (id, adapter, state, options, options_key, counts, edits, created_at, "
+                        "deadline_at) VALUES (?, ?, 1, ?, ?, ?, ?, ?, ?)"),
+                      (job_id, adapter, json.dumps(options), options_key, json.dumps(_counts(edits)), json.dumps(edits),
+                       now, now + deadline_seconds if deadline_seconds else None))
+        c.execute(q("INSERT INTO requests (request_id, job_id, fingerprint, created_at) VALUES (?, ?, ?, ?)"),
+                  (request_id, job_id, fingerprint, now))
+        c.execute(q("INSERT INTO payloads (request_id, job_id, body) VALUES (?, ?, ?)"),
+                  (request_id, job_id, json.dumps(payload.to_json())))
+        return self._get(c, job_id), True, target is not None
+
+    def _merge_target(self, c, adapter: str, options_key: str, payload: RequestPayload, max_rows: int,
+                      deadline_seconds: float) -> tuple[str, list[dict]] | None:
+        """The queued job this request joins, (id, edits), if any: the adapter's newest queued
+        job with the same options, no deadline and no edit of the same rows."""
+        # Only its edits are read: a whole Job would also read every merged request id.
+        row = c.execute(self._q("SELECT id, edits FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? "
+                                "AND cancel_requested = FALSE AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1"),
+                        (adapter, options_key)).fetchone()
+        if row is None or deadline_seconds:
+            return None
+        job_edits = json.loads(row["edits"])
+        ids = {e["id"] for e in job_edits}
+        edited = {e["id"] for e in job_edits if e["kind"] != "remove"}
+        # Two edits of one row cannot be summed into one solve; removals can.
+        conflict = (payload.edited_ids & ids) or (payload.ids & edited)
+        return None if conflict or len(ids | payload.ids) > max_rows else (row["id"], job_edits)
+
+    def record_deletion(self, adapter: str, how: str, versions: list[int], factor_caches: list[tuple[int, str]],
+                        deleted_at: float, purge_payloads: bool = False) -> int:
+        """Record that versions and factor caches of ``adapter`` were deleted (``how``: purge
+        or retention); with ``purge_payloads``, delete the payloads ended jobs left, in the same
+        transaction. Returns the payload rows deleted."""
+        with self._write() as c:
+            self._lock_adapter(c, adapter)
+            payload_rows = 0
+            if purge_payloads:
+                payload_rows = c.execute(self._q("DELETE FROM payloads WHERE job_id IN (SELECT id FROM jobs WHERE "
+                                                 "adapter = ? AND state IN (3, 4, 5))"), (adapter,)).rowcount
+            if not (versions or factor_caches or payload_rows):
+                return 0
+            c.execute(self._q("INSERT INTO deletions (adapter, deleted_at, how, versions, factor_caches, payload_rows) "
+                              "VALUES (?, ?, ?, ?, ?, ?)"),
+                      (adapter, deleted_at, how, json.dumps(versions), json.dumps([list(fc) for fc in factor_caches]),
+                       payload_rows))
+        if payload_rows:
+            self._wipe()
+        return payload_rows
+
+    def withdraw(self, job_id: str, request_id: str) -> Job | None:
+        """Take one request out of a queued job that serves others too; the job's edits are
+        those of the requests left. None when the job is no longer queued."""
+        q = self._q
+        with self._write() as c:
+            if not self._lock_job(c, job_id):
+                return None
+            row = c.execute(q("SELECT state FROM jobs WHERE id = ?"), (job_id,)).fetchone()
+            if row is None or row["state"] != State.QUEUED:
+                return None
+            c.execute(q("DELETE FROM requests WHERE request_id = ? AND job_id = ?"), (request_id, job_id))
+            c.execute(q("DELETE FROM payloads WHERE request_id = ? AND job_id = ?"), (request_id, job_id))
+            edits: list[dict] = []
+            for r in c.execute(q(_PAYLOAD_BODIES), (job_id,)).fetchall():
+                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(r["body"])).public_edits(self.hasher))
+            c.execute(q("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?"),
+                      (json.dumps(edits), json.dumps(_counts(edits)), job_id))
+            job = self._get(c, job_id)
+        self._wipe()
+        return job
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job now; flag a running one (its runner stops at the next step)."""
+        q = self._q
+        with self._write() as c:
+            if not self._lock_job(c, job_id):
+                return None
+            row = c.execute(q("SELECT state FROM jobs WHERE id = ?"), (job_id,)).fetchone()
+            if row is None:
+                return None
+            if row["state"] == State.QUEUED:
+                c.execute(q("UPDATE jobs SET state = 5, finished_at = ?, stage = 'cancelled', cancel_requested = TRUE, "
+                            "error_code = 'CANCELLED', error_message = 'cancelled by a client before it started' "
+                            "WHERE id = ?"), (time.time(), job_id))
+                c.execute(q("DELETE FROM payloads WHERE job_id = ?"), (job_id,))
+            elif row["state"] == State.RUNNING:
+                c.execute(q("UPDATE jobs SET cancel_requested = TRUE WHERE id = ?"), (job_id,))
+            job = self._get(c, job_id)
+        if job.state == State.CANCELLED:
+            self._wipe()
+        return job
