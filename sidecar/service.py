@@ -322,54 +322,27 @@ class EraserService:
     def register(self, name: str, base_model: str, adapter_path: str, dataset_path: str, holdout_path: str = "",
                  verify: str = "") -> Version:
         self._require_compute()
-        check_adapter_name(name)
-        if self.store.exists(name):
-            raise AlreadyExistsError(f"an adapter named {name!r} is already registered")
-        base_dir = self.resolve_base(base_model)
-        if not adapter_path or not dataset_path:
-            raise InvalidRequestError("adapter_path and dataset_path are required")
-        if verify and verify not in defaults.VERIFY_POLICIES:
-            raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(defaults.VERIFY_POLICIES)})")
-        if verify in ("report", "enforce") and not holdout_path:
-            raise InvalidRequestError(f"verify {verify} needs a held-out set (holdout_path)")
+        base_dir = self._check_registration(name, base_model, adapter_path, dataset_path, holdout_path, verify)
         # Confined before anything is read; what is checked below is the staged copy, so
         # the store holds exactly what passed.
-        sources = [(self.imports.confine(adapter_path, "adapter_path", "dir"), "adapter_path", adapter_path),
-                   (self.imports.confine(dataset_path, "dataset_path", "file"), "dataset_path", dataset_path)]
-        if holdout_path:
-            sources.append((self.imports.confine(holdout_path, "holdout_path", "file"), "holdout_path", holdout_path))
+        given = {"adapter_path": adapter_path, "dataset_path": dataset_path, "holdout_path": holdout_path}
+        sources = {what: self.imports.confine(path, what, "dir" if what == "adapter_path" else "file")
+                   for what, path in given.items() if path}
         staged = self.store.new_staging(f"register-{name}-v1")
         holdout = None
         try:
-            self.imports.copy_tree(sources[0][0], staged / ADAPTER_DIR, "adapter_path")
-            self.imports.copy_file(sources[1][0], staged / DATASET, "dataset_path")
-            if holdout_path:  # beside the version, not in it: erases never change it
-                holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
-                self.imports.copy_file(sources[2][0], holdout, "holdout_path")
+            holdout = self._stage_sources(name, sources, staged)
             with _client_paths({staged / ADAPTER_DIR: adapter_path, staged / DATASET: dataset_path,
                                 **({holdout: holdout_path} if holdout is not None else {})}):
-                check_adapter_dir(staged / ADAPTER_DIR)
-                rows = load_rows(staged / DATASET)
-                if not rows:
-                    raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
-                holdout_rows = self._check_holdout(holdout, rows) if holdout is not None else None
-                fingerprint = base_fingerprint(base_dir)
-                recorded = read_adapter_meta(staged / ADAPTER_DIR).get("base_model_fingerprint")
-                if recorded and recorded != fingerprint:
-                    from eraser.errors import BaseModelMismatchError
-
-                    raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on "
-                                                 f"{base_model} ({fingerprint[:12]})")
-                # Loading the adapter onto the base is the only complete check that its tensors fit.
-                load_adapter(load_base(base_dir, "cpu"), staged / ADAPTER_DIR, trainable=False)
+                rows, holdout_rows, fingerprint = self._check_staged(staged, holdout, base_dir, base_model, dataset_path)
             self.store.write_manifest(staged, {
                 "adapter": name, "version": 1, "parent_version": None, "job_id": None, "request_ids": [],
                 "base_model": base_model, "base_model_fingerprint": fingerprint, "created_at": time.time(),
                 "rows": len(rows), "source": "register",
             })
-            holdout_sha = file_sha256(holdout) if holdout is not None else None
             record = AdapterRecord(name, base_model, str(base_dir.resolve()), fingerprint, time.time(),
-                                   holdout_sha256=holdout_sha, holdout_rows=len(holdout_rows or ()), verify=verify)
+                                   holdout_sha256=file_sha256(holdout) if holdout is not None else None,
+                                   holdout_rows=len(holdout_rows or ()), verify=verify)
             version = self.store.register(record, staged, holdout)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
@@ -382,6 +355,51 @@ class EraserService:
         self.report_factor_age(name)
         self._serve_now(version)
         return version
+
+    def _check_registration(self, name: str, base_model: str, adapter_path: str, dataset_path: str, holdout_path: str,
+                            verify: str) -> Path:
+        """The request's own checks (nothing read yet); the base model's directory."""
+        check_adapter_name(name)
+        if self.store.exists(name):
+            raise AlreadyExistsError(f"an adapter named {name!r} is already registered")
+        base_dir = self.resolve_base(base_model)
+        if not adapter_path or not dataset_path:
+            raise InvalidRequestError("adapter_path and dataset_path are required")
+        if verify and verify not in defaults.VERIFY_POLICIES:
+            raise InvalidRequestError(f"unknown verify policy {verify!r} (choose {', '.join(defaults.VERIFY_POLICIES)})")
+        if verify in ("report", "enforce") and not holdout_path:
+            raise InvalidRequestError(f"verify {verify} needs a held-out set (holdout_path)")
+        return base_dir
+
+    def _stage_sources(self, name: str, sources: dict[str, Path], staged: Path) -> Path | None:
+        """Copy the adapter and the training set into ``staged``, the held-out set beside it (not
+        in the version: erases never change it); the held-out set's staged path, if any."""
+        self.imports.copy_tree(sources["adapter_path"], staged / ADAPTER_DIR, "adapter_path")
+        self.imports.copy_file(sources["dataset_path"], staged / DATASET, "dataset_path")
+        if "holdout_path" not in sources:
+            return None
+        holdout = self.store.new_staging(f"register-{name}-holdout") / "holdout.jsonl"
+        self.imports.copy_file(sources["holdout_path"], holdout, "holdout_path")
+        return holdout
+
+    def _check_staged(self, staged: Path, holdout: Path | None, base_dir: Path, base_model: str,
+                      dataset_path: str) -> tuple[list, list | None, str]:
+        """The staged copies checked: (training rows, held-out rows, the base model's fingerprint)."""
+        check_adapter_dir(staged / ADAPTER_DIR)
+        rows = load_rows(staged / DATASET)
+        if not rows:
+            raise InvalidRequestError(f"dataset {Path(dataset_path).name} has no rows")
+        holdout_rows = self._check_holdout(holdout, rows) if holdout is not None else None
+        fingerprint = base_fingerprint(base_dir)
+        recorded = read_adapter_meta(staged / ADAPTER_DIR).get("base_model_fingerprint")
+        if recorded and recorded != fingerprint:
+            from eraser.errors import BaseModelMismatchError
+
+            raise BaseModelMismatchError(f"adapter was trained on base model {recorded[:12]}, not on "
+                                         f"{base_model} ({fingerprint[:12]})")
+        # Loading the adapter onto the base is the only complete check that its tensors fit.
+        load_adapter(load_base(base_dir, "cpu"), staged / ADAPTER_DIR, trainable=False)
+        return rows, holdout_rows, fingerprint
 
     def _check_holdout(self, path: Path, rows) -> list:
         """The held-out rows, refused (INVALID_ARGUMENT) when unreadable, too few, or
