@@ -170,47 +170,50 @@ def _convert(gguf_path: Path, out_dir: Path, progress: bool) -> None:
             src_dir, gguf_file=name, dtype=torch.float32
         )
 
-        # The GGUF-loaded model carries a quantization_config (so save_pretrained
-        # refuses it) although its weights are plain fp32: rebuild a clean model.
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = torch.float32
-        # GGUF stores the epsilon as float32 (9.9999997e-06); the original config says
-        # 1e-05. Identical in fp32 arithmetic, cleaner for other readers of config.json.
-        config.rms_norm_eps = float(f"{config.rms_norm_eps:.7g}")
-        # The GGUF header's general.name leaks in as a model path; it means nothing here.
-        if hasattr(config, "_model_name_or_path"):
-            del config._model_name_or_path
-        config._name_or_path = MODEL_NAME
-        if not config.tie_word_embeddings:
-            # SmolLM2 ties lm_head to the embeddings; the GGUF has no output tensor,
-            # so an untied model would get a randomly initialised head.
-            raise PretrainedModelError(
-                f"unexpected config in {name}: tie_word_embeddings is false"
-            )
-
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        state = gguf_model.state_dict()
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # lm_head.weight may be absent (it is tied); anything else missing is a bug.
-        missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:
-            raise PretrainedModelError(
-                f"converting {name} failed: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        model.tie_weights()
-        head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-        if head.data_ptr() != emb.data_ptr():
-            raise PretrainedModelError(f"converting {name} failed: lm_head is not tied")
+        model = _plain_model(gguf_model, name)
         model.generation_config = gguf_model.generation_config
         model.eval()
-        del gguf_model, state
+        del gguf_model
 
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.model_max_length = MODEL_MAX_LENGTH
         tokenizer.save_pretrained(out_dir)
     _portable_tokenizer_config(out_dir, tokenizer.chat_template)
+
+
+def _plain_model(gguf_model, name: str):
+    """A plain float32 model with the GGUF-loaded one's weights, its head tied to the embeddings."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # The GGUF-loaded model carries a quantization_config (so save_pretrained
+    # refuses it) although its weights are plain fp32: rebuild a clean model.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    # GGUF stores the epsilon as float32 (9.9999997e-06); the original config says
+    # 1e-05. Identical in fp32 arithmetic, cleaner for other readers of config.json.
+    config.rms_norm_eps = float(f"{config.rms_norm_eps:.7g}")
+    # The GGUF header's general.name leaks in as a model path; it means nothing here.
+    if hasattr(config, "_model_name_or_path"):
+        del config._model_name_or_path
+    config._name_or_path = MODEL_NAME
+    if not config.tie_word_embeddings:
+        # SmolLM2 ties lm_head to the embeddings; the GGUF has no output tensor,
+        # so an untied model would get a randomly initialised head.
+        raise PretrainedModelError(f"unexpected config in {name}: tie_word_embeddings is false")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # lm_head.weight may be absent (it is tied); anything else missing is a bug.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise PretrainedModelError(f"converting {name} failed: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if head.data_ptr() != emb.data_ptr():
+        raise PretrainedModelError(f"converting {name} failed: lm_head is not tied")
+    return model
 
 
 def _portable_tokenizer_config(out_dir: Path, chat_template: str) -> None:

@@ -214,63 +214,79 @@ def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective:
     the parameters are left at it (s = 0: unchanged). With ``slope`` (dΦ/ds at 0) and
     ``config.search == "model"``, the second trial is the scale the quadratic models predict
     (``_modelled_scale``); otherwise the scale is doubled or halved."""
-
-    w = config.anchor_weight
-
-    def at(s: float) -> Point:
-        with torch.no_grad():
-            vector_to_parameters(theta + s * direction.to(theta.dtype), params)
-        return objective.evaluate(phi_ceiling=current.merit(w))  # merit >= Φ: above it, no need to score more
-
-    # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
-    # refuse the steps that trade a little overshoot for utility on the way.
-    overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
-
-    def ok(p: Point) -> bool:
-        return p.admissible(budget, overshoot) and p.merit(w) <= current.merit(w) - 1e-4 * abs(current.merit(w))
-
-    modelled = slope is not None and config.search == "model"
-    trials = 0
-
-    def polish(best: tuple[float, Point], grow: bool) -> tuple[float, Point]:
-        """One more trial where the merit's model through the admissible point is least,
-        when that is far enough from it (beyond it only if ``grow``); the better one."""
-        nonlocal trials
-        s, point = best
-        guess = min(_modelled_scale(current, s, point, slope, budget, w), 2.0 ** config.expansions * s)
-        if not (guess > 1.25 * s and grow) and not 0 < guess < 0.8 * s:
-            return best
-        trial = at(guess)
-        trials += 1
-        return (guess, trial) if ok(trial) and trial.merit(w) < point.merit(w) else best
-
-    s, trials = start, 1
-    point = at(s)
-    if ok(point):
-        best = (s, point)
-        if modelled and expand:
-            best = polish(best, grow=True)
-        for _ in range(0 if modelled else config.expansions if expand else 0):
-            trial = at(2 * best[0])
-            trials += 1
-            if not (ok(trial) and trial.merit(w) < best[1].merit(w)):
-                break
-            best = (2 * best[0], trial)
+    search = _Search(params, theta, direction, objective, current, budget, config, slope)
+    point = search.at(start)
+    if search.ok(point):
+        best = search.expand((start, point)) if expand else (start, point)
     else:
-        best = (0.0, current)
-        guess = _modelled_scale(current, s, point, slope, budget, w) if modelled else 0.0
-        for _ in range(config.backtracks):
-            s = guess if 0 < guess < s / 2 else s / 2  # the model's guess once, when it cuts deeper
-            guess = 0.0
-            point = at(s)
-            trials += 1
-            if ok(point):
-                best = polish((s, point), grow=False) if modelled else (s, point)
-                break
+        best = search.backtrack(start, point)
     with torch.no_grad():
         vector_to_parameters(theta + best[0] * direction.to(theta.dtype), params)
     objective.remember(best[1])  # the next evaluate() is at these parameters: no rescoring
-    return LineSearch(best[0], trials, best[1])
+    return LineSearch(best[0], search.trials, best[1])
+
+
+class _Search:
+    """The trials of one line search along θ + s·d: each sets the parameters and scores them."""
+
+    def __init__(self, params, theta, direction, objective: SampledObjective, current: Point, budget: float,
+                 config: StepConfig, slope: float | None):
+        self.params, self.theta, self.direction, self.objective = params, theta, direction, objective
+        self.current, self.budget, self.config, self.slope = current, budget, config, slope
+        self.w = config.anchor_weight
+        self.modelled = slope is not None and config.search == "model"
+        # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
+        # refuse the steps that trade a little overshoot for utility on the way.
+        self.overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
+        self.trials = 0
+
+    def at(self, s: float) -> Point:
+        self.trials += 1
+        with torch.no_grad():
+            vector_to_parameters(self.theta + s * self.direction.to(self.theta.dtype), self.params)
+        # The merit is at least Φ: where Φ alone is above the current merit, no need to score more.
+        return self.objective.evaluate(phi_ceiling=self.current.merit(self.w))
+
+    def ok(self, p: Point) -> bool:
+        m = self.current.merit(self.w)
+        return p.admissible(self.budget, self.overshoot) and p.merit(self.w) <= m - 1e-4 * abs(m)
+
+    def better(self, trial: Point, than: Point) -> bool:
+        return self.ok(trial) and trial.merit(self.w) < than.merit(self.w)
+
+    def expand(self, best: tuple[float, Point]) -> tuple[float, Point]:
+        """From an admissible scale: the model's one more trial, or doubling while it helps."""
+        if self.modelled:
+            return self.polish(best, grow=True)
+        for _ in range(self.config.expansions):
+            trial = self.at(2 * best[0])
+            if not self.better(trial, best[1]):
+                break
+            best = (2 * best[0], trial)
+        return best
+
+    def backtrack(self, s: float, point: Point) -> tuple[float, Point]:
+        """From an inadmissible scale: halving (the model's guess first, when it cuts deeper)
+        to the first admissible one; (0, the current point) when none is."""
+        guess = _modelled_scale(self.current, s, point, self.slope, self.budget, self.w) if self.modelled else 0.0
+        for _ in range(self.config.backtracks):
+            s = guess if 0 < guess < s / 2 else s / 2
+            guess = 0.0
+            point = self.at(s)
+            if self.ok(point):
+                return self.polish((s, point), grow=False) if self.modelled else (s, point)
+        return 0.0, self.current
+
+    def polish(self, best: tuple[float, Point], grow: bool) -> tuple[float, Point]:
+        """One more trial where the merit's model through the admissible point is least,
+        when that is far enough from it (beyond it only if ``grow``); the better one."""
+        s, point = best
+        guess = min(_modelled_scale(self.current, s, point, self.slope, self.budget, self.w),
+                    2.0 ** self.config.expansions * s)
+        if not (guess > 1.25 * s and grow) and not 0 < guess < 0.8 * s:
+            return best
+        trial = self.at(guess)
+        return (guess, trial) if self.better(trial, point) else best
 
 
 def _modelled_scale(current: Point, s: float, point: Point, slope: float, budget: float, weight: float) -> float:

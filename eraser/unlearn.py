@@ -531,10 +531,7 @@ def erase(
                             factors=loaded.cached.factors if loaded.cached else None)
     clock.seconds.update(update.seconds)
     parent_values = [p.detach().clone() for p in loaded.params] if serving_probe else None
-    moved = None
-    if inputs.plan is not None:  # downdate while the model still holds the parent's parameters
-        moved = inputs.plan.downdate(loaded.cached, loaded.model, loaded.params, loaded.base.tokenizer,
-                                     [e.old for e in inputs.edits], [e.new for e in inputs.edits if e.new], dev)
+    moved = _downdate(inputs, loaded, dev)  # while the model still holds the parent's parameters
     with clock.stage("verify" if inputs.verifying else "step_control"):
         # Raises VerificationFailedError (enforce) before anything is written.
         forgot = forget(loaded.model, loaded.params, loaded.base.tokenizer, update.delta,
@@ -542,21 +539,38 @@ def erase(
                         [(r.prompt, r.response) for r in inputs.holdout], before.retain_pairs, before.retain_losses,
                         config.verify, config.step, config.max_retain_rise, dev, config.max_length, progress)
     with clock.stage("evaluate"):
-        utility = _check_utility(loaded, before, config, dev)
-        after_old = row_losses(loaded.model, loaded.base.tokenizer, before.old_pairs, dev, max_length=config.max_length)
-        after_new = row_losses(loaded.model, loaded.base.tokenizer, before.new_pairs, dev, max_length=config.max_length)
+        utility, after_old, after_new = _evaluate_after(loaded, before, config, dev)
     edited_rows = request.apply_to(inputs.rows)
-    probe = None
-    if serving_probe:  # before anything is written: a failure here leaves nothing behind
-        with clock.stage("probe"):
-            probe = distinguishing_probe(loaded.model, loaded.base.tokenizer, edited_rows, loaded.params,
-                                         parent_values, dev).to_json()
+    # Before anything is written: a failure here leaves nothing behind.
+    probe = _serving_probe(loaded, edited_rows, parent_values, dev, clock) if serving_probe else None
     meta = _adapter_meta(loaded, inputs, config, update, forgot, edited_rows, row_hasher)
     written, adapter_sha = _write(loaded, inputs, meta, edited_rows, data_out, moved, config, dev, progress, clock)
     clock.seconds["total"] = time.perf_counter() - clock.started
     progress("done", 1, 1)
     return _report(config, update, forgot, utility, before, after_old, after_new, inputs, edited_rows, request, written,
                    adapter_sha, loaded.parent_sha, probe, clock.seconds)
+
+
+def _downdate(inputs, loaded, dev):
+    """The next version's factors (the plan's downdate), or None without a plan."""
+    if inputs.plan is None:
+        return None
+    return inputs.plan.downdate(loaded.cached, loaded.model, loaded.params, loaded.base.tokenizer,
+                                [e.old for e in inputs.edits], [e.new for e in inputs.edits if e.new], dev)
+
+
+def _serving_probe(loaded, edited_rows, parent_values, dev, clock) -> dict:
+    with clock.stage("probe"):
+        return distinguishing_probe(loaded.model, loaded.base.tokenizer, edited_rows, loaded.params, parent_values,
+                                    dev).to_json()
+
+
+def _evaluate_after(loaded, before: _Before, config: EraseConfig, dev):
+    """The utility check (raises UtilityCheckFailedError), then the old and new rows' losses."""
+    utility = _check_utility(loaded, before, config, dev)
+    losses = [row_losses(loaded.model, loaded.base.tokenizer, pairs, dev, max_length=config.max_length)
+              for pairs in (before.old_pairs, before.new_pairs)]
+    return utility, losses[0], losses[1]
 
 
 def _report(config: EraseConfig, update: Update, forgot, utility, before: _Before, after_old, after_new,

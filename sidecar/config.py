@@ -219,23 +219,7 @@ class SidecarConfig:
             raise ConfigError("drain_seconds must be >= 0")
         if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, not {self.device!r}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("tls_cert and tls_key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, Path(value))
-                if not Path(value).is_file():
-                    raise ConfigError(f"{name}: no such file: {value}")
-        if self.token_file is not None and self.token is None:
-            token = self.token_file.read_text().strip()
-            if not token:
-                raise ConfigError(f"token_file {self.token_file} is empty")
-            object.__setattr__(self, "token", token)
-        if self.token is not None and not self.token.strip():
-            raise ConfigError("the token is empty")
+        self._check_auth()
         if self.jobs and not re.match(r"postgres(ql)?://", self.jobs):
             raise ConfigError("jobs must be empty (SQLite in the store) or a postgresql:// URI")
         if not 1 <= self.lease_seconds <= 3600:
@@ -265,6 +249,26 @@ class SidecarConfig:
             raise ConfigError("base_models must map names to directories")
         if isinstance(self.erase, Mapping):
             object.__setattr__(self, "erase", _build(EraseDefaults, self.erase, "erase."))
+
+    def _check_auth(self) -> None:
+        """TLS files exist and go together; a token file is read into ``token``."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+                if not Path(value).is_file():
+                    raise ConfigError(f"{name}: no such file: {value}")
+        if self.token_file is not None and self.token is None:
+            token = self.token_file.read_text().strip()
+            if not token:
+                raise ConfigError(f"token_file {self.token_file} is empty")
+            object.__setattr__(self, "token", token)
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the token is empty")
 
     @property
     def tls(self) -> bool:

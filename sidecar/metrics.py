@@ -89,7 +89,12 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = CollectorRegistry() if registry is None else registry
-        r = self.registry
+        self._define_job_metrics(self.registry)
+        self._define_serving_metrics(self.registry)
+        self._define_engine_metrics(self.registry)
+        self._zero_known_series()
+
+    def _define_job_metrics(self, r: CollectorRegistry) -> None:
         self._rpc_duration = Histogram(
             "eraser_rpc_duration_seconds", "gRPC calls handled, by method and status code, until the last response.",
             ("method", "service", "code"), buckets=RPC_BUCKETS, registry=r)
@@ -112,6 +117,8 @@ class Metrics:
         self._requests_merged = Counter(
             "eraser_requests_merged_total",
             "Erase requests that joined an already queued job instead of starting a solve of their own.", registry=r)
+
+    def _define_serving_metrics(self, r: CollectorRegistry) -> None:
         self._swap_duration = Histogram(
             "eraser_swap_duration_seconds", "Time to load a version on one replica and confirm it (path and probe).",
             ("outcome",), buckets=SWAP_BUCKETS, registry=r)
@@ -120,6 +127,8 @@ class Metrics:
         self._replicas_behind = Gauge("eraser_replicas_behind",
                                       "Serving replicas not (yet) serving the adapter's current version.",
                                       ("adapter",), registry=r)
+
+    def _define_engine_metrics(self, r: CollectorRegistry) -> None:
         self._factor_age = Gauge(
             "eraser_factor_age_seconds",
             "Seconds since the last full fit of the EK-FAC/K-FAC factors of the adapter's current version (downdates "
@@ -151,8 +160,10 @@ class Metrics:
             "eraser_utility_retain_nll_rise",
             "Rise of the retained rows' mean NLL (nats/token) under each checked update (negative: it fell).",
             buckets=RISE_BUCKETS, registry=r)
-        # Series known in advance exist from the start at zero, so that rate() and
-        # alerts (e.g. on failed jobs) see them before the first job.
+
+    def _zero_known_series(self) -> None:
+        """Series known in advance exist from the start at zero, so that rate() and alerts
+        (e.g. on failed jobs) see them before the first job."""
         for task in TASKS:
             self._jobs_accepted.labels(task)
             for outcome in OUTCOMES:

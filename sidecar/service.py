@@ -181,7 +181,9 @@ class EraserService:
 
         A job left RUNNING by a crash either published its version (the rename happened:
         finish it), or did not (requeue it, or fail it once it has been interrupted
-        ``max_attempts`` times). Half-assembled versions in staging/ are deleted.
+        ``max_attempts`` times). Half-assembled versions in staging/ are deleted. In a pool
+        (PostgreSQL) running jobs are other workers' until their leases expire (the runner
+        takes them over then), and only staging no live job uses is deleted.
         """
         if not self.computes:
             for name in self.store.names():
@@ -190,47 +192,13 @@ class EraserService:
                 except EraserError as e:  # that adapter's fault: its reconcile pass records it
                     log.error("adapter %s: %s", name, e)
             return {}
-        if self.db.leases:  # a pool: running jobs are other workers' until their leases expire
-            live = self.db.live_jobs()
-            cleared = self.store.clear_staging(prefix="job-", keep=lambda name: name[4:].split("-")[0].split(".")[0] in live)
-            outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": cleared}
-        else:
-            outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self.store.clear_staging()}
-        for job in [] if self.db.leases else self.db.list(state=State.RUNNING, limit=1_000_000):
-            version = self._published_by(job)
-            if version is not None:
-                if self.store.current_number(job.adapter) < version.number:
-                    self.store.set_current(job.adapter, version.number)
-                self.db.finish(job.id, State.SUCCEEDED, report=JobReport.from_json(version.manifest.get("report")), to_version=version.number,
-                               already_erased=version.manifest.get("already_erased", []),
-                               edits=version.manifest.get("edits"))
-                outcome["finished"] += 1
-                log.info("recovered job %s: version %d of %s was published before the stop", job.id, version.number, job.adapter)
-            elif job.attempts >= self.config.max_attempts:
-                self.db.finish(job.id, State.FAILED, error_code="ABORTED",
-                               error_message=f"interrupted {job.attempts} times (crash or restart) before it could finish")
-                outcome["failed"] += 1
-                log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
-            else:
-                self.db.requeue(job.id)
-                outcome["resumed"] += 1
-                log.info("job %s was interrupted; queued again (attempt %d of %d next)", job.id, job.attempts + 1,
-                         self.config.max_attempts)
+        outcome = {"finished": 0, "resumed": 0, "failed": 0, "staging_cleared": self._clear_staging()}
+        if not self.db.leases:
+            for job in self.db.list(state=State.RUNNING, limit=1_000_000):
+                outcome[self._recover_job(job)] += 1
         for name in self.store.names():  # a version renamed into place but never made current
-            numbers = self.store.version_numbers(name)
-            current = self.store.current_number(name)
-            if numbers and numbers[-1] > current:
-                manifest = self.store.version(name, numbers[-1]).manifest
-                job = self.db.get(manifest.get("job_id") or "")
-                # A rollback has no job: its rename is its commit point, like a job's.
-                rollback = manifest.get("source") == "rollback" and manifest.get("parent_version") == current
-                if (job is not None and job.state == State.SUCCEEDED) or rollback:
-                    self.store.set_current(name, numbers[-1])
-                    if rollback:
-                        outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
-                        self.prune(name)
-                        log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
-                                 name, manifest.get("rollback_of"), numbers[-1])
+            if self._finish_publish(name):
+                outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
             self.announce(name, self.store.current(name))
         outcome["factors_swept"] = self.store.sweep_factors()
         for name in self.store.names():  # current versions whose factors were never written
@@ -238,6 +206,53 @@ class EraserService:
             self.report_factor_age(name)
         self.queue_changed()
         return outcome
+
+    def _clear_staging(self) -> int:
+        if not self.db.leases:
+            return self.store.clear_staging()
+        live = self.db.live_jobs()  # staging/job-<id>[-factors].<random>
+        return self.store.clear_staging(prefix="job-", keep=lambda name: name[4:].split("-")[0].split(".")[0] in live)
+
+    def _recover_job(self, job: Job) -> str:
+        """A job a stop left RUNNING: finished, resumed or failed (the outcome's key)."""
+        version = self._published_by(job)
+        if version is not None:
+            if self.store.current_number(job.adapter) < version.number:
+                self.store.set_current(job.adapter, version.number)
+            self.db.finish(job.id, State.SUCCEEDED, report=JobReport.from_json(version.manifest.get("report")),
+                           to_version=version.number, already_erased=version.manifest.get("already_erased", []),
+                           edits=version.manifest.get("edits"))
+            log.info("recovered job %s: version %d of %s was published before the stop", job.id, version.number,
+                     job.adapter)
+            return "finished"
+        if job.attempts >= self.config.max_attempts:
+            self.db.finish(job.id, State.FAILED, error_code="ABORTED",
+                           error_message=f"interrupted {job.attempts} times (crash or restart) before it could finish")
+            log.warning("job %s failed: interrupted %d times", job.id, job.attempts)
+            return "failed"
+        self.db.requeue(job.id)
+        log.info("job %s was interrupted; queued again (attempt %d of %d next)", job.id, job.attempts + 1,
+                 self.config.max_attempts)
+        return "resumed"
+
+    def _finish_publish(self, name: str) -> bool:
+        """Make current a version renamed into place before a stop whose job succeeded or that
+        a rollback published (its rename is its commit point); True for a rollback."""
+        numbers = self.store.version_numbers(name)
+        current = self.store.current_number(name)
+        if not numbers or numbers[-1] <= current:
+            return False
+        manifest = self.store.version(name, numbers[-1]).manifest
+        job = self.db.get(manifest.get("job_id") or "")
+        rollback = manifest.get("source") == "rollback" and manifest.get("parent_version") == current
+        if not ((job is not None and job.state == State.SUCCEEDED) or rollback):
+            return False
+        self.store.set_current(name, numbers[-1])
+        if rollback:
+            self.prune(name)
+            log.info("recovered the rollback of %s to the content of v%s as v%d (published before the stop)",
+                     name, manifest.get("rollback_of"), numbers[-1])
+        return rollback
 
     def _published_by(self, job: Job) -> Version | None:
         try:
