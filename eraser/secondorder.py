@@ -61,15 +61,6 @@ class StepConfig:
     band: float = 0.2
     backtracks: int = 12
     expansions: int = 4
-    # How a natural step's line search goes past its first trial: "model" tries once more at
-    # the scale where the quadratic model of Φ along the step (its value and slope at 0 and
-    # at the first trial) is least, within the utility bound's quadratic model; "doubling"
-    # doubles (or halves) blind, one scoring pass per trial.
-    search: str = "model"
-    # The retained rows' gradient (what a natural step is projected against) is recomputed
-    # every this many steps (and after a step found nothing): the parameters move little
-    # per step and it is the costliest pass of a step (the whole retained sample, backward).
-    retain_gradient_every: int = 3
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
     damping_ratio: float = 0.1
     anchor_weight: float = 10.0
@@ -87,8 +78,6 @@ class StepConfig:
             raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
         if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
             raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
-        if self.search not in ("model", "doubling") or self.retain_gradient_every < 1:
-            raise InvalidRequestError("search must be model or doubling, retain_gradient_every >= 1")
 
 
 @dataclass
@@ -208,18 +197,15 @@ class LineSearch:
 
 
 def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective: SampledObjective, current: Point,
-                start: float, budget: float, config: StepConfig, expand: bool = True,
-                slope: float | None = None) -> LineSearch:
-    """The largest admissible scale s of θ + s·d found from ``start`` that does not raise Φ;
-    the parameters are left at it (s = 0: unchanged). With ``slope`` (dΦ/ds at 0) and
-    ``config.search == "model"``, the second trial is the scale the quadratic models predict
-    (``_modelled_scale``); otherwise the scale is doubled or halved."""
-    search = _Search(params, theta, direction, objective, current, budget, config, slope)
+                start: float, budget: float, config: StepConfig, expand: bool = True) -> LineSearch:
+    """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
+    that does not raise Φ; the parameters are left at it (s = 0: unchanged)."""
+    search = _Search(params, theta, direction, objective, current, budget, config)
     point = search.at(start)
     if search.ok(point):
         best = search.expand((start, point)) if expand else (start, point)
     else:
-        best = search.backtrack(start, point)
+        best = search.backtrack(start)
     with torch.no_grad():
         vector_to_parameters(theta + best[0] * direction.to(theta.dtype), params)
     objective.remember(best[1])  # the next evaluate() is at these parameters: no rescoring
@@ -230,11 +216,10 @@ class _Search:
     """The trials of one line search along θ + s·d: each sets the parameters and scores them."""
 
     def __init__(self, params, theta, direction, objective: SampledObjective, current: Point, budget: float,
-                 config: StepConfig, slope: float | None):
+                 config: StepConfig):
         self.params, self.theta, self.direction, self.objective = params, theta, direction, objective
-        self.current, self.budget, self.config, self.slope = current, budget, config, slope
+        self.current, self.budget, self.config = current, budget, config
         self.w = config.anchor_weight
-        self.modelled = slope is not None and config.search == "model"
         # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
         # refuse the steps that trade a little overshoot for utility on the way.
         self.overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
@@ -251,60 +236,24 @@ class _Search:
         m = self.current.merit(self.w)
         return p.admissible(self.budget, self.overshoot) and p.merit(self.w) <= m - 1e-4 * abs(m)
 
-    def better(self, trial: Point, than: Point) -> bool:
-        return self.ok(trial) and trial.merit(self.w) < than.merit(self.w)
-
     def expand(self, best: tuple[float, Point]) -> tuple[float, Point]:
-        """From an admissible scale: the model's one more trial, or doubling while it helps."""
-        if self.modelled:
-            return self.polish(best, grow=True)
+        """From an admissible scale: doubling while the merit improves."""
         for _ in range(self.config.expansions):
             trial = self.at(2 * best[0])
-            if not self.better(trial, best[1]):
+            if not (self.ok(trial) and trial.merit(self.w) < best[1].merit(self.w)):
                 break
             best = (2 * best[0], trial)
         return best
 
-    def backtrack(self, s: float, point: Point) -> tuple[float, Point]:
-        """From an inadmissible scale: halving (the model's guess first, when it cuts deeper)
-        to the first admissible one; (0, the current point) when none is."""
-        guess = _modelled_scale(self.current, s, point, self.slope, self.budget, self.w) if self.modelled else 0.0
+    def backtrack(self, s: float) -> tuple[float, Point]:
+        """From an inadmissible scale: halving to the first admissible one; (0, the current
+        point) when none is."""
         for _ in range(self.config.backtracks):
-            s = guess if 0 < guess < s / 2 else s / 2
-            guess = 0.0
+            s /= 2
             point = self.at(s)
             if self.ok(point):
-                return self.polish((s, point), grow=False) if self.modelled else (s, point)
+                return s, point
         return 0.0, self.current
-
-    def polish(self, best: tuple[float, Point], grow: bool) -> tuple[float, Point]:
-        """One more trial where the merit's model through the admissible point is least,
-        when that is far enough from it (beyond it only if ``grow``); the better one."""
-        s, point = best
-        guess = min(_modelled_scale(self.current, s, point, self.slope, self.budget, self.w),
-                    2.0 ** self.config.expansions * s)
-        if not (guess > 1.25 * s and grow) and not 0 < guess < 0.8 * s:
-            return best
-        trial = self.at(guess)
-        return (guess, trial) if self.better(trial, point) else best
-
-
-def _modelled_scale(current: Point, s: float, point: Point, slope: float, budget: float, weight: float) -> float:
-    """The scale a second trial should take, from one trial at ``s``: the minimum of the
-    merit's quadratic through its value at 0, its slope there (``slope``: the refinement's
-    gradient holds the retained rows' penalty where it applies) and its value at ``s`` (Φ's
-    alone where the trial's retained rows were not scored); capped where the retained rows'
-    rise, modelled as quadratic in the scale, would reach 0.9 of ``budget``. 0 when neither
-    model says anything."""
-    if not (math.isfinite(point.phi) and s > 0):
-        return 0.0
-    scored = math.isfinite(point.rise)
-    start, end = (current.merit(weight), point.merit(weight)) if scored else (current.phi, point.phi)
-    curvature = (end - start - slope * s) / (s * s)
-    best = -slope / (2 * curvature) if curvature > 0 and slope < 0 else math.inf
-    if scored and point.rise > current.rise and budget > current.rise:
-        best = min(best, s * math.sqrt(0.9 * (budget - current.rise) / (point.rise - current.rise)))
-    return best if math.isfinite(best) else 0.0
 
 
 class Judge:
@@ -451,7 +400,6 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
     order = list(range(retained))
     random.Random(0).shuffle(order)
     scale, stalled = 1.0, 0
-    retain_grad, since = None, 0  # the retained rows' gradient, and the steps since it was taken
     progress("refine", 0, max_steps)
     for step in range(max_steps + 1):
         passed, why, settled = done()
@@ -472,14 +420,10 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
                 result.reason = f"no gradient left: {why}"
             break
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
-        if retain_grad is None or since >= config.retain_gradient_every or stalled:
-            retain_grad, since = objective.retain_gradient(order), 0
-        since += 1
-        direction = -_project_out(factors.solve(g, damping), retain_grad, factors, damping)
+        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(order), factors, damping)
         theta = parameters_to_vector(params).detach().clone()
         start = _gauss_newton_scale(current.phi, g, direction) if stalled == 0 else scale
-        ls = line_search(params, theta, direction, objective, current, start, budget, config,
-                         slope=float(g.double() @ direction.double()))
+        ls = line_search(params, theta, direction, objective, current, start, budget, config)
         result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
         progress("refine", step + 1, max_steps, {"phi": ls.point.phi, "scale": ls.scale})
         if ls.scale == 0.0:

@@ -219,67 +219,6 @@ def test_the_point_a_line_search_leaves_is_not_scored_again(world, start, outcom
     assert torch.equal(parameters_to_vector(params), theta + ls.scale * direction)
 
 
-def test_the_modelled_second_trial_is_the_minimum_of_the_merit_or_the_utility_bound():
-    """On an exact quadratic merit m(s) = m0 + a·s + b·s² (Φ plus the weighted rise), one trial
-    anywhere gives its minimum -a/2b; where the retained rows' rise (quadratic in s) would pass
-    0.9 of the budget first, the scale where it reaches that; a trial whose retained rows were
-    not scored (Φ over the ceiling) is modelled on Φ alone."""
-    from eraser.secondorder import Point, _modelled_scale
-
-    phi0, a, b, w = 2.0, -4.0, 0.5, 10.0  # the merit's minimum at s = 4
-    current = Point([], [], 0.0, phi0, 0.0, 0.0)
-    for s in (0.5, 3.0, 9.0):
-        rise = 0.01 * s * s
-        trial = Point([], [], 0.0, phi0 + a * s + b * s * s - w * rise, rise, 0.0)  # merit = Φ + w·rise
-        assert _modelled_scale(current, s, trial, a, budget=10.0, weight=w) == pytest.approx(4.0)
-        # rise 0.01·s² reaches 0.9 x 0.09 at s = 2.846...: the bound decides.
-        assert _modelled_scale(current, s, trial, a, 0.09, w) == pytest.approx((0.9 * 0.09 / 0.01) ** 0.5)
-        unscored = Point([], [], None, phi0 + a * s + b * s * s, float("inf"), 0.0)
-        assert _modelled_scale(current, s, unscored, a, 0.09, w) == pytest.approx(4.0)
-    flat = Point([], [], 0.0, phi0 + a * 1.0, 0.0, 0.0)  # linear: no minimum, no bound
-    assert _modelled_scale(current, 1.0, flat, a, budget=10.0, weight=w) == 0.0
-
-
-@pytest.mark.parametrize("start", [1e-2, 1.0])
-def test_the_modelled_search_needs_fewer_trials_than_doubling_and_keeps_the_bound(world, start):
-    """From the same start, the modelled search scores at most two points where the first is
-    admissible (doubling up to five), backtracks no slower, and ends admissible having gained at
-    least half the merit the doubling search gained."""
-    from torch.nn.utils import parameters_to_vector, vector_to_parameters
-
-    from eraser.secondorder import SampledObjective, line_search
-
-    model, tok = load(world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
-                                 512, StepConfig())
-    objective.forget_targets = [8.0] * len(world["erased"])
-    current = objective.evaluate()
-    gradient = objective.gradient()
-    # As the refinement builds its steps: the part that raises the retained rows' NLL to first
-    # order projected out (here in the Euclidean metric), so their rise is second order.
-    retained = objective.retain_gradient(list(range(8)))
-    direction = -gradient
-    if float(direction @ retained) > 0:
-        direction = direction - float(direction @ retained) / float(retained @ retained) * retained
-    theta = parameters_to_vector(params).detach().clone()
-    slope = float(gradient @ direction)
-    found = {}
-    for search in ("doubling", "model"):
-        vector_to_parameters(theta, params)
-        objective._last = None
-        found[search] = line_search(params, theta, direction, objective, current, start, 0.3,
-                                    StepConfig(search=search), slope=slope)
-    model_ls, doubling_ls = found["model"], found["doubling"]
-    assert model_ls.scale > 0 and model_ls.point.rise <= 0.3
-    assert model_ls.trials <= doubling_ls.trials
-    if doubling_ls.trials > 1 and doubling_ls.scale >= start:  # the first trial was admissible
-        assert model_ls.trials <= 2
-    w = StepConfig().anchor_weight
-    gained = {k: current.merit(w) - ls.point.merit(w) for k, ls in found.items()}
-    assert gained["doubling"] > 0 and gained["model"] >= 0.5 * gained["doubling"], gained
-
-
 def test_over_forgetting_is_judged_on_the_calibrated_attack_only():
     """Rows hard for every model (a rare name: high NLL under the base model too) keep a high
     raw loss after retraining from scratch; only their NLL over the base model's says whether
