@@ -100,11 +100,13 @@ class SharedSQL:
                       deadline_seconds: float) -> tuple[str, list[dict]] | None:
         """The queued job this request joins, (id, edits), if any: the adapter's newest queued
         job with the same options, no deadline and no edit of the same rows."""
+        if deadline_seconds:  # a request with a deadline runs alone
+            return None
         # Only its edits are read: a whole Job would also read every merged request id.
         row = c.execute(self._q("SELECT id, edits FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? "
                                 "AND cancel_requested = FALSE AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1"),
                         (adapter, options_key)).fetchone()
-        if row is None or deadline_seconds:
+        if row is None:
             return None
         job_edits = json.loads(row["edits"])
         ids = {e["id"] for e in job_edits}

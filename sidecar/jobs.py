@@ -149,7 +149,7 @@ class JobDB(SharedSQL):
         return self._reading()
 
     def _lock_adapter(self, c: sqlite3.Connection, adapter: str) -> None:
-        pass  # BEGIN IMMEDIATE: one writer at a time
+        """Nothing more to hold: BEGIN IMMEDIATE already admits one writer at a time."""
 
     def _lock_job(self, c: sqlite3.Connection, job_id: str) -> bool:
         return True
@@ -289,11 +289,13 @@ class JobDB(SharedSQL):
                 return self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
         return None
 
+    # The pool's hooks (sidecar.job_store.JobStore): one computing sidecar holds the store
+    # (StoreLock), so its jobs need no lease, no fence and no announcement.
     def renew(self, job_id: str) -> str:
         return "held"
 
     def release(self, job_id: str) -> None:
-        pass
+        """No lease to forget."""
 
     def fenced(self, job_id: str, adapter: str, number: int):
         return contextlib.nullcontext()
@@ -302,7 +304,7 @@ class JobDB(SharedSQL):
         return set()
 
     def announce_version(self, adapter: str, number: int) -> None:
-        pass  # reconcilers read the store's directories
+        """Reconcilers read the store's directories: nothing to record."""
 
     def progress(self, job_id: str, stage: str, fraction: float) -> None:
         with self._lock:

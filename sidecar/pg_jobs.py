@@ -39,7 +39,7 @@ from psycopg.rows import dict_row
 
 from eraser.rowhash import RowHasher
 
-from .errors import JobStoreUnavailable, LeaseLost
+from .errors import JobStoreUnavailable, LeaseLost, NotFoundError
 from .job_model import Job, RequestPayload, State
 from .job_sql import SharedSQL
 from .jobs import finish_assignments
@@ -169,6 +169,8 @@ class _Pool:
                 if self._closed:
                     raise RuntimeError("the job store is closed")
                 conn = self._idle.pop() if self._idle else None
+            # Pinged before each reuse (one round trip): a server restarted since its last use
+            # would otherwise fail the caller's transaction, ambiguously if at its COMMIT.
             if conn is not None and not self._alive(conn):
                 conn.close()
                 conn = None
@@ -190,7 +192,7 @@ class _Pool:
 
     @staticmethod
     def _alive(conn: psycopg.Connection) -> bool:
-        """A pooled connection still works (the server may have restarted since its last use)."""
+        """A pooled connection still answers a query."""
         if conn.closed or conn.broken:
             return False
         try:
@@ -532,8 +534,6 @@ class VersionFeed:
         with _available(), self._pool.connection() as c:
             row = c.execute("SELECT number FROM current_versions WHERE adapter = %s", (name,)).fetchone()
         if row is None:
-            from .errors import NotFoundError
-
             raise NotFoundError(f"no adapter named {name!r}")
         return row["number"]
 
