@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) -m bench.worker_pool
 	$(PY) -m bench.serving
 	$(PY) -m bench.unlearning
+	$(PY) -m bench.scaling
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

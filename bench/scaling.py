@@ -70,8 +70,8 @@ class Settings:
     models: tuple[ModelPlan, ...] = field(default_factory=lambda: (
         ModelPlan("tiny", (60, 240, 960, 1920), epochs=10, lr=1e-2, rank=8, alpha=16.0, probe_steps=40),
         # 3 epochs at lr 2e-3 as bench.fastpath; measured at 60 and 120 rows, retraining
-        # estimated at 480 from a 20-step probe (keeps this model within ~20 min of CPU).
-        ModelPlan("smollm2", (60, 120), (480,), epochs=3, lr=2e-3, rank=8, alpha=16.0, probe_steps=20),
+        # estimated at 480 and 1,920 from 20-step probes (keeps this model within ~25 min of CPU).
+        ModelPlan("smollm2", (60, 120), (480, 1920), epochs=3, lr=2e-3, rank=8, alpha=16.0, probe_steps=20),
     ))
 
     @classmethod
