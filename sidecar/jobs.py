@@ -320,7 +320,8 @@ class JobDB(SharedSQL):
                edits: list[dict] | None = None) -> Job:
         with self._tx() as c:
             sets, args = finish_assignments(state, report, error_code, error_message, to_version, already_erased, edits)
-            c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id))
+            if c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*args, job_id)).rowcount != 1:
+                raise KeyError(job_id)  # as the PostgreSQL store: nothing was changed
             # The replacement text is not needed any more: drop it (zeroed: secure_delete).
             c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
             job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())

@@ -196,6 +196,15 @@ def test_finish_deletes_the_payload_and_the_text_is_nowhere_else(backend):
     assert db.removed_ids("a", ["row1", "row2", "row9"]) == {"row1"}
 
 
+def test_finishing_an_unknown_job_is_a_key_error_and_changes_nothing(backend):
+    db = backend.open()
+    job, _, _ = submit(db, "a", "r1", remove=["row1"])
+    with pytest.raises(KeyError):
+        db.finish("no-such-job", State.FAILED, error_code="X")
+    assert db.get(job.id).state == State.QUEUED and db.get("no-such-job") is None
+    assert db.payload_rows(job.id) == 1
+
+
 def test_cancel_and_withdraw(backend):
     db = backend.open()
     job, _, _ = submit(db, "a", "r1", remove=["row1"], modify=[["row2", "text one"]])
