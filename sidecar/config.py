@@ -194,8 +194,8 @@ class SidecarConfig:
     # an import source: its retained versions hold erased rows).
     import_roots: tuple[Path, ...] = ()
     # Long-lived streams, bounded so that they never take the room unary calls and health
-    # checks need: WatchJob (and reflection) streams in all and per client (its peer
-    # address), and health Watch streams, which need no token, in all.
+    # checks need: WatchJob (and reflection) streams in all and per client (its certificate
+    # under mutual TLS, else its address), and health Watch streams, which need no token, in all.
     max_watches: int = 1000
     max_watches_per_client: int = 100
     max_health_watches: int = 100

@@ -55,9 +55,14 @@ async def wait_for(event: asyncio.Event, timeout: float) -> None:
 
 
 def client_of(context) -> str:
-    """Who a call comes from, for the per-client bound: the peer's address without its
-    port, so that every connection from one host counts together (an IPv4-mapped IPv6
-    address counts as the IPv4 one). A shared bearer token cannot tell clients apart."""
+    """Who a call comes from, for the per-client bound. Under mutual TLS: the client
+    certificate's subject, so that clients behind one proxy or NAT address stay apart and one
+    client's connections count together. Otherwise the peer's address without its port, so
+    that every connection from one host counts together (an IPv4-mapped IPv6 address counts
+    as the IPv4 one). A shared bearer token cannot tell clients apart."""
+    subject = certificate_subject(context)
+    if subject is not None:
+        return f"certificate {subject}"
     kind, _, address = context.peer().partition(":")  # "ipv4:10.0.0.7:5123", "ipv6:[::1]:5123"
     if kind not in ("ipv4", "ipv6"):
         return context.peer()  # e.g. unix:/path: one local client
@@ -67,6 +72,15 @@ def client_of(context) -> str:
     except ValueError:
         return host
     return str(getattr(ip, "ipv4_mapped", None) or ip)
+
+
+def certificate_subject(context) -> str | None:
+    """The verified client certificate's subject (mutual TLS), or None without one."""
+    properties = context.auth_context() or {}
+    for key in ("x509_subject", "x509_common_name"):
+        if properties.get(key):
+            return properties[key][0].decode("utf-8", "replace")
+    return None
 
 
 class StreamSlots:

@@ -16,6 +16,7 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.auth import open_channel
 from sidecar.server import start
 from test_sidecar import SLOW, config_for, register
+from tlsutil import make_certs
 
 WATCHES = 500
 CHANNELS = 10
@@ -140,6 +141,37 @@ def test_watches_are_capped_per_client_and_in_all(tmp_path, tiny_base, tiny_adap
     finally:
         close_all(streams)
         close_all([v4, v6])
+        sidecar.stop(1.0)
+
+
+def test_under_mutual_tls_the_per_client_cap_counts_certificates_not_addresses(tmp_path, tiny_base, tiny_adapter,
+                                                                                train_file):
+    # Two clients on one address (as behind a proxy) each get their own cap; one client's
+    # connections count together.
+    certs = make_certs(tmp_path / "pki")
+    sidecar = start(config_for(tmp_path / "store", max_watches=5, max_watches_per_client=2, tls_cert=certs.server_cert,
+                               tls_key=certs.server_key, tls_client_ca=certs.ca))
+    target = f"localhost:{sidecar.grpc_port}"
+    mtls = lambda cert, key: open_channel(target, ca=certs.ca, cert=cert, key=key,  # noqa: E731
+                                          options=[("grpc.use_local_subchannel_pool", 1)])
+    first = [mtls(certs.client_cert, certs.client_key) for _ in range(2)]
+    second = mtls(certs.second_client_cert, certs.second_client_key)
+    streams = []
+    try:
+        stub = pb_grpc.EraserStub(first[0])
+        register(stub, "certs", tiny_base, tiny_adapter, train_file)
+        slow = stub.Erase(pb.EraseRequest(adapter="certs", request_id="certs-slow", remove_ids=["born-ann"], options=SLOW))
+        streams += open_watches(first, slow.id, 2)  # one client, over two connections
+        assert all(first_or_code(w).id == slow.id for w in streams)
+        error = refusal(lambda: next(open_watches([first[1]], slow.id, 1)[0]))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 2 per client" in error.details()
+        assert "eraser test client" in error.details()
+        streams += open_watches([second], slow.id, 2)  # same address, another certificate
+        assert all(first_or_code(w).id == slow.id for w in streams[2:])
+        stub.CancelJob(pb.CancelJobRequest(id=slow.id), timeout=CALL_DEADLINE)
+    finally:
+        close_all(streams)
+        close_all(first + [second])
         sidecar.stop(1.0)
 
 

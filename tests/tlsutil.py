@@ -35,6 +35,8 @@ class Certs:
     client_cert: Path
     client_key: Path
     other_ca: Path
+    second_client_cert: Path  # another client of the same CA
+    second_client_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -92,10 +94,12 @@ def make_certs(directory: Path) -> Certs:
     ca_key, other_key = _key(), _key()
     ca = _cert("eraser test CA", ca_key, _name("eraser test CA"), ca_key, ca=True)
     other = _cert("unrelated test CA", other_key, _name("unrelated test CA"), other_key, ca=True)
-    server_key, client_key = _key(), _key()
+    server_key, client_key, second_key = _key(), _key(), _key()
     server = _cert("localhost", server_key, ca.subject, ca_key, ca=False, usage=ExtendedKeyUsageOID.SERVER_AUTH,
                    sans=(x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))))
     client = _cert("eraser test client", client_key, ca.subject, ca_key, ca=False,
+                   usage=ExtendedKeyUsageOID.CLIENT_AUTH)
+    second = _cert("eraser second test client", second_key, ca.subject, ca_key, ca=False,
                    usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     return Certs(
         ca=_write_cert(directory / "ca.pem", ca),
@@ -104,6 +108,8 @@ def make_certs(directory: Path) -> Certs:
         client_cert=_write_cert(directory / "client.pem", client),
         client_key=_write_key(directory / "client.key", client_key),
         other_ca=_write_cert(directory / "other-ca.pem", other),
+        second_client_cert=_write_cert(directory / "client2.pem", second),
+        second_client_key=_write_key(directory / "client2.key", second_key),
     )
 
 
