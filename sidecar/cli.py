@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     p.add_argument("--tls-key", help="... and this private key (PEM)")
     p.add_argument("--tls-client-ca", help="mutual TLS: require client certificates signed by this CA")
+    p.add_argument("--receipt-key", help="sign erasure receipts with this Ed25519 private key (PKCS#8 PEM; "
+                                          "default: the store's own key, created once)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 

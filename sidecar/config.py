@@ -16,6 +16,7 @@ import yaml
 
 from eraser import options as defaults
 from eraser.errors import InvalidRequestError
+from .receipts import ReceiptSigner
 
 ADAPTER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -162,6 +163,9 @@ class SidecarConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # The Ed25519 private key (PKCS#8 PEM) that signs erasure receipts, e.g. a mounted
+    # Secret that outlives the store; empty: the store's own key, created once.
+    receipt_key: Path | None = None
     # "compute": runs erase jobs, publishes versions, swaps every replica (exactly one per
     # shared store). "reconcile": runs no jobs and only keeps its replicas (its own pod's
     # vLLM) at each adapter's current version, read from the shared store (deploy/README.md).
@@ -256,12 +260,17 @@ class SidecarConfig:
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca", "receipt_key"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
                 if not Path(value).is_file():
                     raise ConfigError(f"{name}: no such file: {value}")
+        if self.receipt_key is not None:
+            try:
+                ReceiptSigner.load(self.receipt_key)
+            except ValueError as e:
+                raise ConfigError(f"receipt_key: {e}") from None
         if self.token_file is not None and self.token is None:
             token = self.token_file.read_text().strip()
             if not token:

@@ -112,7 +112,15 @@ class ReceiptSigner:
         if not path.exists():
             create_once(path, Ed25519PrivateKey.generate().private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        return cls.load(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReceiptSigner":
+        """The key in ``path`` (PKCS#8 PEM, unencrypted); ValueError if it is not an Ed25519 one."""
+        try:
+            key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"the receipt signing key {path} is not a PEM private key: {e}") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"the receipt signing key {path} is not an Ed25519 private key")
         return cls(key)

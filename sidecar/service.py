@@ -130,8 +130,10 @@ class EraserService:
         # one of them owns the store; on PostgreSQL a pool shares it.
         self._lock_file = StoreLock(self.store.root) if self.computes and not config.jobs else None
         self.db: JobStore | None = self._open_jobs(config) if self.computes else None
-        # Created with the store (like the row-hash key); only the computing sidecar issues receipts.
-        self.signer = self.store.receipt_signer if self.computes else None
+        # The configured key, else the store's (created with it, like the row-hash key); only the
+        # computing sidecar issues receipts.
+        self.signer = ((ReceiptSigner.load(config.receipt_key) if config.receipt_key else self.store.receipt_signer)
+                       if self.computes else None)
         self.device = resolve_device(config.device)
         self.changed = threading.Condition()
         self._listeners: list[Callable[[], None]] = []

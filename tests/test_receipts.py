@@ -235,3 +235,40 @@ def test_serving_is_confirmed_only_with_a_served_time_for_every_replica():
     # The job's SwapCheck messages carry the time too.
     assert swap_check_message({**check, "served_at": 12.5}).served_at.ToNanoseconds() == 12_500_000_000
     assert not swap_check_message(legacy).HasField("served_at")
+
+
+def _write_private_key(path: Path, key) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
+
+
+def test_a_configured_receipt_key_signs_instead_of_the_store_key(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    path = _write_private_key(tmp_path / "receipt.key", key)
+    store = tmp_path / "store"
+    running = start(SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=1.0, receipt_key=path))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            served = pb_grpc.EraserStub(channel).GetReceiptKey(pb.GetReceiptKeyRequest(), timeout=10)
+        assert served.key_id == ReceiptSigner(key).key_id and served.public_key_pem == ReceiptSigner(key).public_key_pem
+        assert not (store / "secrets" / "receipt-signing.key").exists()  # no second key made beside it
+    finally:
+        running.stop(1.0)
+
+
+def test_a_receipt_key_that_is_missing_or_not_ed25519_is_a_config_error(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sidecar.config import ConfigError
+
+    cases = {tmp_path / "absent.key": "no such file",
+             _write_private_key(tmp_path / "ec.key", ec.generate_private_key(ec.SECP256R1())): "not an Ed25519",
+             tmp_path / "garbage.key": "not a PEM private key"}
+    (tmp_path / "garbage.key").write_text("not a key")
+    for path, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            SidecarConfig(store=tmp_path / "store", receipt_key=path)
+    assert not (tmp_path / "store").exists()
