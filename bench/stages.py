@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from eraser.cli import passive_openmp_waits
-from bench.common import (
+from bench.common import (loadavg, 
     Recorder,
     bench_parser,
     machine_info,
@@ -304,7 +304,7 @@ def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dic
 
     rec.sampler.stop()
     with suppress(OSError):
-        machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        machine["loadavg_end"] = loadavg()
     total = time.perf_counter() - started
     return {
         "schema_version": SCHEMA_VERSION,

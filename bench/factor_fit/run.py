@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import (bench_parser, framed_caveats, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
+from bench.common import (loadavg, bench_parser, framed_caveats, machine_info, md_row, output_stem, pretrained_tiny_base, reading_and_caveats,
                           rendered, round_sig, write_outputs)
 
 SCHEMA_VERSION = 1
@@ -172,7 +172,7 @@ def run(s: Settings, workdir: Path, checkpoint=None) -> dict:
         runs += model_runs
         if checkpoint is not None:
             checkpoint(result(True))
-    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["loadavg_end"] = loadavg()
     return result(False)
 
 
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = output_stem("factor_fit", "cpu", args.quick)
 
     def checkpoint(partial: dict) -> None:  # a run cut short keeps what it measured
-        partial["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        partial["machine"]["loadavg_end"] = loadavg()
         finish({**partial, "mode": mode, "note": args.note}, args.out, stem)
 
     try:

@@ -10,7 +10,7 @@ import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 
-from bench.common import Recorder, cosine, machine_info, norm, write_outputs
+from bench.common import loadavg, Recorder, cosine, machine_info, norm, write_outputs
 from bench.common import bench_parser, rendered
 from bench.common import output_stem as common_output_stem
 from eraser.cli import passive_openmp_waits
@@ -249,7 +249,7 @@ def run(settings: Settings, device_name: str, quick: bool) -> dict:
     rec.sampler.stop()
     workdir.cleanup()
     with suppress(OSError):
-        machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        machine["loadavg_end"] = loadavg()
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "unlearning",
