@@ -31,6 +31,12 @@ SETTLED_SLACK = 0.1
 class ForgetResult:
     steps: list[StepRecord] = field(default_factory=list)
     verification: VerificationReport | None = None
+    objective: SampledObjective | None = None
+
+    def retained_mean(self) -> float | None:
+        """The retained sample's mean NLL where the model is left (scored already when the
+        last step or check ended there)."""
+        return self.objective.evaluate().retain_mean if self.objective is not None else None
 
     @property
     def influence_scale(self) -> float | None:
@@ -85,7 +91,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
                            device, max_length)
     # Built on the parent: how often greedy decoding reproduces retained rows sizes the learned check.
     checks = _Checks(judge, objective, rows, retain_pairs, retain_losses, verify, step, min(bounds) if bounds else math.inf)
-    out = ForgetResult([controlled_influence_step(params, delta, objective, budget, step)])
+    out = ForgetResult([controlled_influence_step(params, delta, objective, budget, step)], objective=objective)
     if verify.policy == "off":
         return out
     if factors is None and holdout:  # no curvature factors: the first-order refinement, judged by its loss AUC
@@ -117,7 +123,7 @@ def _objective(model, tokenizer, params, rows: _Rows, retain_pairs, retain_losse
     objective = SampledObjective(model, tokenizer, params, rows.forget, rows.learn, retain_pairs, device,
                                  max_length, step)
     objective.retain_reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
-    objective.retain_parent = list(retain_losses)
+    objective.know_retained(retain_losses)  # measured on the parent: the model is still there
     objective.learn_target = 0.0
     _, erased0, holdout0, _ = judge.judge() if verify.policy != "off" else (None, None, None, None)
     objective.forget_targets = judge.targets(holdout0) if erased0 is not None else (

@@ -26,7 +26,6 @@ spirit of SOUL, Jia et al. 2024), each again line-searched, until the membership
 from __future__ import annotations
 
 import math
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +67,9 @@ class StepConfig:
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
     batch_size: int = 8
+    # The retained rows' gradient (projection and anchor) is taken by a backward pass every this
+    # many steps (and after a step that found nothing), and reused in between.
+    retain_gradient_every: int = 3
 
     def __post_init__(self):
         numbers = (self.max_rise_share, self.overshoot, self.band, self.damping_ratio, self.anchor_weight,
@@ -76,8 +78,8 @@ class StepConfig:
             raise InvalidRequestError("step settings must be finite numbers >= 0")
         if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
             raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
-        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
-            raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
+        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1 or self.retain_gradient_every < 1:
+            raise InvalidRequestError("backtracks, batch_size and retain_gradient_every must be >= 1, expansions >= 0")
 
 
 @dataclass
@@ -109,8 +111,8 @@ class SampledObjective:
         self.forget_targets: list[float] = [0.0] * len(forget)
         self.learn_target = 0.0
         self.retain_reference: float | None = None
-        self.retain_parent: list[float] = []  # each retained row's NLL on the parent
         self._last: tuple[torch.Tensor, Point] | None = None  # the point last evaluated, and where
+        self._known_retain: tuple[torch.Tensor, float] | None = None  # a retained mean measured elsewhere, and where
 
     def _nll(self, data: EncodedRows | None) -> list[float]:
         if data is None:
@@ -119,9 +121,10 @@ class SampledObjective:
             return [x for _, b in data.batches(self.config.batch_size, device=self.device)
                     for x in per_row_nll(self.model, b).tolist()]
 
-    def evaluate(self, phi_ceiling: float = math.inf) -> Point:
-        """The objective at the current parameters. Where Φ alone is above ``phi_ceiling`` the
-        retained rows (most of the cost) are not scored and the point is inadmissible."""
+    def evaluate(self, phi_ceiling: float = math.inf, overshoot_cap: float = math.inf) -> Point:
+        """The objective at the current parameters. Where Φ alone is above ``phi_ceiling``, or
+        the erased rows overshoot their targets by more than ``overshoot_cap``, the retained
+        rows (most of the cost) are not scored and the point is inadmissible."""
         theta = parameters_to_vector(self.params).detach()
         if self._last is not None and torch.equal(self._last[0], theta):
             return self._last[1]  # done() and the refinement loop ask at the same parameters
@@ -132,10 +135,14 @@ class SampledObjective:
         new_gaps = [max(0.0, x - self.learn_target) for x in learn]
         phi = _half_mean_square(gaps) + (sum(new_gaps) / len(new_gaps) if new_gaps else 0.0)
         overshoot = sum(over) / len(over) if over else 0.0
-        if phi > phi_ceiling:
+        if phi > phi_ceiling or overshoot > overshoot_cap:
             return Point(forget, learn, None, phi, math.inf, overshoot)
-        retain = self._nll(self.retain)
-        retain_mean = sum(retain) / len(retain) if retain else None
+        known = self._known_retain
+        if known is not None and torch.equal(known[0], theta):
+            retain_mean = known[1]
+        else:
+            retain = self._nll(self.retain)
+            retain_mean = sum(retain) / len(retain) if retain else None
         if self.retain_reference is None:
             self.retain_reference = retain_mean
         rise = retain_mean - self.retain_reference if retain_mean is not None else 0.0
@@ -143,14 +150,19 @@ class SampledObjective:
         self._last = (theta.clone(), point)
         return point
 
+    def know_retained(self, losses: Sequence[float]) -> None:
+        """The retained rows' losses at the current parameters, measured by the caller (the
+        parent's, before the erase): not scored again there."""
+        if losses:
+            self._known_retain = (parameters_to_vector(self.params).detach().clone(), sum(losses) / len(losses))
+
     def remember(self, point: Point) -> None:
         """``point`` is the objective at the current parameters (scored earlier)."""
         if point.retain_mean is not None or self.retain is None:
             self._last = (parameters_to_vector(self.params).detach().clone(), point)
 
-    def gradient(self, anchor_rows: Sequence[int] = ()) -> torch.Tensor:
-        """∇Φ plus ``anchor_weight`` × the gradient of the retained rows' NLL rise over their
-        parent values on a batch of them (zero where they did not rise: the merit's term)."""
+    def gradient(self) -> torch.Tensor:
+        """∇Φ: the erased rows' gaps to their targets and the new rows' gaps to theirs."""
         self.model.zero_grad(set_to_none=True)
         for data, sign, targets in ((self.forget, 1.0, self.forget_targets), (self.learn, -1.0, None)):
             if data is None:
@@ -165,10 +177,6 @@ class SampledObjective:
                 if targets is not None:
                     gap = gap + torch.relu(nll - target - self.config.band)
                 (0.5 * gap.square() if targets is not None else gap).sum().div(len(data)).backward()
-        if anchor_rows and self.retain is not None and self.config.anchor_weight > 0:
-            nll = per_row_nll(self.model, self.retain.batch(list(anchor_rows), self.device))
-            ref = sum(self.retain_parent[i] for i in anchor_rows) / len(anchor_rows)
-            (self.config.anchor_weight * torch.relu(nll.mean() - ref)).backward()
         return self._take_gradient()
 
     def retain_gradient(self, rows: Sequence[int]) -> torch.Tensor | None:
@@ -229,8 +237,9 @@ class _Search:
         self.trials += 1
         with torch.no_grad():
             vector_to_parameters(self.theta + s * self.direction.to(self.theta.dtype), self.params)
-        # The merit is at least Φ: where Φ alone is above the current merit, no need to score more.
-        return self.objective.evaluate(phi_ceiling=self.current.merit(self.w))
+        # The merit is at least Φ: where Φ alone is above the current merit, or the rows overshoot
+        # past the cap, the point cannot be accepted: no need to score the retained rows.
+        return self.objective.evaluate(phi_ceiling=self.current.merit(self.w), overshoot_cap=self.overshoot)
 
     def ok(self, p: Point) -> bool:
         m = self.current.merit(self.w)
@@ -346,10 +355,12 @@ class Refinement:
     seconds: float = 0.0
     passed: bool = False
     reason: str = ""
+    retain_backward_passes: int = 0
 
     def to_json(self) -> dict:
         return {"method": "natural", "steps": sum(1 for s in self.steps if s.kind == "natural"),
                 "seconds": round(self.seconds, 3), "stopped": self.reason, "passed": self.passed,
+                "retain_backward_passes": self.retain_backward_passes,
                 "trace": [s.to_json() for s in self.steps]}
 
 
@@ -365,8 +376,31 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
         return StepRecord("influence", 1.0, 1, p.phi, p.rise)
     if current.phi == 0.0:
         return StepRecord("influence", 0.0, 0, 0.0, current.rise)
-    ls = line_search(params, theta, delta, objective, current, 1.0, budget, config)
+    # From where Φ's linear model along the step reaches zero, as a natural step's search: the
+    # formula's own length (scale 1) was often many halvings too long, each a scoring pass.
+    start = _gauss_newton_scale(current.phi, objective.gradient(), delta)
+    ls = line_search(params, theta, delta, objective, current, start, budget, config)
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
+
+
+class RetainedGradient:
+    """The gradient of the retained sample's mean NLL along the refinement: a backward pass
+    over the sample (most of a step's cost) every ``every`` steps, or when asked for a fresh
+    one; reused in between, where a step moves the parameters little."""
+
+    def __init__(self, objective: SampledObjective, rows: Sequence[int], every: int):
+        self.objective, self.rows, self.every = objective, list(rows), every
+        self._g: torch.Tensor | None = None
+        self._age = 0
+        self.passes = 0
+
+    def get(self, fresh: bool = False) -> torch.Tensor | None:
+        if not self.rows:
+            return None
+        if fresh or self._g is None or self._age >= self.every:
+            self._g, self._age, self.passes = self.objective.retain_gradient(self.rows), 0, self.passes + 1
+        self._age += 1
+        return self._g
 
 
 def _project_out(step: torch.Tensor, retain_grad: torch.Tensor | None, factors, damping: float) -> torch.Tensor:
@@ -397,8 +431,7 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
     verdict passes (module docstring). The model is left at the last accepted step."""
     started = time.perf_counter()
     result = Refinement()
-    order = list(range(retained))
-    random.Random(0).shuffle(order)
+    retained = RetainedGradient(objective, range(retained), config.retain_gradient_every)
     scale, stalled = 1.0, 0
     progress("refine", 0, max_steps)
     for step in range(max_steps + 1):
@@ -411,16 +444,18 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
                 result.reason = f"{'step' if step == max_steps else 'time'} budget exhausted: {why}"
             break
         current = objective.evaluate()
-        chunk = [order[(step * config.batch_size + k) % len(order)] for k in range(min(config.batch_size, len(order)))]
-        # The retained rows' penalty only while the sample's NLL is above the parent's: the
-        # merit charges nothing below it, so pulling further down would only fight Φ.
-        g = objective.gradient(chunk if current.rise > 0 else [])
+        retain_grad = retained.get(fresh=stalled > 0)
+        g = objective.gradient()
+        # The merit's penalty on the retained rows only while their NLL is above the parent's:
+        # it charges nothing below, so pulling further down would only fight Φ.
+        if current.rise > 0 and retain_grad is not None and config.anchor_weight > 0:
+            g = g + config.anchor_weight * retain_grad
         if not float(g.norm()) > 0:
             if not passed:
                 result.reason = f"no gradient left: {why}"
             break
         damping = config.damping_ratio * max(factors.scale_along(g), 1e-12)
-        direction = -_project_out(factors.solve(g, damping), objective.retain_gradient(order), factors, damping)
+        direction = -_project_out(factors.solve(g, damping), retain_grad, factors, damping)
         theta = parameters_to_vector(params).detach().clone()
         start = _gauss_newton_scale(current.phi, g, direction) if stalled == 0 else scale
         ls = line_search(params, theta, direction, objective, current, start, budget, config)
@@ -436,6 +471,7 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
         else:
             stalled, scale = 0, ls.scale
     result.seconds = time.perf_counter() - started
+    result.retain_backward_passes = retained.passes
     for p in params:
         p.grad = None
     return result

@@ -429,12 +429,13 @@ def _kept_curvature(update: Update, moved, loaded: _Loaded, edits, config: Erase
     return None
 
 
-def _check_utility(loaded: _Loaded, before: _Before, config: EraseConfig, dev) -> UtilityCheck | None:
-    """Raises UtilityCheckFailedError before anything is written."""
+def _check_utility(before: _Before, config: EraseConfig, forgot) -> UtilityCheck | None:
+    """Raises UtilityCheckFailedError before anything is written. The same retained rows the
+    step control scored (``forgot.objective``), at the parameters written."""
     if config.max_retain_rise is None or not before.retain_pairs:
         return None
-    after = row_losses(loaded.model, loaded.base.tokenizer, before.retain_pairs, dev, max_length=config.max_length)
-    utility = UtilityCheck(len(before.retain_pairs), mean(before.retain_losses), mean(after), config.max_retain_rise)
+    utility = UtilityCheck(len(before.retain_pairs), mean(before.retain_losses), forgot.retained_mean(),
+                           config.max_retain_rise)
     utility.require()
     return utility
 
@@ -539,7 +540,7 @@ def erase(
                         [(r.prompt, r.response) for r in inputs.holdout], before.retain_pairs, before.retain_losses,
                         config.verify, config.step, config.max_retain_rise, dev, config.max_length, progress)
     with clock.stage("evaluate"):
-        utility, after_old, after_new = _evaluate_after(loaded, before, config, dev)
+        utility, after_old, after_new = _evaluate_after(loaded, before, config, dev, forgot)
     edited_rows = request.apply_to(inputs.rows)
     # Before anything is written: a failure here leaves nothing behind.
     probe = _serving_probe(loaded, edited_rows, parent_values, dev, clock) if serving_probe else None
@@ -565,9 +566,9 @@ def _serving_probe(loaded, edited_rows, parent_values, dev, clock) -> dict:
                                     dev).to_json()
 
 
-def _evaluate_after(loaded, before: _Before, config: EraseConfig, dev):
+def _evaluate_after(loaded, before: _Before, config: EraseConfig, dev, forgot):
     """The utility check (raises UtilityCheckFailedError), then the old and new rows' losses."""
-    utility = _check_utility(loaded, before, config, dev)
+    utility = _check_utility(before, config, forgot)
     losses = [row_losses(loaded.model, loaded.base.tokenizer, pairs, dev, max_length=config.max_length)
               for pairs in (before.old_pairs, before.new_pairs)]
     return utility, losses[0], losses[1]

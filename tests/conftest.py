@@ -12,6 +12,7 @@ import json
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 # Before torch loads: OpenMP's default busy-waiting on this shared 2-core CPU made every
@@ -152,3 +153,53 @@ def stub(sidecar):
     channel = grpc.insecure_channel(sidecar.target)
     yield pb_grpc.EraserStub(channel)
     channel.close()
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Removing rows 0 and 10 of the tiny fixture: the model, the influence right-hand side b
+    and the dense GGN (the direct solve's reference, built once per module)."""
+
+    base: object
+    model: object
+    params: list
+    data: object
+    rows: list[int]
+    b: torch.Tensor
+    dense: torch.Tensor
+
+    @property
+    def scale(self) -> float:
+        """The GGN's Rayleigh quotient along b: what a relative damping is relative to."""
+        b = self.b.double()
+        return float(b @ self.dense @ b / (b @ b))
+
+    def exact(self, damping: float) -> torch.Tensor:
+        """The direct dense solve (GGN + λI)x = b."""
+        return torch.linalg.solve(self.dense + damping * torch.eye(len(self.dense), dtype=self.dense.dtype),
+                                  self.b.double())
+
+
+@pytest.fixture(scope="module")
+def removal(tiny_base, tiny_adapter, train_rows) -> Removal:
+    from eraser.curvature import Curvature, gradient
+    from eraser.data import EncodedRows
+    from eraser.model import load_adapter, load_base, trainable_parameters
+    from eraser.solvers import dense_matrix
+
+    base = load_base(tiny_base)
+    model = load_adapter(base, tiny_adapter, trainable=True)
+    params = [p for _, p in trainable_parameters(model)]
+    data = EncodedRows.from_rows(base.tokenizer, train_rows)
+    rows = list(range(len(train_rows)))
+    b = gradient(model, params, data, [0, 10]) / len(rows)
+    return Removal(base, model, params, data, rows, b, dense_matrix(Curvature(model, params, data, rows, "ggn", 4,
+                                                                              "cpu")).double())
+
+
+def cosine(u, v) -> float:
+    return float(torch.nn.functional.cosine_similarity(u.double(), v.double(), dim=0))
+
+
+def relative_error(reference, approx) -> float:
+    return float((reference.double() - approx.double()).norm() / reference.double().norm())

@@ -16,68 +16,41 @@ import json
 import pytest
 import torch
 
-from conftest import write_json
+from conftest import cosine, relative_error, write_json
 from eraser import factors as fx
 from eraser.cli import main
-from eraser.curvature import Curvature, CurvatureConfig, gradient
+from eraser.curvature import CurvatureConfig
 from eraser.data import EncodedRows
 from eraser.datainf import datainf_solve
 from eraser.kfac import KFAC, KFACConfig
-from eraser.model import load_adapter, load_base, trainable_parameters
-from eraser.solvers import SolverConfig, dense_matrix
+from eraser.solvers import SolverConfig
 from eraser.unlearn import EraseConfig, compute_update
-
-
-@pytest.fixture(scope="module")
-def problem(tiny_base, tiny_adapter, train_rows):
-    base = load_base(tiny_base)
-    model = load_adapter(base, tiny_adapter, trainable=True)
-    params = [p for _, p in trainable_parameters(model)]
-    data = EncodedRows.from_rows(base.tokenizer, train_rows)
-    rows = list(range(len(train_rows)))
-    b = gradient(model, params, data, [0, 10]) / len(rows)
-    dense = dense_matrix(Curvature(model, params, data, rows, "ggn", 4, "cpu")).double()
-    scale = float(b.double() @ dense @ b.double() / (b.double() @ b.double()))
-    return base, model, params, data, rows, b, dense, scale
-
-
-def cosine(u, v) -> float:
-    return float(torch.nn.functional.cosine_similarity(u.double(), v.double(), dim=0))
-
-
-def relative_error(reference, approx) -> float:
-    return float((reference.double() - approx.double()).norm() / reference.double().norm())
-
-
-def _exact(problem, damping):
-    dense, b = problem[6], problem[5]
-    return torch.linalg.solve(dense + damping * torch.eye(len(dense), dtype=dense.dtype), b.double())
 
 
 @pytest.mark.parametrize("solver, relative_damping, min_cosine, max_error", [
     ("ekfac", 1.0, 0.93, 0.5), ("ekfac", 10.0, 0.99, 0.15),
     ("kfac", 1.0, 0.92, 0.55), ("datainf", 1.0, 0.9, 0.85), ("datainf", 10.0, 0.99, 0.2),
 ])
-def test_fast_updates_against_direct(problem, train_rows, solver, relative_damping, min_cosine, max_error):
+def test_fast_updates_against_direct(removal, train_rows, solver, relative_damping, min_cosine, max_error):
     """Through compute_update, as the CLI and sidecar call it (factors fitted in the call)."""
-    base, model = problem[0], problem[1]
-    damping = relative_damping * problem[7]
+    base, model = removal.base, removal.model
+    damping = relative_damping * removal.scale
     from eraser.requests import UnlearningRequest
 
     edits = UnlearningRequest(("born-ann", "tea-ann")).resolve(train_rows)
     config = EraseConfig(solver=SolverConfig(solver), curvature=CurvatureConfig(damping=damping))
     update = compute_update(model, base.tokenizer, train_rows, edits, config)
-    direct = _exact(problem, damping)  # the direct dense solve of the same b (rows 0 and 10)
-    assert abs(update.gradient_norm - float(problem[5].norm())) < 1e-6 * update.gradient_norm  # the same b
+    direct = removal.exact(damping)  # the direct dense solve of the same b (rows 0 and 10)
+    assert abs(update.gradient_norm - float(removal.b.norm())) < 1e-6 * update.gradient_norm  # the same b
     assert cosine(direct, update.delta) > min_cosine
     assert relative_error(direct, update.delta) < max_error
     assert update.curvature_products == 0 and update.solve.converged
     assert update.factor_source == (None if solver == "datainf" else "fitted")
 
 
-def test_datainf_is_exact_for_one_row(problem):
+def test_datainf_is_exact_for_one_row(removal):
     """With a single row the rank-one inverse is Sherman-Morrison, exact, per block."""
-    base, model, params, data, rows, b, _, _ = problem
+    model, params, data, b = removal.model, removal.params, removal.data, removal.b
     g = [x.double() for x in torch.autograd.grad(
         __import__("eraser.losses", fromlist=["per_row_nll"]).per_row_nll(model, data.batch([3])).sum(), params)]
     x = datainf_solve(model, params, data, [3], b, 0.5)
@@ -90,10 +63,11 @@ def test_datainf_is_exact_for_one_row(problem):
     assert relative_error(torch.cat(expected), x) < 1e-6
 
 
-def test_downdating_is_exact_for_kfac_and_close_for_ekfac(problem, train_rows):
+def test_downdating_is_exact_for_kfac_and_close_for_ekfac(removal, train_rows):
     """Each row's labels are keyed by its content, so its contribution can be subtracted:
     K-FAC downdated equals K-FAC refitted without the rows; EK-FAC keeps its basis."""
-    base, model, params, data, rows, b, _, scale = problem
+    r = removal
+    base, model, params, data, rows, b, scale = r.base, r.model, r.params, r.data, r.rows, r.b, r.scale
     keys = fx.row_keys(train_rows)
     removed, kept = [0, 10], [r for r in rows if r not in (0, 10)]
     gone = EncodedRows.from_rows(base.tokenizer, [train_rows[i] for i in removed])
@@ -123,8 +97,8 @@ def test_downdating_is_exact_for_kfac_and_close_for_ekfac(problem, train_rows):
     assert relative_error(original, f.solve(b, scale)) < 1e-9
 
 
-def test_cache_round_trip_and_refusals(problem, train_rows, tmp_path):
-    base, model, params, data, rows, b, _, scale = problem
+def test_cache_round_trip_and_refusals(removal, train_rows, tmp_path):
+    base, model, params, b, scale = removal.base, removal.model, removal.params, removal.b, removal.scale
     key = fx.FactorKey(KFACConfig(), "base-fp", "adapter-a", fx.dataset_hash(train_rows), 512)
     cached = fx.fit(model, params, base.tokenizer, train_rows, key, "cpu")
     fx.save(cached, tmp_path / "f")

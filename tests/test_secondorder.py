@@ -260,7 +260,6 @@ def test_refinement_pulls_rows_pushed_past_the_band_back_to_the_never_seen_level
     objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
                                  512, config)
     trained = row_losses(model, tok, pairs(world["erased"]), "cpu")
-    objective.retain_parent = row_losses(model, tok, pairs(world["retained"][:8]), "cpu")
     objective.forget_targets = [x - 0.6 for x in trained]  # every row 0.6 nats past its target
     start = objective.evaluate()
     assert start.phi > 0 and start.overshoot == pytest.approx(0.6) and 0.6 > config.overshoot
@@ -274,3 +273,38 @@ def test_refinement_pulls_rows_pushed_past_the_band_back_to_the_never_seen_level
     inside = SampledObjective(model, tok, params, pairs(world["erased"]), [], [], "cpu", 512, config)
     inside.forget_targets = [x - config.band / 2 for x in end.forget]
     assert inside.evaluate().phi == 0.0
+
+
+def test_the_retained_gradient_is_reused_between_backward_passes(world):
+    """The retained rows' gradient (projection and anchor) costs a backward pass over the
+    whole retained sample: one every ``every`` steps, one more after a stall, the same vector
+    in between; refinement reports how many it took."""
+    from eraser.data import EncodedRows
+    from eraser.kfac import KFAC
+    from eraser.secondorder import RetainedGradient, SampledObjective, refine_natural
+
+    model, tok = load(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    retained = pairs(world["retained"][:8])
+    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], retained, "cpu", 512, StepConfig())
+    passes = []
+    backward = objective.retain_gradient
+    objective.retain_gradient = lambda rows: passes.append(list(rows)) or backward(rows)
+    reused = RetainedGradient(objective, range(len(retained)), every=3)
+    first = reused.get()
+    assert torch.equal(reused.get(), first) and torch.equal(reused.get(), first) and len(passes) == 1
+    assert reused.get() is not first and len(passes) == 2 and passes[-1] == list(range(len(retained)))
+    reused.get(fresh=True)
+    assert len(passes) == reused.passes == 3
+    # Refinement: 6 steps with a backward pass every 3 take 2 of them (none stalled here).
+    objective.forget_targets = [x + 1.0 for x in row_losses(model, tok, pairs(world["erased"]), "cpu")]
+    objective.retain_reference = sum(row_losses(model, tok, retained, "cpu")) / len(retained)
+    factors = KFAC.fit(model, params, EncodedRows(tok, retained, 512), range(len(retained)))
+    passes.clear()
+    done = lambda: (False, "running the budget", False)  # noqa: E731
+    result = refine_natural(params, factors, objective, len(retained), 10.0, StepConfig(retain_gradient_every=3), 6,
+                            600.0, done)
+    stalls = sum(1 for st in result.steps if st.scale == 0.0)
+    assert len(result.steps) == 6 and stalls == 0, [st.scale for st in result.steps]
+    assert len(passes) == result.retain_backward_passes == 2
+    assert result.to_json()["retain_backward_passes"] == 2

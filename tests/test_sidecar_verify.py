@@ -4,7 +4,7 @@ enforce that cannot reach the held-out level within the configured budget (FAILE
 published), bad held-out sets refused at registration, and the report, metrics and
 erasectl line that carry the numbers.
 
-Like tests/test_verify.py, these tests train their own adapter: people drawn from one pool
+These tests use tests/test_verify.py's world, an adapter trained on the spot: people drawn from one pool
 of names unknown to the base model, split at random into trained and held-out people, so
 that the two differ only in having been trained on (the suite's ``tiny_adapter`` is
 trained on every person in ``NAMES`` and has no exchangeable held-out set).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import NAMES, OTHERS, POOL, cg_erase, people_rows
+from conftest import cg_erase
 from eraser.data import Row, write_rows
 from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
@@ -30,6 +29,7 @@ from sidecar import ctl
 from sidecar.client import erase_options
 from sidecar.config import SidecarConfig
 from sidecar.server import start
+from test_verify import world  # noqa: F401  (the module-scoped fixture: 12 trained people, 2 to erase)
 
 
 
@@ -37,25 +37,8 @@ def fast(**kwargs) -> pb.EraseOptions:
     return pb.EraseOptions(damping=0.1, max_iterations=100, tolerance=1e-3, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_base):
-    """12 trained people (24 rows), the first 2 to erase; 6 never-seen people held out."""
-    from eraser.train import TrainConfig, train
-
-    assert not set(POOL) & set(NAMES + OTHERS)
-    by_name = people_rows(POOL)
-    names = POOL[:]
-    random.Random(100).shuffle(names)
-    trained, held = names[:12], names[12:18]
-    d = tmp_path_factory.mktemp("sidecar-verify")
-    rows = [r for n in trained for r in by_name[n]]
-    write_rows(d / "train.jsonl", rows)
-    holdout = [r for n in held for r in by_name[n]]
-    write_rows(d / "holdout.jsonl", holdout)
-    train(tiny_base, d / "train.jsonl", d / "lora", TrainConfig(rank=4, alpha=8, epochs=60, lr=2e-2, batch_size=4))
-    erased = [r for n in trained[:2] for r in by_name[n]]
-    return {"dir": d, "base": tiny_base, "adapter": d / "lora", "data": d / "train.jsonl", "holdout": d / "holdout.jsonl",
-            "rows": rows, "holdout_rows": holdout, "erased": erased, "erase_ids": [r.id for r in erased]}
+def erase_ids(world) -> list[str]:
+    return [r.id for r in world["erased"]]
 
 
 def config_for(store: Path, erase: dict | None = None, **overrides) -> SidecarConfig:
@@ -78,7 +61,7 @@ def register(stub, name, world, holdout=True, verify="") -> pb.Adapter:
 
 
 def erase(stub, adapter, world, **options) -> pb.Job:
-    job = stub.Erase(pb.EraseRequest(adapter=adapter, remove_ids=world["erase_ids"], options=fast(**options)))
+    job = stub.Erase(pb.EraseRequest(adapter=adapter, remove_ids=erase_ids(world), options=fast(**options)))
     last = None
     for last in stub.WatchJob(pb.GetJobRequest(id=job.id), timeout=300):
         pass
@@ -177,10 +160,10 @@ def test_verify_needs_a_holdout_set_at_submit(stub, sidecar, world):
         register(stub, "v-none", world, holdout=False)
     jobs = len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs)
     # Report needs none (the base model is the reference); enforce on cg does.
-    request = pb.EraseRequest(adapter="v-none", remove_ids=world["erase_ids"], options=fast(verify="enforce"))
+    request = pb.EraseRequest(adapter="v-none", remove_ids=erase_ids(world), options=fast(verify="enforce"))
     assert "held-out set" in _details(lambda: stub.Erase(request))
     assert code_of(lambda: stub.Erase(request)) == grpc.StatusCode.INVALID_ARGUMENT
-    bad = pb.EraseRequest(adapter="v-none", remove_ids=world["erase_ids"], options=fast(verify="sometimes"))
+    bad = pb.EraseRequest(adapter="v-none", remove_ids=erase_ids(world), options=fast(verify="sometimes"))
     assert code_of(lambda: stub.Erase(bad)) == grpc.StatusCode.INVALID_ARGUMENT
     assert len(stub.ListJobs(pb.ListJobsRequest(limit=1000)).jobs) == jobs
 
