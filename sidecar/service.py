@@ -202,12 +202,23 @@ class EraserService:
             if self._finish_publish(name):
                 outcome["rollbacks_finished"] = outcome.get("rollbacks_finished", 0) + 1
             self.announce(name, self.store.current(name))
+            outcome["deletions_finished"] = outcome.get("deletions_finished", 0) + self._finish_deletions(name)
         outcome["factors_swept"] = self.store.sweep_factors()
         for name in self.store.names():  # current versions whose factors were never written
             outcome["factors_queued"] = outcome.get("factors_queued", 0) + self.prepare_factors(self.store.current(name))
             self.report_factor_age(name)
         self.queue_changed()
         return outcome
+
+    def _finish_deletions(self, name: str) -> int:
+        """Versions a recorded purge or retention meant to delete but a stop left on disk:
+        deleted now (the record is written before the files go). Returns how many."""
+        left = sorted({n for d in self.db.deletions(name) for n in d["versions"]} & set(self.store.version_numbers(name))
+                      - {self.store.current_number(name)})
+        if left:
+            self.store.delete(name, Deleted(left, [(n, m) for n, m in self.store.factor_caches(name) if n in left]))
+            log.warning("adapter %s: versions %s were recorded as deleted before a stop; deleted now", name, left)
+        return len(left)
 
     def _clear_staging(self) -> int:
         if not self.db.leases:
@@ -493,10 +504,10 @@ class EraserService:
     # ---- history: retention, purge, receipts ------------------------------------------
     def prune(self, name: str) -> Deleted:
         """Retention (``keep_versions``), recorded so that receipts say when a version went."""
-        deleted = self.store.prune(name, self.config.keep_versions)
-        if deleted:
-            self.db.record_deletion(name, "retention", deleted.versions, deleted.factor_caches, time.time())
-        return deleted
+        planned = self.store.prune_plan(name, self.config.keep_versions)
+        if planned:  # recorded first: a stop before the files went is completed at the next start
+            self.db.record_deletion(name, "retention", planned.versions, planned.factor_caches, time.time())
+        return self.store.delete(name, planned)
 
     def _deleted_how(self, name: str, number: int) -> str:
         """How a version went, for an error message: by PurgeHistory (when) or by retention."""
@@ -516,10 +527,13 @@ class EraserService:
             if not 1 <= before_version <= current:
                 raise InvalidRequestError(f"before_version must be in [1, {current}] for adapter {name!r} (its current "
                                           f"version, which is never purged), not {before_version}")
-            deleted = self.store.purge(name, before_version)
+            planned = self.store.purge_plan(name, before_version)
             purged_at = time.time()
-            payload_rows = self.db.record_deletion(name, "purge", deleted.versions, deleted.factor_caches, purged_at,
+            # Recorded (and the payloads deleted) first: a stop before the files went is
+            # completed at the next start, so the record never misses a deletion.
+            payload_rows = self.db.record_deletion(name, "purge", planned.versions, planned.factor_caches, purged_at,
                                                    purge_payloads=True)
+            deleted = self.store.delete(name, planned)
         log.info("purged %s before v%d: versions %s, %d factor cache(s), %d payload row(s)", name, before_version,
                  deleted.versions, len(deleted.factor_caches), payload_rows)
         self.report_factor_age(name)

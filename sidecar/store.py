@@ -471,21 +471,31 @@ class AdapterStore:
             except OSError:
                 shutil.copy2(p, dest)
 
-    def prune(self, name: str, keep: int) -> "Deleted":
-        """Delete all but the newest ``keep`` versions (never the current one)."""
+    def prune_plan(self, name: str, keep: int) -> "Deleted":
+        """What retention would delete: all but the newest ``keep`` versions (never the
+        current one), with their factor caches. Nothing is deleted (``delete`` does)."""
         numbers = self.version_numbers(name)
         current = self.current_number(name)
         doomed = [n for n in numbers[:-keep] if n != current] if keep < len(numbers) else []
-        return self._delete_versions(name, doomed, [])
+        return self._with_caches(name, doomed, [])
 
-    def purge(self, name: str, before: int) -> "Deleted":
-        """Delete the versions numbered below ``before``, whatever the retention, with their
-        factor caches and those left without a version; never the current version."""
+    def purge_plan(self, name: str, before: int) -> "Deleted":
+        """What a purge would delete: the versions numbered below ``before``, whatever the
+        retention, with their factor caches and those left without a version; never the
+        current version. Nothing is deleted (``delete`` does)."""
         if before > self.current_number(name):
             raise ValueError(f"purge of {name!r} before version {before}: past the current version")
         doomed = [n for n in self.version_numbers(name) if n < before]
         orphans = [(n, m) for n, m in self.factor_caches(name) if n < before and n not in doomed]
-        return self._delete_versions(name, doomed, orphans)
+        return self._with_caches(name, doomed, orphans)
+
+    def prune(self, name: str, keep: int) -> "Deleted":
+        """Delete all but the newest ``keep`` versions (never the current one)."""
+        return self.delete(name, self.prune_plan(name, keep))
+
+    def purge(self, name: str, before: int) -> "Deleted":
+        """Delete the versions numbered below ``before`` (``purge_plan``)."""
+        return self.delete(name, self.purge_plan(name, before))
 
     def factor_caches(self, name: str) -> list[tuple[int, str]]:
         """(version, method) of every factor cache of an adapter on disk, complete or not."""
@@ -495,10 +505,19 @@ class AdapterStore:
         return sorted((int(v.name), m.name) for v in root.iterdir() if v.name.isdigit() and v.is_dir()
                       for m in v.iterdir() if m.is_dir() and not m.name.startswith("."))
 
-    def _delete_versions(self, name: str, numbers: list[int], orphan_caches: list[tuple[int, str]]) -> "Deleted":
+    def _with_caches(self, name: str, numbers: list[int], orphan_caches: list[tuple[int, str]]) -> "Deleted":
         caches = [(n, m) for n, m in self.factor_caches(name) if n in numbers] + orphan_caches
-        for n in numbers:
+        return Deleted(numbers, sorted(caches))
+
+    def delete(self, name: str, planned: "Deleted") -> "Deleted":
+        """Delete the versions and factor caches of ``planned`` that are still there, never
+        the current version (a plan recorded before a crash is completed by running it
+        again); returns ``planned``."""
+        current = self.current_number(name)
+        for n in planned.versions:
             path = self._dir(name) / "versions" / str(n)
+            if n == current or not path.exists():
+                continue
             # Rename first so a crash mid-delete never leaves a half version that looks whole.
             trash = self.staging_dir / f"deleted-{name}-{n}.{uuid.uuid4().hex[:8]}"
             os.rename(path, trash)
@@ -506,9 +525,10 @@ class AdapterStore:
             with self._lock:
                 self._rows_cache.pop((name, n), None)
                 self._ids_cache.pop((name, n), None)
-        for n in sorted({n for n, _ in caches}):
-            self.discard_factors(name, n)
-        return Deleted(numbers, sorted(caches))
+        for n in sorted({n for n, _ in planned.factor_caches}):
+            if n != current:
+                self.discard_factors(name, n)
+        return planned
 
 
 @dataclass(frozen=True)

@@ -272,3 +272,40 @@ def test_a_receipt_key_that_is_missing_or_not_ed25519_is_a_config_error(tmp_path
         with pytest.raises(ConfigError, match=message):
             SidecarConfig(store=tmp_path / "store", receipt_key=path)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_purge_stopped_before_its_files_went_is_completed_at_the_next_start(tmp_path, tiny_base, tiny_adapter,
+                                                                             train_file):
+    """The purge is recorded before the versions are deleted: a stop in between (here the
+    deletion fails as a killed process would leave it) leaves a record the next start
+    completes, so no receipt says a version is gone while its files remain, or the reverse."""
+    store = tmp_path / "store"
+    config = SidecarConfig(store=store, grpc_port=0, metrics_port=0, drain_seconds=1.0, keep_versions=5,
+                           erase=cg_erase())
+    running = start(config)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            register(stub, "wal", tiny_base, tiny_adapter, train_file)
+            job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="wal", remove_ids=["born-ann"], options=FAST)).id)
+            assert job.state == pb.JOB_STATE_SUCCEEDED and job.to_version == 2, job.error
+
+            def stopped(name, planned):
+                raise OSError("the process stopped here")
+
+            running.service.store.delete = stopped
+            with pytest.raises(grpc.RpcError):
+                stub.PurgeHistory(pb.PurgeHistoryRequest(adapter="wal", before_version=2))
+    finally:
+        running.stop(1.0)
+    assert (store / "adapters" / "wal" / "versions" / "1").is_dir()  # recorded, not yet deleted
+    running = start(config)
+    try:
+        assert not (store / "adapters" / "wal" / "versions" / "1").exists()
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.EraserStub(channel)
+            assert list(stub.GetAdapter(pb.GetAdapterRequest(name="wal")).retained_versions) == [2]
+            receipt = json.loads(stub.GetErasureReceipt(pb.GetErasureReceiptRequest(job_id=job.id)).receipt)
+        assert receipt["still_holding"]["versions"] == [] and [d["versions"] for d in receipt["deleted"]] == [[1]]
+    finally:
+        running.stop(1.0)
