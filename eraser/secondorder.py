@@ -67,9 +67,6 @@ class StepConfig:
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
     batch_size: int = 8
-    # The retained rows' gradient (projection and anchor) is taken by a backward pass every this
-    # many steps (and after a step that found nothing), and reused in between.
-    retain_gradient_every: int = 3
 
     def __post_init__(self):
         numbers = (self.max_rise_share, self.overshoot, self.band, self.damping_ratio, self.anchor_weight,
@@ -78,8 +75,8 @@ class StepConfig:
             raise InvalidRequestError("step settings must be finite numbers >= 0")
         if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
             raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
-        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1 or self.retain_gradient_every < 1:
-            raise InvalidRequestError("backtracks, batch_size and retain_gradient_every must be >= 1, expansions >= 0")
+        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
+            raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
 
 
 @dataclass
@@ -355,12 +352,10 @@ class Refinement:
     seconds: float = 0.0
     passed: bool = False
     reason: str = ""
-    retain_backward_passes: int = 0
 
     def to_json(self) -> dict:
         return {"method": "natural", "steps": sum(1 for s in self.steps if s.kind == "natural"),
                 "seconds": round(self.seconds, 3), "stopped": self.reason, "passed": self.passed,
-                "retain_backward_passes": self.retain_backward_passes,
                 "trace": [s.to_json() for s in self.steps]}
 
 
@@ -381,26 +376,6 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
     start = _gauss_newton_scale(current.phi, objective.gradient(), delta)
     ls = line_search(params, theta, delta, objective, current, start, budget, config)
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
-
-
-class RetainedGradient:
-    """The gradient of the retained sample's mean NLL along the refinement: a backward pass
-    over the sample (most of a step's cost) every ``every`` steps, or when asked for a fresh
-    one; reused in between, where a step moves the parameters little."""
-
-    def __init__(self, objective: SampledObjective, rows: Sequence[int], every: int):
-        self.objective, self.rows, self.every = objective, list(rows), every
-        self._g: torch.Tensor | None = None
-        self._age = 0
-        self.passes = 0
-
-    def get(self, fresh: bool = False) -> torch.Tensor | None:
-        if not self.rows:
-            return None
-        if fresh or self._g is None or self._age >= self.every:
-            self._g, self._age, self.passes = self.objective.retain_gradient(self.rows), 0, self.passes + 1
-        self._age += 1
-        return self._g
 
 
 def _project_out(step: torch.Tensor, retain_grad: torch.Tensor | None, factors, damping: float) -> torch.Tensor:
@@ -431,7 +406,6 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
     verdict passes (module docstring). The model is left at the last accepted step."""
     started = time.perf_counter()
     result = Refinement()
-    retained = RetainedGradient(objective, range(retained), config.retain_gradient_every)
     scale, stalled = 1.0, 0
     progress("refine", 0, max_steps)
     for step in range(max_steps + 1):
@@ -444,7 +418,9 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
                 result.reason = f"{'step' if step == max_steps else 'time'} budget exhausted: {why}"
             break
         current = objective.evaluate()
-        retain_grad = retained.get(fresh=stalled > 0)
+        # The retained sample's gradient, for the projection and the anchor: a backward pass a
+        # step (reusing it for 3 steps cost more steps than it saved: bench/results/refine-gradient-reuse.md).
+        retain_grad = objective.retain_gradient(range(retained))
         g = objective.gradient()
         # The merit's penalty on the retained rows only while their NLL is above the parent's:
         # it charges nothing below, so pulling further down would only fight Φ.
@@ -471,7 +447,6 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
         else:
             stalled, scale = 0, ls.scale
     result.seconds = time.perf_counter() - started
-    result.retain_backward_passes = retained.passes
     for p in params:
         p.grad = None
     return result

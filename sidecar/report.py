@@ -94,7 +94,6 @@ class Refinement:
     trace: tuple[Step, ...] = ()
     backtracks: Optional[int] = None
     final_lr: Optional[float] = None
-    retain_backward_passes: Optional[int] = None  # natural steps: backward passes over the retained sample
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,7 @@ def test_files_and_schema(quick):
             assert rec["status"] in STATUSES, (tname, m.name)
             # Only optional methods (code still being written elsewhere) may be missing, and
             # the rows only the full size runs: first-order +refine, paper preset, cg.
-            full_only = (m.family == "refined"
-                         or m.name in ("llmeraser-paper", "llmeraser-cg", "product-gradient-every-step")) \
+            full_only = (m.family == "refined" or m.name in ("llmeraser-paper", "llmeraser-cg")) \
                 and rec.get("reason") == FULL_SIZE_ONLY
             assert rec["status"] == "ok" or m.optional or full_only, (tname, m.name, rec)
         assert f"## {tname}" in markdown

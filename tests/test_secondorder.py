@@ -275,36 +275,33 @@ def test_refinement_pulls_rows_pushed_past_the_band_back_to_the_never_seen_level
     assert inside.evaluate().phi == 0.0
 
 
-def test_the_retained_gradient_is_reused_between_backward_passes(world):
-    """The retained rows' gradient (projection and anchor) costs a backward pass over the
-    whole retained sample: one every ``every`` steps, one more after a stall, the same vector
-    in between; refinement reports how many it took."""
-    from eraser.data import EncodedRows
-    from eraser.kfac import KFAC
-    from eraser.secondorder import RetainedGradient, SampledObjective, refine_natural
+def test_the_influence_step_searches_from_where_the_gaps_close_and_skips_hopeless_trials(world):
+    """The influence update's length is controlled by nothing (the adapter is no minimum): its
+    line search starts where Φ's linear model along it reaches zero, not at scale 1, and a
+    trial whose erased rows overshoot past the cap is refused without scoring the retained
+    rows (most of a trial's cost)."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from eraser.secondorder import SampledObjective, controlled_influence_step, line_search
 
     model, tok = load(world)
     params = [p for p in model.parameters() if p.requires_grad]
-    retained = pairs(world["retained"][:8])
-    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], retained, "cpu", 512, StepConfig())
-    passes = []
-    backward = objective.retain_gradient
-    objective.retain_gradient = lambda rows: passes.append(list(rows)) or backward(rows)
-    reused = RetainedGradient(objective, range(len(retained)), every=3)
-    first = reused.get()
-    assert torch.equal(reused.get(), first) and torch.equal(reused.get(), first) and len(passes) == 1
-    assert reused.get() is not first and len(passes) == 2 and passes[-1] == list(range(len(retained)))
-    reused.get(fresh=True)
-    assert len(passes) == reused.passes == 3
-    # Refinement: 6 steps with a backward pass every 3 take 2 of them (none stalled here).
-    objective.forget_targets = [x + 1.0 for x in row_losses(model, tok, pairs(world["erased"]), "cpu")]
-    objective.retain_reference = sum(row_losses(model, tok, retained, "cpu")) / len(retained)
-    factors = KFAC.fit(model, params, EncodedRows(tok, retained, 512), range(len(retained)))
-    passes.clear()
-    done = lambda: (False, "running the budget", False)  # noqa: E731
-    result = refine_natural(params, factors, objective, len(retained), 10.0, StepConfig(retain_gradient_every=3), 6,
-                            600.0, done)
-    stalls = sum(1 for st in result.steps if st.scale == 0.0)
-    assert len(result.steps) == 6 and stalls == 0, [st.scale for st in result.steps]
-    assert len(passes) == result.retain_backward_passes == 2
-    assert result.to_json()["retain_backward_passes"] == 2
+    theta = parameters_to_vector(params).detach().clone()
+    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
+                                 512, StepConfig())
+    trained = row_losses(model, tok, pairs(world["erased"]), "cpu")
+    objective.forget_targets = [x + 1.0 for x in trained]  # a nat to go on every erased row
+    current = objective.evaluate()
+    delta = -500.0 * objective.gradient()  # the right way, far too long
+    retained_scored = []
+    nll = objective._nll
+    objective._nll = lambda data: (retained_scored.append(1) if data is objective.retain else None) or nll(data)
+    from_one = line_search(params, theta, delta, objective, current, 1.0, 0.3, StepConfig())
+    trials_from_one, scored_from_one = from_one.trials, len(retained_scored)
+    vector_to_parameters(theta, params)
+    objective._last, retained_scored[:] = None, []
+    record = controlled_influence_step(params, delta, objective, 0.3, StepConfig())
+    assert 0 < record.scale < 1 and record.phi < current.phi and record.rise <= 0.3
+    assert record.trials < trials_from_one, (record.trials, trials_from_one)
+    # From scale 1 most trials overshot: refused on the erased rows alone.
+    assert scored_from_one < trials_from_one

@@ -209,7 +209,6 @@ def _verdict_json(verification: dict | None) -> dict | None:
         "erased_rows": (v or {}).get("erased_rows"),
         "steps": refinement.get("steps", 0), "stopped": refinement.get("stopped"),
         "trials": sum(int(t.get("trials") or 0) for t in refinement.get("trace") or []),
-        "retain_backward_passes": refinement.get("retain_backward_passes"),
         "seconds": verification.get("seconds"),
     }
 
@@ -221,29 +220,16 @@ def _verdict_json(verification: dict | None) -> dict | None:
         "product's own budget; a refused erase publishes nothing, so the row then scores the original adapter "
         "(what stays served)", family="product")
 def _product(ctx: Context) -> Outcome:
-    return _run_product(ctx, *product_config(ctx.settings))
-
-
-@method("product-gradient-every-step", "the product's default erase with the retained rows' gradient (the "
-        "refinement's projection and anchor) taken by a backward pass at every natural step "
-        "(StepConfig(retain_gradient_every=1)) instead of every third: the baseline of the product row's "
-        "refinement cost", optional=True, family="product")
-def _product_gradient_every_step(ctx: Context) -> Outcome:
-    _full_size_only(ctx.settings.refine_baseline)
-    config, reduced = product_config(ctx.settings)
-    return _run_product(ctx, replace(config, step=replace(config.step, retain_gradient_every=1)), reduced)
-
-
-def _run_product(ctx: Context, config, reduced: bool) -> Outcome:
     from eraser.errors import UtilityCheckFailedError
     from eraser.factors import is_cache, read_manifest
     from eraser.unlearn import erase
 
     task = ctx.task
+    config, reduced = product_config(ctx.settings)
     adapter = _product_adapter_dir(ctx)
     factors_dir = ctx.shared["product_factors"]
     had_factors = is_cache(factors_dir)
-    job = Path(ctx.workdir) / f"job-{task.name}-every-{config.step.retain_gradient_every}"
+    job = Path(ctx.workdir) / f"job-{task.name}"
     job.mkdir(parents=True, exist_ok=False)
     holdout = job / "holdout.jsonl"
     write_rows(holdout, list(task.calibration))
@@ -279,7 +265,6 @@ def _run_product(ctx: Context, config, reduced: bool) -> Outcome:
         "config": {"solver": config.solver.name, "damping": config.curvature.damping,
                    "relative": config.curvature.relative, "policy": config.verify.policy,
                    "max_retain_rise": config.max_retain_rise, "step_control": config.step.enabled,
-                   "retain_gradient_every": config.step.retain_gradient_every,
                    "max_auc": config.verify.max_auc, "min_auc": config.verify.min_auc},
         "verdict": _verdict_json(verification),
         "verification": verification,

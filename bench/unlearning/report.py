@@ -48,9 +48,7 @@ def product_note(rec: dict) -> str:
     if v:
         parts.append(f"product verdict ({v.get('holdout_rows') or info.get('holdout_rows')} calibration rows): "
                      f"{'pass' if v.get('passed') else 'FAIL'}, AUC {_attacks(v)}, {v.get('steps', 0)} refine steps"
-                     + (f" ({v['trials']} line-search trials" + (f", {v['retain_backward_passes']} retained-gradient "
-                                                                   "passes" if v.get("retain_backward_passes") else "")
-                        + ")" if v.get("trials") else "")
+                     + (f" ({v['trials']} line-search trials)" if v.get("trials") else "")
                      + (f", {_f(v['seconds'], '.0f')} s" if v.get("seconds") is not None else ""))
     b = rec.get("benchmark_verdict")
     if b:

@@ -68,8 +68,6 @@ class Settings:
     # The influence baselines on the exact curvature (paper preset, cg): the full size only,
     # for the same reason (the quick run is the suite's smoke test and its longest test).
     exact_influence: bool = True
-    # product-gradient-every-step: the product's refinement with a retained gradient every step.
-    refine_baseline: bool = True
     refine_max_seconds: float = 240.0
     refine_retain_rows: int = 8
     # The product row runs the product's own config; None keeps its own refinement budget
@@ -101,7 +99,7 @@ class Settings:
                    ga_steps=2, curvature_rows=4, cg_max_iterations=3, refine_max_steps=2, refine_retain_rows=4,
                    product_verify_max_steps=QUICK_PRODUCT_STEPS, product_verify_max_seconds=QUICK_PRODUCT_SECONDS,
                    relearn_steps=3, relearn_rows=4, first_order_refine=False,
-                   exact_influence=False, refine_baseline=False)
+                   exact_influence=False)
 
 
 def say(message: str) -> None:
