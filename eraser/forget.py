@@ -125,7 +125,9 @@ def _objective(model, tokenizer, params, rows: _Rows, retain_pairs, retain_losse
     objective.retain_reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
     objective.know_retained(retain_losses)  # measured on the parent: the model is still there
     objective.learn_target = 0.0
-    _, erased0, holdout0, _ = judge.judge() if verify.policy != "off" else (None, None, None, None)
+    # Held-out-calibrated targets only where refinement may act on them (enforce): under report the
+    # update written is the one verification off writes, and is only scored.
+    _, erased0, holdout0, _ = judge.judge() if verify.policy == "enforce" else (None, None, None, None)
     objective.forget_targets = judge.targets(holdout0) if erased0 is not None else (
         judge.base_erased or [math.inf] * len(rows.forget))
     return objective

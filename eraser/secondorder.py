@@ -372,8 +372,9 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
     if current.phi == 0.0:
         return StepRecord("influence", 0.0, 0, 0.0, current.rise)
     # From where Φ's linear model along the step reaches zero, as a natural step's search: the
-    # formula's own length (scale 1) was often many halvings too long, each a scoring pass.
-    start = _gauss_newton_scale(current.phi, objective.gradient(), delta)
+    # formula's own length (scale 1) was often many halvings too long, each a scoring pass. Never
+    # from beyond it: past 1 the search only expands while the merit keeps improving.
+    start = min(1.0, _gauss_newton_scale(current.phi, objective.gradient(), delta))
     ls = line_search(params, theta, delta, objective, current, start, budget, config)
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
 

@@ -15,7 +15,7 @@ from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar import ctl
 from sidecar.config import SidecarConfig
 from sidecar.server import start
-from test_sidecar_verify import register, world  # noqa: F401  (world: the module-scoped fixture)
+from test_sidecar_verify import erase_ids, register, world  # noqa: F401  (world: the module-scoped fixture)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def erase_with_defaults(stub, adapter, ids) -> pb.Job:
 def test_default_erase_is_the_verified_second_order_path(stub, world):
     adapter = register(stub, "dflt", world)
     assert adapter.verify == "enforce"
-    job = erase_with_defaults(stub, "dflt", world["erase_ids"])
+    job = erase_with_defaults(stub, "dflt", erase_ids(world))
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
     r = job.report
     assert (r.solver, r.requested_solver or r.solver) == (options.DEFAULT_SOLVER, "ekfac")
@@ -58,7 +58,7 @@ def test_default_erase_without_a_holdout_is_verified_against_the_base_model(stub
     stub.RegisterAdapter(pb.RegisterAdapterRequest(
         name="dflt-nohold", base_model=str(world["base"]), adapter_path=str(world["adapter"]),
         dataset_path=str(world["data"])))
-    job = erase_with_defaults(stub, "dflt-nohold", world["erase_ids"])
+    job = erase_with_defaults(stub, "dflt-nohold", erase_ids(world))
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error.message
     v = job.report.verification
     assert job.report.solver == "ekfac" and v.policy == "enforce" and v.basis == "base-model reference"
