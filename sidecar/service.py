@@ -213,8 +213,8 @@ class EraserService:
     def _finish_deletions(self, name: str) -> int:
         """Versions a recorded purge or retention meant to delete but a stop left on disk:
         deleted now (the record is written before the files go). Returns how many."""
-        left = sorted({n for d in self.db.deletions(name) for n in d["versions"]} & set(self.store.version_numbers(name))
-                      - {self.store.current_number(name)})
+        recorded = {n for d in self.db.deletions(name) for n in d["versions"]}
+        left = sorted((recorded & set(self.store.version_numbers(name))) - {self.store.current_number(name)})
         if left:
             self.store.delete(name, Deleted(left, [(n, m) for n, m in self.store.factor_caches(name) if n in left]))
             log.warning("adapter %s: versions %s were recorded as deleted before a stop; deleted now", name, left)

@@ -489,14 +489,6 @@ class AdapterStore:
         orphans = [(n, m) for n, m in self.factor_caches(name) if n < before and n not in doomed]
         return self._with_caches(name, doomed, orphans)
 
-    def prune(self, name: str, keep: int) -> "Deleted":
-        """Delete all but the newest ``keep`` versions (never the current one)."""
-        return self.delete(name, self.prune_plan(name, keep))
-
-    def purge(self, name: str, before: int) -> "Deleted":
-        """Delete the versions numbered below ``before`` (``purge_plan``)."""
-        return self.delete(name, self.purge_plan(name, before))
-
     def factor_caches(self, name: str) -> list[tuple[int, str]]:
         """(version, method) of every factor cache of an adapter on disk, complete or not."""
         root = self.factors_root / check_adapter_name(name)
