@@ -180,8 +180,12 @@ class SampledObjective:
         """The gradient of the mean NLL of a batch of retained rows."""
         if not rows or self.retain is None:
             return None
+        rows = list(rows)
         self.model.zero_grad(set_to_none=True)
-        per_row_nll(self.model, self.retain.batch(list(rows), self.device)).mean().backward()
+        # In batches (less padding, smaller activations): the gradients add up to the mean's.
+        for i in range(0, len(rows), self.config.batch_size):
+            batch = self.retain.batch(rows[i:i + self.config.batch_size], self.device)
+            per_row_nll(self.model, batch).sum().div(len(rows)).backward()
         return self._take_gradient()
 
     def _take_gradient(self) -> torch.Tensor:
@@ -202,10 +206,13 @@ class LineSearch:
 
 
 def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective: SampledObjective, current: Point,
-                start: float, budget: float, config: StepConfig, expand: bool = True) -> LineSearch:
+                start: float, budget: float, config: StepConfig, expand: bool = True,
+                stop_on_ascent: bool = False) -> LineSearch:
     """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
-    that does not raise Φ; the parameters are left at it (s = 0: unchanged)."""
-    search = _Search(params, theta, direction, objective, current, budget, config)
+    that does not raise Φ; the parameters are left at it (s = 0: unchanged). With
+    ``stop_on_ascent`` the halving stops once two trials show the merit rising along d from
+    θ (a direction not built to descend it, such as the influence step's)."""
+    search = _Search(params, theta, direction, objective, current, budget, config, stop_on_ascent)
     point = search.at(start)
     if search.ok(point):
         best = search.expand((start, point)) if expand else (start, point)
@@ -221,9 +228,9 @@ class _Search:
     """The trials of one line search along θ + s·d: each sets the parameters and scores them."""
 
     def __init__(self, params, theta, direction, objective: SampledObjective, current: Point, budget: float,
-                 config: StepConfig):
+                 config: StepConfig, stop_on_ascent: bool = False):
         self.params, self.theta, self.direction, self.objective = params, theta, direction, objective
-        self.current, self.budget, self.config = current, budget, config
+        self.current, self.budget, self.config, self.stop_on_ascent = current, budget, config, stop_on_ascent
         self.w = config.anchor_weight
         # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
         # refuse the steps that trade a little overshoot for utility on the way.
@@ -254,12 +261,25 @@ class _Search:
     def backtrack(self, s: float) -> tuple[float, Point]:
         """From an inadmissible scale: halving to the first admissible one; (0, the current
         point) when none is."""
+        m0, above = self.current.merit(self.w), None  # (scale, merit excess) of the last trial scored
         for _ in range(self.config.backtracks):
             s /= 2
             point = self.at(s)
             if self.ok(point):
                 return s, point
+            excess = point.merit(self.w) - m0
+            if self.stop_on_ascent and above is not None and math.isfinite(excess) and excess > 0:
+                if merit_slope(s, excess, above[1]) >= 0:
+                    break
+            above = (s, excess) if math.isfinite(excess) and excess > 0 else None
         return 0.0, self.current
+
+
+def merit_slope(s: float, excess: float, excess_at_double: float) -> float:
+    """The merit's slope at scale 0 along the direction, from its excess over the current
+    merit at s and at 2s (the quadratic through the three points): at or above 0, no smaller
+    scale can lower the merit unless higher-order terms dominate."""
+    return (4 * excess - excess_at_double) / (2 * s)
 
 
 class Judge:
@@ -375,7 +395,7 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
     # formula's own length (scale 1) was often many halvings too long, each a scoring pass. Never
     # from beyond it: past 1 the search only expands while the merit keeps improving.
     start = min(1.0, _gauss_newton_scale(current.phi, objective.gradient(), delta))
-    ls = line_search(params, theta, delta, objective, current, start, budget, config)
+    ls = line_search(params, theta, delta, objective, current, start, budget, config, stop_on_ascent=True)
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
 
 

@@ -305,3 +305,37 @@ def test_the_influence_step_searches_from_where_the_gaps_close_and_skips_hopeles
     assert record.trials < trials_from_one, (record.trials, trials_from_one)
     # From scale 1 most trials overshot: refused on the erased rows alone.
     assert scored_from_one < trials_from_one
+
+
+@pytest.mark.parametrize("a, b", [(0.5, 2.0), (-0.5, 3.0), (0.0, 1.0)])
+def test_the_merit_slope_at_zero_comes_from_two_trials(a, b):
+    from eraser.secondorder import merit_slope
+
+    f = lambda s: a * s + b * s * s  # noqa: E731
+    assert merit_slope(0.01, f(0.01), f(0.02)) == pytest.approx(a, abs=1e-9)
+
+
+def test_a_search_along_a_direction_that_raises_the_merit_stops_after_three_trials(world):
+    """The influence step's direction is not built to descend the merit; where two trials show
+    the merit rising along it from the current point, halving on would only score more of the
+    retained rows for nothing. The natural steps' search (without the stop) halves to the end."""
+    from torch.nn.utils import parameters_to_vector
+
+    from eraser.secondorder import SampledObjective, line_search
+
+    model, tok = load(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
+                                 512, StepConfig())
+    objective.forget_targets = [8.0] * len(world["erased"])
+    current = objective.evaluate()
+    # Forgets (Φ falls along it) but raises the retained rows' NLL ten times as fast.
+    forget, retain = -objective.gradient(), objective.retain_gradient(range(8))
+    ascent = forget / forget.norm() + 10 * retain / retain.norm()
+    theta = parameters_to_vector(params).detach().clone()
+    config = StepConfig(backtracks=12)
+    stopped = line_search(params, theta, ascent, objective, current, 1e-3, 0.3, config, stop_on_ascent=True)
+    full = line_search(params, theta, ascent, objective, current, 1e-3, 0.3, config)
+    assert stopped.scale == 0 and full.scale == 0
+    assert stopped.trials == 3 and full.trials == 13
+    assert torch.equal(parameters_to_vector(params), theta)
