@@ -153,6 +153,10 @@ class _Checks:
         v, erased, held, new = self.judge.judge()
         if v is None and self.rows.forget:  # no held-out rows: the base model is the reference
             v = reference_verdict(erased)
+        elif held is not None and self.verify.policy == "enforce":
+            # The never-seen level is the held-out rows' as they are now: refinement moves them
+            # too, and targets fixed at the parent's left the verdict failing with Φ at zero.
+            self.objective.retarget(self.judge.targets(held))
         failures = v.failures() if self.rows.forget else []
         if not self.learn_check.passed(new):
             failures.append(f"corrected rows not learned yet ({self.learn_check.describe(new)})")

@@ -147,6 +147,17 @@ class SampledObjective:
         self._last = (theta.clone(), point)
         return point
 
+    def retarget(self, targets: Sequence[float]) -> None:
+        """New never-seen targets for the erased rows (the held-out rows moved with the
+        adapter); Φ changes with them, so the point last scored is forgotten, not its retained mean."""
+        targets = list(targets)
+        if targets == self.forget_targets:
+            return
+        self.forget_targets = targets
+        if self._last is not None and self._last[1].retain_mean is not None:
+            self._known_retain = (self._last[0], self._last[1].retain_mean)
+        self._last = None
+
     def know_retained(self, losses: Sequence[float]) -> None:
         """The retained rows' losses at the current parameters, measured by the caller (the
         parent's, before the erase): not scored again there."""

@@ -339,3 +339,33 @@ def test_a_search_along_a_direction_that_raises_the_merit_stops_after_three_tria
     assert stopped.scale == 0 and full.scale == 0
     assert stopped.trials == 3 and full.trials == 13
     assert torch.equal(parameters_to_vector(params), theta)
+
+
+def test_the_never_seen_targets_follow_the_held_out_rows_as_the_adapter_moves(world):
+    """Refinement moves the held-out rows too; targets fixed at the parent's held-out level
+    left a SmolLM2 erase with Φ at zero and the verdict failing. Each check re-targets the
+    erased rows at the held-out rows' current advantage, and Φ is scored against that."""
+    from eraser.forget import _Checks, _objective, _Rows
+    from eraser.secondorder import Judge
+
+    model, tok = load(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = _Rows([(r.prompt, r.response) for r in world["erased"]], [], [])
+    retain = pairs(world["retained"][:8])
+    losses = row_losses(model, tok, retain, "cpu")
+    judge = Judge(model, tok, rows.forget, pairs(world["holdout_rows"]), [], "cpu", 512, 8, ENFORCE.max_auc,
+                  ENFORCE.min_auc)
+    step = StepConfig()
+    objective = _objective(model, tok, params, rows, retain, losses, judge, ENFORCE, step, "cpu", 512)
+    checks = _Checks(judge, objective, rows, retain, losses, ENFORCE, step, 0.3)
+    at_parent = list(objective.forget_targets)
+    with torch.no_grad():  # the adapter moves: its LoRA weights shrink by half
+        for p in params:
+            p.mul_(0.5)
+    objective.evaluate()  # scored at the moved adapter against the parent's targets
+    checks()
+    _, _, held, _ = judge.judge()
+    assert objective.forget_targets == judge.targets(held) and objective.forget_targets != at_parent
+    point = objective.evaluate()
+    gaps = [max(0.0, t - x) + max(0.0, x - t - step.band) for x, t in zip(point.forget, objective.forget_targets)]
+    assert point.phi == pytest.approx(0.5 * sum(g * g for g in gaps) / len(gaps))
