@@ -27,10 +27,15 @@ def create_once(path: str | os.PathLike, content: bytes) -> None:
             os.link(tmp, path)
         except FileExistsError:
             return
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
     finally:
         os.unlink(tmp)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (a file created, linked or unlinked in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

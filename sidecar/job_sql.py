@@ -6,8 +6,9 @@ and ``_read()`` (a connection inside a write or a read transaction; rows readabl
 name), ``_get(c, job_id)``, ``_lock_adapter(c, adapter)`` and ``_lock_job(c, job_id)`` (what
 serialises an adapter's transitions across processes: nothing more on SQLite, whose writer
 lock already does), and ``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
-PostgreSQL's table rewrite). What differs stays in each store: the schema, claims and leases,
-the JSON queries, finishing a job.
+PostgreSQL's table rewrite), and ``keys`` (``sidecar.payload_keys.PayloadKeys`` that seals each
+job's payloads, or None: stored as they are). What differs stays in each store: the schema,
+claims and leases, the JSON queries, finishing a job (which calls ``_shred(job_id)`` after it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import time
 import uuid
 
 from .job_model import RETRYABLE, Job, RequestPayload, State, _counts, _merge_edits
+from .payload_keys import PayloadKeys
+
+# A key whose job never got a row (its submission rolled back) is swept after this long: a
+# submission that is writing its first payload has created the key but not committed yet.
+ORPHAN_KEY_SECONDS = 3600.0
 
 # One request's payload rows in submission order (its requests' sequence).
 _PAYLOAD_BODIES = ("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
@@ -25,6 +31,7 @@ _PAYLOAD_BODIES = ("SELECT p.body FROM payloads p JOIN requests r ON r.request_i
 
 class SharedSQL:
     MARK = "?"
+    keys: PayloadKeys | None = None
 
     def _q(self, sql: str) -> str:
         return sql if self.MARK == "?" else sql.replace("?", self.MARK)
@@ -59,7 +66,37 @@ class SharedSQL:
     def payloads(self, job_id: str) -> list[RequestPayload]:
         with self._read() as c:
             rows = c.execute(self._q(_PAYLOAD_BODIES), (job_id,)).fetchall()
-        return [RequestPayload.from_json(json.loads(r["body"])) for r in rows]
+        return [self._unseal(job_id, r["body"]) for r in rows]
+
+    # ---- sealed payloads (sidecar.payload_keys) ------------------------------------
+    def _seal(self, job_id: str, payload: RequestPayload) -> str:
+        text = json.dumps(payload.to_json())
+        return self.keys.seal(job_id, text) if self.keys is not None else text
+
+    def _unseal(self, job_id: str, body: str) -> RequestPayload:
+        return RequestPayload.from_json(json.loads(self.keys.open(job_id, body) if self.keys is not None else body))
+
+    def _shred(self, job_id: str) -> None:
+        """After the job's payloads were deleted (committed): its key goes, and with it every
+        copy of their text the database's logs still hold."""
+        if self.keys is not None:
+            self.keys.shred(job_id)
+
+    def _sweep_keys(self) -> None:
+        """Shred the keys of ended jobs (a stop between a job's end and its shred) and of
+        submissions that never committed."""
+        if self.keys is None:
+            return
+        held = set(self.keys.held())
+        if not held:
+            return
+        with self._read() as c:
+            rows = {r["id"]: r["state"] for r in c.execute("SELECT id, state FROM jobs").fetchall() if r["id"] in held}
+        old = set(self.keys.held(older_than=ORPHAN_KEY_SECONDS))
+        for job_id in sorted(held):
+            if rows.get(job_id, 0) in (State.SUCCEEDED, State.FAILED, State.CANCELLED) or (
+                    job_id not in rows and job_id in old):
+                self.keys.shred(job_id)
 
     # ---- transitions ---------------------------------------------------------------
     def _submit_tx(self, c, adapter: str, request_id: str, payload: RequestPayload, options: dict, fingerprint: str,
@@ -93,7 +130,7 @@ class SharedSQL:
         c.execute(q("INSERT INTO requests (request_id, job_id, fingerprint, created_at) VALUES (?, ?, ?, ?)"),
                   (request_id, job_id, fingerprint, now))
         c.execute(q("INSERT INTO payloads (request_id, job_id, body) VALUES (?, ?, ?)"),
-                  (request_id, job_id, json.dumps(payload.to_json())))
+                  (request_id, job_id, self._seal(job_id, payload)))
         return self._get(c, job_id), True, target is not None
 
     def _merge_target(self, c, adapter: str, options_key: str, payload: RequestPayload, max_rows: int,
@@ -134,6 +171,7 @@ class SharedSQL:
                        payload_rows))
         if payload_rows:
             self._wipe()
+            self._sweep_keys()
         return payload_rows
 
     def withdraw(self, job_id: str, request_id: str) -> Job | None:
@@ -150,7 +188,7 @@ class SharedSQL:
             c.execute(q("DELETE FROM payloads WHERE request_id = ? AND job_id = ?"), (request_id, job_id))
             edits: list[dict] = []
             for r in c.execute(q(_PAYLOAD_BODIES), (job_id,)).fetchall():
-                edits = _merge_edits(edits, RequestPayload.from_json(json.loads(r["body"])).public_edits(self.hasher))
+                edits = _merge_edits(edits, self._unseal(job_id, r["body"]).public_edits(self.hasher))
             c.execute(q("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?"),
                       (json.dumps(edits), json.dumps(_counts(edits)), job_id))
             job = self._get(c, job_id)
@@ -176,4 +214,5 @@ class SharedSQL:
             job = self._get(c, job_id)
         if job.state == State.CANCELLED:
             self._wipe()
+            self._shred(job_id)
         return job

@@ -25,6 +25,7 @@ from eraser.rowhash import RowHasher
 
 from .job_model import Job, RequestPayload, State
 from .job_sql import SharedSQL
+from .payload_keys import PayloadKeys
 from .report import JobReport
 
 log = logging.getLogger("eraser.sidecar")
@@ -108,9 +109,9 @@ class JobDB(SharedSQL):
     # One compute sidecar per store (sidecar.store.StoreLock): no leases, nothing to fence.
     leases = False
 
-    def __init__(self, path: str | Path, hasher: RowHasher, group_commit: bool = True):
+    def __init__(self, path: str | Path, hasher: RowHasher, group_commit: bool = True, keys: PayloadKeys | None = None):
         self.path = Path(path)
-        self.hasher = hasher
+        self.hasher, self.keys = hasher, keys
         # Submissions share transactions (one fsync per batch); False: one each, as before
         # (the benchmark's baseline).
         self.group = GroupCommit(self) if group_commit else None
@@ -135,6 +136,7 @@ class JobDB(SharedSQL):
         self._reader.execute("PRAGMA query_only=ON")
         self._read_lock = threading.Lock()
         self._checkpoint()  # a stop between a deletion and its checkpoint left the text in the WAL
+        self._sweep_keys()  # and one between a job's end and its key's shred, the key
 
     def close(self) -> None:
         with self._lock, self._read_lock:
@@ -326,6 +328,7 @@ class JobDB(SharedSQL):
             c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
             job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
         self._checkpoint()
+        self._shred(job_id)
         return job
 
     def requeue(self, job_id: str) -> None:

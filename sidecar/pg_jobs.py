@@ -42,6 +42,7 @@ from eraser.rowhash import RowHasher
 from .errors import JobStoreUnavailable, LeaseLost, NotFoundError
 from .job_model import Job, RequestPayload, State
 from .job_sql import SharedSQL
+from .payload_keys import PayloadKeys
 from .jobs import finish_assignments
 from .report import JobReport
 
@@ -218,9 +219,9 @@ class PostgresJobDB(SharedSQL):
     MARK = "%s"
 
     def __init__(self, dsn: str, hasher: RowHasher, pool_size: int = 8, worker: str = "",
-                 lease_seconds: float = 30.0):
+                 lease_seconds: float = 30.0, keys: PayloadKeys | None = None):
         self.dsn = dsn
-        self.hasher = hasher
+        self.hasher, self.keys = hasher, keys
         self.worker = worker or uuid.uuid4().hex[:12]
         self.lease_seconds = float(lease_seconds)
         self._held: dict[str, int] = {}  # job id -> the fencing token of this worker's claim
@@ -233,6 +234,7 @@ class PostgresJobDB(SharedSQL):
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 c.execute(statement)
         self._scrub()  # a stop between a deletion and its scrub left the text in the table's file
+        self._sweep_keys()  # and one between a job's end and its key's shred, the key
 
     def _connect(self) -> psycopg.Connection:
         conn = psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row)
@@ -503,6 +505,7 @@ class PostgresJobDB(SharedSQL):
             job = self._get(c, job_id)
         self.release(job_id)
         self._scrub()
+        self._shred(job_id)
         return job
 
     def requeue(self, job_id: str) -> None:

@@ -154,14 +154,15 @@ class EraserService:
 
     def _open_jobs(self, config: SidecarConfig) -> JobStore:
         if not config.jobs:
-            return JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher, config.group_commit)
+            return JobDB(Path(config.store) / "jobs.sqlite3", self.store.row_hasher, config.group_commit,
+                         self.store.payload_keys)
         import psycopg
 
         from .pg_jobs import PostgresJobDB
 
         try:
             return PostgresJobDB(config.jobs, self.store.row_hasher, worker=self.instance,
-                                 lease_seconds=config.lease_seconds)
+                                 lease_seconds=config.lease_seconds, keys=self.store.payload_keys)
         except psycopg.Error as e:
             first = (str(e).strip().splitlines() or [""])[0]
             raise FailedPreconditionError(f"the job database cannot be used ({type(e).__name__}: {first})") from None

@@ -11,6 +11,7 @@
     STORE/factors/NAME/N/METHOD/              EK-FAC/K-FAC factors of version N (eraser.factors)
     STORE/secrets/row-hash.key                HMAC key of the recorded row hashes (owner-only)
     STORE/secrets/receipt-signing.key         Ed25519 key that signs erasure receipts (owner-only)
+    STORE/secrets/payload-keys/JOB            the key sealing a job's request text until it ends (owner-only)
 
 A version is assembled under staging/ and published by one ``rename`` into versions/, then
 ``current`` is replaced atomically: a reader, or a restart after kill -9, sees a version
@@ -46,11 +47,13 @@ from pathlib import Path
 from typing import Callable
 
 from eraser.data import Row, load_rows
+from eraser.keyfile import fsync_dir
 from eraser.model import adapter_fingerprint
 from eraser.rowhash import RowHasher
 
 from .config import ADAPTER_NAME
 from .errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from .payload_keys import PayloadKeys
 from .receipts import ReceiptSigner
 from eraser.errors import InvalidRequestError
 from eraser.options import FACTOR_SOLVERS
@@ -78,14 +81,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -94,7 +89,7 @@ def _write_atomically(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -113,7 +108,7 @@ def _seal(directory: Path) -> None:
         elif p.is_dir():
             dirs.append(p)
     for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-        _fsync_dir(d)
+        fsync_dir(d)
 
 
 def _seal_file(path: Path) -> None:
@@ -240,6 +235,12 @@ class AdapterStore:
         return live
 
     @functools.cached_property
+    def payload_keys(self) -> PayloadKeys:
+        """The per-job keys that seal a request's replacement text in the job database, shredded
+        when the job ends (sidecar/payload_keys.py)."""
+        return PayloadKeys(self.root / "secrets" / "payload-keys")
+
+    @functools.cached_property
     def receipt_signer(self) -> ReceiptSigner:
         """The store's Ed25519 key that signs erasure receipts; created with the store, never
         overwritten (receipts already issued must keep verifying)."""
@@ -313,7 +314,7 @@ class AdapterStore:
         if target.exists():  # left by an earlier attempt: replace it whole
             self.discard_factors(name, number, method)
         os.rename(staged, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return target
 
     def copy_factors(self, name: str, source: int, target: int, method: str) -> Path | None:
@@ -414,13 +415,13 @@ class AdapterStore:
             _seal_file(shell / "adapter.json")  # immutable, like the versions
             with (shell / "current").open("rb") as f:  # replaced whole later (set_current), so not sealed
                 os.fsync(f.fileno())
-            _fsync_dir(shell / "versions")
-            _fsync_dir(shell)
+            fsync_dir(shell / "versions")
+            fsync_dir(shell)
             try:
                 os.rename(shell, target)  # atomic; fails if the name appeared meanwhile
             except OSError:
                 raise AlreadyExistsError(f"an adapter named {record.name!r} is already registered") from None
-            _fsync_dir(self.adapters_dir)
+            fsync_dir(self.adapters_dir)
         finally:
             shutil.rmtree(shell, ignore_errors=True)
         return self.version(record.name, 1)
@@ -438,7 +439,7 @@ class AdapterStore:
         _seal(staged)
         target = self._dir(name) / "versions" / str(number)
         os.rename(staged, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         self.set_current(name, number)
         return self.version(name, number)
 
@@ -449,7 +450,7 @@ class AdapterStore:
         target = self._dir(name) / "versions" / str(number)
         trash = self.new_staging(f"unpublished-{name}-v{number}")
         os.rename(target, trash / "version")
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
     def set_current(self, name: str, number: int) -> None:

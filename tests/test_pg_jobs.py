@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -21,6 +22,7 @@ from sidecar.errors import JobStoreUnavailable, LeaseLost
 from sidecar.job_store import JobStore
 from sidecar.job_model import RequestPayload, State, _merge_edits
 from sidecar.jobs import JobDB
+from sidecar.payload_keys import PREFIX, PayloadKeyMissing, PayloadKeys
 from sidecar.pg_jobs import PostgresJobDB
 
 HASHER = RowHasher(b"k" * 32)
@@ -33,13 +35,15 @@ class Backend:
 
     def __init__(self, kind: str, tmp_path: Path, cluster=None):
         self.kind, self.cluster, self.opened = kind, cluster, []
+        self.keys = PayloadKeys(tmp_path / "payload-keys")  # as the store's secrets/payload-keys
         if kind == "sqlite":
             self.path = tmp_path / "jobs.sqlite3"
         else:
             self.dsn = cluster.new_database()
 
     def open(self):
-        db = JobDB(self.path, HASHER) if self.kind == "sqlite" else PostgresJobDB(self.dsn, HASHER)
+        db = (JobDB(self.path, HASHER, keys=self.keys) if self.kind == "sqlite"
+              else PostgresJobDB(self.dsn, HASHER, keys=self.keys))
         self.opened.append(db)
         return db
 
@@ -72,15 +76,17 @@ class Backend:
         return [f"{t}.{c}" for t, c in cols
                 if self.query(f"SELECT COUNT(*) FROM {t} WHERE CAST({c} AS TEXT) LIKE '%{like}%'")[0][0]]
 
-    def files_holding(self, text: str) -> list[str]:
-        """The database's files that hold ``text`` (PostgreSQL: after a CHECKPOINT wrote every
-        page; its WAL is not searched: it keeps the text until recycled, see pg_jobs._scrub)."""
+    def files_holding(self, text: str, wal: bool = True) -> list[str]:
+        """The database's files that hold ``text``: SQLite's file and its -wal; PostgreSQL's
+        files of this database (after a CHECKPOINT wrote every page) and, with ``wal``, the
+        cluster's write-ahead log (shared by every test's database: search for unique text)."""
         if self.kind == "sqlite":
             files = [p for p in self.path.parent.glob(self.path.name + "*") if p.is_file()]
         else:
             self.query("CHECKPOINT")
             oid = self.query("SELECT oid FROM pg_database WHERE datname = current_database()")[0][0]
             files = [p for p in (self.cluster.data / "base" / str(oid)).iterdir() if p.is_file()]
+            files += [p for p in (self.cluster.data / "pg_wal").iterdir() if p.is_file()] if wal else []
         return [p.name for p in files if text.encode() in p.read_bytes()]
 
 
@@ -177,9 +183,48 @@ def test_one_running_job_per_adapter(backend):
     assert db.claim([], versions.__getitem__).id == a2.id  # the oldest queued one
 
 
+def test_the_text_is_stored_sealed_and_cannot_be_read_once_its_job_ends(backend):
+    """The replacement text reaches the database only sealed with its job's key: no table, no
+    database file and no write-ahead log (SQLite's -wal, PostgreSQL's pg_wal, which keeps what
+    a deletion removed until its segment is recycled) holds it in the clear. When the job ends
+    its key is shredded: a copy of the sealed text left anywhere can no longer be opened."""
+    secret = f"SECRET-replacement-{uuid.uuid4().hex}"
+    db = backend.open()
+    job, _, _ = submit(db, "a", "r1", remove=["row1"], modify=[["row2", secret]])
+    submit(db, "a", "r2", modify=[["row3", secret + "-two"]])
+    db.claim([], lambda a: 0)
+    assert db.payloads(job.id)[0].modify_query == (("row2", secret),)
+    bodies = [b for (b,) in backend.query(f"SELECT body FROM payloads WHERE job_id = '{job.id}'")]
+    assert len(bodies) == 2 and all(b.startswith(PREFIX) and secret not in b for b in bodies)  # r2 joined r1's job
+    sealed = bodies[0]
+    assert backend.columns_holding(sealed[len(PREFIX):][:40]) == ["payloads.body"], "the search finds what is there"
+    assert backend.columns_holding(secret) == [] and backend.files_holding(secret) == []
+    assert backend.keys.held() == [job.id]
+    db.finish(job.id, State.SUCCEEDED, to_version=1, edits=job.edits)
+    assert backend.keys.held() == []
+    with pytest.raises(PayloadKeyMissing):
+        backend.keys.open(job.id, sealed)
+    assert backend.files_holding(secret) == []
+
+
+def test_a_key_left_by_a_stop_before_its_shred_goes_when_the_store_opens(backend):
+    db = backend.open()
+    ended, _, _ = submit(db, "a", "r1", modify=[["row2", "new text"]])
+    queued, _, _ = submit(db, "b", "r2", modify=[["row3", "newer text"]])
+    db.request_cancel(ended.id)
+    backend.keys.seal(ended.id, "as if the cancel had stopped before the shred")
+    backend.keys.seal("0" * 32, "a submission that rolled back")  # no job: kept for ORPHAN_KEY_SECONDS
+    assert backend.keys.held() == sorted(["0" * 32, ended.id, queued.id])
+    db.close()
+    again = backend.open()
+    assert backend.keys.held() == sorted(["0" * 32, queued.id])
+    assert again.payloads(queued.id) == [RequestPayload((), (("row3", "newer text"),))]
+
+
 def test_finish_deletes_the_payload_and_the_text_is_nowhere_else(backend):
     secret = "SECRET-replacement-7f3a"
     db = backend.open()
+    db.keys = None  # stored as it is, as before sealing: the deletion alone leaves no copy in the tables
     job, _, _ = submit(db, "a", "r1", remove=["row1"], modify=[["row2", secret]])
     submit(db, "a", "r2", modify=[["row3", secret + "-two"]])
     db.claim([], lambda a: 0)
@@ -191,7 +236,8 @@ def test_finish_deletes_the_payload_and_the_text_is_nowhere_else(backend):
     assert db.payload_rows(job.id) == 0 and db.payloads(job.id) == []
     assert backend.query("SELECT COUNT(*) FROM payloads")[0][0] == 0
     assert backend.columns_holding(secret) == []  # every text column of every table
-    assert backend.files_holding(secret) == []  # nor in the table's files
+    # Nor in the table's files; PostgreSQL's WAL keeps it until recycled: why payloads are sealed.
+    assert backend.files_holding(secret, wal=False) == []
     assert {"id": "row2", "kind": "modify_query", "new_hash": HASHER.text(secret)} in done.edits
     assert db.removed_ids("a", ["row1", "row2", "row9"]) == {"row1"}
 
@@ -322,7 +368,8 @@ def test_pg_concurrent_submissions_one_job_per_request_id(pg):
         for rid, j in requests:
             if j == job_id:
                 assert first_adapter[rid] == adapter
-                expected = _merge_edits(expected, RequestPayload.from_json(json.loads(payloads[rid])).public_edits(HASHER))
+                body = json.loads(pg.keys.open(job_id, payloads[rid]))
+                expected = _merge_edits(expected, RequestPayload.from_json(body).public_edits(HASHER))
         assert json.loads(edits) == expected and expected, f"job {job_id} holds exactly its requests' edits"
     # Queued requests merged: one queued job per adapter (same options, no conflicts).
     assert sorted(a for (a,) in pg.query("SELECT adapter FROM jobs")) == ["a", "b", "c"]

@@ -188,6 +188,19 @@ def test_the_line_search_starts_where_the_linear_model_of_the_gaps_reaches_zero(
     assert _gauss_newton_scale(phi, gradient, -direction) == 1.0  # not a descent direction: the old start
 
 
+def _objective_far_from_targets(world):
+    """The sampled objective on the parent adapter, its erased rows' targets far above them
+    (8 nats), 8 retained rows; with the adapter's parameters and the point scored there."""
+    from eraser.secondorder import SampledObjective
+
+    model, tok = load(world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
+                                 512, StepConfig())
+    objective.forget_targets = [8.0] * len(world["erased"])
+    return params, objective, objective.evaluate()
+
+
 # Accepted and expanded; backtracked to an accepted scale (the last point scored: cached before
 # remember() too); backtracked to nothing.
 @pytest.mark.parametrize("start, outcome", [(1e-3, "expanded"), (1.0, "backtracked"), (1e6, "none")])
@@ -197,14 +210,9 @@ def test_the_point_a_line_search_leaves_is_not_scored_again(world, start, outcom
     the search scored, not pay another pass over the retained rows."""
     from torch.nn.utils import parameters_to_vector
 
-    from eraser.secondorder import SampledObjective, line_search
+    from eraser.secondorder import line_search
 
-    model, tok = load(world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
-                                 512, StepConfig())
-    objective.forget_targets = [8.0] * len(world["erased"])
-    current = objective.evaluate()
+    params, objective, current = _objective_far_from_targets(world)
     direction = -objective.gradient()
     theta = parameters_to_vector(params).detach().clone()
     scored = []
@@ -321,14 +329,9 @@ def test_a_search_along_a_direction_that_raises_the_merit_stops_after_three_tria
     retained rows for nothing. The natural steps' search (without the stop) halves to the end."""
     from torch.nn.utils import parameters_to_vector
 
-    from eraser.secondorder import SampledObjective, line_search
+    from eraser.secondorder import line_search
 
-    model, tok = load(world)
-    params = [p for p in model.parameters() if p.requires_grad]
-    objective = SampledObjective(model, tok, params, pairs(world["erased"]), [], pairs(world["retained"][:8]), "cpu",
-                                 512, StepConfig())
-    objective.forget_targets = [8.0] * len(world["erased"])
-    current = objective.evaluate()
+    params, objective, current = _objective_far_from_targets(world)
     # Forgets (Φ falls along it) but raises the retained rows' NLL ten times as fast.
     forget, retain = -objective.gradient(), objective.retain_gradient(range(8))
     ascent = forget / forget.norm() + 10 * retain / retain.norm()

@@ -218,8 +218,9 @@ def test_erase_watch_and_publish(stub, sidecar, tiny_base, tiny_adapter, train_f
 
 
 def test_replacement_text_leaves_no_trace_in_the_database_files(stub, sidecar, tiny_base, tiny_adapter, train_file):
-    """The payload is deleted when its job ends; with WAL the deleted text would live on in
-    the -wal file until a checkpoint, so the deletion checkpoints (TRUNCATE)."""
+    """The payload is sealed with its job's key and deleted when the job ends (with WAL the
+    deleted rows would live on in the -wal file until a checkpoint: the deletion checkpoints,
+    TRUNCATE); the job's key is shredded then."""
     register(stub, "wal", tiny_base, tiny_adapter, train_file)
     marker = "Zanzibar-marker-7f3c likes no tea at all."
     job = wait_job(stub, stub.Erase(pb.EraseRequest(adapter="wal", correct_responses=[
@@ -229,6 +230,9 @@ def test_replacement_text_leaves_no_trace_in_the_database_files(stub, sidecar, t
     assert files and all(p.is_file() for p in files)
     found = [p.name for p in files if marker.encode() in p.read_bytes()]
     assert not found, found
+    # The text was stored sealed with the job's own key, shredded when the job ended.
+    keys = sidecar.config.store / "secrets" / "payload-keys"
+    assert keys.is_dir() and list(keys.iterdir()) == []
     # Every hash the sidecar records of that text, or of the row it replaced, is keyed with
     # the store's secret: a plain SHA-256 of a guess matches nothing it wrote.
     hasher = RowHasher.load_or_create(sidecar.config.store / "secrets" / "row-hash.key")
