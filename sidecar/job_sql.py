@@ -70,8 +70,11 @@ class SharedSQL:
 
     # ---- sealed payloads (sidecar.payload_keys) ------------------------------------
     def _seal(self, job_id: str, payload: RequestPayload) -> str:
+        """Sealed where it carries text (a removal carries row ids only, as the job's record does:
+        no key, no key file's fsyncs on the acceptance path)."""
         text = json.dumps(payload.to_json())
-        return self.keys.seal(job_id, text) if self.keys is not None else text
+        carries_text = payload.modify_query or payload.correct_response
+        return self.keys.seal(job_id, text) if self.keys is not None and carries_text else text
 
     def _unseal(self, job_id: str, body: str) -> RequestPayload:
         return RequestPayload.from_json(json.loads(self.keys.open(job_id, body) if self.keys is not None else body))

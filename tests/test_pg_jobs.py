@@ -199,7 +199,8 @@ def test_the_text_is_stored_sealed_and_cannot_be_read_once_its_job_ends(backend)
     sealed = bodies[0]
     assert backend.columns_holding(sealed[len(PREFIX):][:40]) == ["payloads.body"], "the search finds what is there"
     assert backend.columns_holding(secret) == [] and backend.files_holding(secret) == []
-    assert backend.keys.held() == [job.id]
+    removal, _, _ = submit(db, "c", "r3", remove=["row5"])  # ids only, as the job record: not sealed, no key
+    assert backend.keys.held() == [job.id] and db.payloads(removal.id) == [RequestPayload(("row5",))]
     db.finish(job.id, State.SUCCEEDED, to_version=1, edits=job.edits)
     assert backend.keys.held() == []
     with pytest.raises(PayloadKeyMissing):
