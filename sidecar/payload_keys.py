@@ -88,4 +88,3 @@ class PayloadKeys:
                 except FileNotFoundError:
                     continue
         return sorted(out)
-
