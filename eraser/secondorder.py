@@ -63,6 +63,9 @@ class StepConfig:
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
     damping_ratio: float = 0.1
     anchor_weight: float = 10.0
+    # A share of the step budget the merit does not charge and the anchor does not pull back:
+    # a penalty from the first nat of rise made every other step repair a rise far inside the bound.
+    free_rise_share: float = 0.1
     # New rows (RC/QM) count as learned when their mean NLL is within this of the retained
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
@@ -70,11 +73,11 @@ class StepConfig:
 
     def __post_init__(self):
         numbers = (self.max_rise_share, self.overshoot, self.band, self.damping_ratio, self.anchor_weight,
-                   self.learn_margin)
+                   self.learn_margin, self.free_rise_share)
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
             raise InvalidRequestError("step settings must be finite numbers >= 0")
-        if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
-            raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
+        if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0 or self.free_rise_share >= 1:
+            raise InvalidRequestError("max_rise_share must be in (0, 1], free_rise_share in [0, 1) and damping_ratio > 0")
         if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
             raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
 
@@ -90,8 +93,8 @@ class Point:
     rise: float
     overshoot: float
 
-    def merit(self, weight: float) -> float:
-        return self.phi + weight * max(0.0, self.rise)
+    def merit(self, weight: float, free: float = 0.0) -> float:
+        return self.phi + weight * max(0.0, self.rise - free)
 
     def admissible(self, budget: float, overshoot: float) -> bool:
         return self.rise <= budget and self.overshoot <= overshoot and math.isfinite(self.phi)
@@ -243,6 +246,7 @@ class _Search:
         self.params, self.theta, self.direction, self.objective = params, theta, direction, objective
         self.current, self.budget, self.config, self.stop_on_ascent = current, budget, config, stop_on_ascent
         self.w = config.anchor_weight
+        self.free = free_rise(budget, config)
         # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
         # refuse the steps that trade a little overshoot for utility on the way.
         self.overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
@@ -254,17 +258,20 @@ class _Search:
             vector_to_parameters(self.theta + s * self.direction.to(self.theta.dtype), self.params)
         # The merit is at least Φ: where Φ alone is above the current merit, or the rows overshoot
         # past the cap, the point cannot be accepted: no need to score the retained rows.
-        return self.objective.evaluate(phi_ceiling=self.current.merit(self.w), overshoot_cap=self.overshoot)
+        return self.objective.evaluate(phi_ceiling=self.merit(self.current), overshoot_cap=self.overshoot)
+
+    def merit(self, p: Point) -> float:
+        return p.merit(self.w, self.free)
 
     def ok(self, p: Point) -> bool:
-        m = self.current.merit(self.w)
-        return p.admissible(self.budget, self.overshoot) and p.merit(self.w) <= m - 1e-4 * abs(m)
+        m = self.merit(self.current)
+        return p.admissible(self.budget, self.overshoot) and self.merit(p) <= m - 1e-4 * abs(m)
 
     def expand(self, best: tuple[float, Point]) -> tuple[float, Point]:
         """From an admissible scale: doubling while the merit improves."""
         for _ in range(self.config.expansions):
             trial = self.at(2 * best[0])
-            if not (self.ok(trial) and trial.merit(self.w) < best[1].merit(self.w)):
+            if not (self.ok(trial) and self.merit(trial) < self.merit(best[1])):
                 break
             best = (2 * best[0], trial)
         return best
@@ -272,18 +279,23 @@ class _Search:
     def backtrack(self, s: float) -> tuple[float, Point]:
         """From an inadmissible scale: halving to the first admissible one; (0, the current
         point) when none is."""
-        m0, above = self.current.merit(self.w), None  # (scale, merit excess) of the last trial scored
+        m0, above = self.merit(self.current), None  # (scale, merit excess) of the last trial scored
         for _ in range(self.config.backtracks):
             s /= 2
             point = self.at(s)
             if self.ok(point):
                 return s, point
-            excess = point.merit(self.w) - m0
+            excess = self.merit(point) - m0
             if self.stop_on_ascent and above is not None and math.isfinite(excess) and excess > 0:
                 if merit_slope(s, excess, above[1]) >= 0:
                     break
             above = (s, excess) if math.isfinite(excess) and excess > 0 else None
         return 0.0, self.current
+
+
+def free_rise(budget: float, config: StepConfig) -> float:
+    """The retained rows' rise that neither the merit charges nor the anchor pulls back."""
+    return config.free_rise_share * budget if math.isfinite(budget) else 0.0
 
 
 def merit_slope(s: float, excess: float, excess_at_double: float) -> float:
@@ -454,9 +466,9 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
         # step (reusing it for 3 steps cost more steps than it saved: bench/results/refine-gradient-reuse.md).
         retain_grad = objective.retain_gradient(range(retained))
         g = objective.gradient()
-        # The merit's penalty on the retained rows only while their NLL is above the parent's:
-        # it charges nothing below, so pulling further down would only fight Φ.
-        if current.rise > 0 and retain_grad is not None and config.anchor_weight > 0:
+        # The merit's penalty on the retained rows only while their NLL is above the parent's by more
+        # than the free allowance: it charges nothing below, so pulling further down would only fight Φ.
+        if current.rise > free_rise(budget, config) and retain_grad is not None and config.anchor_weight > 0:
             g = g + config.anchor_weight * retain_grad
         if not float(g.norm()) > 0:
             if not passed:
