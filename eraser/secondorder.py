@@ -63,8 +63,9 @@ class StepConfig:
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
     damping_ratio: float = 0.1
     anchor_weight: float = 10.0
-    # A share of the step budget the merit does not charge and the anchor does not pull back:
-    # a penalty from the first nat of rise made every other step repair a rise far inside the bound.
+    # A share of the step budget the influence step's merit does not charge: charged from the
+    # first nat, the paper's step was refused where removing the rows costs the others a little.
+    # Refinement charges every nat (an allowance there let retained damage build up over steps).
     free_rise_share: float = 0.1
     # New rows (RC/QM) count as learned when their mean NLL is within this of the retained
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
@@ -221,12 +222,13 @@ class LineSearch:
 
 def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective: SampledObjective, current: Point,
                 start: float, budget: float, config: StepConfig, expand: bool = True,
-                stop_on_ascent: bool = False) -> LineSearch:
+                stop_on_ascent: bool = False, free: float = 0.0) -> LineSearch:
     """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
     that does not raise Φ; the parameters are left at it (s = 0: unchanged). With
     ``stop_on_ascent`` the halving stops once two trials show the merit rising along d from
-    θ (a direction not built to descend it, such as the influence step's)."""
-    search = _Search(params, theta, direction, objective, current, budget, config, stop_on_ascent)
+    θ (a direction not built to descend it, such as the influence step's). The merit does not
+    charge a retained rise up to ``free``."""
+    search = _Search(params, theta, direction, objective, current, budget, config, stop_on_ascent, free)
     point = search.at(start)
     if search.ok(point):
         best = search.expand((start, point)) if expand else (start, point)
@@ -242,11 +244,11 @@ class _Search:
     """The trials of one line search along θ + s·d: each sets the parameters and scores them."""
 
     def __init__(self, params, theta, direction, objective: SampledObjective, current: Point, budget: float,
-                 config: StepConfig, stop_on_ascent: bool = False):
+                 config: StepConfig, stop_on_ascent: bool = False, free: float = 0.0):
         self.params, self.theta, self.direction, self.objective = params, theta, direction, objective
         self.current, self.budget, self.config, self.stop_on_ascent = current, budget, config, stop_on_ascent
         self.w = config.anchor_weight
-        self.free = free_rise(budget, config)
+        self.free = free
         # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
         # refuse the steps that trade a little overshoot for utility on the way.
         self.overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
@@ -294,7 +296,7 @@ class _Search:
 
 
 def free_rise(budget: float, config: StepConfig) -> float:
-    """The retained rows' rise that neither the merit charges nor the anchor pulls back."""
+    """The retained rows' rise the influence step's merit does not charge."""
     return config.free_rise_share * budget if math.isfinite(budget) else 0.0
 
 
@@ -418,7 +420,8 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
     # formula's own length (scale 1) was often many halvings too long, each a scoring pass. Never
     # from beyond it: past 1 the search only expands while the merit keeps improving.
     start = min(1.0, _gauss_newton_scale(current.phi, objective.gradient(), delta))
-    ls = line_search(params, theta, delta, objective, current, start, budget, config, stop_on_ascent=True)
+    ls = line_search(params, theta, delta, objective, current, start, budget, config, stop_on_ascent=True,
+                     free=free_rise(budget, config))
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
 
 
@@ -466,9 +469,9 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
         # step (reusing it for 3 steps cost more steps than it saved: bench/results/refine-gradient-reuse.md).
         retain_grad = objective.retain_gradient(range(retained))
         g = objective.gradient()
-        # The merit's penalty on the retained rows only while their NLL is above the parent's by more
-        # than the free allowance: it charges nothing below, so pulling further down would only fight Φ.
-        if current.rise > free_rise(budget, config) and retain_grad is not None and config.anchor_weight > 0:
+        # The merit's penalty on the retained rows only while their NLL is above the parent's:
+        # it charges nothing below, so pulling further down would only fight Φ.
+        if current.rise > 0 and retain_grad is not None and config.anchor_weight > 0:
             g = g + config.anchor_weight * retain_grad
         if not float(g.norm()) > 0:
             if not passed:
