@@ -63,10 +63,6 @@ class StepConfig:
     # λ = ratio × the curvature's Rayleigh quotient along the gradient being preconditioned.
     damping_ratio: float = 0.1
     anchor_weight: float = 10.0
-    # A share of the step budget the influence step's merit does not charge: charged from the
-    # first nat, the paper's step was refused where removing the rows costs the others a little.
-    # Refinement charges every nat (an allowance there let retained damage build up over steps).
-    free_rise_share: float = 0.1
     # New rows (RC/QM) count as learned when their mean NLL is within this of the retained
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
@@ -74,11 +70,11 @@ class StepConfig:
 
     def __post_init__(self):
         numbers = (self.max_rise_share, self.overshoot, self.band, self.damping_ratio, self.anchor_weight,
-                   self.learn_margin, self.free_rise_share)
+                   self.learn_margin)
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in numbers):
             raise InvalidRequestError("step settings must be finite numbers >= 0")
-        if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0 or self.free_rise_share >= 1:
-            raise InvalidRequestError("max_rise_share must be in (0, 1], free_rise_share in [0, 1) and damping_ratio > 0")
+        if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
+            raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
         if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
             raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
 
@@ -94,8 +90,8 @@ class Point:
     rise: float
     overshoot: float
 
-    def merit(self, weight: float, free: float = 0.0) -> float:
-        return self.phi + weight * max(0.0, self.rise - free)
+    def merit(self, weight: float) -> float:
+        return self.phi + weight * max(0.0, self.rise)
 
     def admissible(self, budget: float, overshoot: float) -> bool:
         return self.rise <= budget and self.overshoot <= overshoot and math.isfinite(self.phi)
@@ -222,13 +218,12 @@ class LineSearch:
 
 def line_search(params, theta: torch.Tensor, direction: torch.Tensor, objective: SampledObjective, current: Point,
                 start: float, budget: float, config: StepConfig, expand: bool = True,
-                stop_on_ascent: bool = False, free: float = 0.0) -> LineSearch:
+                stop_on_ascent: bool = False) -> LineSearch:
     """The largest admissible scale s of θ + s·d found by halving (or doubling) from ``start``
     that does not raise Φ; the parameters are left at it (s = 0: unchanged). With
     ``stop_on_ascent`` the halving stops once two trials show the merit rising along d from
-    θ (a direction not built to descend it, such as the influence step's). The merit does not
-    charge a retained rise up to ``free``."""
-    search = _Search(params, theta, direction, objective, current, budget, config, stop_on_ascent, free)
+    θ (a direction not built to descend it, such as the influence step's)."""
+    search = _Search(params, theta, direction, objective, current, budget, config, stop_on_ascent)
     point = search.at(start)
     if search.ok(point):
         best = search.expand((start, point)) if expand else (start, point)
@@ -244,11 +239,10 @@ class _Search:
     """The trials of one line search along θ + s·d: each sets the parameters and scores them."""
 
     def __init__(self, params, theta, direction, objective: SampledObjective, current: Point, budget: float,
-                 config: StepConfig, stop_on_ascent: bool = False, free: float = 0.0):
+                 config: StepConfig, stop_on_ascent: bool = False):
         self.params, self.theta, self.direction, self.objective = params, theta, direction, objective
         self.current, self.budget, self.config, self.stop_on_ascent = current, budget, config, stop_on_ascent
         self.w = config.anchor_weight
-        self.free = free
         # Past the overshoot cap already, the band's term in Φ pulls the rows back: the cap would
         # refuse the steps that trade a little overshoot for utility on the way.
         self.overshoot = config.overshoot if current.overshoot <= config.overshoot else math.inf
@@ -260,20 +254,17 @@ class _Search:
             vector_to_parameters(self.theta + s * self.direction.to(self.theta.dtype), self.params)
         # The merit is at least Φ: where Φ alone is above the current merit, or the rows overshoot
         # past the cap, the point cannot be accepted: no need to score the retained rows.
-        return self.objective.evaluate(phi_ceiling=self.merit(self.current), overshoot_cap=self.overshoot)
-
-    def merit(self, p: Point) -> float:
-        return p.merit(self.w, self.free)
+        return self.objective.evaluate(phi_ceiling=self.current.merit(self.w), overshoot_cap=self.overshoot)
 
     def ok(self, p: Point) -> bool:
-        m = self.merit(self.current)
-        return p.admissible(self.budget, self.overshoot) and self.merit(p) <= m - 1e-4 * abs(m)
+        m = self.current.merit(self.w)
+        return p.admissible(self.budget, self.overshoot) and p.merit(self.w) <= m - 1e-4 * abs(m)
 
     def expand(self, best: tuple[float, Point]) -> tuple[float, Point]:
         """From an admissible scale: doubling while the merit improves."""
         for _ in range(self.config.expansions):
             trial = self.at(2 * best[0])
-            if not (self.ok(trial) and self.merit(trial) < self.merit(best[1])):
+            if not (self.ok(trial) and trial.merit(self.w) < best[1].merit(self.w)):
                 break
             best = (2 * best[0], trial)
         return best
@@ -281,23 +272,18 @@ class _Search:
     def backtrack(self, s: float) -> tuple[float, Point]:
         """From an inadmissible scale: halving to the first admissible one; (0, the current
         point) when none is."""
-        m0, above = self.merit(self.current), None  # (scale, merit excess) of the last trial scored
+        m0, above = self.current.merit(self.w), None  # (scale, merit excess) of the last trial scored
         for _ in range(self.config.backtracks):
             s /= 2
             point = self.at(s)
             if self.ok(point):
                 return s, point
-            excess = self.merit(point) - m0
+            excess = point.merit(self.w) - m0
             if self.stop_on_ascent and above is not None and math.isfinite(excess) and excess > 0:
                 if merit_slope(s, excess, above[1]) >= 0:
                     break
             above = (s, excess) if math.isfinite(excess) and excess > 0 else None
         return 0.0, self.current
-
-
-def free_rise(budget: float, config: StepConfig) -> float:
-    """The retained rows' rise the influence step's merit does not charge."""
-    return config.free_rise_share * budget if math.isfinite(budget) else 0.0
 
 
 def merit_slope(s: float, excess: float, excess_at_double: float) -> float:
@@ -420,8 +406,7 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
     # formula's own length (scale 1) was often many halvings too long, each a scoring pass. Never
     # from beyond it: past 1 the search only expands while the merit keeps improving.
     start = min(1.0, _gauss_newton_scale(current.phi, objective.gradient(), delta))
-    ls = line_search(params, theta, delta, objective, current, start, budget, config, stop_on_ascent=True,
-                     free=free_rise(budget, config))
+    ls = line_search(params, theta, delta, objective, current, start, budget, config, stop_on_ascent=True)
     return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
 
 
