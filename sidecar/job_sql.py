@@ -7,8 +7,9 @@ name), ``_get(c, job_id)``, ``_lock_adapter(c, adapter)`` and ``_lock_job(c, job
 serialises an adapter's transitions across processes: nothing more on SQLite, whose writer
 lock already does), and ``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
 PostgreSQL's table rewrite), and ``keys`` (``sidecar.payload_keys.PayloadKeys`` that seals each
-job's payloads, or None: stored as they are). What differs stays in each store: the schema,
-claims and leases, the JSON queries, finishing a job (which calls ``_shred(job_id)`` after it).
+job's payloads, or None: stored as they are). The tables both keep are ``tables()`` in the
+store's column types. What differs stays in each store: its own tables, claims and leases, the
+JSON queries, finishing a job (which calls ``_shred(job_id)`` after it).
 """
 
 from __future__ import annotations
@@ -27,6 +28,78 @@ ORPHAN_KEY_SECONDS = 3600.0
 # One request's payload rows in submission order (its requests' sequence).
 _PAYLOAD_BODIES = ("SELECT p.body FROM payloads p JOIN requests r ON r.request_id = p.request_id "
                    "WHERE p.job_id = ? ORDER BY r.seq")
+
+
+# The tables both stores keep, in each dialect's types: {seq} an identity key, {real} a float,
+# {flag} a boolean that starts false; {job_columns} the jobs table's columns of one store alone.
+_TABLES = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq {seq},
+    id TEXT UNIQUE NOT NULL,
+    adapter TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    options TEXT NOT NULL,
+    options_key TEXT NOT NULL,
+    counts TEXT NOT NULL,
+    edits TEXT NOT NULL,
+    from_version INTEGER NOT NULL DEFAULT 0,
+    to_version INTEGER NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    fraction {real} NOT NULL DEFAULT 0,
+    report TEXT,
+    error_code TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    created_at {real} NOT NULL,
+    started_at {real},
+    finished_at {real},
+    deadline_at {real},
+    attempts INTEGER NOT NULL DEFAULT 0,
+    already_erased TEXT NOT NULL DEFAULT '[]',
+    cancel_requested {flag},
+    replicas_behind TEXT NOT NULL DEFAULT '[]',
+    swap_checks TEXT NOT NULL DEFAULT '[]'{job_columns}
+);
+CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
+CREATE TABLE IF NOT EXISTS requests (
+    seq {seq},
+    request_id TEXT UNIQUE NOT NULL,
+    job_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at {real} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id);
+CREATE TABLE IF NOT EXISTS past_requests (
+    seq {seq},
+    request_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created_at {real} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS past_requests_job ON past_requests (job_id);
+CREATE TABLE IF NOT EXISTS payloads (
+    request_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
+CREATE TABLE IF NOT EXISTS deletions (
+    seq {seq},
+    adapter TEXT NOT NULL,
+    deleted_at {real} NOT NULL,
+    how TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    factor_caches TEXT NOT NULL,
+    payload_rows INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
+"""
+# The job columns that hold JSON.
+JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
+
+
+def tables(seq: str, real: str, flag: str, job_columns: str = "") -> str:
+    """The shared tables' statements in one dialect (``_TABLES``)."""
+    return _TABLES.format(seq=seq, real=real, flag=flag, job_columns=job_columns)
 
 
 class SharedSQL:

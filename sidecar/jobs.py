@@ -24,76 +24,15 @@ from typing import Any, Callable, Iterable
 from eraser.rowhash import RowHasher
 
 from .job_model import Job, RequestPayload, State
-from .job_sql import SharedSQL
+from .job_sql import JSON_COLUMNS, SharedSQL, tables
 from .payload_keys import PayloadKeys
 from .report import JobReport
 
 log = logging.getLogger("eraser.sidecar")
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT UNIQUE NOT NULL,
-    adapter TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    options TEXT NOT NULL,
-    options_key TEXT NOT NULL,
-    counts TEXT NOT NULL,
-    edits TEXT NOT NULL,
-    from_version INTEGER NOT NULL DEFAULT 0,
-    to_version INTEGER NOT NULL DEFAULT 0,
-    stage TEXT NOT NULL DEFAULT '',
-    fraction REAL NOT NULL DEFAULT 0,
-    report TEXT,
-    error_code TEXT NOT NULL DEFAULT '',
-    error_message TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    deadline_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    already_erased TEXT NOT NULL DEFAULT '[]',
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    replicas_behind TEXT NOT NULL DEFAULT '[]',
-    swap_checks TEXT NOT NULL DEFAULT '[]'
-);
-CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
-CREATE TABLE IF NOT EXISTS requests (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT UNIQUE NOT NULL,
-    job_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id);
-CREATE TABLE IF NOT EXISTS past_requests (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    request_id TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS past_requests_job ON past_requests (job_id);
-CREATE TABLE IF NOT EXISTS payloads (
-    request_id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
-CREATE TABLE IF NOT EXISTS deletions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    adapter TEXT NOT NULL,
-    deleted_at REAL NOT NULL,
-    how TEXT NOT NULL,
-    versions TEXT NOT NULL,
-    factor_caches TEXT NOT NULL,
-    payload_rows INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
-"""
+_SCHEMA = tables("INTEGER PRIMARY KEY AUTOINCREMENT", "REAL", "INTEGER NOT NULL DEFAULT 0")
 
-_JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
 # Columns added after the first release, with their definitions: added to older files on open.
 _ADDED_COLUMNS = {
     "replicas_behind": "TEXT NOT NULL DEFAULT '[]'",
@@ -181,7 +120,7 @@ class JobDB(SharedSQL):
         d = dict(row)
         d.pop("seq")
         d.pop("options_key")
-        for k in _JSON_COLUMNS:
+        for k in JSON_COLUMNS:
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["state"] = State(d["state"])
         d["report"] = JobReport.from_json(d["report"])

@@ -41,77 +41,19 @@ from eraser.rowhash import RowHasher
 
 from .errors import JobStoreUnavailable, LeaseLost, NotFoundError
 from .job_model import Job, RequestPayload, State
-from .job_sql import SharedSQL
+from .job_sql import JSON_COLUMNS, SharedSQL, tables
 from .payload_keys import PayloadKeys
 from .jobs import finish_assignments
 from .report import JobReport
 
 log = logging.getLogger("eraser.sidecar")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id TEXT UNIQUE NOT NULL,
-    adapter TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    options TEXT NOT NULL,
-    options_key TEXT NOT NULL,
-    counts TEXT NOT NULL,
-    edits TEXT NOT NULL,
-    from_version INTEGER NOT NULL DEFAULT 0,
-    to_version INTEGER NOT NULL DEFAULT 0,
-    stage TEXT NOT NULL DEFAULT '',
-    fraction DOUBLE PRECISION NOT NULL DEFAULT 0,
-    report TEXT,
-    error_code TEXT NOT NULL DEFAULT '',
-    error_message TEXT NOT NULL DEFAULT '',
-    created_at DOUBLE PRECISION NOT NULL,
-    started_at DOUBLE PRECISION,
-    finished_at DOUBLE PRECISION,
-    deadline_at DOUBLE PRECISION,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    already_erased TEXT NOT NULL DEFAULT '[]',
-    cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
-    replicas_behind TEXT NOT NULL DEFAULT '[]',
-    swap_checks TEXT NOT NULL DEFAULT '[]',
+_SCHEMA = tables("BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "DOUBLE PRECISION", "BOOLEAN NOT NULL DEFAULT FALSE",
+                 """,
     worker TEXT NOT NULL DEFAULT '',
     lease_token BIGINT NOT NULL DEFAULT 0,
-    lease_until DOUBLE PRECISION
-);
-CREATE INDEX IF NOT EXISTS jobs_adapter_state ON jobs (adapter, state);
+    lease_until DOUBLE PRECISION""") + """
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running ON jobs (adapter) WHERE state = 2;
-CREATE TABLE IF NOT EXISTS requests (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    request_id TEXT UNIQUE NOT NULL,
-    job_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_job ON requests (job_id);
-CREATE TABLE IF NOT EXISTS past_requests (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    request_id TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL
-);
-CREATE INDEX IF NOT EXISTS past_requests_job ON past_requests (job_id);
-CREATE TABLE IF NOT EXISTS payloads (
-    request_id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
-CREATE TABLE IF NOT EXISTS deletions (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    adapter TEXT NOT NULL,
-    deleted_at DOUBLE PRECISION NOT NULL,
-    how TEXT NOT NULL,
-    versions TEXT NOT NULL,
-    factor_caches TEXT NOT NULL,
-    payload_rows INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
 CREATE SEQUENCE IF NOT EXISTS lease_tokens;
 CREATE TABLE IF NOT EXISTS versions (
     adapter TEXT NOT NULL,
@@ -131,7 +73,6 @@ CHANNEL = "eraser_versions"
 # The database's clock, the one every worker's lease is measured on.
 _NOW = "extract(epoch from clock_timestamp())"
 
-_JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
 # Advisory lock spaces (pg_advisory_xact_lock(space, hashtext(key))). A hash collision only
 # serialises two keys that did not need it.
 _SCHEMA_LOCK, _REQUEST_LOCK, _ADAPTER_LOCK = 0x45520000, 0x45520001, 0x45520002
@@ -282,7 +223,7 @@ class PostgresJobDB(SharedSQL):
         d = dict(row)
         for k in ("seq", "options_key", "lease_token", "lease_until"):
             d.pop(k)
-        for k in _JSON_COLUMNS:
+        for k in JSON_COLUMNS:
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["state"] = State(d["state"])
         d["report"] = JobReport.from_json(d["report"])
