@@ -1,11 +1,11 @@
 """The statements both job stores run the same way (SQLite in ``sidecar.jobs``, PostgreSQL in
 ``sidecar.pg_jobs``), written once.
 
-A store mixes ``SharedSQL`` in and gives it: ``MARK`` (its driver's placeholder), ``_write()``
-and ``_read()`` (a connection inside a write or a read transaction; rows readable by column
-name), ``_get(c, job_id)``, ``_lock_adapter(c, adapter)`` and ``_lock_job(c, job_id)`` (what
-serialises an adapter's transitions across processes: nothing more on SQLite, whose writer
-lock already does), and ``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
+A store mixes ``SharedSQL`` in and gives it: ``MARK`` (its driver's placeholder), ``JOBS`` and
+``_job(row, c)`` (its SELECT of job rows, and a Job of one), ``_write()`` and ``_read()`` (a
+connection inside a write or a read transaction; rows readable by column name),
+``_lock_adapter(c, adapter)`` and ``_lock_job(c, job_id)`` (what serialises an adapter's
+transitions across processes: nothing more on SQLite, whose writer lock already does), and ``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
 PostgreSQL's table rewrite), and ``keys`` (``sidecar.payload_keys.PayloadKeys`` that seals each
 job's payloads, or None: stored as they are). The tables both keep are ``tables()`` in the
 store's column types. What differs stays in each store: its own tables, claims and leases, the
@@ -104,12 +104,35 @@ def tables(seq: str, real: str, flag: str, job_columns: str = "") -> str:
 
 class SharedSQL:
     MARK = "?"
+    # The store's SELECT of job rows, the jobs table named ``j``; ``_job(row, c)`` makes a Job of one.
+    JOBS = "SELECT * FROM jobs j"
     keys: PayloadKeys | None = None
 
     def _q(self, sql: str) -> str:
         return sql if self.MARK == "?" else sql.replace("?", self.MARK)
 
     # ---- queries -------------------------------------------------------------------
+    def get(self, job_id: str) -> Job | None:
+        with self._read() as c:
+            return self._get(c, job_id)
+
+    def _get(self, c, job_id: str) -> Job | None:
+        row = c.execute(self._q(self.JOBS + " WHERE j.id = ?"), (job_id,)).fetchone()
+        return self._job(row, c) if row else None
+
+    def list(self, adapter: str | None = None, state: State | None = None, limit: int = 100) -> list[Job]:
+        sql, args = self.JOBS + " WHERE 1=1", []
+        if adapter:
+            sql += " AND j.adapter = ?"
+            args.append(adapter)
+        if state:
+            sql += " AND j.state = ?"
+            args.append(int(state))
+        sql += " ORDER BY j.seq DESC LIMIT ?"
+        args.append(limit)
+        with self._read() as c:
+            return [self._job(r, c) for r in c.execute(self._q(sql), args).fetchall()]
+
     def by_request(self, request_id: str) -> tuple[Job, str] | None:
         with self._read() as c:
             row = c.execute(self._q("SELECT job_id, fingerprint FROM requests WHERE request_id = ?"),

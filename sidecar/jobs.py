@@ -152,26 +152,6 @@ class JobDB(SharedSQL):
             finally:
                 self._reader.execute("COMMIT")
 
-    def get(self, job_id: str) -> Job | None:
-        with self._reading() as c:
-            return self._get(c, job_id)
-
-    def _get(self, c: sqlite3.Connection, job_id: str) -> Job | None:
-        row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._job(row, c) if row else None
-
-    def list(self, adapter: str | None = None, state: State | None = None, limit: int = 100) -> list[Job]:
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
-        if adapter:
-            sql += " AND adapter = ?"
-            args.append(adapter)
-        if state:
-            sql += " AND state = ?"
-            args.append(int(state))
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit)
-        with self._reading() as c:
-            return [self._job(r, c) for r in c.execute(sql, args).fetchall()]
 
     def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
         """Those of ``ids`` that a succeeded job of ``adapter`` removed."""

@@ -158,6 +158,7 @@ class PostgresJobDB(SharedSQL):
 
     leases = True
     MARK = "%s"
+    JOBS = _JOB
 
     def __init__(self, dsn: str, hasher: RowHasher, pool_size: int = 8, worker: str = "",
                  lease_seconds: float = 30.0, keys: PayloadKeys | None = None):
@@ -219,7 +220,7 @@ class PostgresJobDB(SharedSQL):
         return True
 
     @staticmethod
-    def _job(row: dict) -> Job:
+    def _job(row: dict, c=None) -> Job:
         d = dict(row)
         for k in ("seq", "options_key", "lease_token", "lease_until"):
             d.pop(k)
@@ -236,10 +237,6 @@ class PostgresJobDB(SharedSQL):
         holds it, when it does; for jobs it never claimed (a client's cancel), any row."""
         token = self._held.get(job_id)
         return ("id = %s", (job_id,)) if token is None else ("id = %s AND lease_token = %s", (job_id, token))
-
-    def _get(self, c: psycopg.Connection, job_id: str) -> Job | None:
-        row = c.execute(_JOB + " WHERE j.id = %s", (job_id,)).fetchone()
-        return self._job(row) if row else None
 
     def _scrub(self) -> None:
         """After payloads are deleted. SQLite zeroes their pages (secure_delete) and truncates
@@ -258,23 +255,6 @@ class PostgresJobDB(SharedSQL):
             log.error("the job database's payload table could not be scrubbed (%s); retried on the next deletion", e)
 
     # ---- queries -------------------------------------------------------------------
-    def get(self, job_id: str) -> Job | None:
-        with self._tx(read_only=True) as c:
-            return self._get(c, job_id)
-
-    def list(self, adapter: str | None = None, state: State | None = None, limit: int = 100) -> list[Job]:
-        sql, args = _JOB + " WHERE TRUE", []
-        if adapter:
-            sql += " AND j.adapter = %s"
-            args.append(adapter)
-        if state:
-            sql += " AND j.state = %s"
-            args.append(int(state))
-        sql += " ORDER BY j.seq DESC LIMIT %s"
-        args.append(limit)
-        with self._tx(read_only=True) as c:
-            return [self._job(r) for r in c.execute(sql, args).fetchall()]
-
     def removed_ids(self, adapter: str, ids: Iterable[str]) -> set[str]:
         """Those of ``ids`` that a succeeded job of ``adapter`` removed."""
         ids = list(ids)
