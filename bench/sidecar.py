@@ -391,15 +391,23 @@ def measure_acceptance(s: Settings, model: dict, workdir: Path, variant: str, cl
     return out
 
 
-def measure_job_db(workdir: Path, clients: int, per_client: int, group_commit: bool) -> dict:
+def measure_job_db(workdir: Path, clients: int, per_client: int, group_commit: bool, sealed: bool = False) -> dict:
     """The job database alone: ``clients`` threads of this process call ``JobDB.submit``,
     each request its own job (merging off), each call timed: the durable commit path
-    without gRPC, validation or the growing merged job."""
+    without gRPC, validation or the growing merged job. ``sealed``: each request a response
+    correction, its text sealed with a key file of its job (as the sidecar's store does),
+    instead of a removal (stored as it is)."""
     from eraser.rowhash import RowHasher
     from sidecar.jobs import JobDB, RequestPayload
+    from sidecar.payload_keys import PayloadKeys
 
-    db = JobDB(workdir / f"jobs-{clients}-{'grouped' if group_commit else 'each'}.sqlite3", RowHasher(os.urandom(32)),
-               group_commit)
+    label = f"{clients}-{'grouped' if group_commit else 'each'}{'-sealed' if sealed else ''}"
+    keys = PayloadKeys(workdir / f"keys-{label}") if sealed else None
+    db = JobDB(workdir / f"jobs-{label}.sqlite3", RowHasher(os.urandom(32)), group_commit, keys=keys)
+
+    def payload(row: str) -> RequestPayload:
+        return RequestPayload(correct_response=((row, "a replacement answer"),)) if sealed else RequestPayload((row,))
+
     ready = threading.Barrier(clients + 1)
     latencies: list[list[float]] = [[] for _ in range(clients)]
 
@@ -407,7 +415,7 @@ def measure_job_db(workdir: Path, clients: int, per_client: int, group_commit: b
         ready.wait()
         for k in range(per_client):
             t0 = time.perf_counter()
-            db.submit("bench", f"{c}-{k}", RequestPayload((f"row-{c}-{k}",)), {}, "fingerprint", False, 1)
+            db.submit("bench", f"{c}-{k}", payload(f"row-{c}-{k}"), {}, "fingerprint", False, 1)
             latencies[c].append((time.perf_counter() - t0) * 1000)
 
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
@@ -421,11 +429,11 @@ def measure_job_db(workdir: Path, clients: int, per_client: int, group_commit: b
     group = db.group
     db.close()
     ms = [x for xs in latencies for x in xs]
-    out = {"clients": clients, "requests_per_client": per_client, "group_commit": group_commit,
+    out = {"clients": clients, "requests_per_client": per_client, "group_commit": group_commit, "sealed": sealed,
            "latency": summary_ms(ms), "throughput_rps": round(len(ms) / window, 1),
            "commits": group.commits if group else len(ms),
            "mean_batch": round(group.submissions / group.commits, 2) if group and group.commits else 1.0}
-    _say(f"job database alone, {clients} thread(s) x {per_client}, "
+    _say(f"job database alone, {clients} thread(s) x {per_client}, {'sealed corrections' if sealed else 'removals'}, "
          f"{'group commit' if group_commit else 'one commit each'}: p50 {out['latency']['p50_ms']} ms, "
          f"p99 {out['latency']['p99_ms']} ms, {out['throughput_rps']} req/s, {out['commits']} COMMITs")
     return out
@@ -603,11 +611,14 @@ def run(s: Settings, quick: bool, workdir: Path) -> dict:
             acceptance["variants"][name] = measure_acceptance(s, model, workdir, name, clients, per_client, paused,
                                                               group_commit)
 
+    sizes = ((1, s.single_client_requests // 10), (s.clients, s.requests_per_client))
     acceptance["job_db"] = {
         f"{'grouped' if group_commit else 'commit_each'}_{clients}": measure_job_db(workdir, clients, per_client,
                                                                                      group_commit)
-        for clients, per_client in ((1, s.single_client_requests // 10), (s.clients, s.requests_per_client))
-        for group_commit in (False, True)}
+        for clients, per_client in sizes for group_commit in (False, True)}
+    # A correction's text is sealed with a key file of its job: what that costs acceptance.
+    acceptance["job_db"].update({f"sealed_{clients}": measure_job_db(workdir, clients, per_client, True, sealed=True)
+                                 for clients, per_client in sizes})
 
     ids = model["train_ids"]
     step = max(1, len(ids) // s.queued_requests)
@@ -752,6 +763,14 @@ def _group_commit_reading(result: dict) -> list[str]:
                  for b, g in ((db[f"commit_each_{n}"], db[f"grouped_{n}"]) for n in sorted({v["clients"] for v in db.values()}))]
         out.append("The job database alone (JobDB.submit from threads, each request its own job): " + "; ".join(parts)
                    + ". This is the part group commit changes: one fsync per batch instead of one per request.")
+        sealed = [(db[f"grouped_{n}"], db[f"sealed_{n}"]) for n in sorted({v["clients"] for v in db.values()})
+                  if f"sealed_{n}" in db]
+        if sealed:
+            out.append("Sealing a correction's text (a key file of its job, written and fsynced at submission), "
+                       "removal -> sealed correction, both grouped: " + "; ".join(
+                           f"{g['clients']} thread(s): p50 {g['latency']['p50_ms']} -> {c['latency']['p50_ms']} ms, "
+                           f"p99 {g['latency']['p99_ms']} -> {c['latency']['p99_ms']} ms, {g['throughput_rps']} -> "
+                           f"{c['throughput_rps']} req/s" for g, c in sealed) + ".")
     p = variants.get("worker_paused")
     if p and p["requests"] and p["server_process_cpu_seconds"]:
         cpu_ms = p["server_process_cpu_seconds"] / p["requests"] * 1000
@@ -804,16 +823,17 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             "The job database alone (measured in this run): threads of the benchmark's process call JobDB.submit, "
-            "each request its own job (merging off), each call timed; no gRPC, validation or merged job.",
+            "each request its own job (merging off), each call timed; no gRPC, validation or merged job. A sealed "
+            "correction's text is encrypted with a key file of its job (written and fsynced at submission).",
             "",
-            md_row(["commits", "threads x requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s", "COMMITs",
+            md_row(["commits", "request", "threads x requests", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s", "COMMITs",
                     "mean batch"]),
-            md_row(["---"] * 2 + ["---:"] * 7),
+            md_row(["---"] * 3 + ["---:"] * 7),
         ]
         for v in acc["job_db"].values():
             lat = v["latency"]
             lines.append(md_row(["grouped" if v["group_commit"] else "one per request",
-                                 f"{v['clients']} x {v['requests_per_client']}", lat["p50_ms"], lat["p90_ms"],
+                                 "correction, sealed" if v.get("sealed") else "removal", f"{v['clients']} x {v['requests_per_client']}", lat["p50_ms"], lat["p90_ms"],
                                  lat["p99_ms"], lat["max_ms"], v["throughput_rps"], v["commits"], v["mean_batch"]]))
     lines += [
         "",

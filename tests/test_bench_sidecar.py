@@ -66,14 +66,16 @@ def test_acceptance(quick_result):
         v = acc["variants"][name]
         assert v["jobs_created"] == 1 and v["largest_job_requests"] == v["requests"], name
     db = acc["job_db"]
-    assert set(db) == {"commit_each_1", "grouped_1", "commit_each_50", "grouped_50"}
+    assert set(db) == {"commit_each_1", "grouped_1", "commit_each_50", "grouped_50", "sealed_1", "sealed_50"}
     for name, v in db.items():
         n = v["clients"] * v["requests_per_client"]
-        assert v["latency"]["n"] == n and v["throughput_rps"] > 0 and v["group_commit"] == name.startswith("grouped")
+        assert v["latency"]["n"] == n and v["throughput_rps"] > 0 and v["sealed"] == name.startswith("sealed")
+        assert v["group_commit"] == (not name.startswith("commit_each")), name
         assert 1 <= v["commits"] <= n and (v["group_commit"] or v["commits"] == n), name
     for name in ("solving", "solving_commit_each"):
         assert acc["variants"][name]["clients"] == 50 and not acc["variants"][name]["worker_paused"]
     assert "grouped:" in markdown and "one per request" in markdown and "One commit per request -> group commit" in markdown
+    assert "correction, sealed" in markdown and "Sealing a correction's text" in markdown
 
 
 def test_merging(quick_result):
