@@ -251,6 +251,14 @@ class SharedSQL:
         conflict = (payload.edited_ids & ids) or (payload.ids & edited)
         return None if conflict or len(ids | payload.ids) > max_rows else (row["id"], job_edits)
 
+    def queued_removal_count(self, adapter: str) -> int:
+        """The removals of ``adapter``'s queued and running jobs, counted per job (a row two
+        jobs remove counts twice): a bound read from each job's counts, not its edits."""
+        with self._read() as c:
+            rows = c.execute(self._q("SELECT counts FROM jobs WHERE adapter = ? AND state IN (1, 2)"),
+                             (adapter,)).fetchall()
+        return sum(json.loads(r["counts"])["remove"] for r in rows)
+
     def record_deletion(self, adapter: str, how: str, versions: list[int], factor_caches: list[tuple[int, str]],
                         deleted_at: float, purge_payloads: bool = False) -> int:
         """Record that versions and factor caches of ``adapter`` were deleted (``how``: purge

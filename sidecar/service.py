@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from eraser import options as defaults
 from eraser.data import load_rows
@@ -640,7 +640,7 @@ class EraserService:
         if pending or payload.modify_query or payload.correct_response:
             UnlearningRequest(pending, payload.modify_query, payload.correct_response).resolve(rows)
         # Counting the removals already queued: jobs that each leave rows can empty it together.
-        if pending and not present - set(pending) - self.db.pending_removals(adapter):
+        if pending and self._would_empty(adapter, present, pending):
             raise InvalidRequestError(EMPTYING.format(adapter=adapter, rows=len(present)))
         if not still_wanted():  # the caller gave up (deadline or cancel): do not queue
             raise JobCancelled("the call was cancelled before the request was queued")
@@ -654,6 +654,12 @@ class EraserService:
         self.queue_changed()
         self.notify()
         return job
+
+    def _would_empty(self, adapter: str, present: frozenset[str], pending: Sequence[str]) -> bool:
+        left = present - set(pending)
+        # The set of queued removals (every queued edit read) only where their count could cover
+        # what is left: merged into one queued job, reading it made each acceptance O(queued rows).
+        return len(left) <= self.db.queued_removal_count(adapter) and not left - self.db.pending_removals(adapter)
 
     @staticmethod
     def _same_request(seen: tuple[Job, str], fingerprint: str, request_id: str) -> Job:

@@ -159,6 +159,7 @@ def test_queued_requests_for_one_adapter_merge(backend):
         ids.add(job.id)
     assert db.payloads(first.id) == [RequestPayload(("row1", "row2")), RequestPayload(("row2", "row3"), (("row4", "new"),))]
     assert db.pending_removals("a") == {"row1", "row2", "row3", "row5", "row6", "row7", "row9"}
+    assert db.queued_removal_count("a") == 7 and db.queued_removal_count("b") == 1
 
 
 def test_one_running_job_per_adapter(backend):
