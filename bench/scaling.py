@@ -169,6 +169,7 @@ def _erase(base_dir, adapter_dir, data_path, holdout_path, ids, factors_dir, out
     from eraser.errors import EraserError
     from eraser.options import product_erase_config
     from eraser.requests import UnlearningRequest
+    from eraser.reports import as_json
     from eraser.unlearn import erase
 
     config = product_erase_config(has_holdout=True)
@@ -189,14 +190,14 @@ def _erase(base_dir, adapter_dir, data_path, holdout_path, ids, factors_dir, out
                 "forget_nll_after": round_sig(v.get("erased_mean_nll")), "steps": None, "factors": None}
     wall = time.perf_counter() - t
     return {"seconds": round(wall, 3), "status": MEASURED, "written": True, "error": None,
-            "verification_passed": bool(report.verification and report.verification.get("passed")),
-            "verification": _verification(report.verification), "stages": report.seconds,
+            "verification_passed": bool(report.verification and report.verification.passed),
+            "verification": _verification(as_json(report.verification)), "stages": report.seconds,
             "forget_nll_before": round_sig(report.affected_loss_before), "forget_nll_after": round_sig(report.affected_loss_after),
-            "steps": {"influence": sum(1 for st in report.steps or [] if st.get("kind") == "influence"),
-                      "natural": sum(1 for st in report.steps or [] if st.get("kind") == "natural"),
-                      "influence_scale": next((round_sig(st.get("scale")) for st in report.steps or []
-                                               if st.get("kind") == "influence"), None)},
-            "factors": report.factors, "utility": report.utility, "damping": round_sig(report.damping)}
+            "steps": {"influence": sum(1 for st in report.steps or () if st.kind == "influence"),
+                      "natural": sum(1 for st in report.steps or () if st.kind == "natural"),
+                      "influence_scale": next((round_sig(st.scale) for st in report.steps or ()
+                                               if st.kind == "influence"), None)},
+            "factors": report.factors, "utility": as_json(report.utility), "damping": round_sig(report.damping)}
 
 
 def _verification(v: dict | None) -> dict | None:

@@ -266,6 +266,8 @@ def cmd_prepare_model(args, progress) -> dict:
 
 
 def _human(command: str, result: dict) -> str:
+    from .reports import describe, verification_of
+
     if command == "erase":
         r = result
         lines = [
@@ -284,12 +286,10 @@ def _human(command: str, result: dict) -> str:
             if f.get("out"):
                 line += f"; {f['out_action']} into {f['out']} ({100 * f['changed_fraction']:.1f}% of rows changed since fit)"
             lines.append(line)
-        if r.get("verification"):
-            from .verify import summarize
-
-            v = r["verification"]
-            verdict = "passed" if v["passed"] else f"FAILED ({v['reason']})"
-            lines.append(f"verification ({v['policy']}): {verdict}: {summarize(v)}")
+        v = verification_of(r.get("verification"))
+        if v is not None:
+            verdict = "passed" if v.passed else f"FAILED ({v.reason})"
+            lines.append(f"verification ({v.policy}): {verdict}: {describe(v)}")
         lines.append("seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in r["seconds"].items()))
         return "\n".join(lines)
     if command == "train":

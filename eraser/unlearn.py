@@ -22,7 +22,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .curvature import Curvature, CurvatureConfig, Damped, gradient
 from .data import EncodedRows, Row, load_rows, text_sha256, write_rows
-from .probe import distinguishing_probe
+from .probe import VersionProbe, distinguishing_probe
 from .rowhash import RowHasher
 from .errors import InvalidRequestError, OutputExistsError, UtilityCheckFailedError
 from .losses import mean, row_losses
@@ -37,6 +37,7 @@ from .model import (
     trainable_parameters,
 )
 from .progress import Progress, silent
+from .reports import Step, Utility, Verification, steps_of, utility_of, verification_of
 from .requests import Edit, UnlearningRequest
 from .datainf import datainf_solve
 from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
@@ -303,15 +304,13 @@ class EraseReport:
     parent_adapter_sha256: str
     note: str = ""
     factors: dict | None = None  # the factor cache: used or fitted, downdated or refitted
-    # VerificationReport.to_json() (eraser/verify.py) when verification ran: numbers and ids only.
-    verification: dict | None = None
-    utility: dict | None = None  # UtilityCheck.to_json() when the check ran
-    # Each step applied (eraser/secondorder.py): the influence step first, its line-search
-    # scale, trials, objective and retained-NLL rise; then any second-order refinement steps.
-    steps: list | None = None
-    # eraser/probe.py VersionProbe.to_json(), when asked for: what confirms the new version
-    # on a serving engine and how far the parent's weights are from passing it.
-    probe: dict | None = None
+    verification: Verification | None = None  # when verification ran: numbers and ids only
+    utility: Utility | None = None  # when the check ran
+    # Each step applied (eraser/secondorder.py): the influence step first, then any
+    # second-order refinement steps.
+    steps: tuple[Step, ...] | None = None
+    # When asked for: what confirms the new version on a serving engine.
+    probe: VersionProbe | None = None
 
     def __post_init__(self):
         # JSON has no NaN: a closed-form solve's unmeasured residual reads as null.
@@ -560,10 +559,9 @@ def _downdate(inputs, loaded, dev):
                                 [e.old for e in inputs.edits], [e.new for e in inputs.edits if e.new], dev)
 
 
-def _serving_probe(loaded, edited_rows, parent_values, dev, clock) -> dict:
+def _serving_probe(loaded, edited_rows, parent_values, dev, clock) -> VersionProbe:
     with clock.stage("probe"):
-        return distinguishing_probe(loaded.model, loaded.base.tokenizer, edited_rows, loaded.params, parent_values,
-                                    dev).to_json()
+        return distinguishing_probe(loaded.model, loaded.base.tokenizer, edited_rows, loaded.params, parent_values, dev)
 
 
 def _evaluate_after(loaded, before: _Before, config: EraseConfig, dev, forgot):
@@ -605,8 +603,8 @@ def _report(config: EraseConfig, update: Update, forgot, utility, before: _Befor
         parent_adapter_sha256=parent_sha,
         note=update.solve.note,
         factors=dict(inputs.plan.report) if inputs.plan is not None else None,
-        verification=verification.to_json() if verification else None,
-        utility=utility.to_json() if utility else None,
-        steps=[st.to_json() for st in forgot.steps],
+        verification=verification_of(verification.to_json()) if verification else None,
+        utility=utility_of(utility.to_json()) if utility else None,
+        steps=steps_of([st.to_json() for st in forgot.steps]),
         probe=probe,
     )

@@ -41,6 +41,7 @@ from .losses import mean, per_row_nll, response_logits, row_losses
 from .options import VERIFY_POLICIES
 from .model import trainable_parameters
 from .progress import Progress, silent
+from .reports import describe, verification_of
 
 POLICIES = VERIFY_POLICIES
 MAX_BACKTRACKS = 4
@@ -450,52 +451,7 @@ class VerificationReport:
         return asdict(self)
 
     def summary(self) -> str:
-        return summarize(self.to_json())
-
-
-def summarize(report: dict) -> str:
-    """One line of numbers for a ``VerificationReport.to_json()``: logs, CLI output, errors."""
-    text = _summarize_erased(report)
-    n = report.get("learned")
-    if n:
-        text += (f"; new rows {'learned' if n['passed'] else 'not learned'}: mean NLL {n['mean_nll']:.3f} (target "
-                 f"{n['target_nll']:.3f} + {n['margin']:g}), {n['reproduced']}/{n['rows']} reproduced "
-                 f"({n['required']} required)")
-    return text
-
-
-def _summarize_erased(report: dict) -> str:
-    s = report["after"] or report["before"]
-    if s is None:
-        return _summarize_reference(report)
-    b, ref = report["bounds"], report["retain_reference"]
-    text = (f"MIA AUC {s['auc']:.3f} (bounds {b['min_auc']:g}-{b['max_auc']:g}"
-            + (f", before {report['before']['auc']:.3f}" if report["after"] else "")
-            + f"), erased NLL {s['erased_mean_nll']:.3f} vs held-out {s['holdout_mean_nll']:.3f} "
-            f"(median {s['holdout_median_nll']:.3f})")
-    if s["retain_mean_nll"] is not None:
-        text += f", retained NLL {s['retain_mean_nll']:.3f}"
-        if ref is not None:
-            text += f" ({s['retain_mean_nll'] - ref:+.3f}, max +{b['max_retain_rise']:g})"
-    if report["refinement"]:
-        r = report["refinement"]
-        text += f"; refined {r['steps']} step(s) ({r['method']}, {r['seconds']:.1f} s: {r['stopped']})"
-    return text
-
-
-def _summarize_reference(report: dict) -> str:
-    membership = report.get("membership") or {}
-    m = membership.get("after") or membership.get("before")
-    if not m or m.get("basis") != "base-model reference":
-        return report["reason"]
-    text = (f"no held-out set: judged against the base model, {m['ahead']} of {m['erased_rows']} erased row(s) still "
-            f"more likely under the adapter, {m['recalled']} reproduced")
-    if m["mean_advantage"] is not None:
-        text += f", mean advantage {m['mean_advantage']:+.3f} nats (max +{m['margin']:g} a row)"
-    if report["refinement"]:
-        r = report["refinement"]
-        text += f"; refined {r['steps']} step(s) ({r['method']}, {r['seconds']:.1f} s: {r['stopped']})"
-    return text
+        return describe(verification_of(self.to_json()))
 
 
 def verify_and_refine(

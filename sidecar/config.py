@@ -166,6 +166,8 @@ class SidecarConfig:
     # The Ed25519 private key (PKCS#8 PEM) that signs erasure receipts, e.g. a mounted
     # Secret that outlives the store; empty: the store's own key, created once.
     receipt_key: Path | None = None
+    # The key read from receipt_key when the config is validated (None: the store's key).
+    receipt_signer: ReceiptSigner | None = field(default=None, init=False, repr=False, compare=False)
     # "compute": runs erase jobs, publishes versions, swaps every replica (exactly one per
     # shared store). "reconcile": runs no jobs and only keeps its replicas (its own pod's
     # vLLM) at each adapter's current version, read from the shared store (deploy/README.md).
@@ -268,7 +270,7 @@ class SidecarConfig:
                     raise ConfigError(f"{name}: no such file: {value}")
         if self.receipt_key is not None:
             try:
-                ReceiptSigner.load(self.receipt_key)
+                object.__setattr__(self, "receipt_signer", ReceiptSigner.load(self.receipt_key))
             except ValueError as e:
                 raise ConfigError(f"receipt_key: {e}") from None
         if self.token_file is not None and self.token is None:

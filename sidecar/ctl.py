@@ -328,35 +328,11 @@ def _report_parts(report: JobReport, succeeded: bool) -> list[str]:
 
 
 def format_verification(v: Verification) -> str:
-    """One line of numbers: the policy, the verdict, the membership AUC before and after
-    refinement against its bound, the losses, and the refinement's cost."""
+    """The policy, the verdict and the verification's line of numbers."""
+    from eraser.reports import describe
+
     verdict = "passed" if v.passed else ("not passed" if v.policy == "report" else "FAILED")
-    text = f"verify {v.policy} {verdict}"
-    final, judged = v.final, v.verdict
-    if final is not None:
-        auc = f"{v.before.auc:.3f} -> {final.auc:.3f}" if v.refinement is not None else f"{final.auc:.3f}"
-        text += f": MIA AUC {auc} (max {v.bounds.max_auc:g})"
-        text += f", erased NLL {final.erased_mean_nll:.2f} vs held-out {final.holdout_mean_nll:.2f}"
-        if final.retain_mean_nll is not None:
-            text += f", retained NLL {final.retain_mean_nll:.2f}"
-            if v.retain_reference is not None:
-                text += f" ({final.retain_mean_nll - v.retain_reference:+.2f})"
-    elif judged is not None and judged.basis == "base-model reference":
-        text += (f": no held-out set, judged against the base model: {judged.ahead} erased row(s) still more "
-                 f"likely under the adapter, {judged.recalled} reproduced")
-    else:
-        text += f": {v.reason}"
-    if judged is not None and judged.attacks:
-        text += "; attacks " + ", ".join(f"{a.name} {a.auc:.2f} [{a.interval[0]:.2f}, {a.interval[1]:.2f}] "
-                                         f"(max {a.high:.2f})" for a in judged.attacks)
-    if v.learned is not None:
-        n = v.learned
-        text += (f"; new rows {'learned' if n.passed else 'NOT learned'}: NLL {n.mean_nll:.2f} (target "
-                 f"{n.target_nll:.2f} + {n.margin:g}), {n.reproduced}/{n.rows} reproduced ({n.required} required)")
-    r = v.refinement
-    if r is not None:
-        text += f"; refined {r.steps} step(s) ({r.method}, {r.seconds:.1f} s: {r.stopped})"
-    return text
+    return f"verify {v.policy} {verdict}: {describe(v)}"
 
 
 def format_receipt(receipt: dict) -> str:

@@ -132,8 +132,7 @@ class EraserService:
         self.db: JobStore | None = self._open_jobs(config) if self.computes else None
         # The configured key, else the store's (created with it, like the row-hash key); only the
         # computing sidecar issues receipts.
-        self.signer = ((ReceiptSigner.load(config.receipt_key) if config.receipt_key else self.store.receipt_signer)
-                       if self.computes else None)
+        self.signer = (config.receipt_signer or self.store.receipt_signer) if self.computes else None
         self.device = resolve_device(config.device)
         self.changed = threading.Condition()
         self._listeners: list[Callable[[], None]] = []

@@ -49,11 +49,11 @@ def test_removal_reaches_the_never_seen_level_and_keeps_utility(world, tmp_path)
     request = UnlearningRequest(remove=tuple(r.id for r in world["erased"]))
     report = _erase(world, tmp_path, request)
     v = report.verification
-    assert v["passed"], v["reason"]
-    assert report.steps[0]["kind"] == "influence" and v["refinement"]["method"] == "natural"
-    assert v["membership"]["before"]["attacks"][0]["auc"] > 0.9  # the influence step alone left them memorised
-    after = v["membership"]["after"]
-    assert {a["name"] for a in after["attacks"]} == {"loss", "reference", "mink"} and after["passed"]
+    assert v.passed, v.reason
+    assert report.steps[0].kind == "influence" and v.refinement.method == "natural"
+    assert v.membership.before.attacks[0].auc > 0.9  # the influence step alone left them memorised
+    after = v.membership.after
+    assert {a.name for a in after.attacks} == {"loss", "reference", "mink"} and after.passed
     parent, tok = load(world)
     parent_retained = sum(row_losses(parent, tok, pairs(world["retained"]), "cpu")) / len(world["retained"])
     e, h, retained = _judged_independently(world, tmp_path / "v2", world["erased"])
@@ -110,19 +110,19 @@ def test_corrections_pass_verification_with_the_new_text_learned(world, wrong_qu
         request = UnlearningRequest(modify_query=((old.id, new.prompt),))
     report = _erase(world, tmp_path, request)
     v = report.verification
-    assert v["passed"], v["reason"]
+    assert v.passed, v.reason
     parent, tok = load(world)
     retained_parent = row_losses(parent, tok, pairs(world["retained"]), "cpu")
     before = measure(parent, tok, [(new.prompt, new.response)], "cpu").nll[0]
     model, tok = load(world, tmp_path / "v2")
     after = measure(model, tok, [(new.prompt, new.response), (old.prompt, old.response)], "cpu")
     retrained = _retrained_nll(world, tmp_path, [new if r.id == old.id else r for r in world["rows"]], new)
-    assert v["learned"]["rows"] == 1 and v["learned"]["mean_nll"] == pytest.approx(after.nll[0], abs=1e-4)
+    assert v.learned.rows == 1 and v.learned.mean_nll == pytest.approx(after.nll[0], abs=1e-4)
     assert after.nll[0] <= statistics.median(retained_parent) < before, (after.nll, retained_parent, before)
     assert after.nll[0] <= retrained + 0.1, (after.nll[0], retrained)
     assert not after.exact[1]  # the old answer to the old question is not given
     # The old row looks never-seen to an independent judge.
-    assert {a["name"] for a in v["membership"]["after"]["attacks"]} == {"loss", "reference", "mink"}
+    assert {a.name for a in v.membership.after.attacks} == {"loss", "reference", "mink"}
     e, h, _ = _judged_independently(world, tmp_path / "v2", [old])
     for attack in ("loss", "reference", "mink"):
         a = judge_attack(attack, e.member_scores(attack), h.member_scores(attack), 0.75, 0.1)
@@ -155,8 +155,8 @@ def test_line_search_keeps_the_utility_bound_on_a_step_that_breaks_it_unscaled(w
     with pytest.raises(UtilityCheckFailedError):
         _erase(world, tmp_path, request, **wild, step=StepConfig(enabled=False))
     report = _erase(world, tmp_path, request, **wild)
-    assert 0 <= report.steps[0]["scale"] < 1 and report.utility["passed"]
-    assert report.utility["rise"] <= 0.8 * report.utility["max_rise"] + 1e-9
+    assert 0 <= report.steps[0].scale < 1 and report.utility.passed
+    assert report.utility.rise <= 0.8 * report.utility.max_rise + 1e-9
 
 
 def test_a_budget_too_small_fails_cleanly_and_writes_nothing(world, tmp_path):

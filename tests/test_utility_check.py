@@ -52,16 +52,16 @@ def test_a_sound_erase_passes_and_reports_the_check(tmp_path, tiny_base, tiny_ad
     request = UnlearningRequest(remove=(train_rows[0].id,))
     report = erase(tiny_base, tiny_adapter, train_file, request, tmp_path / "v2", config=SOUND)
     check = report.utility
-    assert check is not None and check["passed"]
-    assert check["rows"] == SOUND.utility_rows and check["max_rise"] == 0.3
-    assert abs(check["rise"]) <= 0.3
+    assert check is not None and check.passed
+    assert check.rows == SOUND.utility_rows and check.max_rise == 0.3
+    assert abs(check.rise) <= 0.3
     # The numbers are the sampled retained rows' mean NLL under the parent and under the
     # adapter that was written (recomputed here from the files).
     sample = retained_sample(train_rows, request.resolve(train_rows), VerifyConfig(retain_sample=SOUND.utility_rows))
     assert train_rows[0].id not in {r.id for r in sample}
     pairs = [(r.prompt, r.response) for r in sample]
-    assert check["before"] == pytest.approx(mean_nll(tiny_base, tiny_adapter, pairs), abs=1e-5)
-    assert check["after"] == pytest.approx(mean_nll(tiny_base, tmp_path / "v2", pairs), abs=1e-5)
+    assert check.before == pytest.approx(mean_nll(tiny_base, tiny_adapter, pairs), abs=1e-5)
+    assert check.after == pytest.approx(mean_nll(tiny_base, tmp_path / "v2", pairs), abs=1e-5)
 
 
 def test_a_broken_update_is_refused_and_nothing_is_written(tmp_path, tiny_base, tiny_adapter, train_file, train_rows):

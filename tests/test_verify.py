@@ -120,9 +120,9 @@ def test_report_policy_in_erase_writes_the_unrefined_update(world, tmp_path):
     report = erase(world["base"], world["adapter"], world["data"], request, tmp_path / "v2", None,
                    EraseConfig(**ROUGH, verify=VerifyConfig(policy="report")), holdout_path=world["holdout"])
     v = report.verification
-    assert v["policy"] == "report" and not v["passed"] and v["after"] is None and v["refinement"] is None
+    assert v.policy == "report" and not v.passed and v.after is None and v.refinement is None
     # what was written is what was scored: the update alone, not refined
-    assert abs(report.affected_loss_after - v["before"]["erased_mean_nll"]) < 1e-4
+    assert abs(report.affected_loss_after - v.before.erased_mean_nll) < 1e-4
     assert json.loads((tmp_path / "v2" / "eraser.json").read_text())["verification"]["passed"] is False
 
 
@@ -133,9 +133,9 @@ def test_enforce_brings_erased_rows_to_the_never_seen_level(world, tmp_path):
                    EraseConfig(**FAST, verify=cfg), holdout_path=world["holdout"])
     v = report.verification
     # The influence step alone left the rows memorised; refinement was needed and sufficed.
-    assert v["before"]["auc"] > cfg.max_auc
-    assert v["passed"] and v["refinement"]["steps"] >= 1 and v["after"]["auc"] <= cfg.target_auc
-    assert v["erased_ids"] == [r.id for r in world["erased"]]
+    assert v.before.auc > cfg.max_auc
+    assert v.passed and v.refinement.steps >= 1 and v.after.auc <= cfg.target_auc
+    assert list(v.erased_ids) == [r.id for r in world["erased"]]
     meta = json.loads((tmp_path / "v2" / "eraser.json").read_text())
     assert meta["verification"]["passed"]
     written = json.dumps(meta) + (tmp_path / "edited.jsonl").read_text()

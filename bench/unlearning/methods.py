@@ -222,6 +222,7 @@ def _verdict_json(verification: dict | None) -> dict | None:
 def _product(ctx: Context) -> Outcome:
     from eraser.errors import UtilityCheckFailedError
     from eraser.factors import is_cache, read_manifest
+    from eraser.reports import as_json
     from eraser.unlearn import erase
 
     task = ctx.task
@@ -274,7 +275,7 @@ def _product(ctx: Context) -> Outcome:
         "factor_fit_seconds": fit_seconds,
         "factor_source": "fitted" if fit_seconds is not None else ("cache" if had_factors else None),
         "damping_used": report.damping if report is not None else None,
-        "steps": report.steps if report is not None else None,
+        "steps": as_json(report.steps) if report is not None else None,
         "update_norm_engine": report.update_norm if report is not None else None,
         "holdout_rows": len(task.calibration),
     })
