@@ -18,7 +18,8 @@ from .membership import RowScores, reference_verdict
 from .progress import Progress, silent
 from .secondorder import (Judge, LearnCheck, SampledObjective, StepConfig, StepRecord, controlled_influence_step,
                           refine_natural)
-from .verify import VerificationReport, VerifyConfig, VerifyScores, _scores, verify_and_refine
+from .reports import Verification, as_json, verification_of
+from .verify import VerifyConfig, VerifyScores, _scores, verify_and_refine
 
 Pair = tuple[str, str]
 # Refinement goes on past the bounds until the calibrated attack's AUC is within this of the
@@ -30,7 +31,7 @@ SETTLED_SLACK = 0.1
 @dataclass
 class ForgetResult:
     steps: list[StepRecord] = field(default_factory=list)
-    verification: VerificationReport | None = None
+    verification: Verification | None = None
     objective: SampledObjective | None = None
 
     def retained_mean(self) -> float | None:
@@ -172,7 +173,7 @@ class _Checks:
 
 
 def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refinement, retain_reference,
-            ids: list[str], seconds: float, learn_check: LearnCheck) -> VerificationReport:
+            ids: list[str], seconds: float, learn_check: LearnCheck) -> Verification:
     def scores(key):
         v, erased, held, new, point = state[key]
         return _loss_scores(erased, held, point.retain_mean), v, new
@@ -180,21 +181,19 @@ def _report(verify: VerifyConfig, state: dict, passed: bool, reason: str, refine
     before, v_before, _ = scores("before")
     after, v_after, new = scores("after")
     refined = refinement is not None and refinement.steps
-    report = VerificationReport(
-        policy=verify.policy, passed=passed, reason=reason,
-        bounds=verify.bounds(), retain_reference=retain_reference,
-        before=before.to_json() if before else None,
-        after=after.to_json() if after and refined else None,
-        refinement=refinement.to_json() if refinement is not None else None,
-        erased_ids=ids, seconds=round(seconds, 3))
-    report.membership = {"before": v_before.to_json() if v_before else None,
-                         "after": v_after.to_json() if v_after else None}
-    report.learned = learn_check.to_json(new) if new.nll else None
-    return report
+    return verification_of({
+        "policy": verify.policy, "passed": passed, "reason": reason, "bounds": as_json(verify.bounds()),
+        "retain_reference": retain_reference, "before": before.to_json() if before else None,
+        "after": after.to_json() if after and refined else None,
+        "refinement": refinement.to_json() if refinement is not None else None,
+        "erased_ids": ids, "seconds": round(seconds, 3),
+        "membership": {"before": v_before.to_json() if v_before else None,
+                       "after": v_after.to_json() if v_after else None},
+        "learned": learn_check.to_json(new) if new.nll else None})
 
 
 def _first_order(model, tokenizer, edits, holdout, retain_pairs, retain_losses, verify: VerifyConfig, device,
-                 progress, max_length) -> VerificationReport | None:
+                 progress, max_length) -> Verification | None:
     from .verify import erased_rows
 
     erased = erased_rows(edits)

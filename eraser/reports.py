@@ -1,8 +1,8 @@
 """The engine's verdicts, typed: the steps applied, the verification of the erased rows
 (loss scores, membership attacks, refinement, the corrected rows' check) and the utility check.
 
-The engine's reports serialise to the JSON these types read (``VerificationReport.to_json()``,
-``UtilityCheck.to_json()``, the step records); the sidecar's job report (``sidecar.report``)
+The engine builds the verification in these types and serialises the utility check and the
+step records to the JSON they read (``UtilityCheck.to_json()``, ``StepRecord.to_json()``); the sidecar's job report (``sidecar.report``)
 is built from them, and every summary line, the CLI's and ``erasectl``'s, is ``describe``'s.
 """
 
@@ -114,8 +114,8 @@ class Bounds:
 
 @dataclass(frozen=True)
 class Verification:
-    """``eraser.verify.VerificationReport``: the verdict on the erased rows, before and after
-    refinement."""
+    """The verdict on the erased rows, before and after refinement (``eraser.verify`` and
+    ``eraser.forget`` build it)."""
 
     policy: str
     passed: bool
@@ -129,6 +129,12 @@ class Verification:
     seconds: float = 0.0
     membership: Optional[Membership] = None
     learned: Optional[NewRows] = None
+
+    def to_json(self) -> dict:
+        return as_json(self)
+
+    def summary(self) -> str:
+        return describe(self)
 
     @property
     def final(self) -> LossScores | None:
@@ -162,7 +168,7 @@ class Utility:
 
 
 def verification_of(obj: dict | None) -> Verification | None:
-    """``VerificationReport.to_json()`` typed."""
+    """``Verification.to_json()`` read back."""
     return _VERIFICATION.validate_python(obj) if obj else None
 
 

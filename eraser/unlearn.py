@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -37,7 +37,7 @@ from .model import (
     trainable_parameters,
 )
 from .progress import Progress, silent
-from .reports import Step, Utility, Verification, steps_of, utility_of, verification_of
+from .reports import Step, Utility, Verification, as_json, steps_of, utility_of
 from .requests import Edit, UnlearningRequest
 from .datainf import datainf_solve
 from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
@@ -320,7 +320,7 @@ class EraseReport:
                 setattr(self, name, None)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return as_json(self)
 
 
 @dataclass(frozen=True)
@@ -603,7 +603,7 @@ def _report(config: EraseConfig, update: Update, forgot, utility, before: _Befor
         parent_adapter_sha256=parent_sha,
         note=update.solve.note,
         factors=dict(inputs.plan.report) if inputs.plan is not None else None,
-        verification=verification_of(verification.to_json()) if verification else None,
+        verification=verification,
         utility=utility_of(utility.to_json()) if utility else None,
         steps=steps_of([st.to_json() for st in forgot.steps]),
         probe=probe,

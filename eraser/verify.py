@@ -41,7 +41,7 @@ from .losses import mean, per_row_nll, response_logits, row_losses
 from .options import VERIFY_POLICIES
 from .model import trainable_parameters
 from .progress import Progress, silent
-from .reports import describe, verification_of
+from .reports import Bounds, LossScores, Refinement, Verification
 
 POLICIES = VERIFY_POLICIES
 MAX_BACKTRACKS = 4
@@ -108,8 +108,8 @@ class VerifyConfig:
         if self.min_holdout_rows < 1:
             raise InvalidRequestError("min_holdout_rows must be >= 1")
 
-    def bounds(self) -> dict:
-        return {"max_auc": self.max_auc, "min_auc": self.min_auc, "max_retain_rise": self.max_retain_rise}
+    def bounds(self) -> Bounds:
+        return Bounds(self.max_auc, self.min_auc, self.max_retain_rise)
 
 
 @dataclass
@@ -128,6 +128,9 @@ class VerifyScores:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def typed(self) -> LossScores:
+        return LossScores(**{**self.to_json(), "erased_percentiles": tuple(self.erased_percentiles)})
 
 
 def percentile_within(x: float, reference: Sequence[float]) -> float:
@@ -430,30 +433,6 @@ class _FirstOrderRefinement:
                             passed, reason, self.backtracks, self.lr)
 
 
-@dataclass
-class VerificationReport:
-    policy: str
-    passed: bool
-    reason: str
-    bounds: dict
-    retain_reference: float | None
-    before: dict | None
-    after: dict | None
-    refinement: dict | None  # {"method", "steps", "seconds", "stopped"} when refinement ran
-    erased_ids: list[str] | None = None
-    seconds: float = 0.0
-    # eraser.membership verdicts ({"before", "after"}) and the corrected rows' check, where
-    # the second-order path ran.
-    membership: dict | None = None
-    learned: dict | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        return describe(verification_of(self.to_json()))
-
-
 def verify_and_refine(
     model,
     tokenizer,
@@ -466,7 +445,7 @@ def verify_and_refine(
     max_length: int = 512,
     retain_reference: float | None = None,
     erased_ids: Sequence[str] | None = None,
-) -> VerificationReport | None:
+) -> Verification | None:
     """Apply ``config.policy``: off → None; report → score only (the model is not
     touched); enforce → score, refine if a bound fails, re-score, and raise
     ``VerificationFailedError`` if a bound still fails.
@@ -479,8 +458,8 @@ def verify_and_refine(
     started = time.perf_counter()
     ids = list(erased_ids) if erased_ids is not None else None
     if not erased_pairs:
-        return VerificationReport(config.policy, True, "no erased rows to verify", config.bounds(), retain_reference,
-                                  None, None, None, ids, 0.0)
+        return Verification(config.policy, True, "no erased rows to verify", config.bounds(), retain_reference,
+                            erased_ids=tuple(ids) if ids is not None else None)
     if len(holdout_pairs) < config.min_holdout_rows:
         raise InvalidRequestError(
             f"verification needs at least {config.min_holdout_rows} held-out rows, got {len(holdout_pairs)}")
@@ -495,20 +474,20 @@ def verify_and_refine(
         result = refine(model, tokenizer, erased_pairs, retain_pairs, holdout_pairs, config, device, progress,
                         max_length, retain_reference, before)
         after = result.after
-        refinement = {"method": result.method, "steps": result.steps, "seconds": round(result.seconds, 3),
-                      "stopped": result.reason, "backtracks": result.backtracks, "final_lr": result.final_lr}
+        refinement = Refinement(result.method, result.steps, round(result.seconds, 3), result.reason,
+                                backtracks=result.backtracks, final_lr=result.final_lr)
         failed = judge(after, config, retain_reference)
     progress("verify", 1, 1)
-    report = VerificationReport(
+    report = Verification(
         policy=config.policy,
         passed=not failed,
         reason="; ".join(failed) if failed else "erased rows look never-seen",
         bounds=config.bounds(),
         retain_reference=retain_reference,
-        before=before.to_json(),
-        after=after.to_json() if after else None,
+        before=before.typed(),
+        after=after.typed() if after else None,
         refinement=refinement,
-        erased_ids=ids,
+        erased_ids=tuple(ids) if ids is not None else None,
         seconds=round(time.perf_counter() - started, 3),
     )
     if config.policy == "enforce" and failed:

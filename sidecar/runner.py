@@ -25,7 +25,7 @@ from .config import SidecarConfig
 from .errors import JobCancelled, JobDeadlineExceeded, FailedPreconditionError, LeaseLost, ShuttingDown, failure_of
 from .job_store import JobStore
 from .job_model import Job, State
-from .report import JobReport, utility_of, verification_of
+from .report import JobReport, utility_of
 from .solver_choice import SolverChoice, SolverChooser
 from .store import ADAPTER_DIR, DATASET, AdapterStore, Deleted, Version, file_sha256
 from .swap import SwapCheck, SwapResult, Swapper
@@ -350,7 +350,7 @@ class JobRunner:
         report = None
         if isinstance(e, VerificationFailedError) and e.report is not None:
             # Nothing was written; the job keeps the numbers of the refused update.
-            report = JobReport(verification=verification_of(e.report.to_json()))
+            report = JobReport(verification=e.report)
             self.hooks.verification_finished(job.adapter, report.verification)
         elif isinstance(e, UtilityCheckFailedError) and e.check is not None:
             report = JobReport(utility=utility_of(e.check.to_json()))

@@ -10,7 +10,8 @@ from eraser.membership import RowScores, reference_verdict, verdict
 from eraser.probe import VersionProbe
 from eraser.secondorder import LearnCheck, StepRecord
 from eraser.unlearn import EraseReport, UtilityCheck
-from eraser.verify import VerificationReport, VerifyConfig, _scores
+from eraser.reports import as_json, steps_of, utility_of
+from eraser.verify import VerifyConfig, _scores
 from sidecar.report import JobReport, verification_of
 
 
@@ -18,16 +19,16 @@ def _verification(basis: str) -> dict:
     erased = RowScores([1.2, 1.4], [-3.0, -2.5], [False, False], [1.5, 1.6])
     held = RowScores([1.0, 1.3, 1.6, 1.9], [-2.0, -2.2, -2.9, -3.1], [False] * 4, [1.2, 1.5, 1.8, 2.0])
     v = verdict(erased, held, 0.75, 0.1) if basis == "held-out" else reference_verdict(erased)
-    report = VerificationReport(
-        policy="enforce", passed=True, reason="erased rows look never-seen", bounds=VerifyConfig().bounds(),
-        retain_reference=0.31, before=_scores([0.1, 0.2], [1.0, 1.3, 1.6, 1.9], [0.3]).to_json(),
-        after=_scores([1.2, 1.4], [1.0, 1.3, 1.6, 1.9], [0.31]).to_json(),
-        refinement={"method": "natural", "steps": 2, "seconds": 1.5, "stopped": "", "passed": True,
-                    "trace": [StepRecord("natural", 0.5, 2, 0.01, 0.002, 0.3).to_json()]},
-        erased_ids=["a", "b"], seconds=2.0)
-    report.membership = {"before": None, "after": v.to_json()}
-    report.learned = LearnCheck(0.4, 0.3).to_json(RowScores([0.35], [-1.0], [True], None))
-    return report.to_json()
+    return {
+        "policy": "enforce", "passed": True, "reason": "erased rows look never-seen",
+        "bounds": as_json(VerifyConfig().bounds()), "retain_reference": 0.31,
+        "before": _scores([0.1, 0.2], [1.0, 1.3, 1.6, 1.9], [0.3]).to_json(),
+        "after": _scores([1.2, 1.4], [1.0, 1.3, 1.6, 1.9], [0.31]).to_json(),
+        "refinement": {"method": "natural", "steps": 2, "seconds": 1.5, "stopped": "", "passed": True,
+                       "trace": [StepRecord("natural", 0.5, 2, 0.01, 0.002, 0.3).to_json()]},
+        "erased_ids": ["a", "b"], "seconds": 2.0,
+        "membership": {"before": None, "after": v.to_json()},
+        "learned": LearnCheck(0.4, 0.3).to_json(RowScores([0.35], [-1.0], [True], None))}
 
 
 def _engine(verification: dict) -> dict:
@@ -39,9 +40,9 @@ def _engine(verification: dict) -> dict:
         adapter_out="/staging/x", adapter_sha256="ab" * 32, parent_adapter_sha256="cd" * 32,
         factors={"source": "cache", "age_seconds": 12.5, "out_action": "downdated", "changed_fraction": 0.08,
                  "downdate_seconds": 0.4, "out": "/staging/f"},
-        verification=verification, utility=UtilityCheck(8, 0.30, 0.31, 0.3).to_json(),
-        steps=[StepRecord("influence", 0.25, 3, 0.2, 0.01).to_json()],
-        probe=VersionProbe((1, 2, 3), (4, 5), (-0.1, -0.2), 0.7).to_json())
+        verification=verification_of(verification), utility=utility_of(UtilityCheck(8, 0.30, 0.31, 0.3).to_json()),
+        steps=steps_of([StepRecord("influence", 0.25, 3, 0.2, 0.01).to_json()]),
+        probe=VersionProbe((1, 2, 3), (4, 5), (-0.1, -0.2), 0.7))
     return report.to_json()
 
 

@@ -106,7 +106,7 @@ def test_report_scores_without_touching_the_model(world):
     report = verify_and_refine(model, tok, pairs(world["erased"]), pairs(world["retained"]), pairs(world["holdout_rows"]),
                                VerifyConfig(policy="report"), "cpu", erased_ids=[r.id for r in world["erased"]])
     assert not report.passed and "still look trained" in report.reason
-    assert report.after is None and report.refinement is None and report.before["auc"] >= 0.9
+    assert report.after is None and report.refinement is None and report.before.auc >= 0.9
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     text = json.dumps(report.to_json())
@@ -182,7 +182,7 @@ def test_too_small_budget_fails_cleanly_and_writes_nothing(world, tmp_path):
     assert err.code == "failed_precondition" and "\n" not in str(err)
     assert "still look trained" in str(err) and "MIA AUC" in str(err) and "step budget exhausted" in str(err)
     assert not any(r.response in str(err) or r.prompt in str(err) for r in world["erased"])
-    assert err.report.refinement["steps"] == 1 and not err.report.passed
+    assert err.report.refinement.steps == 1 and not err.report.passed
     assert listing(out) == set()
     assert {p: tree_digest(p) for p in inputs} == inputs
 
