@@ -80,15 +80,20 @@ def distinguishing_probe(model, tokenizer, rows: Sequence[Row], params: Sequence
             old = token_logprobs(model, sequences, device, batch=SCORE_BATCH)
         moved = [max(abs(a - b) for a, b in zip(n, o)) for n, o in zip(new, old)]
         shortlist = sorted(range(len(rows)), key=lambda i: -moved[i])[:SHORTLIST]
-    best = None
-    for i in shortlist:
-        ids = prompt_ids(tokenizer, rows[i].prompt)
-        answer, logprobs = greedy_continuation(model, ids, ANSWER_TOKENS, device)
-        margin = 0.0
-        if parent is not None:
-            with holding(params, parent):
-                old = token_logprobs(model, [ids + answer], device)[0][-len(answer):]
-            margin = max(abs(a - b) for a, b in zip(logprobs, old))
-        if best is None or margin > best.margin:
-            best = VersionProbe(tuple(ids), tuple(answer), tuple(logprobs), margin)
-    return best
+    probes = [probe_at(model, prompt_ids(tokenizer, rows[i].prompt), params, parent, device) for i in shortlist]
+    return max(probes, key=lambda p: p.margin)  # the first of equals: the most-moved candidate
+
+
+@torch.no_grad()
+def probe_at(model, ids: Sequence[int], params: Sequence[torch.Tensor], parent: Sequence[torch.Tensor] | None,
+             device="cpu") -> VersionProbe:
+    """The probe at prompt ``ids``: the model's greedy answer, its log-probs, and how far the
+    parent's weights score that answer from them."""
+    ids = list(ids)
+    answer, logprobs = greedy_continuation(model, ids, ANSWER_TOKENS, device)
+    margin = 0.0
+    if parent is not None:
+        with holding(params, parent):
+            old = token_logprobs(model, [ids + answer], device)[0][-len(answer):]
+        margin = max(abs(a - b) for a, b in zip(logprobs, old))
+    return VersionProbe(tuple(ids), tuple(answer), tuple(logprobs), margin)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from eraser.model import load_adapter, load_base, trainable_parameters
-from eraser.probe import VersionProbe, distinguishing_probe
+from eraser.probe import VersionProbe, distinguishing_probe, probe_at, prompt_ids
 
 from .report import JobReport
 from .serving import ReplicaError, ServingBackend
@@ -144,7 +144,23 @@ class Swapper:
             previous = load_adapter(load_base(base_dir, self.device),
                                     self.store.version(version.adapter, parent).adapter_path, trainable=True)
             parent_values = [p.detach() for _, p in trainable_parameters(previous)]
+            # A rollback undoes or redoes one change: the prompt that told the parent from its own
+            # parent most likely tells them apart again, without ranking every candidate.
+            hint = self._known_probe(version.adapter, parent)
+            rows = self.store.rows(version)
+            # Only a prompt of this version's own rows: a probe is never erased text.
+            if hint is not None and any(prompt_ids(base.tokenizer, r.prompt) == list(hint.prompt_ids) for r in rows):
+                probe = probe_at(model, hint.prompt_ids, params, parent_values, self.device)
+                if probe.margin > self.tolerance:
+                    return probe
         return distinguishing_probe(model, base.tokenizer, self.store.rows(version), params, parent_values, self.device)
+
+    def _known_probe(self, adapter: str, number: int) -> VersionProbe | None:
+        """The probe of version ``number`` already at hand: recorded by its erase, or computed here."""
+        if (adapter, number) in self._probes:
+            return self._probes[(adapter, number)]
+        report = JobReport.from_json(self.store.version(adapter, number).manifest.get("report"))
+        return report.engine.probe if report is not None and report.engine is not None else None
 
     # ---- one replica ---------------------------------------------------------------
     def _swap_one(self, backend: ServingBackend, version: Version, probe: VersionProbe) -> SwapCheck:

@@ -19,6 +19,7 @@ from eraser_proto.eraser.v1 import eraser_pb2 as pb
 from eraser_proto.eraser.v1 import eraser_pb2_grpc as pb_grpc
 from sidecar.server import start
 from sidecar.store import AdapterStore, Version
+import sidecar.swap as swap_module
 from sidecar.swap import Swapper
 from test_sidecar import FAST, config_for, register, wait_job
 
@@ -113,3 +114,27 @@ def test_batched_scoring_equals_one_sequence_at_a_time(tiny_base, tiny_adapter):
     batched = token_logprobs(model, sequences, "cpu", batch=3)
     assert [len(x) for x in batched] == [len(s) - 1 for s in sequences]
     assert max(abs(a - b) for x, y in zip(one, batched) for a, b in zip(x, y)) < 1e-5
+
+
+def test_a_rollback_probes_where_the_undone_erase_did(erased, tiny_base, monkeypatch):
+    """Rolling back to the parent of an erase: the erase's probe prompt, answered by the
+    version rolled back to and scored against the erased one, tells the two apart without
+    ranking every candidate; a replica still on the erased weights fails it."""
+    new, parent = erased.version("p", 2), erased.version("p", 1)
+    recorded = new.manifest["report"]["probe"]
+    undo = Version(parent.adapter, 3, parent.path, {**parent.manifest, "version": 3, "parent_version": 2,
+                                                    "rollback_of": 1, "report": None})
+    ranked = []
+    rank_all = swap_module.distinguishing_probe
+    monkeypatch.setattr(swap_module, "distinguishing_probe", lambda *a, **k: ranked.append(1) or rank_all(*a, **k))
+    probe = Swapper([], erased, "cpu", tolerance=0.02).probe(undo, str(tiny_base))
+    assert list(probe.prompt_ids) == recorded["prompt_ids"] and not ranked
+    model = load_adapter(load_base(tiny_base, "cpu"), parent.adapter_path, trainable=False)
+    answer, logprobs = greedy_continuation(model, recorded["prompt_ids"], len(probe.answer_ids), "cpu")
+    assert list(probe.answer_ids) == answer and max(abs(a - b) for a, b in zip(probe.answer_logprobs, logprobs)) < 1e-5
+    erased_model = load_adapter(load_base(tiny_base, "cpu"), new.adapter_path, trainable=False)
+    scored = token_logprobs(erased_model, [recorded["prompt_ids"] + answer], "cpu")[0][-len(answer):]
+    assert abs(max(abs(a - b) for a, b in zip(logprobs, scored)) - probe.margin) < 1e-5 and probe.margin > 0.02
+    stale = ReplicaOnWeights(tiny_base, new.adapter_path)
+    result = Swapper([stale], erased, "cpu", tolerance=0.02).swap(undo, str(tiny_base), timeout=0.1)
+    assert stale.replica in result.behind and not result.checks
