@@ -6,8 +6,9 @@ prompt must be the answer the sidecar computes itself with the same version: the
 tokens with the same log-probs, within ``probe_tolerance``. The probe prompt is the
 prompt of a row of the version's own training set (never erased text), chosen where the
 new and the previous version differ most (eraser/probe.py; the erase computes it while it
-holds both). Where even that row's answer moves by less than the tolerance, serving the
-old weights would pass too: the check then says it confirmed the path, not the weights.
+holds both; a rollback tries the prompt of the probe it undoes or redoes first). Where even
+that row's answer moves by less than the tolerance, serving the old weights would pass too:
+the check then says it confirmed the path, not the weights.
 
 The reconcile loop (at start and every ``reconcile_seconds``) brings every replica to
 every adapter's current version: a restarted vLLM gets its adapters back, a replica that
