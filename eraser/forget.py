@@ -16,9 +16,9 @@ import torch
 from .errors import VerificationFailedError
 from .membership import RowScores, reference_verdict
 from .progress import Progress, silent
-from .secondorder import (Judge, LearnCheck, SampledObjective, StepConfig, StepRecord, controlled_influence_step,
+from .secondorder import (Judge, LearnCheck, SampledObjective, StepConfig, controlled_influence_step,
                           refine_natural)
-from .reports import Verification, as_json, verification_of
+from .reports import Step, Verification, as_json, verification_of
 from .verify import VerifyConfig, VerifyScores, _scores, verify_and_refine
 
 Pair = tuple[str, str]
@@ -30,7 +30,7 @@ SETTLED_SLACK = 0.1
 
 @dataclass
 class ForgetResult:
-    steps: list[StepRecord] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
     verification: Verification | None = None
     objective: SampledObjective | None = None
 

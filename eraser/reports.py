@@ -1,9 +1,9 @@
 """The engine's verdicts, typed: the steps applied, the verification of the erased rows
 (loss scores, membership attacks, refinement, the corrected rows' check) and the utility check.
 
-The engine builds the verification in these types and serialises the utility check and the
-step records to the JSON they read (``UtilityCheck.to_json()``, ``StepRecord.to_json()``); the sidecar's job report (``sidecar.report``)
-is built from them, and every summary line, the CLI's and ``erasectl``'s, is ``describe``'s.
+The engine builds its steps and the verification in these types and serialises the utility
+check to the JSON ``Utility`` reads; the sidecar's job report (``sidecar.report``) is built on
+them, and every summary line, the CLI's and ``erasectl``'s, is ``describe``'s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pydantic import TypeAdapter
 
 @dataclass(frozen=True)
 class Step:
-    """One step applied to the adapter (``eraser.secondorder.StepRecord``)."""
+    """One step applied to the adapter (``eraser.secondorder``): its line-search scale and
+    trials, the objective and the retained-NLL rise where it stopped."""
 
     kind: str  # "influence" or "natural"
     scale: float
@@ -177,11 +178,6 @@ def utility_of(obj: dict | None) -> Utility | None:
     return _UTILITY.validate_python(obj) if obj else None
 
 
-def steps_of(obj: list[dict]) -> tuple[Step, ...]:
-    """``StepRecord.to_json()`` of each step, typed."""
-    return _STEPS.validate_python(obj)
-
-
 def as_json(value) -> Any:
     """A report's part (a verification, a utility check, the steps) as the JSON it came from."""
     return TypeAdapter(type(value)).dump_python(value, mode="json") if value is not None else None
@@ -232,4 +228,3 @@ def _describe_reference(v: Verification) -> str:
 
 _VERIFICATION = TypeAdapter(Verification)
 _UTILITY = TypeAdapter(Utility)
-_STEPS = TypeAdapter(tuple[Step, ...])

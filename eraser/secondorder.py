@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -40,6 +40,7 @@ from .errors import InvalidRequestError
 from .losses import per_row_nll
 from .membership import MembershipVerdict, RowScores, base_model_nll, measure, verdict
 from .progress import Progress, silent
+from .reports import Step, as_json
 
 Pair = tuple[str, str]
 
@@ -365,21 +366,8 @@ def exact_share_floor(retain_exact: float, rows: int) -> float:
 
 
 @dataclass
-class StepRecord:
-    kind: str  # "influence" or "natural"
-    scale: float
-    trials: int
-    phi: float
-    rise: float
-    damping: float | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class Refinement:
-    steps: list[StepRecord] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
     seconds: float = 0.0
     passed: bool = False
     reason: str = ""
@@ -387,11 +375,11 @@ class Refinement:
     def to_json(self) -> dict:
         return {"method": "natural", "steps": sum(1 for s in self.steps if s.kind == "natural"),
                 "seconds": round(self.seconds, 3), "stopped": self.reason, "passed": self.passed,
-                "trace": [s.to_json() for s in self.steps]}
+                "trace": [as_json(s) for s in self.steps]}
 
 
 def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObjective, budget: float,
-                              config: StepConfig) -> StepRecord:
+                              config: StepConfig) -> Step:
     """Apply the influence update at the largest admissible scale (0: not at all)."""
     theta = parameters_to_vector(params).detach().clone()
     current = objective.evaluate()
@@ -399,15 +387,15 @@ def controlled_influence_step(params, delta: torch.Tensor, objective: SampledObj
         with torch.no_grad():
             vector_to_parameters(theta + delta.to(theta.dtype), params)
         p = objective.evaluate()
-        return StepRecord("influence", 1.0, 1, p.phi, p.rise)
+        return Step("influence", 1.0, 1, p.phi, p.rise)
     if current.phi == 0.0:
-        return StepRecord("influence", 0.0, 0, 0.0, current.rise)
+        return Step("influence", 0.0, 0, 0.0, current.rise)
     # From where Φ's linear model along the step reaches zero, as a natural step's search: the
     # formula's own length (scale 1) was often many halvings too long, each a scoring pass. Never
     # from beyond it: past 1 the search only expands while the merit keeps improving.
     start = min(1.0, _gauss_newton_scale(current.phi, objective.gradient(), delta))
     ls = line_search(params, theta, delta, objective, current, start, budget, config, stop_on_ascent=True)
-    return StepRecord("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
+    return Step("influence", ls.scale, ls.trials, ls.point.phi, ls.point.rise)
 
 
 def _project_out(step: torch.Tensor, retain_grad: torch.Tensor | None, factors, damping: float) -> torch.Tensor:
@@ -467,7 +455,7 @@ def refine_natural(params, factors, objective: SampledObjective, retained: int, 
         theta = parameters_to_vector(params).detach().clone()
         start = _gauss_newton_scale(current.phi, g, direction) if stalled == 0 else scale
         ls = line_search(params, theta, direction, objective, current, start, budget, config)
-        result.steps.append(StepRecord("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
+        result.steps.append(Step("natural", ls.scale, ls.trials, ls.point.phi, ls.point.rise, damping))
         progress("refine", step + 1, max_steps, {"phi": ls.point.phi, "scale": ls.scale})
         if ls.scale == 0.0:
             stalled += 1

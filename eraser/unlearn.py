@@ -37,7 +37,7 @@ from .model import (
     trainable_parameters,
 )
 from .progress import Progress, silent
-from .reports import Step, Utility, Verification, as_json, steps_of, utility_of
+from .reports import Step, Utility, Verification, as_json, utility_of
 from .requests import Edit, UnlearningRequest
 from .datainf import datainf_solve
 from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
@@ -450,7 +450,7 @@ def _adapter_meta(loaded: _Loaded, inputs: _Checked, config: EraseConfig, update
         "preset": config.solver.preset,
         "curvature": config.curvature.kind,
         "damping": update.damping if update.damping is not None else config.damping,
-        "steps": [st.to_json() for st in forgot.steps],
+        "steps": [as_json(st) for st in forgot.steps],
         "residual": update.solve.residual,
         "converged": update.solve.converged,
         # Ids and keyed hashes only: the erased text must not survive in anything we write,
@@ -605,6 +605,6 @@ def _report(config: EraseConfig, update: Update, forgot, utility, before: _Befor
         factors=dict(inputs.plan.report) if inputs.plan is not None else None,
         verification=verification,
         utility=utility_of(utility.to_json()) if utility else None,
-        steps=steps_of([st.to_json() for st in forgot.steps]),
+        steps=tuple(forgot.steps),
         probe=probe,
     )

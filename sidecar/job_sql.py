@@ -5,7 +5,8 @@ A store mixes ``SharedSQL`` in and gives it: ``MARK`` (its driver's placeholder)
 ``_job(row, c)`` (its SELECT of job rows, and a Job of one), ``_write()`` and ``_read()`` (a
 connection inside a write or a read transaction; rows readable by column name),
 ``_lock_adapter(c, adapter)`` and ``_lock_job(c, job_id)`` (what serialises an adapter's
-transitions across processes: nothing more on SQLite, whose writer lock already does), and ``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
+transitions across processes: nothing more on SQLite, whose writer lock already does), and
+``_wipe()`` (after payloads were deleted: SQLite's TRUNCATE checkpoint,
 PostgreSQL's table rewrite), and ``keys`` (``sidecar.payload_keys.PayloadKeys`` that seals each
 job's payloads, or None: stored as they are). The tables both keep are ``tables()`` in the
 store's column types. What differs stays in each store: its own tables, claims and leases, the

@@ -139,6 +139,7 @@ class Swapper:
         base = load_base(base_dir, self.device)
         model = load_adapter(base, version.adapter_path, trainable=True)
         params = [p for _, p in trainable_parameters(model)]
+        rows = self.store.rows(version)
         parent_values = None
         parent = version.manifest.get("parent_version")
         if parent and parent in self.store.version_numbers(version.adapter):
@@ -148,13 +149,12 @@ class Swapper:
             # A rollback undoes or redoes one change: the prompt that told the parent from its own
             # parent most likely tells them apart again, without ranking every candidate.
             hint = self._known_probe(version.adapter, parent)
-            rows = self.store.rows(version)
             # Only a prompt of this version's own rows: a probe is never erased text.
             if hint is not None and any(prompt_ids(base.tokenizer, r.prompt) == list(hint.prompt_ids) for r in rows):
                 probe = probe_at(model, hint.prompt_ids, params, parent_values, self.device)
                 if probe.margin > self.tolerance:
                     return probe
-        return distinguishing_probe(model, base.tokenizer, self.store.rows(version), params, parent_values, self.device)
+        return distinguishing_probe(model, base.tokenizer, rows, params, parent_values, self.device)
 
     def _known_probe(self, adapter: str, number: int) -> VersionProbe | None:
         """The probe of version ``number`` already at hand: recorded by its erase, or computed here."""

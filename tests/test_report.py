@@ -8,9 +8,9 @@ import dataclasses
 
 from eraser.membership import RowScores, reference_verdict, verdict
 from eraser.probe import VersionProbe
-from eraser.secondorder import LearnCheck, StepRecord
+from eraser.secondorder import LearnCheck
 from eraser.unlearn import EraseReport, UtilityCheck
-from eraser.reports import as_json, steps_of, utility_of
+from eraser.reports import Step, as_json, utility_of
 from eraser.verify import VerifyConfig, _scores
 from sidecar.report import JobReport, verification_of
 
@@ -25,7 +25,7 @@ def _verification(basis: str) -> dict:
         "before": _scores([0.1, 0.2], [1.0, 1.3, 1.6, 1.9], [0.3]).to_json(),
         "after": _scores([1.2, 1.4], [1.0, 1.3, 1.6, 1.9], [0.31]).to_json(),
         "refinement": {"method": "natural", "steps": 2, "seconds": 1.5, "stopped": "", "passed": True,
-                       "trace": [StepRecord("natural", 0.5, 2, 0.01, 0.002, 0.3).to_json()]},
+                       "trace": [as_json(Step("natural", 0.5, 2, 0.01, 0.002, 0.3))]},
         "erased_ids": ["a", "b"], "seconds": 2.0,
         "membership": {"before": None, "after": v.to_json()},
         "learned": LearnCheck(0.4, 0.3).to_json(RowScores([0.35], [-1.0], [True], None))}
@@ -41,7 +41,7 @@ def _engine(verification: dict) -> dict:
         factors={"source": "cache", "age_seconds": 12.5, "out_action": "downdated", "changed_fraction": 0.08,
                  "downdate_seconds": 0.4, "out": "/staging/f"},
         verification=verification_of(verification), utility=utility_of(UtilityCheck(8, 0.30, 0.31, 0.3).to_json()),
-        steps=steps_of([StepRecord("influence", 0.25, 3, 0.2, 0.01).to_json()]),
+        steps=(Step("influence", 0.25, 3, 0.2, 0.01),),
         probe=VersionProbe((1, 2, 3), (4, 5), (-0.1, -0.2), 0.7))
     return report.to_json()
 
