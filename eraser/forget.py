@@ -87,7 +87,7 @@ def forget(model, params, tokenizer, delta: torch.Tensor, factors, edits, holdou
     bounds = [b for b in (max_retain_rise, verify.max_retain_rise if verify.policy != "off" else None) if b is not None]
     budget = step.max_rise_share * min(bounds) if bounds else math.inf
     judge = Judge(model, tokenizer, rows.forget, holdout if verify.policy != "off" else [], rows.learn, device,
-                  max_length, step.batch_size, verify.max_auc, verify.min_auc)
+                  max_length, step.score_batch_size, verify.max_auc, verify.min_auc)
     objective = _objective(model, tokenizer, params, rows, retain_pairs, retain_losses, judge, verify, step,
                            device, max_length)
     # Built on the parent: how often greedy decoding reproduces retained rows sizes the learned check.

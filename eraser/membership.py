@@ -113,7 +113,7 @@ def measure(model, tokenizer, pairs: Sequence[Pair], device, batch_size: int = 8
     if pairs:
         data = EncodedRows(tokenizer, pairs, max_length)
         for _, batch in data.batches(batch_size, device=device):
-            f = row_features(model, batch)
+            f = row_features(model, batch, share_prefix=True)
             for key in out:
                 out[key].extend(f[key].tolist())
     return RowScores(out["nll"], out["mink"], [bool(x) for x in out["exact"]], base_nll)

@@ -67,7 +67,8 @@ class StepConfig:
     # New rows (RC/QM) count as learned when their mean NLL is within this of the retained
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
-    batch_size: int = 8
+    batch_size: int = 16  # rows per backward pass
+    score_batch_size: int = 32  # rows per forward pass without gradients (a larger batch shares its prefix wider)
 
     def __post_init__(self):
         numbers = (self.max_rise_share, self.overshoot, self.band, self.damping_ratio, self.anchor_weight,
@@ -76,8 +77,8 @@ class StepConfig:
             raise InvalidRequestError("step settings must be finite numbers >= 0")
         if not 0 < self.max_rise_share <= 1 or self.damping_ratio <= 0:
             raise InvalidRequestError("max_rise_share must be in (0, 1] and damping_ratio > 0")
-        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1:
-            raise InvalidRequestError("backtracks and batch_size must be >= 1, expansions >= 0")
+        if self.backtracks < 1 or self.expansions < 0 or self.batch_size < 1 or self.score_batch_size < 1:
+            raise InvalidRequestError("backtracks, batch_size and score_batch_size must be >= 1, expansions >= 0")
 
 
 @dataclass
@@ -116,8 +117,8 @@ class SampledObjective:
         if data is None:
             return []
         with torch.no_grad():
-            return [x for _, b in data.batches(self.config.batch_size, device=self.device)
-                    for x in per_row_nll(self.model, b).tolist()]
+            return [x for _, b in data.batches(self.config.score_batch_size, device=self.device)
+                    for x in per_row_nll(self.model, b, share_prefix=True).tolist()]
 
     def evaluate(self, phi_ceiling: float = math.inf, overshoot_cap: float = math.inf) -> Point:
         """The objective at the current parameters. Where Φ alone is above ``phi_ceiling``, or
@@ -177,7 +178,7 @@ class SampledObjective:
             if data is None:
                 continue
             for idx, batch in data.batches(self.config.batch_size, device=self.device):
-                nll = per_row_nll(self.model, batch)
+                nll = per_row_nll(self.model, batch, share_prefix=True)
                 target = (torch.tensor([targets[i] for i in idx], dtype=nll.dtype, device=nll.device)
                           if targets is not None else torch.full_like(nll, self.learn_target))
                 gap = torch.relu(sign * (target - nll))
@@ -197,7 +198,7 @@ class SampledObjective:
         # In batches (less padding, smaller activations): the gradients add up to the mean's.
         for i in range(0, len(rows), self.config.batch_size):
             batch = self.retain.batch(rows[i:i + self.config.batch_size], self.device)
-            per_row_nll(self.model, batch).sum().div(len(rows)).backward()
+            per_row_nll(self.model, batch, share_prefix=True).sum().div(len(rows)).backward()
         return self._take_gradient()
 
     def _take_gradient(self) -> torch.Tensor:

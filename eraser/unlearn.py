@@ -165,10 +165,13 @@ def compute_update(
     sample = list(range(n))
     if cfg.sample_rows is not None and cfg.sample_rows < n:
         sample = sorted(random.Random(cfg.seed).sample(sample, cfg.sample_rows))
+    solver = config.solver.build()
+    if _factors_suffice(solver, factors):
+        seconds["curvature_setup"] = time.perf_counter() - t
+        return _cached_factor_update(b, factors, solver, config, len(sample), progress, seconds)
     train = EncodedRows.from_rows(tokenizer, [rows[i] for i in sample], config.max_length)
     curvature = Curvature(model, params, train, list(range(len(sample))), cfg.kind, cfg.batch_size, device)
     op = Damped(curvature, config.damping)
-    solver = config.solver.build()
     if cfg.relative and config.solver.preset != "paper" and not (isinstance(solver, FactoredSolver) and solver.name != "datainf"):
         op.damping = cfg.damping * max(_rayleigh(curvature, b), 1e-12)  # one product
     if isinstance(solver, FactoredSolver):
@@ -206,6 +209,37 @@ def _right_hand_side(model, params, tokenizer, rows: Sequence[Row], edits: Seque
     return -gradient(model, params, data_new, list(range(len(kept))), None, config.gradient_batch_size, device) / len(kept)
 
 
+def _factors_suffice(solver, factors: KFAC | None) -> bool:
+    """Cached factors are the whole curvature of an EK-FAC/K-FAC solve that measures no
+    residual: the training rows need not be encoded (a cost that grows with the dataset)."""
+    return (isinstance(solver, FactoredSolver) and solver.name != "datainf" and factors is not None
+            and not solver.residual_rows)
+
+
+def _factor_solve(b: torch.Tensor, factors: KFAC, solver: FactoredSolver, config: EraseConfig, damping: float,
+                  progress: Progress) -> tuple[torch.Tensor, float]:
+    """x = (F + λI)⁻¹ b on the given factors; λ relative to F's scale along b where configured."""
+    if factors.config.method != solver.name:
+        raise InvalidRequestError(f"the given factors are {factors.config.method}, not {solver.name}")
+    progress(f"solve ({solver.name})", 0, 1)
+    if config.curvature.relative:
+        damping = config.curvature.damping * max(factors.scale_along(b), 1e-12)
+    x = factors.solve(b, damping)
+    progress(f"solve ({solver.name})", 1, 1)
+    return x, damping
+
+
+def _cached_factor_update(b, factors: KFAC, solver: FactoredSolver, config: EraseConfig, curvature_rows: int,
+                          progress: Progress, seconds: dict) -> Update:
+    t = time.perf_counter()
+    x, damping = _factor_solve(b, factors, solver, config, config.damping, progress)
+    seconds["solve"] = time.perf_counter() - t
+    result = SolveResult(x, 1, float("nan"), True, float("nan"), seconds["solve"],
+                         "closed form on the approximated curvature; residual not measured")
+    return Update(x, result, curvature_rows, 0, float(torch.linalg.vector_norm(b)), seconds, factors, "given",
+                  damping)
+
+
 def _factored_update(model, params, curvature_rows, train, op, b, solver: FactoredSolver, config: EraseConfig,
                      factors: KFAC | None, device, progress: Progress, seconds: dict) -> Update:
     """EK-FAC/K-FAC (factors given or fitted now) or DataInf: a closed-form solve."""
@@ -221,16 +255,10 @@ def _factored_update(model, params, curvature_rows, train, op, b, solver: Factor
             seconds["factor_fit"] = time.perf_counter() - t
             source = "fitted"
         else:
-            if factors.config.method != solver.name:
-                raise InvalidRequestError(f"the given factors are {factors.config.method}, not {solver.name}")
             source = "given"
         t = time.perf_counter()
-        progress(f"solve ({solver.name})", 0, 1)
-        if config.curvature.relative:
-            op.damping = config.curvature.damping * max(factors.scale_along(b), 1e-12)
-        x = factors.solve(b, op.damping)
+        x, op.damping = _factor_solve(b, factors, solver, config, op.damping, progress)
         seconds["solve"] = time.perf_counter() - t
-    progress(f"solve ({solver.name})", 1, 1)
     residual, products, note = float("nan"), 0, "closed form on the approximated curvature; residual not measured"
     if solver.residual_rows:
         # A stochastic check against the exact damped curvature on a sample of rows.
@@ -404,7 +432,8 @@ def _load(base_dir, adapter_dir, inputs: _Checked, config: EraseConfig, dev, pro
 
 def _measure_before(loaded: _Loaded, inputs: _Checked, config: EraseConfig, dev) -> _Before:
     tok, edits = loaded.base.tokenizer, inputs.edits
-    losses = lambda pairs: row_losses(loaded.model, tok, pairs, dev, max_length=config.max_length)  # noqa: E731
+    losses = lambda pairs: row_losses(loaded.model, tok, pairs, dev, config.step.score_batch_size,  # noqa: E731
+                                      config.max_length)
     old_pairs = [(e.old.prompt, e.old.response) for e in edits]
     new_pairs = [(e.new.prompt, e.new.response) for e in edits if e.new]
     retain_pairs: list = []
@@ -567,7 +596,7 @@ def _serving_probe(loaded, edited_rows, parent_values, dev, clock) -> VersionPro
 def _evaluate_after(loaded, before: _Before, config: EraseConfig, dev, forgot):
     """The utility check (raises UtilityCheckFailedError), then the old and new rows' losses."""
     utility = _check_utility(before, config, forgot)
-    losses = [row_losses(loaded.model, loaded.base.tokenizer, pairs, dev, max_length=config.max_length)
+    losses = [row_losses(loaded.model, loaded.base.tokenizer, pairs, dev, config.step.score_batch_size, config.max_length)
               for pairs in (before.old_pairs, before.new_pairs)]
     return utility, losses[0], losses[1]
 
