@@ -305,11 +305,20 @@ class Judge:
         self.max_length, self.batch_size, self.max_auc, self.min_auc = max_length, batch_size, max_auc, min_auc
         base = lambda pairs: base_model_nll(model, tokenizer, pairs, device, batch_size, max_length) if pairs else []  # noqa: E731
         self.base_erased, self.base_holdout = base(self.erased), base(self.holdout)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._last: tuple[torch.Tensor, tuple] | None = None  # the last verdict, and where
 
     def scores(self, pairs, base) -> RowScores:
         return measure(self.model, self.tokenizer, pairs, self.device, self.batch_size, self.max_length, base)
 
     def judge(self) -> tuple[MembershipVerdict | None, RowScores, RowScores | None, RowScores]:
+        # An influence step scaled to 0 leaves the parameters where the first verdict was taken.
+        theta = parameters_to_vector(self._params).detach()
+        if self._last is None or not torch.equal(self._last[0], theta):
+            self._last = (theta.clone(), self._judge())
+        return self._last[1]
+
+    def _judge(self) -> tuple[MembershipVerdict | None, RowScores, RowScores | None, RowScores]:
         erased = self.scores(self.erased, self.base_erased)
         holdout = self.scores(self.holdout, self.base_holdout) if self.holdout else None
         learn = self.scores(self.learn, None)
