@@ -61,7 +61,7 @@ class Settings:
 def run(settings: Settings, device_name: str, workdir: Path) -> dict:
     import torch
 
-    from eraser.cli import quiet_libraries
+    from eraser.process import quiet_libraries
 
     quiet_libraries()
     from eraser import factors as fx

@@ -9,7 +9,7 @@ one process:
 - fit the EK-FAC factors for that adapter version and cache them on disk: a one-off cost
   per adapter version, timed apart from the erase;
 - erase one person (3 rows) on the product's default path:
-  ``eraser.options.product_erase_config(has_holdout=True)`` through
+  ``eraser.configure.product_erase_config(has_holdout=True)`` through
   ``eraser.unlearn.erase`` with the cached factors and a held-out set of never-trained
   people (verification enforced, refinement included); its wall time, stage seconds,
   verdict, and the erased rows' NLL before/after;
@@ -167,7 +167,7 @@ def _fit_factors(base_dir: Path, adapter_dir: Path, rows, config, factors_dir: P
 
 def _erase(base_dir, adapter_dir, data_path, holdout_path, ids, factors_dir, out_dir, device) -> dict:
     from eraser.errors import EraserError
-    from eraser.options import product_erase_config
+    from eraser.configure import product_erase_config
     from eraser.requests import UnlearningRequest
     from eraser.reports import as_json
     from eraser.unlearn import erase
@@ -197,7 +197,8 @@ def _erase(base_dir, adapter_dir, data_path, holdout_path, ids, factors_dir, out
                       "natural": sum(1 for st in report.steps or () if st.kind == "natural"),
                       "influence_scale": next((round_sig(st.scale) for st in report.steps or ()
                                                if st.kind == "influence"), None)},
-            "factors": report.factors, "utility": as_json(report.utility), "damping": round_sig(report.damping)}
+            "factors": as_json(report.factors), "utility": as_json(report.utility),
+            "damping": round_sig(report.damping)}
 
 
 def _verification(v: dict | None) -> dict | None:
@@ -214,7 +215,7 @@ def _verification(v: dict | None) -> dict | None:
 
 def run_model(plan: ModelPlan, s: Settings, device, workdir: Path, on_row=None) -> tuple[dict, list[dict]]:
     from eraser.data import write_rows
-    from eraser.options import product_erase_config
+    from eraser.configure import product_erase_config
     from eraser.train import train
 
     sizes = sorted(set(plan.measured) | set(plan.extrapolated))
@@ -294,7 +295,7 @@ def run(s: Settings, device_name: str, workdir: Path, checkpoint=None) -> dict:
     run cut short still leaves what it measured."""
     import torch
 
-    from eraser.cli import quiet_libraries
+    from eraser.process import quiet_libraries
     from eraser.model import resolve_device
 
     quiet_libraries()
@@ -527,7 +528,7 @@ def finish(result: dict, out: Path, stem: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eraser.cli.passive_openmp_waits
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eraser.process.passive_openmp_waits
     p = bench_parser("scaling", __doc__.splitlines()[0], outputs="json/md/png")
     args = p.parse_args(argv)
     if args.render is not None:

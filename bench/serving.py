@@ -595,7 +595,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eraser.cli import passive_openmp_waits, quiet_libraries
+    from eraser.process import passive_openmp_waits, quiet_libraries
 
     passive_openmp_waits()  # before torch is imported
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

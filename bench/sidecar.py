@@ -586,7 +586,7 @@ def evaluate_adapters(model: dict, adapters: dict[str, str], removed: list[str])
 def run(s: Settings, quick: bool, workdir: Path) -> dict:
     import torch
 
-    from eraser.cli import quiet_libraries
+    from eraser.process import quiet_libraries
 
     quiet_libraries()
     logging.getLogger("eraser.sidecar").setLevel(logging.WARNING)
@@ -857,7 +857,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eraser.cli import passive_openmp_waits
+    from eraser.process import passive_openmp_waits
 
     passive_openmp_waits()  # before torch is imported: a shared CPU makes busy-waiting threads very slow
     p = bench_parser("sidecar", __doc__.splitlines()[0], device=False)

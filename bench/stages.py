@@ -39,7 +39,7 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from eraser.cli import passive_openmp_waits
+from eraser.process import passive_openmp_waits
 from bench.common import (loadavg, 
     Recorder,
     bench_parser,
@@ -91,7 +91,7 @@ class Settings:
 def run(settings: Settings, device_name: str, quick: bool, workdir: Path) -> dict:
     import torch
 
-    from eraser.cli import quiet_libraries
+    from eraser.process import quiet_libraries
 
     quiet_libraries()
     from eraser.curvature import Curvature, CurvatureConfig, Damped, gradient

@@ -43,7 +43,8 @@ from types import SimpleNamespace
 from pathlib import Path
 
 from eraser import options as defaults
-from eraser.cli import passive_openmp_waits, quiet_libraries, run_guarded
+from eraser.cli import run_guarded
+from eraser.process import passive_openmp_waits, quiet_libraries
 from eraser.errors import InvalidRequestError
 from eraser.progress import TqdmProgress
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from eraser.cli import passive_openmp_waits, quiet_libraries
+from eraser.process import passive_openmp_waits, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:

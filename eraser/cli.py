@@ -8,16 +8,15 @@ last line on stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
+from . import configure
 from . import options as defaults
 from .errors import EraserError, InvalidRequestError
+from .process import passive_openmp_waits, quiet_libraries
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -181,7 +180,7 @@ def _add_prepare_model(sub) -> None:
 
 
 def erase_options(args) -> dict:
-    """The options of ``eraser erase``'s flags, for ``eraser.options.erase_config``."""
+    """The options of ``eraser erase``'s flags, for ``eraser.configure.erase_config``."""
     factored = args.solver in defaults.CLOSED_FORM_SOLVERS
     return {
         "solver": args.solver, "preset": args.preset, "tolerance": args.tolerance, "max_iterations": args.max_iterations,
@@ -215,7 +214,7 @@ def cmd_erase(args, progress) -> dict:
     from .unlearn import erase
 
     request = UnlearningRequest.load(args.request)
-    config = defaults.erase_config(erase_options(args))
+    config = configure.erase_config(erase_options(args))
     factor_args = {"factors_dir": args.factors, "factors_out": args.factors_out}
     if args.refit_fraction is not None:
         factor_args["refit_fraction"] = args.refit_fraction
@@ -305,31 +304,6 @@ def _human(command: str, result: dict) -> str:
             out += f", exact match {result['exact_match_rate']:.3f}"
         return out
     return result.get("path", json.dumps(result))
-
-
-def quiet_libraries() -> None:
-    """Library chatter would bury the one-line error and the JSON line."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):  # transformers is a dependency; be lenient all the same
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-
-def passive_openmp_waits() -> None:
-    """Let idle OpenMP threads sleep instead of spin; only effective before torch loads.
-
-    With OpenMP's default busy-waiting, a CPU shared with another busy process (vLLM, a
-    second job) made every gradient and curvature product 5-15x slower here (measured by
-    the demo and the stage benchmark); passive waits removed that. OMP_WAIT_POLICY set by
-    the user wins.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run_guarded(prog: str, action, progress) -> tuple[int, object]:

@@ -278,7 +278,7 @@ def _one_line(e: BaseException) -> str:
 def _spawned_rank(rank: int, world: int, port: int, job: FitJob, rundir: str, queue, threads: int | None,
                   work) -> None:
     """The body of one spawned rank: join the group, do ``work``, record the outcome in ``rundir``."""
-    from .cli import quiet_libraries
+    from .process import quiet_libraries
 
     quiet_libraries()
     if threads is not None:

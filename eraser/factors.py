@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +31,7 @@ from .data import EncodedRows, Row, text_sha256
 from .errors import EraserError, InvalidRequestError
 from .kfac import KFAC, KFACConfig
 from .options import DEFAULT_REFIT_FRACTION
+from .reports import FactorUse
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -210,7 +211,7 @@ class FactorPlan:
     source: Path | None
     out: Path | None
     refit_fraction: float = DEFAULT_REFIT_FRACTION
-    report: dict = field(default_factory=dict)
+    report: FactorUse | None = None  # set once the factors are read or fitted
 
     @classmethod
     def check(cls, solver, source, out, refit_fraction: float = DEFAULT_REFIT_FRACTION,
@@ -242,10 +243,10 @@ class FactorPlan:
         if self.source is not None and is_cache(self.source):
             cached = load(self.source, key, device)
             check_params(cached.factors, params)
-            self.report.update(source="cache", age_seconds=round(time.time() - cached.history.fitted_at, 1))
+            self.report = FactorUse("cache", age_seconds=round(time.time() - cached.history.fitted_at, 1))
             return cached
         cached = fit(model, params, tokenizer, rows, key, device, progress)
-        self.report.update(source="fitted", fit_seconds=round(cached.history.fit_seconds, 3))
+        self.report = FactorUse("fitted", fit_seconds=round(cached.history.fit_seconds, 3))
         if self.source is not None:
             save(cached, self.source)
         return cached
@@ -258,7 +259,7 @@ class FactorPlan:
             return None
         started = time.perf_counter()
         moved = downdate(cached, model, params, tokenizer, removed, added, cached.key, device)
-        self.report.update(downdate_seconds=round(time.perf_counter() - started, 3))
+        self.report = replace(self.report, downdate_seconds=round(time.perf_counter() - started, 3))
         return moved
 
     def write(self, moved: CachedFactors, model, params, tokenizer, edited_rows: Sequence[Row], new_key: FactorKey,
@@ -269,11 +270,12 @@ class FactorPlan:
             return
         if moved.history.needs_refit(self.refit_fraction):
             refit = fit(model, params, tokenizer, edited_rows, new_key, device, progress)
-            self.report.update(out_action="refitted", refit_seconds=round(refit.history.fit_seconds, 3),
-                               changed_fraction=round(moved.history.changed_fraction, 4))
+            self.report = replace(self.report, out_action="refitted", refit_seconds=round(refit.history.fit_seconds, 3),
+                                  changed_fraction=round(moved.history.changed_fraction, 4))
             moved = refit
         else:
             moved = CachedFactors(moved.factors, new_key, moved.history)
-            self.report.update(out_action="downdated", changed_fraction=round(moved.history.changed_fraction, 4))
+            self.report = replace(self.report, out_action="downdated",
+                                  changed_fraction=round(moved.history.changed_fraction, 4))
         save(moved, self.out)
-        self.report.update(out=str(self.out))
+        self.report = replace(self.report, out=str(self.out))

@@ -1,5 +1,6 @@
-"""The engine's verdicts, typed: the steps applied, the verification of the erased rows
-(loss scores, membership attacks, refinement, the corrected rows' check) and the utility check.
+"""The engine's verdicts, typed: the steps applied, the factor cache's use, the verification of
+the erased rows (loss scores, membership attacks, refinement, the corrected rows' check) and the
+utility check.
 
 The engine builds its steps and the verification in these types and serialises the utility
 check to the JSON ``Utility`` reads; the sidecar's job report (``sidecar.report``) is built on
@@ -25,6 +26,21 @@ class Step:
     phi: float
     rise: float
     damping: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class FactorUse:
+    """What an erase did with its factor cache (``eraser.factors.FactorPlan``): read it or
+    fitted it, and what it wrote for the new version ("" where it wrote nothing)."""
+
+    source: str  # "cache" or "fitted"
+    out_action: str = ""  # "downdated" or "refitted"
+    out: str = ""
+    age_seconds: Optional[float] = None
+    fit_seconds: Optional[float] = None
+    downdate_seconds: Optional[float] = None
+    refit_seconds: Optional[float] = None
+    changed_fraction: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from .model import (
     trainable_parameters,
 )
 from .progress import Progress, silent
-from .reports import Step, Utility, Verification, as_json, utility_of
+from .reports import FactorUse, Step, Utility, Verification, as_json, utility_of
 from .requests import Edit, UnlearningRequest
 from .datainf import datainf_solve
 from .factors import DEFAULT_REFIT_FRACTION, FactorPlan, row_keys
@@ -331,7 +331,7 @@ class EraseReport:
     adapter_sha256: str
     parent_adapter_sha256: str
     note: str = ""
-    factors: dict | None = None  # the factor cache: used or fitted, downdated or refitted
+    factors: FactorUse | None = None  # the factor cache: used or fitted, downdated or refitted
     verification: Verification | None = None  # when verification ran: numbers and ids only
     utility: Utility | None = None  # when the check ran
     # Each step applied (eraser/secondorder.py): the influence step first, then any
@@ -596,7 +596,8 @@ def _serving_probe(loaded, edited_rows, parent_values, dev, clock) -> VersionPro
 def _evaluate_after(loaded, before: _Before, config: EraseConfig, dev, forgot):
     """The utility check (raises UtilityCheckFailedError), then the old and new rows' losses."""
     utility = _check_utility(before, config, forgot)
-    losses = [row_losses(loaded.model, loaded.base.tokenizer, pairs, dev, config.step.score_batch_size, config.max_length)
+    losses = [row_losses(loaded.model, loaded.base.tokenizer, pairs, dev, config.step.score_batch_size,
+                         config.max_length)
               for pairs in (before.old_pairs, before.new_pairs)]
     return utility, losses[0], losses[1]
 
@@ -631,7 +632,7 @@ def _report(config: EraseConfig, update: Update, forgot, utility, before: _Befor
         adapter_sha256=adapter_sha,
         parent_adapter_sha256=parent_sha,
         note=update.solve.note,
-        factors=dict(inputs.plan.report) if inputs.plan is not None else None,
+        factors=inputs.plan.report if inputs.plan is not None else None,
         verification=verification,
         utility=utility_of(utility.to_json()) if utility else None,
         steps=tuple(forgot.steps),

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from eraser.cli import passive_openmp_waits, quiet_libraries
+from eraser.process import passive_openmp_waits, quiet_libraries
 from eraser.errors import EraserError
 
 

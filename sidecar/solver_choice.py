@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from eraser import factors as engine_factors
+from eraser import configure
 from eraser import options as defaults
 from eraser.errors import EraserError, InvalidRequestError
 from eraser.unlearn import EraseConfig
@@ -118,7 +119,7 @@ def fallback_options(options: dict) -> dict:
 
 
 def engine_config(options: dict) -> EraseConfig:
-    """The engine config of a job's resolved options (``eraser.options.erase_config``)."""
+    """The engine config of a job's resolved options (``eraser.configure.erase_config``)."""
     if options["solver"] in defaults.CLOSED_FORM_SOLVERS:
         # Closed-form solves: no tolerance or iteration limit (the sidecar's defaults are for
         # cg); ekfac/kfac read a factor cache fitted on every row, so a curvature sample
@@ -126,7 +127,7 @@ def engine_config(options: dict) -> EraseConfig:
         options = {**options, "tolerance": None, "max_iterations": None}
         if options["solver"] != "datainf":
             options["curvature_rows"] = None
-    return defaults.erase_config(options)
+    return configure.erase_config(options)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 # Before torch loads: OpenMP's default busy-waiting on this shared 2-core CPU made every
 # forward pass 10-100x slower while other jobs ran (a tiny-Llama refinement: 24 s against
-# 0.26 s with passive waits); see eraser.cli.passive_openmp_waits.
+# 0.26 s with passive waits); see eraser.process.passive_openmp_waits.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest

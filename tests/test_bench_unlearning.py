@@ -162,12 +162,12 @@ def test_product_verdicts_follow_the_products_own_checks(quick):
 
 
 def test_product_row_is_the_headline(quick):
-    """The product's default erase path (eraser.options.product_erase_config through
+    """The product's default erase path (eraser.configure.product_erase_config through
     eraser.unlearn.erase) runs on every task as the first row after the original and the
     retrainings, with its own verdict, the benchmark's re-measurement of that verdict on
     never-trained people, and the relearning and bf16 probes."""
     from bench.unlearning.run import PROBED
-    from eraser.options import product_erase_config
+    from eraser.configure import product_erase_config
 
     result, markdown, _ = quick
     names = [m.name for m in METHODS]

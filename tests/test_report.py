@@ -10,7 +10,7 @@ from eraser.membership import RowScores, reference_verdict, verdict
 from eraser.probe import VersionProbe
 from eraser.secondorder import LearnCheck
 from eraser.unlearn import EraseReport, UtilityCheck
-from eraser.reports import Step, as_json, utility_of
+from eraser.reports import FactorUse, Step, as_json, utility_of
 from eraser.verify import VerifyConfig, _scores
 from sidecar.report import JobReport, verification_of
 
@@ -38,8 +38,8 @@ def _engine(verification: dict) -> dict:
         affected_loss_after=1.2, edited_loss_before=None, edited_loss_after=None, rows=24, rows_after=22,
         counts={"remove": 2}, curvature_rows=24, curvature_products=0, parameters=4096, update_norm=0.7,
         adapter_out="/staging/x", adapter_sha256="ab" * 32, parent_adapter_sha256="cd" * 32,
-        factors={"source": "cache", "age_seconds": 12.5, "out_action": "downdated", "changed_fraction": 0.08,
-                 "downdate_seconds": 0.4, "out": "/staging/f"},
+        factors=FactorUse("cache", age_seconds=12.5, out_action="downdated", changed_fraction=0.08,
+                          downdate_seconds=0.4, out="/staging/f"),
         verification=verification_of(verification), utility=utility_of(UtilityCheck(8, 0.30, 0.31, 0.3).to_json()),
         steps=(Step("influence", 0.25, 3, 0.2, 0.01),),
         probe=VersionProbe((1, 2, 3), (4, 5), (-0.1, -0.2), 0.7))

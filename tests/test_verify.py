@@ -22,7 +22,7 @@ import torch
 
 from conftest import NAMES, OTHERS, POOL, people_rows
 from eraser.cli import build_parser, erase_options
-from eraser.options import erase_config
+from eraser.configure import erase_config
 from eraser.curvature import CurvatureConfig
 from eraser.data import Row, write_rows
 from eraser.errors import InvalidRequestError, VerificationFailedError

@@ -266,14 +266,14 @@ def finish(result: dict, out: Path, stem: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eraser.cli.passive_openmp_waits
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eraser.process.passive_openmp_waits
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p = bench_parser("factor_fit", "Factor fit: one process against ranks of torch.distributed", device=False)
     args = p.parse_args(argv)
     if args.render is not None:
         finish(rendered(args), args.out, args.render.stem)
         return 0
-    from eraser.cli import quiet_libraries
+    from eraser.process import quiet_libraries
 
     quiet_libraries()
     settings = Settings.quick() if args.quick else Settings()

@@ -148,11 +148,11 @@ def _retrain_warm(ctx: Context) -> Outcome:
 
 
 def product_config(settings):
-    """``eraser.options.product_erase_config(has_holdout=True)``: the product's own defaults
+    """``eraser.configure.product_erase_config(has_holdout=True)``: the product's own defaults
     (EK-FAC factors, relative damping 0.1, step control, verification under enforce with the
     product's own budget); ``settings.product_verify_max_steps``/``_max_seconds`` reduce the
     refinement budget (the quick size only, and labelled so in the report)."""
-    from eraser.options import product_erase_config
+    from eraser.configure import product_erase_config
 
     config = product_erase_config(has_holdout=True)
     reduced = {k: v for k, v in (("max_steps", settings.product_verify_max_steps),
@@ -215,7 +215,7 @@ def _verdict_json(verification: dict | None) -> dict | None:
 
 @method("product", "the product's default erase, as the sidecar runs it: eraser.unlearn.erase on files "
         "(base model, the original adapter, the training JSONL, the request, the calibration people as "
-        "holdout, a factor cache per original adapter) with eraser.options.product_erase_config"
+        "holdout, a factor cache per original adapter) with eraser.configure.product_erase_config"
         "(has_holdout=True): EK-FAC, relative damping 0.1, step control, verification under enforce with the "
         "product's own budget; a refused erase publishes nothing, so the row then scores the original adapter "
         "(what stays served)", family="product")

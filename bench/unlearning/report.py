@@ -466,7 +466,7 @@ def caveats(result: dict) -> list[str]:
     prod = [x for x in prod if _ok(x)]
     if prod:
         budget = prod[0]["info"].get("verify_budget") or {}
-        out.append("product: eraser.unlearn.erase with eraser.options.product_erase_config(has_holdout=True) on files, "
+        out.append("product: eraser.unlearn.erase with eraser.configure.product_erase_config(has_holdout=True) on files, "
                    "as the sidecar calls it, minus factors_out (the next version's factor cache, prepared after the "
                    "adapter is written; the adapter is the same either way); it loads its own copy of the base model "
                    "in every call (in its seconds). Its holdout is the calibration people, never the evaluation's "

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from bench.common import loadavg, Recorder, cosine, machine_info, norm, write_outputs
 from bench.common import bench_parser, rendered
 from bench.common import output_stem as common_output_stem
-from eraser.cli import passive_openmp_waits
+from eraser.process import passive_openmp_waits
 
 SCHEMA_VERSION = 1
 # The quick size's product row: the product's config with a smaller refinement budget
@@ -112,7 +112,7 @@ def say(message: str) -> None:
 def run(settings: Settings, device_name: str, quick: bool) -> dict:
     import torch
 
-    from eraser.cli import quiet_libraries
+    from eraser.process import quiet_libraries
 
     quiet_libraries()
     from eraser.evaluate import evaluate_rows
