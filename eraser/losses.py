@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX
 
 
-# A shared prefix shorter than this is run with the rest: a second forward pass costs more
-# than it saves (bench/results/prefix_sharing.md).
+# A shared prefix shorter than this is run with the rest: its own forward pass would cost more
+# than the rows' repeats of it (batch sizes: docs/defaults.md).
 MIN_SHARED_PREFIX = 8
 
 
