@@ -142,12 +142,10 @@ def caveats(result: dict) -> list[str]:
     return framed_caveats(result, out, "8 rows, one repeat", "ways")
 
 
-def markdown(result: dict) -> str:
-    s = result["settings"]
-    lines = [f"# The output layer over response positions only ({result['device']}, {result['mode']})", "",
-             f"{s['model']}; {s['rows']} synthetic fact rows (mean {s['tokens_per_row_mean']} tokens a row, "
-             f"{s['response_tokens']} response tokens in all), batches of {s['batch_size']}.", "",
-             md_row(["logits", "forward s (median)", "forward s (best)", "forward+backward s (median)",
+def timings_markdown(result: dict, title: str, intro: str, first: str) -> str:
+    """The page of a forward-cost benchmark: forward and forward+backward seconds per way."""
+    lines = [f"# {title} ({result['device']}, {result['mode']})", "", intro, "",
+             md_row([first, "forward s (median)", "forward s (best)", "forward+backward s (median)",
                      "forward+backward s (best)"]), md_row(["---", "---:", "---:", "---:", "---:"])]
     for way, t in result["timings"].items():
         lines.append(md_row([way, t["forward"]["median_s"], t["forward"]["best_s"],
@@ -155,20 +153,32 @@ def markdown(result: dict) -> str:
     return "\n".join(lines + reading_and_caveats(result)) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = bench_parser("output_layer", "The output layer over response positions only, against every position")
-    args = p.parse_args(argv)
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    return timings_markdown(result, "The output layer over response positions only",
+                            f"{s['model']}; {s['rows']} synthetic fact rows (mean {s['tokens_per_row_mean']} tokens "
+                            f"a row, {s['response_tokens']} response tokens in all), batches of {s['batch_size']}.",
+                            "logits")
+
+
+def timings_main(argv, name: str, description: str, settings_type, run, reading, caveats, markdown, say) -> int:
+    """Run (or ``--render``) a forward-cost benchmark and write its JSON and page."""
+    args = bench_parser(name, description).parse_args(argv)
     if args.render is not None:
         result = rendered(args)
     else:
-        settings = Settings.quick() if args.quick else Settings()
-        result = run(settings, args.device, args.quick)
+        result = run(settings_type.quick() if args.quick else settings_type(), args.device, args.quick)
         result["note"] = args.note
     result["reading"] = reading(result)
     result["caveats"] = caveats(result)
-    write_outputs(result, args.out, output_stem("output_layer", result["device"], result["mode"] == "quick"),
-                  TOP_KEYS, markdown, say)
+    write_outputs(result, args.out, output_stem(name, result["device"], result["mode"] == "quick"), TOP_KEYS,
+                  markdown, say)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return timings_main(argv, "output_layer", "The output layer over response positions only, against every position",
+                        Settings, run, reading, caveats, markdown, say)
 
 
 if __name__ == "__main__":

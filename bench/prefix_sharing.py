@@ -17,12 +17,9 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from bench.common import (bench_parser, framed_caveats, machine_info, md_row, output_stem, reading_and_caveats,
-                          rendered, write_outputs)
-from bench.output_layer import _setup, _timed
+from bench.common import framed_caveats, machine_info
+from bench.output_layer import _setup, _timed, timings_main, timings_markdown
 
-TOP_KEYS = ("benchmark", "mode", "device", "machine", "settings", "timings", "agreement", "reading", "caveats",
-            "note")
 BASELINE = "one pass, batches of 8"
 
 
@@ -124,31 +121,14 @@ def caveats(result: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"# The shared prefix run once ({result['device']}, {result['mode']})", "",
-             f"{s['model']}; {s['rows']} synthetic fact rows (mean {s['tokens_per_row_mean']} tokens a row, "
-             f"{s['shared_prefix_tokens']} of them the same in every row).", "",
-             md_row(["way", "forward s (median)", "forward s (best)", "forward+backward s (median)",
-                     "forward+backward s (best)"]), md_row(["---", "---:", "---:", "---:", "---:"])]
-    for way, t in result["timings"].items():
-        lines.append(md_row([way, t["forward"]["median_s"], t["forward"]["best_s"],
-                             t["forward_backward"]["median_s"], t["forward_backward"]["best_s"]]))
-    return "\n".join(lines + reading_and_caveats(result)) + "\n"
+    return timings_markdown(result, "The shared prefix run once",
+                            f"{s['model']}; {s['rows']} synthetic fact rows (mean {s['tokens_per_row_mean']} tokens "
+                            f"a row, {s['shared_prefix_tokens']} of them the same in every row).", "way")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = bench_parser("prefix_sharing", "The rows' common prefix run once, against one pass per batch")
-    args = p.parse_args(argv)
-    if args.render is not None:
-        result = rendered(args)
-    else:
-        settings = Settings.quick() if args.quick else Settings()
-        result = run(settings, args.device, args.quick)
-        result["note"] = args.note
-    result["reading"] = reading(result)
-    result["caveats"] = caveats(result)
-    write_outputs(result, args.out, output_stem("prefix_sharing", result["device"], result["mode"] == "quick"),
-                  TOP_KEYS, markdown, say)
-    return 0
+    return timings_main(argv, "prefix_sharing", "The rows' common prefix run once, against one pass per batch",
+                        Settings, run, reading, caveats, markdown, say)
 
 
 if __name__ == "__main__":
