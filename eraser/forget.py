@@ -19,7 +19,7 @@ from .progress import Progress, silent
 from .secondorder import (Judge, LearnCheck, SampledObjective, StepConfig, controlled_influence_step,
                           refine_natural)
 from .reports import Step, Verification, as_json, verification_of
-from .verify import VerifyConfig, VerifyScores, _scores, verify_and_refine
+from .verify import VerifyConfig, VerifyRows, VerifyScores, _scores, verify_and_refine
 
 Pair = tuple[str, str]
 # Refinement goes on past the bounds until the calibrated attack's AUC is within this of the
@@ -198,5 +198,6 @@ def _first_order(model, tokenizer, edits, holdout, retain_pairs, retain_losses, 
 
     erased = erased_rows(edits)
     reference = sum(retain_losses) / len(retain_losses) if retain_losses else None
-    return verify_and_refine(model, tokenizer, [(r.prompt, r.response) for r in erased], retain_pairs, list(holdout),
-                             verify, device, progress, max_length, reference, [r.id for r in erased])
+    rows = VerifyRows.of([(r.prompt, r.response) for r in erased], retain_pairs, holdout, reference,
+                         [r.id for r in erased])
+    return verify_and_refine(model, tokenizer, rows, verify, device, progress, max_length)

@@ -29,7 +29,7 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -256,19 +256,28 @@ def _reference_logp(model, batch, snapshot: _Snapshot) -> torch.Tensor:
         snapshot.swap()
 
 
-def refine(
-    model,
-    tokenizer,
-    erased_pairs: Sequence[Pair],
-    retain_pairs: Sequence[Pair],
-    holdout_pairs: Sequence[Pair],
-    config: VerifyConfig,
-    device,
-    progress: Progress = silent,
-    max_length: int = 512,
-    retain_reference: float | None = None,
-    before: VerifyScores | None = None,
-) -> RefineResult:
+@dataclass(frozen=True)
+class VerifyRows:
+    """What verification judges: the erased rows against the held-out ones, with the retained
+    sample for the utility bound (``retain_reference``: their mean NLL before the erase;
+    without it the bound is measured from the model as given) and the erased rows' ids for
+    the report."""
+
+    erased: tuple[Pair, ...]
+    retain: tuple[Pair, ...]
+    holdout: tuple[Pair, ...]
+    retain_reference: float | None = None
+    erased_ids: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, erased: Sequence[Pair], retain: Sequence[Pair], holdout: Sequence[Pair],
+           retain_reference: float | None = None, erased_ids: Sequence[str] | None = None) -> "VerifyRows":
+        return cls(tuple(erased), tuple(retain), tuple(holdout), retain_reference,
+                   tuple(erased_ids) if erased_ids is not None else None)
+
+
+def refine(model, tokenizer, rows: VerifyRows, config: VerifyConfig, device, progress: Progress = silent,
+           max_length: int = 512, before: VerifyScores | None = None) -> RefineResult:
     """Raise the erased rows' loss to the held-out level, in place, within the budget.
 
     Each step minimises the forgetting objective on the erased rows still below the
@@ -285,8 +294,7 @@ def refine(
     the response length. On failure the model is left as refined: callers discard it
     (``erase`` writes nothing).
     """
-    run = _FirstOrderRefinement(model, tokenizer, erased_pairs, retain_pairs, holdout_pairs, config, device,
-                                max_length, retain_reference, before)
+    run = _FirstOrderRefinement(model, tokenizer, rows, config, device, max_length, before)
     return run.until_done(progress)
 
 
@@ -294,22 +302,22 @@ class _FirstOrderRefinement:
     """One ``refine`` call: the encoded rows, Adam and its step size, the last held-out
     losses and scores, and the states a trust-region backtrack returns to."""
 
-    def __init__(self, model, tokenizer, erased_pairs, retain_pairs, holdout_pairs, config: VerifyConfig, device,
-                 max_length: int, retain_reference: float | None, before: VerifyScores | None):
+    def __init__(self, model, tokenizer, rows: VerifyRows, config: VerifyConfig, device, max_length: int,
+                 before: VerifyScores | None):
         self.started = time.perf_counter()
         self.model, self.config, self.device = model, config, device
         self.params = [p for _, p in trainable_parameters(model)]
-        self._rows = (tokenizer, erased_pairs, holdout_pairs, retain_pairs, device, max_length, config.batch_size)
+        self._rows = (tokenizer, rows.erased, rows.holdout, rows.retain, device, max_length, config.batch_size)
         if before is None:
             self.scores, self.holdout = self.measure()
         else:
             self.scores = before
-            self.holdout = row_losses(model, tokenizer, holdout_pairs, device, config.batch_size, max_length)
+            self.holdout = row_losses(model, tokenizer, rows.holdout, device, config.batch_size, max_length)
         self.first = self.scores
-        self.reference = self.first.retain_mean_nll if retain_reference is None else retain_reference
-        self.forget = EncodedRows(tokenizer, erased_pairs, max_length)
-        self.anchor = (EncodedRows(tokenizer, retain_pairs, max_length)
-                       if retain_pairs and config.anchor_weight > 0 else None)
+        self.reference = self.first.retain_mean_nll if rows.retain_reference is None else rows.retain_reference
+        self.forget = EncodedRows(tokenizer, rows.erased, max_length)
+        self.anchor = (EncodedRows(tokenizer, rows.retain, max_length)
+                       if rows.retain and config.anchor_weight > 0 else None)
         self.snapshot = _Snapshot(self.params)
         with torch.no_grad():
             self.ref_nll = torch.cat([per_row_nll(model, b)
@@ -433,46 +441,31 @@ class _FirstOrderRefinement:
                             passed, reason, self.backtracks, self.lr)
 
 
-def verify_and_refine(
-    model,
-    tokenizer,
-    erased_pairs: Sequence[Pair],
-    retain_pairs: Sequence[Pair],
-    holdout_pairs: Sequence[Pair],
-    config: VerifyConfig,
-    device,
-    progress: Progress = silent,
-    max_length: int = 512,
-    retain_reference: float | None = None,
-    erased_ids: Sequence[str] | None = None,
-) -> Verification | None:
+def verify_and_refine(model, tokenizer, rows: VerifyRows, config: VerifyConfig, device, progress: Progress = silent,
+                      max_length: int = 512) -> Verification | None:
     """Apply ``config.policy``: off → None; report → score only (the model is not
     touched); enforce → score, refine if a bound fails, re-score, and raise
-    ``VerificationFailedError`` if a bound still fails.
-
-    ``retain_reference`` is the retained rows' mean NLL before the erase (same rows as
-    ``retain_pairs``); without it the utility bound is measured from the model as given.
-    """
+    ``VerificationFailedError`` if a bound still fails."""
     if config.policy == "off":
         return None
     started = time.perf_counter()
-    ids = list(erased_ids) if erased_ids is not None else None
-    if not erased_pairs:
+    retain_reference = rows.retain_reference
+    if not rows.erased:
         return Verification(config.policy, True, "no erased rows to verify", config.bounds(), retain_reference,
-                            erased_ids=tuple(ids) if ids is not None else None)
-    if len(holdout_pairs) < config.min_holdout_rows:
+                            erased_ids=rows.erased_ids)
+    if len(rows.holdout) < config.min_holdout_rows:
         raise InvalidRequestError(
-            f"verification needs at least {config.min_holdout_rows} held-out rows, got {len(holdout_pairs)}")
+            f"verification needs at least {config.min_holdout_rows} held-out rows, got {len(rows.holdout)}")
     progress("verify", 0, 1)
-    before = score(model, tokenizer, erased_pairs, holdout_pairs, retain_pairs, device, max_length, config.batch_size)
+    before = score(model, tokenizer, rows.erased, rows.holdout, rows.retain, device, max_length, config.batch_size)
     if retain_reference is None:
         retain_reference = before.retain_mean_nll
     failed = judge(before, config, retain_reference)
     after, refinement = None, None
     # Refinement only raises the erased rows' loss: it cannot mend over-forgetting or utility.
     if config.policy == "enforce" and before.auc > config.max_auc:
-        result = refine(model, tokenizer, erased_pairs, retain_pairs, holdout_pairs, config, device, progress,
-                        max_length, retain_reference, before)
+        result = refine(model, tokenizer, replace(rows, retain_reference=retain_reference), config, device, progress,
+                        max_length, before)
         after = result.after
         refinement = Refinement(result.method, result.steps, round(result.seconds, 3), result.reason,
                                 backtracks=result.backtracks, final_lr=result.final_lr)
@@ -487,7 +480,7 @@ def verify_and_refine(
         before=before.typed(),
         after=after.typed() if after else None,
         refinement=refinement,
-        erased_ids=tuple(ids) if ids is not None else None,
+        erased_ids=rows.erased_ids,
         seconds=round(time.perf_counter() - started, 3),
     )
     if config.policy == "enforce" and failed:

@@ -30,7 +30,8 @@ from eraser.model import load_adapter, load_base
 from eraser.requests import UnlearningRequest
 from eraser.solvers import SolverConfig
 from eraser.unlearn import EraseConfig, erase
-from eraser.verify import VerifyConfig, mia_auc, pairs, percentile_within, refine, score, verify_and_refine
+from eraser.verify import (VerifyConfig, VerifyRows, mia_auc, pairs, percentile_within, refine, score,
+                           verify_and_refine)
 from test_cli import listing, run_cli
 
 FAST = dict(solver=SolverConfig("cg", None, {"max_iterations": 100, "tolerance": 1e-3}),
@@ -103,16 +104,17 @@ def test_score_tells_memorised_rows_from_never_seen(world):
 def test_report_scores_without_touching_the_model(world):
     model, tok = load(world)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = verify_and_refine(model, tok, pairs(world["erased"]), pairs(world["retained"]), pairs(world["holdout_rows"]),
-                               VerifyConfig(policy="report"), "cpu", erased_ids=[r.id for r in world["erased"]])
+    rows = VerifyRows.of(pairs(world["erased"]), pairs(world["retained"]), pairs(world["holdout_rows"]),
+                         erased_ids=[r.id for r in world["erased"]])
+    report = verify_and_refine(model, tok, rows, VerifyConfig(policy="report"), "cpu")
     assert not report.passed and "still look trained" in report.reason
     assert report.after is None and report.refinement is None and report.before.auc >= 0.9
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     text = json.dumps(report.to_json())
     assert not any(r.response in text or r.prompt in text for r in world["erased"])
-    assert verify_and_refine(model, tok, pairs(world["erased"]), [], pairs(world["holdout_rows"]),
-                             VerifyConfig(policy="off"), "cpu") is None
+    unscored = VerifyRows.of(pairs(world["erased"]), [], pairs(world["holdout_rows"]))
+    assert verify_and_refine(model, tok, unscored, VerifyConfig(policy="off"), "cpu") is None
 
 
 def test_report_policy_in_erase_writes_the_unrefined_update(world, tmp_path):
@@ -162,7 +164,8 @@ def test_refine_reaches_the_held_out_level_within_bounds(world, method, lr):
     # Gradient ascent at the default lr took 223 steps on this world (NPO at lr 0.1, 338):
     # a budget of 1000 leaves a margin of 3x for other CPUs and thread counts.
     cfg = VerifyConfig(policy="enforce", method=method, max_steps=1000, **({"lr": lr} if lr else {}))
-    result = refine(model, tok, pairs(world["erased"]), pairs(world["retained"]), pairs(world["holdout_rows"]), cfg, "cpu")
+    rows = VerifyRows.of(pairs(world["erased"]), pairs(world["retained"]), pairs(world["holdout_rows"]))
+    result = refine(model, tok, rows, cfg, "cpu")
     assert result.passed and result.reason == "reached the held-out level", result
     assert result.before.auc >= 0.9 and cfg.min_auc <= result.after.auc <= cfg.target_auc
     assert result.after.retain_mean_nll - result.before.retain_mean_nll <= cfg.max_retain_rise

@@ -36,7 +36,7 @@ from eraser.solvers import SolverConfig
 from eraser.train import fit
 from eraser.losses import row_losses
 from eraser.unlearn import EraseConfig, UtilityCheck, apply_delta, compute_update
-from eraser.verify import VerifyConfig, retained_sample, verify_and_refine
+from eraser.verify import VerifyConfig, VerifyRows, retained_sample, verify_and_refine
 
 
 class Unavailable(Exception):
@@ -418,8 +418,8 @@ def refined(base: str) -> Callable[[Context], Outcome]:
         ctx.set_theta(before.theta)
         started = time.perf_counter()
         try:
-            report = verify_and_refine(ctx.model, ctx.tokenizer, erased, retain, holdout, config, ctx.device,
-                                       max_length=s.max_length, retain_reference=sum(reference) / len(reference))
+            rows = VerifyRows.of(erased, retain, holdout, sum(reference) / len(reference))
+            report = verify_and_refine(ctx.model, ctx.tokenizer, rows, config, ctx.device, max_length=s.max_length)
         except VerificationFailedError as e:
             report = e.report
         seconds = time.perf_counter() - started
