@@ -134,12 +134,17 @@ def reading(result: dict) -> list[str]:
     return out
 
 
-def caveats(result: dict) -> list[str]:
+def timings_caveats(result: dict, how: str) -> list[str]:
+    """Where a forward-cost benchmark ran, then ``how`` its ways were run."""
     m = result["machine"]
     out = [f"Measured on {m.get('cpu_model') or 'this machine'} with {m.get('torch_threads')} torch threads; load "
-           f"average {m.get('loadavg_start')} at the start. Both ways run interleaved in one process on the same "
-           "batches; the adapter is untrained (random B), which does not change the cost."]
+           f"average {m.get('loadavg_start')} at the start. {how}"]
     return framed_caveats(result, out, "8 rows, one repeat", "ways")
+
+
+def caveats(result: dict) -> list[str]:
+    return timings_caveats(result, "Both ways run interleaved in one process on the same batches; the adapter is "
+                                   "untrained (random B), which does not change the cost.")
 
 
 def timings_markdown(result: dict, title: str, intro: str, first: str) -> str:

@@ -17,8 +17,8 @@ import statistics
 import sys
 from dataclasses import dataclass
 
-from bench.common import framed_caveats, machine_info
-from bench.output_layer import _setup, _timed, timings_main, timings_markdown
+from bench.common import machine_info
+from bench.output_layer import _setup, _timed, timings_caveats, timings_main, timings_markdown
 
 BASELINE = "one pass, batches of 8"
 
@@ -111,12 +111,9 @@ def reading(result: dict) -> list[str]:
 
 
 def caveats(result: dict) -> list[str]:
-    m = result["machine"]
-    out = [f"Measured on {m.get('cpu_model') or 'this machine'} with {m.get('torch_threads')} torch threads; load "
-           f"average {m.get('loadavg_start')} at the start. Every way runs interleaved in one process on the same "
-           "rows; the adapter is untrained (random B), which does not change the cost. Rows whose prompts share "
-           "less (no system turn, long distinct prompts) gain less."]
-    return framed_caveats(result, out, "8 rows, one repeat", "ways")
+    return timings_caveats(result, "Every way runs interleaved in one process on the same rows; the adapter is "
+                                   "untrained (random B), which does not change the cost. Rows whose prompts share "
+                                   "less (no system turn, long distinct prompts) gain less.")
 
 
 def markdown(result: dict) -> str:
