@@ -67,7 +67,7 @@ class StepConfig:
     # New rows (RC/QM) count as learned when their mean NLL is within this of the retained
     # rows' median and greedy decoding gives them about as often as it gives retained rows.
     learn_margin: float = 0.3
-    batch_size: int = 16  # rows per backward pass
+    batch_size: int = 16  # rows in a batch whose gradient is taken
     score_batch_size: int = 32  # rows per forward pass without gradients (a larger batch shares its prefix wider)
 
     def __post_init__(self):
