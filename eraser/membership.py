@@ -4,10 +4,13 @@ the adapter never saw?
 Three attacks score every row (higher: more member-like) and the strictest decides:
 
 - ``loss``: minus the row's response NLL (the classic loss attack);
-- ``reference``: minus the adapter's NLL *minus the base model's* on the same row, with
+- ``reference``: log(base NLL / adapter NLL), the base model's NLL on the same row with
   the adapter disabled. The base model is a free reference model: calibrating by it removes
   most of a row's own difficulty (the idea of reference-model and LiRA-style attacks), so
-  it separates members from non-members on fewer rows than the raw loss;
+  it separates members from non-members on fewer rows than the raw loss. As a ratio, not a
+  difference: an adapter cuts a never-seen row's NLL by about the same *share* whatever the
+  row's difficulty, so the difference ranked hard never-seen rows as members and easy ones
+  as over-forgotten (bench/results/target_calibration.md);
 - ``mink``: Min-K%++ (Zhang et al. 2024), reference-free: the lowest 20 % of a row's
   response tokens' log-probabilities, each standardised under the model's own next-token
   distribution.
@@ -37,6 +40,8 @@ from .losses import row_features
 
 ATTACKS = ("loss", "reference", "mink")
 Pair = tuple[str, str]
+# Below this (nats a token) an NLL is taken as this: a ratio to an NLL of 0 is undefined.
+NLL_FLOOR = 1e-6
 
 
 def auc(members: Sequence[float], others: Sequence[float]) -> float:
@@ -102,7 +107,7 @@ class RowScores:
         if attack == "loss":
             return [-x for x in self.nll]
         if attack == "reference":
-            return [-(x - b) for x, b in zip(self.nll, self.base_nll)]
+            return [math.log(max(b, NLL_FLOOR) / max(x, NLL_FLOOR)) for x, b in zip(self.nll, self.base_nll)]
         return list(self.mink)
 
 

@@ -6,8 +6,8 @@ step, the influence step first, is scaled by a backtracking (and expanding) line
 a *sampled objective*:
 
 - each erased row i has a never-seen target NLL τᵢ: its base-model NLL (adapter disabled)
-  plus the median advantage the adapter gives held-out rows it never saw (without a
-  held-out set: the base NLL itself, "no advantage at all");
+  times the median ratio of adapter to base NLL on held-out rows the adapter never saw
+  (without a held-out set: the base NLL itself, "no advantage at all");
 - each new row of a correction (RC/QM) has the retained rows' median NLL as its target;
 - Φ(θ) = mean ½·(relu(τᵢ − NLLᵢ)² + relu(NLLᵢ − τᵢ − b)²) over erased rows + mean
   relu(NLLⱼ − τ_new) over new rows: zero once every erased row is within a band b above its
@@ -38,7 +38,7 @@ from .curvature import flatten
 from .data import EncodedRows
 from .errors import InvalidRequestError
 from .losses import per_row_nll
-from .membership import MembershipVerdict, RowScores, base_model_nll, measure, verdict
+from .membership import NLL_FLOOR, MembershipVerdict, RowScores, base_model_nll, measure, verdict
 from .progress import Progress, silent
 from .reports import Step, as_json
 
@@ -326,13 +326,20 @@ class Judge:
         return v, erased, holdout, learn
 
     def targets(self, holdout: RowScores | None) -> list[float]:
-        """Each erased row's never-seen NLL: its base NLL plus held-out rows' median advantage."""
-        if self.base_erased is None:  # no base model to calibrate by: the held-out median
-            return [statistics.median(holdout.nll)] * len(self.erased) if holdout else [math.inf] * len(self.erased)
-        if holdout is None or holdout.base_nll is None:
-            return list(self.base_erased)
-        advantage = statistics.median(x - b for x, b in zip(holdout.nll, holdout.base_nll))
-        return [b + advantage for b in self.base_erased]
+        return never_seen_targets(self.base_erased, holdout, len(self.erased))
+
+
+def never_seen_targets(base_erased: list[float] | None, holdout: RowScores | None, rows: int) -> list[float]:
+    """Each erased row's never-seen NLL: its base NLL times the held-out rows' median ratio of
+    adapter to base NLL. A ratio, because an adapter cuts a never-seen row's NLL by about the
+    same share whatever its difficulty; a median difference sent rows the base finds easy to
+    targets at or below zero (bench/results/target_calibration.md)."""
+    if base_erased is None:  # no base model to calibrate by: the held-out median
+        return [statistics.median(holdout.nll)] * rows if holdout else [math.inf] * rows
+    if holdout is None or holdout.base_nll is None:
+        return list(base_erased)
+    ratio = statistics.median(x / max(b, NLL_FLOOR) for x, b in zip(holdout.nll, holdout.base_nll))
+    return [b * ratio for b in base_erased]
 
 
 @dataclass(frozen=True)

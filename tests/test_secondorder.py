@@ -227,6 +227,30 @@ def test_the_point_a_line_search_leaves_is_not_scored_again(world, start, outcom
     assert torch.equal(parameters_to_vector(params), theta + ls.scale * direction)
 
 
+def test_never_seen_targets_scale_with_the_base_models_nll():
+    """An adapter cuts a never-seen row's NLL by about the same share whatever the row's
+    difficulty: the targets follow that ratio, so a row the base model finds easy gets a low
+    but positive target (a median *difference* put it at -0.5 nats, which no row can reach,
+    and refinement never moved it), and a row at its target looks like the held-out rows to
+    the reference attack."""
+    from eraser.membership import verdict
+    from eraser.secondorder import never_seen_targets
+
+    held_base = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+    ratios = [0.30, 0.50, 0.35, 0.45, 0.40, 0.42, 0.38, 0.48, 0.32]
+    held = RowScores([b * r for b, r in zip(held_base, ratios)], [-2.0] * 9, [False] * 9, held_base)
+    easy, hard = 0.3, 6.0
+    targets = never_seen_targets([easy, hard], held, 2)
+    assert targets == pytest.approx([0.4 * easy, 0.4 * hard])  # the median ratio is 0.40
+    assert min(targets) > 0
+    at_target = RowScores(targets, [-2.0] * 2, [False] * 2, [easy, hard])
+    reference = {a.name: a for a in verdict(at_target, held, 0.75, 0.1).attacks}["reference"]
+    assert 0.4 <= reference.auc <= 0.6 and reference.passed
+    # No base model: the held-out median; no held-out rows: the base level itself.
+    assert never_seen_targets(None, held, 2) == [statistics.median(held.nll)] * 2
+    assert never_seen_targets([easy, hard], None, 2) == [easy, hard]
+
+
 def test_over_forgetting_is_judged_on_the_calibrated_attack_only():
     """Rows hard for every model (a rare name: high NLL under the base model too) keep a high
     raw loss after retraining from scratch; only their NLL over the base model's says whether
@@ -234,24 +258,24 @@ def test_over_forgetting_is_judged_on_the_calibrated_attack_only():
     from eraser.membership import verdict
 
     held_base = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]
-    advantages = [0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5]  # the adapter's help on never-seen rows
-    held = RowScores([b - a for b, a in zip(held_base, advantages)], [-2.0] * 9, [False] * 9, held_base)
+    ratios = [0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5]  # the share of its NLL a never-seen row keeps
+    held = RowScores([b * r for b, r in zip(held_base, ratios)], [-2.0] * 9, [False] * 9, held_base)
     hard_base = [3.0, 3.1, 3.2]
 
-    def erased(above_target: float) -> RowScores:
-        nll = [b - a + above_target for b, a in zip(hard_base, (0.22, 0.32, 0.42))]
+    def erased(beyond: float) -> RowScores:
+        nll = [b * r * beyond for b, r in zip(hard_base, (0.62, 0.72, 0.82))]
         return RowScores(nll, [-9.0] * 3, [False] * 3, hard_base)
 
-    like_retrained = verdict(erased(0.0), held, 0.75, 0.1)
+    like_retrained = verdict(erased(1.0), held, 0.75, 0.1)
     aucs = {a.name: a.auc for a in like_retrained.attacks}
     assert aucs["loss"] == 0.0 and aucs["mink"] == 0.0  # far below 0.5 - z·se on the raw scores
     assert like_retrained.passed, like_retrained.failures()
-    pushed_past = verdict(erased(1.0), held, 0.75, 0.1)
+    pushed_past = verdict(erased(2.0), held, 0.75, 0.1)
     assert not pushed_past.passed
     assert pushed_past.failures() == ["erased rows over-forgotten (reference MIA AUC 0.000 < 0.170)"]
     # Without a base model the loss attack is the calibrated one and keeps its lower bound.
     plain = lambda s: RowScores(s.nll, s.mink, s.exact, None)  # noqa: E731
-    assert not verdict(plain(erased(0.0)), plain(held), 0.75, 0.1).passed
+    assert not verdict(plain(erased(1.0)), plain(held), 0.75, 0.1).passed
 
 
 def test_refinement_pulls_rows_pushed_past_the_band_back_to_the_never_seen_level(world):
