@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m bench.fastpath
 	$(PY) -m bench.output_layer
 	$(PY) -m bench.prefix_sharing
+	$(PY) -m bench.target_calibration
 	$(PY) -m bench.factor_fit
 	$(PY) -m bench.sidecar
 	$(PY) -m bench.worker_pool

@@ -19,7 +19,9 @@ An AUC over k erased and m held-out rows is noisy: under exchangeability its sta
 is about sqrt((k+m+1)/(12km)), 0.2 for 3 rows against 9. So the decision is sized to it: an
 attack fails when its AUC is above ``0.5 + z·se`` (or above ``max_auc``, whichever is
 lower), and a row fails on its own when fewer held-out rows than a Bonferroni-corrected
-share look at least as member-like as it does.
+share look at least as member-like as it does. That row test can fire only with at least
+k/α - 1 held-out rows (its smallest p-value is 1/(m+1)): 59 for 3 erased rows; with fewer,
+one row left near its trained level passes when the others carry the AUC.
 
 Over-forgetting (an AUC below ``0.5 - z·se``) is judged on the calibrated attack only
 (``reference``; ``loss`` where there is no base model). A row that is hard for every model
