@@ -380,9 +380,9 @@ def reading(before: Snapshot, after: Snapshot, report) -> str:
                      "reference that says how far a real erasure must go.")
     elif fa > 1.25 * unseen:
         parts.append(f"A's loss is past the never-seen level ({fa:.2f} against {unseen:.2f}), the over-forgetting "
-                     "side on the raw loss; the verdict judges that side on the base-calibrated score (each row's "
-                     "loss less the base model's on it), which retraining from scratch passes too, and A's rows "
-                     "passed it. What is guaranteed is that verdict, not that the weights equal a model "
+                     "side on the raw loss; the verdict judges that side on the base-calibrated score (each "
+                     "row's loss as a share of the base model's on it), which retraining from scratch passes too, "
+                     "and A's rows passed it. What is guaranteed is that verdict, not that the weights equal a model "
                      "retrained from scratch without A.")
     else:
         parts.append("A's loss is now near the never-seen level: judged against the registered never-seen "
