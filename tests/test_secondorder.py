@@ -230,8 +230,8 @@ def test_the_point_a_line_search_leaves_is_not_scored_again(world, start, outcom
 def test_never_seen_targets_scale_with_the_base_models_nll():
     """An adapter cuts a never-seen row's NLL by about the same share whatever the row's
     difficulty: the targets follow that ratio, so a row the base model finds easy gets a low
-    but positive target (a median *difference* put it at -0.5 nats, which no row can reach,
-    and refinement never moved it), and a row at its target looks like the held-out rows to
+    but positive target (a median *difference* put it at -1.5 nats, which no row can reach,
+    so Φ never pulled it up), and a row at its target looks like the held-out rows to
     the reference attack."""
     from eraser.membership import verdict
     from eraser.secondorder import never_seen_targets
