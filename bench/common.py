@@ -321,8 +321,9 @@ def machine_info(device=None, serving: bool = False) -> dict:
 
 
 def pretrained_tiny_base(out: Path, texts, pretrain_rows, hidden_size: int = 64, intermediate_size: int = 128,
-                         vocab_size: int = 300, steps: int = 40, lr: float = 3e-3, seed: int = 0) -> Path:
-    """A tiny Llama built on the spot (2 layers, 2 heads; hidden 64 gives head_dim 32, a size
+                         vocab_size: int = 300, steps: int = 40, lr: float = 3e-3, seed: int = 0,
+                         architecture: str = "llama") -> Path:
+    """A tiny Llama (or Qwen2) built on the spot (2 layers, 2 heads; hidden 64 gives head_dim 32, a size
     vLLM's CPU attention supports) with a tokenizer trained on ``texts``, then the whole
     model trained ``steps`` AdamW steps (8 rows each) on ``pretrain_rows`` (facts about
     *other* people), so that it knows the sentence patterns and an adapter only has to
@@ -330,6 +331,6 @@ def pretrained_tiny_base(out: Path, texts, pretrain_rows, hidden_size: int = 64,
     from devtools.tiny import build_tiny_model, pretrain
 
     build_tiny_model(out, texts, hidden_size=hidden_size, heads=2, kv_heads=1, intermediate_size=intermediate_size,
-                     vocab_size=vocab_size, seed=seed)
+                     vocab_size=vocab_size, seed=seed, architecture=architecture)
     pretrain(out, pretrain_rows, steps, lr, seed)
     return out

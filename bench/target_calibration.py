@@ -17,7 +17,8 @@ This measures, on rows the adapter never saw, how well each way does it:
   against 12 never-seen rows, the verdict's size) and its calibration (the AUC of 3 never-seen
   rows of one fact kind against 12 others: 0.5 is right; mean distance from 0.5 over kinds).
 
-Regimes: the tiny Llama the tests use (built on the spot), SmolLM2-135M-Instruct fine-tuned 3
+Regimes: the tiny Llama the tests use and a tiny Qwen2 (both built on the spot and pre-trained
+on other people's facts), SmolLM2-135M-Instruct fine-tuned 3
 epochs on 120 rows (as ``bench.scaling``) and 9 epochs on 36 rows (memorised, as
 ``bench.unlearning``).
 
@@ -43,7 +44,7 @@ BEFORE, PRODUCT = "difference (before)", "ratio (the product)"
 @dataclass(frozen=True)
 class Regime:
     name: str
-    model: str  # "tiny" or "smollm2"
+    model: str  # "tiny" (Llama), "tiny-qwen2" or "smollm2"
     rows: int
     epochs: int
     lr: float
@@ -53,6 +54,7 @@ class Regime:
 class Settings:
     regimes: tuple[Regime, ...] = field(default_factory=lambda: (
         Regime("tiny, 10 epochs on 120 rows", "tiny", 120, 10, 1e-2),
+        Regime("tiny Qwen2, 10 epochs on 120 rows", "tiny-qwen2", 120, 10, 1e-2),
         Regime("SmolLM2, 3 epochs on 120 rows", "smollm2", 120, 3, 2e-3),
         Regime("SmolLM2, 9 epochs on 36 rows (memorised)", "smollm2", 36, 9, 5e-3),
     ))
@@ -172,11 +174,22 @@ def _rows(regime: Regime, s: Settings):
 
 
 def _base_dir(regime: Regime, rows, workdir: Path, quick: bool) -> Path:
+    """SmolLM2, or a tiny base pre-trained as ``bench.scaling``'s (Llama, or Qwen2 for a second
+    architecture) on other people's facts."""
     from bench.scaling import ModelPlan, Settings as ScalingSettings, _base
 
     scaling = ScalingSettings.quick() if quick else ScalingSettings()
-    base, _ = _base(ModelPlan(regime.model, ()), scaling, rows, [], workdir)
-    return base
+    if regime.model in ("tiny", "smollm2"):
+        return _base(ModelPlan(regime.model, ()), scaling, rows, [], workdir)[0]
+    from bench.common import pretrained_tiny_base
+    from bench.scaling import _people_rows
+
+    names = {r.prompt for r in rows}
+    others = [r for r in _people_rows(scaling.tiny_pretrain_people, 3, scaling.seed + 1000) if r.prompt not in names]
+    return pretrained_tiny_base(workdir / "tiny-base", [r.prompt + " " + r.response for r in rows + others], others,
+                                hidden_size=scaling.tiny_hidden, intermediate_size=2 * scaling.tiny_hidden,
+                                vocab_size=scaling.tiny_vocab, steps=scaling.tiny_pretrain_steps, seed=scaling.seed,
+                                architecture=regime.model.removeprefix("tiny-"))
 
 
 def _nll(model, tok, rows, dev) -> dict:

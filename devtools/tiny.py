@@ -50,24 +50,30 @@ def build_tiny_model(
     vocab_size: int = 512,
     seed: int = 0,
     chat_template: bool = True,
+    architecture: str = "llama",
 ) -> Path:
-    """Save a tiny random Llama and its tokenizer under ``out_dir``; return the path.
+    """Save a tiny random Llama (or Qwen2: ``architecture="qwen2"``, biases on q/k/v) and its
+    tokenizer under ``out_dir``; return the path.
 
     The defaults keep head_dim = 32, a size vLLM's CPU attention supports.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    if architecture not in classes:
+        raise ValueError(f"unknown architecture {architecture!r} (choose {', '.join(classes)})")
+    config_class, model_class = classes[architecture]
     out = Path(out_dir)
     tokenizer = build_tokenizer(texts, vocab_size, chat_template)
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -46,6 +46,12 @@ Pair = tuple[str, str]
 NLL_FLOOR = 1e-6
 
 
+def nll_ratio(nll: float, base_nll: float) -> float:
+    """The adapter's NLL on a row as a share of the base model's: how a never-seen row's level
+    is read off the base model (the ``reference`` attack, refinement's targets)."""
+    return max(nll, NLL_FLOOR) / max(base_nll, NLL_FLOOR)
+
+
 def auc(members: Sequence[float], others: Sequence[float]) -> float:
     """P(a member scores above a non-member) + ½ P(tie); scores: higher = more member-like."""
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in members for b in others)
@@ -109,7 +115,7 @@ class RowScores:
         if attack == "loss":
             return [-x for x in self.nll]
         if attack == "reference":
-            return [math.log(max(b, NLL_FLOOR) / max(x, NLL_FLOOR)) for x, b in zip(self.nll, self.base_nll)]
+            return [-math.log(nll_ratio(x, b)) for x, b in zip(self.nll, self.base_nll)]
         return list(self.mink)
 
 

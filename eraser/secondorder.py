@@ -38,7 +38,7 @@ from .curvature import flatten
 from .data import EncodedRows
 from .errors import InvalidRequestError
 from .losses import per_row_nll
-from .membership import NLL_FLOOR, MembershipVerdict, RowScores, base_model_nll, measure, verdict
+from .membership import MembershipVerdict, RowScores, base_model_nll, measure, nll_ratio, verdict
 from .progress import Progress, silent
 from .reports import Step, as_json
 
@@ -338,7 +338,7 @@ def never_seen_targets(base_erased: list[float] | None, holdout: RowScores | Non
         return [statistics.median(holdout.nll)] * rows if holdout else [math.inf] * rows
     if holdout is None or holdout.base_nll is None:
         return list(base_erased)
-    ratio = statistics.median(x / max(b, NLL_FLOOR) for x, b in zip(holdout.nll, holdout.base_nll))
+    ratio = statistics.median(nll_ratio(x, b) for x, b in zip(holdout.nll, holdout.base_nll))
     return [b * ratio for b in base_erased]
 
 
