@@ -259,7 +259,7 @@ def _client_process(target: str, adapter: str, clients: int, per_client: int, id
                 t0 = time.perf_counter()
                 try:
                     job = stub.Erase(request, timeout=120)
-                    code, job_id, merged_requests, size = "OK", job.id, len(job.request_ids), job.ByteSize()
+                    code, job_id, merged_requests, size = "OK", job.id, job.request_count, job.ByteSize()
                 except grpc.RpcError as e:
                     code, job_id, merged_requests, size = e.code().name, None, 0, 0
                 t1 = time.perf_counter()
@@ -718,7 +718,9 @@ def reading(result: dict, smollm2_seconds: float | None) -> list[str]:
         out.append(
             f"Requests queued behind a running job all merge into one job ({p['jobs_created']} job(s) for "
             f"{p['requests']} requests with the worker held off, {sv['jobs_created']} with it solving); one client's "
-            f"p50 over the quarters of its {one['requests']} requests was {_arrow(quarters)} ms.")
+            f"p50 over the quarters of its {one['requests']} requests was {_arrow(quarters)} ms: a merge inserts its own "
+            f"edit rows and the reply names its own request with the job's count (largest reply "
+            f"{one['largest_response_bytes']:,} bytes, for a job of {one['largest_job_requests']:,} requests).")
     split = " + ".join(str(j["requests"]) for j in m["per_job"])
     out.append(
         f"{mg['requests']} queued requests: merged, {m['solves']} solves ({split} requests) took {m['seconds_to_all_succeeded']} s; one by one, {o['solves']} solves took "
@@ -781,7 +783,7 @@ def _group_commit_reading(result: dict) -> list[str]:
             f"({p['latency']['p99_ms']} ms). Each client sends its next request when the last returns, so by "
             f"Little's law the mean latency is {clients} / throughput: 20 ms needs {clients / 0.02:,.0f} req/s. The "
             f"sidecar process spent {cpu_ms:.2f} ms of CPU per accepted request (gRPC, validation, the merge into "
-            f"the one queued job and its reply listing every merged request), so {cores} cores give at most about "
+            f"the one queued job and its reply), so {cores} cores give at most about "
             f"{cores * 1000 / cpu_ms:,.0f} req/s even with the clients elsewhere: what group commit removes is the "
             f"fsync per request, not that CPU.")
     return out

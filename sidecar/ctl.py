@@ -287,7 +287,8 @@ def format_job(job) -> str:
         versions += f" -> v{job.to_version}" + (" (unchanged)" if job.to_version == job.from_version else "")
     parts.append(f"adapter {job.adapter}" + (f" {versions}" if versions else ""))
     if job.request_ids:
-        parts.append("requests " + ",".join(job.request_ids))
+        more = job.request_count - len(job.request_ids)  # Erase's reply names its own request alone
+        parts.append("requests " + ",".join(job.request_ids) + (f" (+{more} merged)" if more > 0 else ""))
     if job.counts:
         parts.append(" ".join(f"{k} {v}" for k, v in sorted(job.counts.items()) if v) or "no rows")
     if state in ("queued", "running") and job.stage:

@@ -97,6 +97,9 @@ class Job:
     replicas_behind: list[str] = field(default_factory=list)
     swap_checks: list[dict] = field(default_factory=list)
     worker: str = ""  # the worker that holds it (a pool on PostgreSQL); empty on SQLite
+    # How many requests the job serves: ``request_ids`` (and ``edits``) cover them all, except in
+    # the reply to a request that joined a queued job: its own id and edits alone.
+    request_count: int = 0
 
     @property
     def size(self) -> int:

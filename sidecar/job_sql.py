@@ -83,6 +83,15 @@ CREATE TABLE IF NOT EXISTS payloads (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS payloads_job ON payloads (job_id);
+CREATE TABLE IF NOT EXISTS job_edits (
+    seq {seq},
+    job_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    new_hash TEXT
+);
+CREATE INDEX IF NOT EXISTS job_edits_job_row ON job_edits (job_id, row_id);
 CREATE TABLE IF NOT EXISTS deletions (
     seq {seq},
     adapter TEXT NOT NULL,
@@ -94,6 +103,9 @@ CREATE TABLE IF NOT EXISTS deletions (
 );
 CREATE INDEX IF NOT EXISTS deletions_adapter ON deletions (adapter);
 """
+# A job's edits are its ``edits`` column (its first request's, or all of them once the job
+# ended or a request left it) followed by the ``job_edits`` rows of the requests merged into it
+# since: a merge inserts its own rows instead of rewriting a list that grows with every merge.
 # The job columns that hold JSON.
 JSON_COLUMNS = ("options", "counts", "edits", "report", "already_erased", "replicas_behind", "swap_checks")
 
@@ -217,10 +229,14 @@ class SharedSQL:
         target = self._merge_target(c, adapter, options_key, payload, max_rows, deadline_seconds) if merge else None
         edits = payload.public_edits(self.hasher)
         if target is not None:
-            job_id, job_edits = target
-            merged_edits = _merge_edits(job_edits, edits)
-            c.execute(q("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?"),
-                      (json.dumps(merged_edits), json.dumps(_counts(merged_edits)), job_id))
+            job_id, counts, present = target
+            added = [e for e in edits if not (e["kind"] == "remove" and e["id"] in present)]  # removed once
+            for e in added:
+                c.execute(q("INSERT INTO job_edits (job_id, request_id, row_id, kind, new_hash) VALUES (?, ?, ?, ?, ?)"),
+                          (job_id, request_id, e["id"], e["kind"], e.get("new_hash")))
+            more = _counts(added)
+            c.execute(q("UPDATE jobs SET counts = ? WHERE id = ?"),
+                      (json.dumps({k: counts.get(k, 0) + more[k] for k in more}), job_id))
         else:
             job_id = uuid.uuid4().hex
             c.execute(q("INSERT INTO jobs (id, adapter, state, options, options_key, counts, edits, created_at, "
@@ -231,26 +247,64 @@ class SharedSQL:
                   (request_id, job_id, fingerprint, now))
         c.execute(q("INSERT INTO payloads (request_id, job_id, body) VALUES (?, ?, ?)"),
                   (request_id, job_id, self._seal(job_id, payload)))
-        return self._get(c, job_id), True, target is not None
+        if target is None:
+            return self._get(c, job_id), True, False
+        return self._joined(c, job_id, request_id, edits), True, True
+
+    def _joined(self, c, job_id: str, request_id: str, edits: list[dict]) -> Job:
+        """A queued job as the reply to a request that joined it: the job's counts and number of
+        requests, with the request's own id and edits, not every request's (a list that grows
+        with every merge: reading it back made a burst of n merges cost O(n²))."""
+        row = c.execute(self._q("SELECT id, adapter, state, options, counts, created_at, deadline_at FROM jobs "
+                                "WHERE id = ?"), (job_id,)).fetchone()
+        count = c.execute(self._q("SELECT COUNT(*) AS n FROM requests WHERE job_id = ?"), (job_id,)).fetchone()["n"]
+        return Job(id=row["id"], adapter=row["adapter"], state=State(row["state"]), options=json.loads(row["options"]),
+                   created_at=row["created_at"], deadline_at=row["deadline_at"], counts=json.loads(row["counts"]),
+                   request_ids=[request_id], edits=edits, request_count=count)
 
     def _merge_target(self, c, adapter: str, options_key: str, payload: RequestPayload, max_rows: int,
-                      deadline_seconds: float) -> tuple[str, list[dict]] | None:
-        """The queued job this request joins, (id, edits), if any: the adapter's newest queued
-        job with the same options, no deadline and no edit of the same rows."""
+                      deadline_seconds: float) -> tuple[str, dict, set[str]] | None:
+        """The queued job this request joins, if any: the adapter's newest queued job with the
+        same options, no deadline and no edit of the same rows. Returns (its id, its counts, which
+        of the request's rows it already has); reads only those rows, whatever the job's size."""
         if deadline_seconds:  # a request with a deadline runs alone
             return None
-        # Only its edits are read: a whole Job would also read every merged request id.
-        row = c.execute(self._q("SELECT id, edits FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? "
+        row = c.execute(self._q("SELECT id, edits, counts FROM jobs WHERE adapter = ? AND state = 1 AND options_key = ? "
                                 "AND cancel_requested = FALSE AND deadline_at IS NULL ORDER BY seq DESC LIMIT 1"),
                         (adapter, options_key)).fetchone()
         if row is None:
             return None
-        job_edits = json.loads(row["edits"])
-        ids = {e["id"] for e in job_edits}
-        edited = {e["id"] for e in job_edits if e["kind"] != "remove"}
+        kinds = self._kinds_of(c, row["id"], json.loads(row["edits"]), payload.ids)
+        edited = {i for i, k in kinds.items() if k != "remove"}
         # Two edits of one row cannot be summed into one solve; removals can.
-        conflict = (payload.edited_ids & ids) or (payload.ids & edited)
-        return None if conflict or len(ids | payload.ids) > max_rows else (row["id"], job_edits)
+        if (payload.edited_ids & set(kinds)) or (payload.ids & edited):
+            return None
+        # The job's distinct rows: removals are counted once and an edited row is nowhere else.
+        counts = json.loads(row["counts"])
+        if sum(counts.values()) + len(payload.ids - set(kinds)) > max_rows:
+            return None
+        return row["id"], counts, set(kinds)
+
+    def _kinds_of(self, c, job_id: str, listed: list[dict], ids: set[str]) -> dict[str, str]:
+        """Of ``ids``, those the job edits already, with the kind of their edit (an edit over a
+        removal where both are listed)."""
+        found = {e["id"]: e["kind"] for e in listed if e["id"] in ids}
+        wanted = sorted(ids)
+        for i in range(0, len(wanted), 500):  # bounded statements: a request may name many rows
+            chunk = wanted[i:i + 500]
+            marks = ",".join(["?"] * len(chunk))
+            for r in c.execute(self._q(f"SELECT row_id, kind FROM job_edits WHERE job_id = ? AND row_id IN ({marks})"),
+                               (job_id, *chunk)).fetchall():
+                if found.get(r["row_id"], "remove") == "remove":
+                    found[r["row_id"]] = r["kind"]
+        return found
+
+    def _merged_edits(self, c, job_id: str, listed: list[dict]) -> list[dict]:
+        """The job's edits: its ``edits`` column, then the rows merged requests added."""
+        more = c.execute(self._q("SELECT row_id, kind, new_hash FROM job_edits WHERE job_id = ? ORDER BY seq"),
+                         (job_id,)).fetchall()
+        return listed + [{"id": r["row_id"], "kind": r["kind"], **({"new_hash": r["new_hash"]} if r["new_hash"] else {})}
+                         for r in more]
 
     def queued_removal_count(self, adapter: str) -> int:
         """The removals of ``adapter``'s queued and running jobs, counted per job (a row two
@@ -299,6 +353,7 @@ class SharedSQL:
                 edits = _merge_edits(edits, self._unseal(job_id, r["body"]).public_edits(self.hasher))
             c.execute(q("UPDATE jobs SET edits = ?, counts = ? WHERE id = ?"),
                       (json.dumps(edits), json.dumps(_counts(edits)), job_id))
+            c.execute(q("DELETE FROM job_edits WHERE job_id = ?"), (job_id,))  # all in the column now
             job = self._get(c, job_id)
         self._wipe()
         return job

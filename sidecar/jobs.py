@@ -131,6 +131,8 @@ class JobDB(SharedSQL):
         job.request_ids = [r[0] for r in (c or self._conn).execute(
             "SELECT request_id, created_at FROM requests WHERE job_id = ? UNION ALL "
             "SELECT request_id, created_at FROM past_requests WHERE job_id = ? ORDER BY created_at", (job.id, job.id))]
+        job.request_count = len(job.request_ids)
+        job.edits = self._merged_edits(c or self._conn, job.id, job.edits)
         return job
 
     def _checkpoint(self) -> None:
@@ -161,16 +163,20 @@ class JobDB(SharedSQL):
         marks = ",".join("?" * len(ids))
         with self._reading() as c:
             rows = c.execute(
-                f"SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? AND j.state = 3 "
-                f"AND e.value ->> '$.kind' = 'remove' AND e.value ->> '$.id' IN ({marks})", (adapter, *ids)).fetchall()
+                f"SELECT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? AND j.state = 3 "
+                f"AND e.value ->> '$.kind' = 'remove' AND e.value ->> '$.id' IN ({marks}) UNION "
+                f"SELECT m.row_id FROM jobs j JOIN job_edits m ON m.job_id = j.id WHERE j.adapter = ? AND j.state = 3 "
+                f"AND m.kind = 'remove' AND m.row_id IN ({marks})", (adapter, *ids, adapter, *ids)).fetchall()
         return {r[0] for r in rows}
 
     def pending_removals(self, adapter: str) -> set[str]:
         """Row ids that queued or running jobs of ``adapter`` are to remove."""
         with self._reading() as c:
             rows = c.execute(
-                "SELECT DISTINCT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? "
-                "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove'", (adapter,)).fetchall()
+                "SELECT e.value ->> '$.id' FROM jobs j, json_each(j.edits) e WHERE j.adapter = ? "
+                "AND j.state IN (1, 2) AND e.value ->> '$.kind' = 'remove' UNION "
+                "SELECT m.row_id FROM jobs j JOIN job_edits m ON m.job_id = j.id WHERE j.adapter = ? "
+                "AND j.state IN (1, 2) AND m.kind = 'remove'", (adapter, adapter)).fetchall()
         return {r[0] for r in rows}
 
     # ---- transitions ---------------------------------------------------------------
@@ -245,6 +251,8 @@ class JobDB(SharedSQL):
                 raise KeyError(job_id)  # as the PostgreSQL store: nothing was changed
             # The replacement text is not needed any more: drop it (zeroed: secure_delete).
             c.execute("DELETE FROM payloads WHERE job_id = ?", (job_id,))
+            if edits is not None:  # the whole list is in the edits column now
+                c.execute("DELETE FROM job_edits WHERE job_id = ?", (job_id,))
             job = self._job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
         self._checkpoint()
         self._shred(job_id)

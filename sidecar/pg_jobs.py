@@ -219,8 +219,7 @@ class PostgresJobDB(SharedSQL):
         self._lock_adapter(c, row["adapter"])
         return True
 
-    @staticmethod
-    def _job(row: dict, c=None) -> Job:
+    def _job(self, row: dict, c) -> Job:
         d = dict(row)
         for k in ("seq", "options_key", "lease_token", "lease_until"):
             d.pop(k)
@@ -230,6 +229,8 @@ class PostgresJobDB(SharedSQL):
         d["report"] = JobReport.from_json(d["report"])
         d["cancel_requested"] = bool(d["cancel_requested"])
         d["request_ids"] = list(d["request_ids"] or [])
+        d["request_count"] = len(d["request_ids"])
+        d["edits"] = self._merged_edits(c, d["id"], d["edits"])
         return Job(**d)
 
     def _fence(self, job_id: str) -> tuple[str, tuple]:
@@ -262,17 +263,20 @@ class PostgresJobDB(SharedSQL):
             return set()
         with self._tx(read_only=True) as c:
             rows = c.execute(
-                "SELECT DISTINCT e ->> 'id' AS id FROM jobs j, jsonb_array_elements(j.edits::jsonb) e "
-                "WHERE j.adapter = %s AND j.state = 3 AND e ->> 'kind' = 'remove' AND e ->> 'id' = ANY(%s)",
-                (adapter, ids)).fetchall()
+                "SELECT e ->> 'id' AS id FROM jobs j, jsonb_array_elements(j.edits::jsonb) e "
+                "WHERE j.adapter = %s AND j.state = 3 AND e ->> 'kind' = 'remove' AND e ->> 'id' = ANY(%s) UNION "
+                "SELECT m.row_id AS id FROM jobs j JOIN job_edits m ON m.job_id = j.id WHERE j.adapter = %s "
+                "AND j.state = 3 AND m.kind = 'remove' AND m.row_id = ANY(%s)", (adapter, ids, adapter, ids)).fetchall()
         return {r["id"] for r in rows}
 
     def pending_removals(self, adapter: str) -> set[str]:
         """Row ids that queued or running jobs of ``adapter`` are to remove."""
         with self._tx(read_only=True) as c:
             rows = c.execute(
-                "SELECT DISTINCT e ->> 'id' AS id FROM jobs j, jsonb_array_elements(j.edits::jsonb) e "
-                "WHERE j.adapter = %s AND j.state IN (1, 2) AND e ->> 'kind' = 'remove'", (adapter,)).fetchall()
+                "SELECT e ->> 'id' AS id FROM jobs j, jsonb_array_elements(j.edits::jsonb) e "
+                "WHERE j.adapter = %s AND j.state IN (1, 2) AND e ->> 'kind' = 'remove' UNION "
+                "SELECT m.row_id AS id FROM jobs j JOIN job_edits m ON m.job_id = j.id WHERE j.adapter = %s "
+                "AND j.state IN (1, 2) AND m.kind = 'remove'", (adapter, adapter)).fetchall()
         return {r["id"] for r in rows}
 
     # ---- transitions ---------------------------------------------------------------
@@ -423,6 +427,8 @@ class PostgresJobDB(SharedSQL):
                 raise LeaseLost(f"job {job_id}: this worker's lease was lost; another worker holds the job")
             # The replacement text is not needed any more: drop it (then scrubbed).
             c.execute("DELETE FROM payloads WHERE job_id = %s", (job_id,))
+            if edits is not None:  # the whole list is in the edits column now
+                c.execute("DELETE FROM job_edits WHERE job_id = %s", (job_id,))
             job = self._get(c, job_id)
         self.release(job_id)
         self._scrub()

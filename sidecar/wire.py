@@ -207,6 +207,7 @@ def job_message(job: Job) -> pb.Job:
         finished_at=_timestamp(job.finished_at), counts=job.counts, attempts=job.attempts,
         already_erased_ids=job.already_erased, replicas_behind=job.replicas_behind,
         swap_checks=[swap_check_message(c) for c in job.swap_checks],
+        request_count=job.request_count or len(job.request_ids),
     )
 
 

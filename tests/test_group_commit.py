@@ -82,11 +82,17 @@ def job_shapes(path: Path) -> dict[frozenset, list]:
         by_job: dict[str, set] = {}
         for rid, job_id in c.execute("SELECT request_id, job_id FROM requests"):
             by_job.setdefault(job_id, set()).add(rid)
-        jobs = dict(c.execute("SELECT id, edits FROM jobs").fetchall())
+        jobs = {j: stored_edits(c, j, edits) for j, edits in c.execute("SELECT id, edits FROM jobs").fetchall()}
         assert set(jobs) == set(by_job), "every job serves a request, every request has a job"
-        return {frozenset(rids): json.loads(jobs[j]) for j, rids in by_job.items()}
+        return {frozenset(rids): jobs[j] for j, rids in by_job.items()}
     finally:
         c.close()
+
+
+def stored_edits(c, job_id: str, column: str) -> list[dict]:
+    """A job's edits as stored: its edits column, then the rows merged requests added."""
+    more = c.execute("SELECT row_id, kind, new_hash FROM job_edits WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+    return json.loads(column) + [{"id": i, "kind": k, **({"new_hash": h} if h else {})} for i, k, h in more]
 
 
 def assert_whole(path: Path) -> list[str]:
@@ -101,7 +107,7 @@ def assert_whole(path: Path) -> list[str]:
             expected: list[dict] = []
             for (rid,) in c.execute("SELECT request_id FROM requests WHERE job_id = ? ORDER BY seq", (job_id,)):
                 expected = _merge_edits(expected, RequestPayload.from_json(json.loads(payloads[rid])).public_edits(HASHER))
-            assert json.loads(edits) == expected and expected, f"job {job_id} holds part of a submission"
+            assert stored_edits(c, job_id, edits) == expected and expected, f"job {job_id} holds part of a submission"
         return order
     finally:
         c.close()
@@ -219,7 +225,9 @@ def test_one_batch_merges_deduplicates_and_isolates_a_failure(tmp_path):
     assert edit.id == first.id and created and merged
     again, created, merged = results[4]
     assert again.id != first.id and created and not merged
-    assert again.request_ids == ["edit-again"] and sorted(edit.request_ids) == ["dup", "edit", "first"]
+    # A submission's reply names its own request and counts the job's (the list grows with each merge).
+    assert again.request_ids == ["edit-again"] and (edit.request_ids, edit.request_count) == (["edit"], 3)
+    assert sorted(db.get(first.id).request_ids) == ["dup", "edit", "first"]
     assert {e["id"] for e in db.get(first.id).edits} == {"r0", "r1", "r3"}, "the failed request's row is not in the job"
     assert db.by_request("bad") is None
     assert assert_whole(db.path) == ["first", "dup", "edit", "edit-again"]

@@ -144,10 +144,15 @@ def test_queued_requests_for_one_adapter_merge(backend):
     db = backend.open()
     first, _, _ = submit(db, "a", "r1", remove=["row1", "row2"])
     second, created, merged = submit(db, "a", "r2", remove=["row2", "row3"], modify=[["row4", "new"]])
-    assert created and merged and second.id == first.id and second.request_ids == ["r1", "r2"]
-    assert [e["id"] for e in second.edits] == ["row1", "row2", "row3", "row4"]  # row2 once
+    assert created and merged and second.id == first.id
+    # The reply names the request that joined, and counts the job's (a list that grows with each merge).
+    assert (second.request_ids, second.request_count, [e["id"] for e in second.edits]) == (
+        ["r2"], 2, ["row2", "row3", "row4"])
     assert second.counts == {"remove": 3, "modify_query": 1, "correct_response": 0}
-    assert second.edits[-1] == {"id": "row4", "kind": "modify_query", "new_hash": HASHER.text("new")}
+    joined = db.get(first.id)
+    assert (joined.request_ids, joined.request_count, joined.counts) == (["r1", "r2"], 2, second.counts)
+    assert [e["id"] for e in joined.edits] == ["row1", "row2", "row3", "row4"]  # row2 once
+    assert joined.edits[-1] == {"id": "row4", "kind": "modify_query", "new_hash": HASHER.text("new")}
     # No merge (a request joins the newest compatible queued job): a second edit of a row,
     # over max_rows, other options, a deadline, merge=False, another adapter.
     separate = [submit(db, "a", "r7", modify=[["row4", "newer"]]), submit(db, "a", "r8", remove=["row9"], max_rows=1),
@@ -242,6 +247,34 @@ def test_finish_deletes_the_payload_and_the_text_is_nowhere_else(backend):
     assert backend.files_holding(secret, wal=False) == []
     assert {"id": "row2", "kind": "modify_query", "new_hash": HASHER.text(secret)} in done.edits
     assert db.removed_ids("a", ["row1", "row2", "row9"]) == {"row1"}
+
+
+def test_a_merge_writes_its_own_rows_and_the_job_reads_whole(backend):
+    """A request that joins a queued job adds its own edit rows: the job's edits column keeps
+    its first request's (a merge does not rewrite a list that grows with every merge), while
+    every reader (the job, pending and removed ids, the finish) sees all of them."""
+    db = backend.open()
+    first, _, _ = submit(db, "a", "r0", remove=["row0"])
+    for n in range(1, 30):  # each removes a row of its own and row0 again
+        reply, created, merged = submit(db, "a", f"r{n}", remove=[f"row{n}", "row0"])
+        assert created and merged and reply.id == first.id and (reply.request_ids, reply.request_count) == ([f"r{n}"], n + 1)
+    column = {i: json.loads(e) for i, e in backend.query("SELECT id, edits FROM jobs")}
+    assert column == {first.id: [{"id": "row0", "kind": "remove"}]}
+    job = db.get(first.id)
+    assert [e["id"] for e in job.edits] == [f"row{n}" for n in range(30)] and job.counts["remove"] == 30
+    assert db.pending_removals("a") == {f"row{n}" for n in range(30)}
+    # Over max_rows once merged (30 rows + 1 new > 30): a job of its own.
+    alone, _, merged = submit(db, "a", "r-big", remove=["row99"], max_rows=30)
+    assert not merged and alone.id != first.id
+    db.claim([], lambda a: 0)
+    assert db.finish(first.id, State.SUCCEEDED, to_version=2).edits == job.edits  # failed or not: the rows stay
+    assert db.removed_ids("a", ["row7", "row29", "row99"]) == {"row7", "row29"}
+    second, _, _ = submit(db, "b", "s0", remove=["x0"])
+    submit(db, "b", "s1", remove=["x1"])
+    assert db.claim(["a"], lambda a: 1).id == second.id
+    hashed = [{**e, "old_hash": "h"} for e in db.get(second.id).edits]
+    assert db.finish(second.id, State.SUCCEEDED, to_version=2, edits=hashed).edits == hashed  # once, not twice
+    assert backend.query("SELECT COUNT(*) FROM job_edits WHERE job_id = '" + second.id + "'")[0][0] == 0
 
 
 def test_finishing_an_unknown_job_is_a_key_error_and_changes_nothing(backend):
@@ -365,6 +398,7 @@ def test_pg_concurrent_submissions_one_job_per_request_id(pg):
     assert {r: j for r, j in requests} == {rid: got[0][0] for rid, got in results.items()}
     payloads = dict(pg.query("SELECT request_id, body FROM payloads"))
     assert set(payloads) == set(results)
+    merged = pg.query("SELECT job_id, row_id, kind, new_hash FROM job_edits ORDER BY seq")
     for job_id, adapter, edits in pg.query("SELECT id, adapter, edits FROM jobs"):
         expected: list[dict] = []
         for rid, j in requests:
@@ -372,7 +406,9 @@ def test_pg_concurrent_submissions_one_job_per_request_id(pg):
                 assert first_adapter[rid] == adapter
                 body = json.loads(pg.keys.open(job_id, payloads[rid]))
                 expected = _merge_edits(expected, RequestPayload.from_json(body).public_edits(HASHER))
-        assert json.loads(edits) == expected and expected, f"job {job_id} holds exactly its requests' edits"
+        more = [r[1:] for r in merged if r[0] == job_id]  # the rows requests merged into it added
+        stored = json.loads(edits) + [{"id": i, "kind": k, **({"new_hash": h} if h else {})} for i, k, h in more]
+        assert stored == expected and expected, f"job {job_id} holds exactly its requests' edits"
     # Queued requests merged: one queued job per adapter (same options, no conflicts).
     assert sorted(a for (a,) in pg.query("SELECT adapter FROM jobs")) == ["a", "b", "c"]
 

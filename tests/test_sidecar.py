@@ -395,7 +395,10 @@ def test_cancel_of_a_merged_job_affects_only_the_callers_request(stub, sidecar, 
     mine = pb.EraseRequest(adapter="share", request_id="s-a", remove_ids=["born-ann"], options=FAST)
     theirs = pb.EraseRequest(adapter="share", request_id="s-b", remove_ids=["born-bob"], options=FAST)
     merged = stub.Erase(mine)
-    assert stub.Erase(theirs).id == merged.id
+    joined = stub.Erase(theirs)
+    # The reply to the request that joined names it alone and counts the job's requests.
+    assert (joined.id, list(joined.request_ids), joined.request_count) == (merged.id, ["s-b"], 2)
+    assert sorted(stub.GetJob(pb.GetJobRequest(id=merged.id)).request_ids) == ["s-a", "s-b"]
     assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=merged.id))) == grpc.StatusCode.FAILED_PRECONDITION
     assert code_of(lambda: stub.CancelJob(pb.CancelJobRequest(id=merged.id, request_id="s-x"))) == grpc.StatusCode.NOT_FOUND
     left = stub.CancelJob(pb.CancelJobRequest(id=merged.id, request_id="s-a"))

@@ -360,7 +360,7 @@ class JobError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "adapter", "state", "from_version", "to_version", "stage", "fraction", "request_ids", "report", "error", "created_at", "started_at", "finished_at", "counts", "attempts", "already_erased_ids", "replicas_behind", "swap_checks")
+    __slots__ = ("id", "adapter", "state", "from_version", "to_version", "stage", "fraction", "request_ids", "report", "error", "created_at", "started_at", "finished_at", "counts", "attempts", "already_erased_ids", "replicas_behind", "swap_checks", "request_count")
     class CountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +386,7 @@ class Job(_message.Message):
     ALREADY_ERASED_IDS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_BEHIND_FIELD_NUMBER: _ClassVar[int]
     SWAP_CHECKS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
     id: str
     adapter: str
     state: JobState
@@ -404,7 +405,8 @@ class Job(_message.Message):
     already_erased_ids: _containers.RepeatedScalarFieldContainer[str]
     replicas_behind: _containers.RepeatedScalarFieldContainer[str]
     swap_checks: _containers.RepeatedCompositeFieldContainer[SwapCheck]
-    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ..., replicas_behind: _Optional[_Iterable[str]] = ..., swap_checks: _Optional[_Iterable[_Union[SwapCheck, _Mapping]]] = ...) -> None: ...
+    request_count: int
+    def __init__(self, id: _Optional[str] = ..., adapter: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., stage: _Optional[str] = ..., fraction: _Optional[float] = ..., request_ids: _Optional[_Iterable[str]] = ..., report: _Optional[_Union[EraseReport, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counts: _Optional[_Mapping[str, int]] = ..., attempts: _Optional[int] = ..., already_erased_ids: _Optional[_Iterable[str]] = ..., replicas_behind: _Optional[_Iterable[str]] = ..., swap_checks: _Optional[_Iterable[_Union[SwapCheck, _Mapping]]] = ..., request_count: _Optional[int] = ...) -> None: ...
 
 class SwapCheck(_message.Message):
     __slots__ = ("replica", "served_path", "max_logprob_error", "probe_margin", "seconds", "weights_confirmed", "served_at")
