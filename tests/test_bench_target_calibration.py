@@ -28,6 +28,11 @@ def test_quick_run_scores_every_way_on_never_seen_rows(tmp_path):
     for a in regime["attacks"].values():
         assert -1 <= a["rank_correlation_with_base_nll"] <= 1 and 0 <= a["member_auc"] <= 1
         assert a["never_seen_auc_by_kind"] and 0 <= a["calibration_error"] <= 0.5
+        assert set(a["row_tests"]) == {"rank", "t"}
+        for r in a["row_tests"].values():
+            assert 0 <= r["false_alarm_rate"] <= 1 and 0 <= r["rows_flagged_share"] <= 1
+        # On 12 held-out rows a rank p-value is at least 1/13, above the Bonferroni bound: never fires.
+        assert a["row_tests"]["rank"]["false_alarm_rate"] == a["row_tests"]["rank"]["rows_flagged_share"] == 0
     md = (tmp_path / "target_calibration-quick.md").read_text()
     assert "ratio (the product)" in md and "quick mode" in md
     # The tables are rendered again from the JSON alone.
@@ -36,3 +41,16 @@ def test_quick_run_scores_every_way_on_never_seen_rows(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
     assert (tmp_path / "again" / "target_calibration-quick.md").read_text() == md
+
+
+def test_the_t_row_test_flags_a_far_row_on_twelve_held_out_rows_where_ranks_cannot():
+    """Rank p-values never go below 1/(m+1) (1/13 on 12 rows, above a Bonferroni bound of
+    0.05/3): a row far above every held-out row passes; the t prediction test flags it and
+    leaves a row inside the held-out spread alone."""
+    from bench.target_calibration import rank_p_values, t_p_values
+
+    holdout = [0.1 * i for i in range(12)]  # mean 0.55, sd 0.36
+    rank, t = rank_p_values([3.0, 0.6], holdout), t_p_values([3.0, 0.6], holdout)
+    assert abs(rank[0] - 1 / 13) < 1e-12 and rank[0] > 0.05 / 3
+    assert t[0] < 1e-4 and t[1] > 0.4
+    assert t_p_values([1.0], [0.5, 0.5, 0.5]) == [1.0]  # no spread: no evidence
